@@ -1,0 +1,1 @@
+"""Small modules both sides import: the wire format and task definitions (numpy at most)."""

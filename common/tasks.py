@@ -1,0 +1,90 @@
+"""Task presets (GLUE and generic) and their metrics, in numpy. Both sides import this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task reads from a data file and how it is scored.
+
+    `text_cols`/`label_col` are header names, or integer positions for header-less files.
+    `label_map` maps label strings to class ids where a file stores words (RTE, QNLI).
+    """
+
+    name: str
+    kind: str  # "class" or "regression"
+    num_labels: int
+    text_cols: tuple
+    label_col: str | int
+    metric: str  # accuracy | f1 | matthews | pearson
+    has_header: bool = True
+    label_map: dict = field(default_factory=dict)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the head's output: classes, or 1 for regression."""
+        return 1 if self.kind == "regression" else self.num_labels
+
+
+ENTAIL = {"entailment": 0, "not_entailment": 1}
+TASKS = {
+    "sst2": Task("sst2", "class", 2, ("sentence",), "label", "accuracy"),
+    "cola": Task("cola", "class", 2, (3,), 1, "matthews", has_header=False),
+    "mrpc": Task("mrpc", "class", 2, ("#1 String", "#2 String"), "Quality", "f1"),
+    "stsb": Task("stsb", "regression", 1, ("sentence1", "sentence2"), "score", "pearson"),
+    "rte": Task("rte", "class", 2, ("sentence1", "sentence2"), "label", "accuracy", label_map=ENTAIL),
+    "qnli": Task("qnli", "class", 2, ("question", "sentence"), "label", "accuracy", label_map=ENTAIL),
+}
+
+
+def get_task(name: str) -> Task:
+    key = name.lower().replace("-", "")
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; presets: {', '.join(TASKS)} (or use --text-cols/--label-col)")
+    return TASKS[key]
+
+
+def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+
+
+def f1_binary(pred: np.ndarray, gold: np.ndarray) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp = float(np.sum((pred == 1) & (gold == 1)))
+    fp = float(np.sum((pred == 1) & (gold == 0)))
+    fn = float(np.sum((pred == 0) & (gold == 1)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def matthews(pred: np.ndarray, gold: np.ndarray) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp = float(np.sum((pred == 1) & (gold == 1)))
+    tn = float(np.sum((pred == 0) & (gold == 0)))
+    fp = float(np.sum((pred == 1) & (gold == 0)))
+    fn = float(np.sum((pred == 0) & (gold == 1)))
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
+
+
+def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
+    pred, gold = np.asarray(pred, np.float64), np.asarray(gold, np.float64)
+    if pred.std() == 0 or gold.std() == 0:
+        return 0.0
+    return float(np.corrcoef(pred, gold)[0, 1])
+
+
+METRICS = {"accuracy": accuracy, "f1": f1_binary, "matthews": matthews, "pearson": pearson}
+
+
+def score(task: Task, outputs: np.ndarray, gold: np.ndarray) -> dict:
+    """Task metric (plus accuracy for classification) from head outputs [n, out_dim]."""
+    outputs = np.asarray(outputs)
+    pred = outputs.reshape(-1) if task.kind == "regression" else outputs.argmax(axis=-1)
+    result = {task.metric: METRICS[task.metric](pred, gold)}
+    if task.kind == "class" and task.metric != "accuracy":
+        result["accuracy"] = accuracy(pred, gold)
+    return result

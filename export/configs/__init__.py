@@ -1,0 +1,1 @@
+"""Published OPT configurations, shipped as data (no hub access needed)."""

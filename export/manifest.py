@@ -1,0 +1,151 @@
+"""`manifest.json`: the contract between the exporter and everything downstream.
+
+Torch-free on purpose: the device reads it with the standard library alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobillm.kernels import codec
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """The engine folder or its manifest is unusable; the message says why and what to do."""
+
+
+@dataclass
+class TapSpec:
+    """One tapped block output: hidden_states[layer] of the decoder, quantized in the graph."""
+
+    layer: int  # index into HF hidden_states (1..num_layers); the last is after final LN/project_out
+    hidden: int
+    fmt: str
+    block_size: int
+    codes_output: str
+    scales_output: str
+
+    @property
+    def bytes_per_token(self) -> int:
+        return codec.bytes_per_row(self.fmt, self.hidden, self.block_size)
+
+
+@dataclass
+class Manifest:
+    model_id: str
+    family: str
+    config: dict
+    num_layers: int
+    blocks: list[int]
+    taps: list[TapSpec]
+    head_hidden: int
+    max_length: int
+    compute_dtype: str = "fp32"
+    weights: str = "fp32"
+    graph: str = "backbone.onnx"
+    tokenizer_dir: str = "tokenizer"
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    opset: int = 18
+    quant_op: str = "onnx"  # "onnx": standard-op subgraph; "custom": com.mobillm BlockQuantize
+    custom_op_library: str | None = None
+    pad_token_id: int = 1
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    exporter: dict[str, str] = field(default_factory=dict)
+    format_version: int = MANIFEST_VERSION
+
+    def __post_init__(self):
+        self.taps = [t if isinstance(t, TapSpec) else TapSpec(**t) for t in self.taps]
+        self.validate()
+
+    def validate(self) -> None:
+        if self.format_version != MANIFEST_VERSION:
+            raise ManifestError(f"manifest format version {self.format_version} is not supported "
+                                f"(this mobillm reads version {MANIFEST_VERSION}); re-export the engine")
+        if sum(self.blocks) != self.num_layers:
+            raise ManifestError(f"blocks {self.blocks} sum to {sum(self.blocks)}, not {self.num_layers} layers")
+        if not self.taps:
+            raise ManifestError("manifest lists no taps")
+        for tap in self.taps:
+            codec.check_format(tap.fmt)
+            if not 1 <= tap.layer <= self.num_layers:
+                raise ManifestError(f"tap layer {tap.layer} outside 1..{self.num_layers}")
+        if self.taps[-1].layer != self.num_layers:
+            raise ManifestError("the final layer must be tapped (the head reads it)")
+
+    @property
+    def tap_layers(self) -> list[int]:
+        return [t.layer for t in self.taps]
+
+    def bytes_per_token(self) -> int:
+        """Wire bytes of all taps for one token (tokens mode)."""
+        return sum(t.bytes_per_token for t in self.taps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: Path | str) -> Path:
+        """Record checksums of the engine files, then write manifest.json."""
+        folder = Path(folder)
+        self.files = {
+            p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME
+        }
+        path = folder / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path | str, verify: bool = True) -> "Manifest":
+        """Read an engine folder's manifest; with `verify`, check every file's sha256."""
+        folder = Path(folder)
+        path = folder / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{folder}: no {MANIFEST_NAME}; is this an engine folder made by export-backbone?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+        version = data.get("format_version")
+        if version != MANIFEST_VERSION:
+            raise ManifestError(f"{path}: manifest format version {version} is not supported "
+                                f"(this mobillm reads version {MANIFEST_VERSION}); re-export the engine")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ManifestError(f"{path}: malformed manifest ({exc})") from None
+        if verify:
+            manifest.verify_files(folder)
+        return manifest
+
+    def verify_files(self, folder: Path | str) -> None:
+        folder = Path(folder)
+        for rel, digest in self.files.items():
+            p = folder / rel
+            if not p.is_file():
+                raise ManifestError(f"{folder}: file {rel} listed in the manifest is missing")
+            if sha256_file(p) != digest:
+                raise ManifestError(f"{folder}: checksum mismatch for {rel}; the engine is corrupt or was "
+                                    f"modified; copy it again from the export machine")
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_digest(folder: Path | str) -> str:
+    """sha256 of manifest.json itself: identifies an engine in the hello message."""
+    return sha256_file(Path(folder) / MANIFEST_NAME)

@@ -1,0 +1,83 @@
+"""Bit identity of the in-graph ONNX form (run by ONNX Runtime) and the torch codec with the reference."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings, strategies as st
+from onnx import TensorProto
+
+from mobillm.kernels import codec, onnx_codec
+
+torch = pytest.importorskip("torch")
+from mobillm.kernels import torch_codec  # noqa: E402
+
+_SESSIONS = {}
+
+
+def ort_encode(x, fmt, bs):
+    key = (fmt, bs, x.shape[-1], x.ndim, x.dtype)
+    if key not in _SESSIONS:
+        dtype = TensorProto.FLOAT16 if x.dtype == np.float16 else TensorProto.FLOAT
+        model = onnx_codec.standalone_model(fmt, bs, x.shape[-1], rank=x.ndim, input_dtype=dtype)
+        _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return _SESSIONS[key].run(None, {"x": x})
+
+
+def same_bytes(a, b):
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def sample(seed, shape, scale, outliers, fp16):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32) * scale
+    if outliers:
+        x[..., rng.integers(0, shape[-1], 3)] *= 300
+    x[..., : shape[-1] // 5] = 0 if seed % 3 == 0 else x[..., : shape[-1] // 5]
+    return np.clip(x, -6e4, 6e4).astype(np.float16) if fp16 else x
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 200))
+params = dict(fmt=st.sampled_from(codec.FORMATS), shape=shapes, bs=st.sampled_from([1, 4, 7, 32, 64, 128]),
+              seed=st.integers(0, 10_000), scale=st.sampled_from([1e-3, 1.0, 40.0, 3000.0]),
+              outliers=st.booleans(), fp16=st.booleans())
+
+
+@settings(max_examples=80, deadline=None)
+@given(**params)
+def test_onnx_matches_reference(fmt, shape, bs, seed, scale, outliers, fp16):
+    x = sample(seed, shape, scale, outliers, fp16)
+    enc = codec.encode(x, fmt, bs)
+    codes, scales = ort_encode(x, fmt, bs)
+    assert same_bytes(codes, enc.codes)
+    assert same_bytes(scales, enc.scales)
+
+
+@settings(max_examples=80, deadline=None)
+@given(**params)
+def test_torch_matches_reference(fmt, shape, bs, seed, scale, outliers, fp16):
+    x = sample(seed, shape, scale, outliers, fp16)
+    enc = codec.encode(x, fmt, bs)
+    codes, scales = torch_codec.encode(torch.from_numpy(x), fmt, bs)
+    assert same_bytes(codes.numpy(), enc.codes)
+    assert same_bytes(scales.numpy(), enc.scales)
+    dec = torch_codec.decode(torch.from_numpy(enc.codes.copy()), torch.from_numpy(enc.scales.copy()), fmt, shape[-1], bs)
+    assert same_bytes(dec.numpy(), codec.decode(enc))
+
+
+def test_onnx_marks_non_finite_blocks_with_nan_scale():
+    x = np.ones((1, 2, 128), np.float32)
+    x[0, 1, 70] = np.inf
+    for fmt in ("int8", "nf4", "fp8", "int4"):
+        _, scales = ort_encode(x, fmt, 64)
+        assert np.isnan(scales[0, 1, 1]) and np.isfinite(scales[0, 1, 0]) and np.isfinite(scales[0, 0]).all()
+
+
+def test_torch_codec_on_cuda_when_present():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = sample(5, (4, 33, 300), 2.0, True, False)
+    for fmt in codec.FORMATS:
+        enc = codec.encode(x, fmt, 64)
+        codes, scales = torch_codec.encode(torch.from_numpy(x).cuda(), fmt, 64)
+        assert same_bytes(codes.cpu().numpy(), enc.codes) and same_bytes(scales.cpu().numpy(), enc.scales)

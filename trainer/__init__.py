@@ -1,0 +1,1 @@
+"""The server: trains the side network from streamed activations (PyTorch)."""
