@@ -1,0 +1,161 @@
+"""The frozen backbone on the device: tokenizer + ONNX Runtime session from an engine folder.
+
+Forward passes only. Taps leave the graph already quantized (codes + fp16 scales).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mobillm.export.manifest import Manifest, ManifestError, TapSpec
+from mobillm.kernels import codec
+
+log = logging.getLogger("mobillm.edge")
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class Tokenizer:
+    """The engine's tokenizer (`tokenizers` library), adding OPT's BOS the way HF does."""
+
+    def __init__(self, folder: Path, bos_id: int | None):
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import ByteLevelBPETokenizer
+
+        if (folder / "tokenizer.json").is_file():
+            self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            self._tok.no_padding()
+            self._tok.no_truncation()
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            self._tok = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        else:
+            raise ManifestError(f"{folder}: no tokenizer.json or vocab.json+merges.txt; re-export with --tokenizer")
+        self.bos_id = bos_id
+
+    def encode(self, texts: tuple[str, ...]) -> list[int]:
+        """Ids of one example: BOS, then each text segment (pairs are joined with another BOS, as HF OPT does)."""
+        ids: list[int] = []
+        for text in texts:
+            seg = self._tok.encode(text, add_special_tokens=False).ids
+            ids += ([self.bos_id] if self.bos_id is not None else []) + seg
+        return ids
+
+
+@dataclass
+class TapOutput:
+    """One tap of a padded batch as the graph returned it."""
+
+    spec: TapSpec
+    codes: np.ndarray  # [B, T, code_bytes] uint8 (fp16 format: float16 [B, T, H])
+    scales: np.ndarray  # [B, T, n_blocks] float16
+
+
+class Backbone:
+    """ORT session over an engine folder; `forward` returns the quantized taps of a batch."""
+
+    def __init__(self, engine: Path | str, provider: str = "cpu", threads: int | None = None, verify: bool = True):
+        self.folder = Path(engine)
+        if not self.folder.is_dir():
+            raise ManifestError(f"{self.folder}: engine folder not found; run export-backbone first and copy its --out here")
+        self.manifest = Manifest.load(self.folder, verify=verify)
+        self.provider = provider
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        if self.manifest.custom_op_library:
+            opts.register_custom_ops_library(str(self.folder / self.manifest.custom_op_library))
+        self.session = ort.InferenceSession(str(self.folder / self.manifest.graph), opts,
+                                            providers=choose_providers(provider, self.folder))
+        self.tokenizer = Tokenizer(self.folder / self.manifest.tokenizer_dir, self._bos_id())
+        self._outputs = [name for t in self.manifest.taps for name in (t.codes_output, t.scales_output)]
+
+    def _bos_id(self) -> int | None:
+        return self.manifest.config.get("bos_token_id")
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest.max_length)
+
+    def tokenize(self, texts: tuple[str, ...], max_len: int) -> tuple[np.ndarray, bool]:
+        """Token ids of one example, truncated to `max_len`; second value says whether it was cut."""
+        ids = self.tokenizer.encode(texts)
+        limit = min(max_len, self.max_length)
+        return np.asarray(ids[:limit], dtype=np.int64), len(ids) > limit
+
+    def forward(self, rows: list[np.ndarray]) -> tuple[list[TapOutput], np.ndarray]:
+        """Run one right-padded batch; returns the taps and the real length of each row."""
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        width = int(lengths.max())
+        ids = np.full((len(rows), width), self.manifest.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        arrays = self.session.run(self._outputs, {"input_ids": ids, "attention_mask": mask})
+        taps = []
+        for k, spec in enumerate(self.manifest.taps):
+            codes, scales = arrays[2 * k], arrays[2 * k + 1]
+            taps.append(TapOutput(spec, codes, scales))
+        check_finite(taps, lengths)
+        return taps, lengths
+
+
+def check_finite(taps: list[TapOutput], lengths: np.ndarray) -> None:
+    """A NaN scale marks a block that held NaN/Inf: never send it; name the tap instead."""
+    for k, tap in enumerate(taps):
+        if tap.spec.fmt == "fp16":
+            valid = np.isfinite(tap.codes)
+        else:
+            valid = ~np.isnan(tap.scales)
+        real = np.arange(valid.shape[1])[None, :] < lengths[:, None]
+        bad = ~valid.all(axis=-1) & real
+        if bad.any():
+            row, tok = (int(v) for v in np.argwhere(bad)[0])
+            raise codec.NonFiniteActivation(f"tap {k} (layer {tap.spec.layer}): non-finite activation at row {row}, "
+                                            f"token {tok}; the backbone produced NaN/Inf, nothing was sent")
+
+
+def choose_providers(provider: str, folder: Path) -> list:
+    """ORT providers for `provider`, falling back to CPU with a clear message when unavailable."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; choose cpu, cuda or tensorrt")
+    available = set(ort.get_available_providers())
+    wanted = PROVIDERS[provider]
+    if wanted[0] not in available:
+        log.warning("provider %s is not available in this onnxruntime build (%s); falling back to CPU. "
+                    "Install onnxruntime-gpu (or the JetPack wheel on Jetson) to use it.", provider,
+                    ", ".join(sorted(available)))
+        return ["CPUExecutionProvider"]
+    out = []
+    for name in wanted:
+        if name == "TensorrtExecutionProvider":
+            cache = folder / "trt_cache"
+            cache.mkdir(exist_ok=True)
+            out.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                               "trt_fp16_enable": True}))
+        elif name in available:
+            out.append(name)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM), in MiB."""
+    try:
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,112 @@
+"""Local training data: GLUE TSV, CSV, JSONL or a saved HF `datasets` folder -> examples.
+
+Rows stay on the device; only their labels (and sample ids) ever reach the server.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mobillm.common.tasks import Task
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class DataError(ValueError):
+    """The data file cannot be used as given; the message names the file, row and fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    texts: tuple[str, ...]
+    label: float | int | None
+
+
+def load_examples(path: Path | str, task: Task, limit: int | None = None, require_labels: bool = True) -> list[Example]:
+    """Read `path` with the columns `task` names. Raises DataError on anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    records = _read_records(path, task)
+    examples = []
+    for i, rec in enumerate(records):
+        if limit is not None and len(examples) >= limit:
+            break
+        texts = tuple(_column(rec, col, path, i) for col in task.text_cols)
+        label = None
+        raw = _column(rec, task.label_col, path, i, required=require_labels)
+        if raw not in (None, ""):
+            label = _parse_label(raw, task, path, i)
+        elif require_labels:
+            raise DataError(f"{path}: row {i + 1} has no label in column {task.label_col!r}")
+        examples.append(Example(texts, label))
+    if not examples:
+        raise DataError(f"{path}: no rows found; is it empty or is the header all there is?")
+    return examples
+
+
+def _read_records(path: Path, task: Task) -> list:
+    if path.is_dir():
+        try:
+            import datasets  # optional: only for folders saved with `Dataset.save_to_disk`
+        except ImportError:
+            raise DataError(f"{path}: reading a saved datasets folder needs `pip install datasets`") from None
+        return list(datasets.load_from_disk(str(path)))
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if suffix == ".jsonl":
+            out = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+            return out
+        if suffix in (".tsv", ".txt"):
+            # GLUE files are written without quoting: a quote character is just a character.
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        elif suffix == ".csv":
+            reader = csv.reader(f)
+        else:
+            raise DataError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or a datasets folder")
+        rows = list(reader)
+    if not task.has_header:
+        return rows
+    if not rows:
+        return []
+    header = rows[0]
+    return [dict(zip(header, r)) for r in rows[1:] if r]
+
+
+def _column(rec, col, path: Path, i: int, required: bool = True):
+    try:
+        return rec[col]
+    except (KeyError, IndexError):
+        if not required:
+            return None
+        have = list(rec.keys()) if isinstance(rec, dict) else f"{len(rec)} columns"
+        raise DataError(f"{path}: row {i + 1} has no column {col!r} (found {have}); "
+                        f"pick the task preset that matches the file or pass --text-cols/--label-col") from None
+
+
+def _parse_label(raw, task: Task, path: Path, i: int):
+    if task.kind == "regression":
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: row {i + 1}: regression label {raw!r} is not a number") from None
+    if isinstance(raw, str) and raw in task.label_map:
+        return task.label_map[raw]
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: row {i + 1}: label {raw!r} is not a class id of task {task.name}") from None
+    if not 0 <= value < task.num_labels:
+        raise DataError(f"{path}: row {i + 1}: label {value} outside 0..{task.num_labels - 1} for task {task.name}; "
+                        f"is --task right for this file?")
+    return value

@@ -1,0 +1,74 @@
+"""Local inference with the joint model: ORT backbone + ORT side network, no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from mobillm.common.tasks import Task, score
+from mobillm.export.manifest import ManifestError
+from mobillm.kernels import codec
+
+from .backbone import Backbone, choose_providers
+from .data import Example
+from .stream import plan_batches
+
+
+class JointModel:
+    """The frozen backbone and the trained side network, both as ONNX Runtime sessions."""
+
+    def __init__(self, backbone: Backbone, side_path: Path | str):
+        side_path = Path(side_path)
+        if not side_path.is_file():
+            raise ManifestError(f"{side_path}: side network not found; train with `edge-run train` first")
+        meta_path = side_path.with_suffix(".json")
+        self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        self.bb = backbone
+        self.session = ort.InferenceSession(str(side_path), providers=choose_providers(backbone.provider, backbone.folder))
+        names = {i.name for i in self.session.get_inputs()}
+        self.inputs = [f"tap{k}" for k in range(len(backbone.manifest.taps))]
+        missing = [n for n in self.inputs + ["mask"] if n not in names]
+        if missing:
+            raise ManifestError(f"{side_path}: side network lacks inputs {missing}; it was trained for another engine")
+        self.pooling = self.meta.get("config", {}).get("pooling", "last")
+
+    def logits(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Head outputs [len(rows), out_dim] for token-id rows."""
+        taps, lengths = self.bb.forward(rows)
+        feeds = {}
+        if self.pooling == "last":
+            idx = np.arange(len(rows))
+            for name, tap in zip(self.inputs, taps):
+                s = tap.spec
+                values = codec.decode_arrays(tap.codes[idx, lengths - 1], tap.scales[idx, lengths - 1],
+                                             s.fmt, s.hidden, s.block_size)
+                feeds[name] = values[:, None, :]
+            feeds["mask"] = np.ones((len(rows), 1), np.float32)
+        else:
+            for name, tap in zip(self.inputs, taps):
+                s = tap.spec
+                feeds[name] = codec.decode_arrays(tap.codes, tap.scales, s.fmt, s.hidden, s.block_size)
+            feeds["mask"] = (np.arange(taps[0].codes.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
+        return self.session.run(["logits"], feeds)[0]
+
+    def predict(self, examples: list[Example], max_len: int, batch_size: int = 16, progress: bool = True) -> np.ndarray:
+        """Logits for every example, in input order (batched by length to cut padding)."""
+        rows = [self.bb.tokenize(e.texts, max_len)[0] for e in examples]
+        out = None
+        batches = plan_batches(np.array([len(r) for r in rows]), batch_size, 1, seed=0)
+        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+            logits = self.logits([rows[i] for i in idx])
+            if out is None:
+                out = np.zeros((len(rows), logits.shape[-1]), np.float32)
+            out[idx] = logits
+        return out
+
+    def evaluate(self, examples: list[Example], task: Task, max_len: int, batch_size: int = 16,
+                 progress: bool = True) -> dict:
+        outputs = self.predict(examples, max_len, batch_size, progress)
+        gold = np.array([e.label for e in examples])
+        return score(task, outputs, gold)

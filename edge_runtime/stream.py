@@ -1,0 +1,384 @@
+"""`edge-run train`: forward passes on the device, quantized taps streamed to the server.
+
+Two sides, never waiting on each other:
+- a producer thread tokenizes, runs the ORT backbone and builds wire batches, a few ahead;
+- an asyncio sender streams them while it holds server credits, and a receiver handles
+  credits, acknowledgements, bit plans and, at the end, the trained side network.
+The device never waits for a gradient: only a full prefetch queue (no credits for a while)
+pauses the producer. Dropped connections are retried with back-off; acknowledged samples are
+never sent again, unacknowledged ones are re-sent from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import websockets
+
+from mobillm.common import wire
+from mobillm.common.tasks import Task
+from mobillm.export.manifest import manifest_digest
+from mobillm.kernels import codec
+
+from .backbone import Backbone, TapOutput, peak_rss_mb
+from .bitplan import BitPlanner
+from .data import Example
+
+log = logging.getLogger("mobillm.edge")
+
+
+class ServerError(RuntimeError):
+    """The server refused the session or reported an error; the message is the server's."""
+
+
+@dataclass
+class TrainOptions:
+    server: str = "ws://127.0.0.1:8765"
+    epochs: int = 1
+    batch_size: int = 16
+    max_len: int = 128
+    mode: str = "pooled"  # pooled: only the rows the head reads; tokens: every real token
+    bits: str = "engine"  # engine: the formats baked into the graph; a format name; or auto
+    latency_target_s: float = 0.5  # auto bits: one batch should take at most this long to send
+    prefetch: int = 4  # batches computed ahead of the sender
+    seed: int = 0
+    device_id: str = "device-0"
+    run: str | None = None
+    token: str | None = None
+    ca: str | None = None  # CA bundle to verify a wss:// server
+    max_retries: int = 8
+    connect_timeout_s: float = 10.0
+    side_out: str | None = None  # where the returned side network is saved
+    progress: bool = True
+
+
+@dataclass
+class TrainStats:
+    batches_sent: int = 0
+    samples_sent: int = 0
+    bytes_sent: int = 0
+    forward_s: float = 0.0
+    send_s: float = 0.0
+    producer_wait_s: float = 0.0  # producer blocked because the prefetch queue was full
+    reconnects: int = 0
+    truncated_rows: int = 0
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    bit_plans: list = field(default_factory=list)
+    server_metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Sent:
+    seq: int
+    end_sample: int  # position in the run's sample order just after this batch
+    frame: bytes
+    n: int
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """The run's batches, deterministic in `seed`: shuffled per epoch, then length-bucketed
+    within windows of 16 batches so rows in a batch have similar lengths (less padding)."""
+    batches = []
+    window = batch_size * 16
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return batches
+
+
+def select_rows(tap: TapOutput, lengths: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Only real tokens leave: all of them (tokens) or each row's last one (pooled)."""
+    if mode == "pooled":
+        rows = np.arange(len(lengths))
+        return tap.codes[rows, lengths - 1], tap.scales[rows, lengths - 1]
+    real = np.arange(tap.codes.shape[1])[None, :] < lengths[:, None]
+    return tap.codes[real], tap.scales[real]
+
+
+def build_batch(seq: int, ids: np.ndarray, labels: np.ndarray, taps: list[TapOutput], lengths: np.ndarray,
+                mode: str, plan: list[str] | None) -> wire.Batch:
+    payloads = []
+    for k, tap in enumerate(taps):
+        codes, scales = select_rows(tap, lengths, mode)
+        spec = tap.spec
+        fmt = spec.fmt
+        if plan is not None and plan[k] != spec.fmt:
+            # Re-quantize to the planned format from the graph's own output (best from fp16 engines).
+            values = codec.decode_arrays(codes, scales, spec.fmt, spec.hidden, spec.block_size)
+            enc = codec.encode(values, plan[k], spec.block_size, name=f"tap {k}")
+            codes, scales, fmt = enc.codes, enc.scales, plan[k]
+        payloads.append(wire.TapPayload(fmt, spec.block_size, spec.hidden, codes, scales, k))
+    out_lengths = np.ones(len(lengths), np.uint32) if mode == "pooled" else lengths.astype(np.uint32)
+    return wire.Batch(seq, ids.astype(np.uint64), labels, out_lengths, payloads, mode)
+
+
+class EdgeTrainer:
+    """One device's training run against one server."""
+
+    def __init__(self, backbone: Backbone, examples: list[Example], task: Task, opts: TrainOptions):
+        if opts.mode not in wire.MODES:
+            raise ValueError(f"unknown send mode {opts.mode!r}; choose pooled or tokens")
+        self.bb, self.examples, self.task, self.opts = backbone, examples, task, opts
+        self.stats = TrainStats()
+        self.rows, self.stats.truncated_rows = self._tokenize()
+        label_dtype = np.float32 if task.kind == "regression" else np.int64
+        self.labels = np.array([e.label for e in examples], dtype=label_dtype)
+        self.batches = plan_batches(np.array([len(r) for r in self.rows]), opts.batch_size, opts.epochs, opts.seed)
+        self.total_samples = sum(len(b) for b in self.batches)
+        specs = backbone.manifest.taps
+        self.fixed_plan = None
+        self.planner = None
+        if opts.bits == "auto":
+            self.planner = BitPlanner([t.hidden for t in specs], specs[0].block_size, opts.latency_target_s)
+        elif opts.bits != "engine":
+            fmts = [codec.check_format(f) for f in opts.bits.split(",")]
+            self.fixed_plan = fmts * len(specs) if len(fmts) == 1 else fmts
+            if len(self.fixed_plan) != len(specs):
+                raise ValueError(f"--bits lists {len(fmts)} formats for {len(specs)} taps")
+        self.model_bytes: bytes | None = None
+        self.model_meta: dict = {}
+        self._unacked: deque[_Sent] = deque()
+        self._stop = threading.Event()
+
+    def _tokenize(self) -> tuple[list[np.ndarray], int]:
+        rows, cut = [], 0
+        for ex in self.examples:
+            ids, truncated = self.bb.tokenize(ex.texts, self.opts.max_len)
+            rows.append(ids)
+            cut += truncated
+        if cut:
+            log.warning("%d of %d rows were longer than %d tokens and were truncated", cut, len(rows),
+                        min(self.opts.max_len, self.bb.max_length))
+        return rows, cut
+
+    def hello(self) -> dict:
+        m = self.bb.manifest
+        return {
+            "protocol": wire.VERSION, "manifest_sha256": manifest_digest(self.bb.folder), "model_id": m.model_id,
+            "task": self.task.name, "task_type": self.task.kind, "num_labels": self.task.num_labels,
+            "mode": self.opts.mode, "bits": self.opts.bits,
+            "taps": [{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size} for t in m.taps],
+            "device_id": self.opts.device_id, "run": self.opts.run, "epochs": self.opts.epochs,
+            "samples_per_epoch": len(self.examples), "token": self.opts.token,
+        }
+
+    # -- producer thread ---------------------------------------------------------------
+    def _produce(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, start_batch: int, start_sample: int):
+        try:
+            end = start_sample
+            for b in range(start_batch, len(self.batches)):
+                if self._stop.is_set():
+                    return
+                idx = self.batches[b]
+                t0 = time.perf_counter()
+                taps, lengths = self.bb.forward([self.rows[i] for i in idx])
+                tokens = len(idx) if self.opts.mode == "pooled" else int(lengths.sum())
+                plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
+                batch = build_batch(b, idx, self.labels[idx], taps, lengths, self.opts.mode, plan)
+                frame = wire.batch_frame(batch)
+                self.stats.forward_s += time.perf_counter() - t0
+                end += len(idx)
+                t1 = time.perf_counter()
+                if not self._put(loop, out, _Sent(b, end, frame, len(idx))):
+                    return
+                self.stats.producer_wait_s += time.perf_counter() - t1
+        except Exception as exc:  # surfaced to the event loop, which re-raises it
+            self._put(loop, out, exc)
+            return
+        self._put(loop, out, None)
+
+    def _put(self, loop, out: asyncio.Queue, item) -> bool:
+        """Hand `item` to the event loop, waiting while the prefetch queue is full; False once stopped."""
+        fut = asyncio.run_coroutine_threadsafe(out.put(item), loop)
+        while True:
+            try:
+                fut.result(timeout=0.2)
+                return True
+            except TimeoutError:
+                if self._stop.is_set():
+                    fut.cancel()
+                    return False
+
+    # -- asyncio side --------------------------------------------------------------------
+    def run(self) -> TrainStats:
+        """Stream the whole run; returns statistics. The side network is in `self.model_bytes`."""
+        t0 = time.perf_counter()
+        try:
+            asyncio.run(self._run())
+        finally:
+            self._stop.set()
+            self.stats.wall_s = time.perf_counter() - t0
+            self.stats.peak_rss_mb = peak_rss_mb()
+            if self.planner:
+                self.stats.bit_plans = self.planner.history
+        return self.stats
+
+    async def _run(self):
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.opts.prefetch)
+        state = {"producer": None, "samples_done": 0, "finished_producing": False}
+        attempt = 0
+        while True:
+            try:
+                done = await self._session(queue, state)
+                if done:
+                    return
+                attempt = 0
+            except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as exc:
+                attempt += 1
+                if attempt > self.opts.max_retries:
+                    raise ServerError(f"cannot reach the server at {self.opts.server} after "
+                                      f"{self.opts.max_retries} retries ({exc.__class__.__name__}: {exc})") from None
+                delay = min(0.25 * 2 ** (attempt - 1), 8.0)
+                log.warning("connection lost (%s); reconnecting in %.1fs", exc.__class__.__name__, delay)
+                self.stats.reconnects += 1
+                await asyncio.sleep(delay)
+
+    def _ssl(self):
+        if not self.opts.server.startswith("wss://"):
+            return None
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.opts.ca)  # always verifies; --ca adds a trust root
+        return ctx
+
+    async def _session(self, queue: asyncio.Queue, state: dict) -> bool:
+        """One connection. Returns True when the run is complete (model received)."""
+        async with websockets.connect(self.opts.server, max_size=wire.DEFAULT_MAX_FRAME, ssl=self._ssl(),
+                                      open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
+            await ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
+            welcome = wire.decode_frame(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
+            if welcome.type == wire.MsgType.ERROR:
+                raise ServerError(f"server refused the session: {welcome.meta.get('message', welcome.meta)}")
+            if welcome.type != wire.MsgType.WELCOME:
+                raise ServerError(f"expected WELCOME, got {welcome.type.name}")
+            credits = asyncio.Semaphore(int(welcome.meta.get("credits", 1)))
+            done_before = int(welcome.meta.get("resume", {}).get("samples_done", 0))
+            self._acknowledge(samples_done=done_before)
+            if state["producer"] is None:
+                start_batch, start_sample = self._resume_point(done_before)
+                loop = asyncio.get_running_loop()
+                state["producer"] = threading.Thread(target=self._produce, args=(loop, queue, start_batch, start_sample),
+                                                     daemon=True, name="edge-producer")
+                state["producer"].start()
+            finished = asyncio.Event()
+            stop_streaming = asyncio.Event()
+            receiver = asyncio.create_task(self._receive(ws, credits, finished, stop_streaming))
+            try:
+                await self._send_all(ws, queue, credits, state, stop_streaming, receiver)
+                await receiver
+            finally:
+                receiver.cancel()
+            if finished.is_set():
+                await ws.send(wire.encode_frame(wire.MsgType.BYE))
+            return finished.is_set()
+
+    def _resume_point(self, samples_done: int) -> tuple[int, int]:
+        pos = 0
+        for b, idx in enumerate(self.batches):
+            if pos >= samples_done:
+                if pos != samples_done:
+                    raise ServerError(f"server says {samples_done} samples are done, which is not a batch "
+                                      f"boundary of this run; use the same --batch-size and --seed")
+                return b, pos
+            pos += len(idx)
+        return len(self.batches), pos
+
+    def _acknowledge(self, acked_seq: int | None = None, samples_done: int | None = None):
+        while self._unacked and (
+            (acked_seq is not None and self._unacked[0].seq <= acked_seq)
+            or (samples_done is not None and self._unacked[0].end_sample <= samples_done)
+        ):
+            self._unacked.popleft()
+
+    async def _send(self, ws, item: _Sent, credits: asyncio.Semaphore, receiver: asyncio.Task):
+        await _unless_closed(credits.acquire(), receiver)
+        t0 = time.perf_counter()
+        await ws.send(item.frame)
+        dt = time.perf_counter() - t0
+        self.stats.send_s += dt
+        self.stats.bytes_sent += len(item.frame)
+        if self.planner:
+            self.planner.meter.record(len(item.frame), dt)
+
+    async def _send_all(self, ws, queue, credits, state, stop_streaming, receiver):
+        for item in list(self._unacked):  # re-send what the server never acknowledged
+            await self._send(ws, item, credits, receiver)
+        while not state["finished_producing"] and not stop_streaming.is_set():
+            item = await _unless_closed(queue.get(), receiver)
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                state["finished_producing"] = True
+                break
+            self._unacked.append(item)
+            await self._send(ws, item, credits, receiver)
+            self.stats.batches_sent += 1
+            self.stats.samples_sent += item.n
+        if stop_streaming.is_set():
+            self._stop.set()  # the server trains on from its cache: no more forward passes
+        await ws.send(wire.encode_frame(wire.MsgType.DONE, {"samples": self.total_samples}))
+
+    async def _receive(self, ws, credits: asyncio.Semaphore, finished: asyncio.Event, stop_streaming: asyncio.Event):
+        async for data in ws:
+            frame = wire.decode_frame(data)
+            if frame.type == wire.MsgType.CREDIT:
+                for _ in range(int(frame.meta.get("credits", 0))):
+                    credits.release()
+                self._acknowledge(frame.meta.get("acked_seq"), frame.meta.get("samples_done"))
+                if frame.meta.get("stop_streaming"):
+                    stop_streaming.set()
+            elif frame.type == wire.MsgType.BITPLAN:
+                if self.planner and "importance" in frame.meta:
+                    self.planner.importance = [float(v) for v in frame.meta["importance"]]
+            elif frame.type == wire.MsgType.MODEL:
+                self.model_bytes = bytes(frame.body)
+                self.model_meta = frame.meta
+                self.stats.server_metrics = frame.meta.get("metrics", {})
+            elif frame.type == wire.MsgType.ERROR:
+                raise ServerError(f"server error: {frame.meta.get('message', frame.meta)}")
+            elif frame.type == wire.MsgType.DONE:
+                if self.model_bytes is None:
+                    raise ServerError("server finished without sending the side network")
+                finished.set()
+                return
+
+    def save_model(self, path: Path | str) -> Path:
+        """Write the returned side network (ONNX) and its metadata (JSON beside it), atomically."""
+        if self.model_bytes is None:
+            raise ServerError("no side network was received")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".onnx.part")
+        tmp.write_bytes(self.model_bytes)
+        tmp.replace(path)
+        meta = dict(self.model_meta, task=self.task.name, engine=str(self.bb.folder))
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        return path
+
+
+async def _unless_closed(coro, receiver: asyncio.Task):
+    """Await `coro`, unless the connection ends first: then raise why (to trigger a reconnect)."""
+    task = asyncio.ensure_future(coro)
+    await asyncio.wait([task, receiver], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    if receiver.exception() is not None:
+        raise receiver.exception()
+    raise websockets.ConnectionClosedOK(None, None)
+
+
+def stats_dict(stats: TrainStats) -> dict:
+    return asdict(stats)
