@@ -1,0 +1,76 @@
+"""The wheel is complete: built from the working tree, installed alone, it imports from itself.
+
+The repository maps plain folders into the `mobillm` namespace through setuptools
+`package-dir`, so a package missing from `pyproject.toml` (or a data file missing from
+`package-data`) still imports fine from an editable install and only breaks in a wheel.
+A real wheel build, offline, in about 5-10 s; deliberately not marked `slow`, so that a
+`-m "not slow"` CI run keeps it.
+"""
+
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ["mobillm.edge_runtime", "mobillm.kernels.codec", "mobillm.common.wire", "mobillm.export.manifest"]
+CONFIG = "mobillm/export/configs/opt-1.3b.json"
+
+
+def copy_sources(dest: Path) -> None:
+    """Copy what the build reads (pyproject, README, the package folders) so the build leaves
+    no build/ or egg-info behind in the working tree."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dest.mkdir()
+    for name in ["pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py", "MANIFEST.in"]:
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, dest / name)
+    folders = {p.split("/")[0] for p in pyproject["tool"]["setuptools"]["package-dir"].values()}
+    for folder in sorted(folders):
+        shutil.copytree(REPO / folder, dest / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "*.so", "*.o"))
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, **kwargs)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_wheel_installs_and_imports_from_itself(tmp_path):
+    src, dist, target = tmp_path / "src", tmp_path / "dist", tmp_path / "site"
+    copy_sources(src)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "-w", str(dist), str(src)])
+    (wheel,) = dist.glob("mobillm-*.whl")
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert CONFIG in names, f"{CONFIG} is not in the wheel; check [tool.setuptools.package-data]"
+    assert not [n for n in names if n.startswith(("tests/", "bench/", "docs/"))], "the wheel ships non-package files"
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "edge-run = mobillm.edge_runtime.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
+         "--target", str(target), str(wheel)])
+    assert (target / CONFIG).is_file()
+
+    # -S: no site module, so no .pth files and no editable-install finder pointing at the repo.
+    # PYTHONPATH: the installed wheel first, then the dependencies' site-packages (numpy, onnxruntime...).
+    deps = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+    env = {"PYTHONPATH": os.pathsep.join([str(target), *deps]), "PATH": os.environ.get("PATH", "")}
+    code = ("import importlib, json, sys; "
+            f"mods = {MODULES!r}; "
+            "print(json.dumps({m: importlib.import_module(m).__file__ for m in mods}))")
+    proc = run([sys.executable, "-S", "-s", "-c", code], cwd=tmp_path, env=env)
+    files = json.loads(proc.stdout.strip().splitlines()[-1])
+    for module, file in files.items():
+        assert Path(file).resolve().is_relative_to(target.resolve()), f"{module} imported from {file}, not the wheel"
