@@ -28,6 +28,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHII")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # bytes; checked before anything is allocated
 MAX_META = 64 * 1024
+MAX_MODEL_FRAME = 256 * 1024 * 1024  # a MODEL frame (side network ONNX) may exceed DEFAULT_MAX_FRAME
 
 
 class MsgType(enum.IntEnum):

@@ -1,0 +1,126 @@
+"""Trainer server throughput for OPT-350m-sized taps, and how often its training loop waits.
+
+A real TrainerServer (this process) is fed by a SimDevice in a child process (so the device's
+Python does not share the server's GIL) that sends pre-quantized frames as fast as credits allow.
+Taps: 5 x hidden 1024 + the final 512-wide tap (OPT-350m after project_out), nf4, block 64.
+Numbers come from the run's metrics.jsonl, over the steps after warm-up:
+
+  samples/s    rows trained per wall second
+  MB/s         BATCH bytes received per wall second
+  step ms      mean time of one optimizer step (decode + forward + backward + AdamW)
+  wait         share of wall time the training loop spent blocked on an empty queue
+
+    python bench/trainer.py                      # CPU, all cases
+    python bench/trainer.py --device cuda --samples 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mobillm.common import wire
+from mobillm.kernels import codec
+
+TAPS = [{"layer": layer, "hidden": 1024, "fmt": "nf4", "block_size": 64} for layer in (4, 8, 12, 16, 20)]
+TAPS.append({"layer": 24, "hidden": 512, "fmt": "nf4", "block_size": 64})
+CASES = [("pooled", "last"), ("tokens", "last"), ("tokens", "mean")]
+
+
+def make_bodies(mode: str, rows: int, mean_tokens: int, pool: int, seed: int = 0) -> list[bytes]:
+    """`pool` distinct BATCH bodies of real-codec nf4 taps (random activations, ragged lengths)."""
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for _ in range(pool):
+        if mode == "pooled":
+            lengths = np.ones(rows, np.uint32)
+        else:
+            lengths = rng.integers(mean_tokens // 2, mean_tokens * 3 // 2 + 1, rows).astype(np.uint32)
+        n = int(lengths.sum())
+        taps = []
+        for i, t in enumerate(TAPS):
+            x = (rng.standard_normal((n, t["hidden"])) * 2).astype(np.float32)
+            enc = codec.encode(x, t["fmt"], t["block_size"])
+            taps.append(wire.TapPayload(t["fmt"], t["block_size"], t["hidden"], enc.codes, enc.scales, i))
+        labels = rng.integers(0, 2, rows).astype(np.int64)
+        bodies.append(wire.Batch(0, np.arange(rows, dtype=np.uint64), labels, lengths, taps, mode).to_body())
+    return bodies
+
+
+def device_process(url: str, mode: str, samples: int, rows: int, bodies: list[bytes], out) -> None:
+    from mobillm.trainer.simulate import SimDevice, SyntheticTask
+
+    def frame(seq: int, ids: np.ndarray) -> bytes:
+        body = bodies[seq % len(bodies)]
+        return wire.encode_frame(wire.MsgType.BATCH, None, struct.pack("<Q", seq) + body[8:])
+
+    data = SyntheticTask(TAPS, n_samples=samples)
+    result = SimDevice(url, data, task="bench", mode=mode, epochs=1, batch_size=rows, device_id=f"bench-{mode}",
+                       run=f"bench-{mode}", frame_source=frame).run(timeout=600)
+    out.put({"error": result.error, "seconds": result.seconds, "bytes": result.bytes_sent})
+
+
+def bench_case(mode: str, pooling: str, args) -> dict:
+    from mobillm.trainer.config import ServerConfig, SideConfig
+    from mobillm.trainer.server import TrainerServer
+
+    bodies = make_bodies(mode, args.rows, args.tokens, args.pool)
+    with tempfile.TemporaryDirectory() as runs:
+        config = ServerConfig(port=0, runs_dir=runs, device=args.device, threads=args.threads,
+                              side=SideConfig(pooling=pooling), checkpoint_every=10**9, bitplan_every=100)
+        server = TrainerServer(config)
+        server.start()
+        out = mp.get_context("spawn").Queue()
+        child = mp.get_context("spawn").Process(target=device_process,
+                                                args=(server.url, mode, args.samples, args.rows, bodies, out))
+        child.start()
+        device = out.get(timeout=900)
+        child.join()
+        server.stop()
+        if device["error"]:
+            raise RuntimeError(f"device got {device['error']}")
+        steps = [json.loads(line) for line in (Path(runs) / f"bench-{mode}" / "metrics.jsonl").read_text().splitlines()]
+    warm = min(args.warmup_steps, len(steps) // 4)
+    steady = steps[warm:]
+    wall = steady[-1]["time"] - steps[warm - 1]["time"] if warm else steady[-1]["time"] - steady[0]["time"]
+    mb = (steady[-1]["bytes_received"] - (steps[warm - 1]["bytes_received"] if warm else 0)) / 1e6
+    return {"mode": mode, "pooling": pooling, "rows": args.rows,
+            "tokens_per_row": 1 if mode == "pooled" else args.tokens,
+            "bytes_per_batch": len(bodies[0]), "steps": len(steady),
+            "samples_per_s": sum(s["rows"] for s in steady) / wall, "mb_per_s": mb / wall,
+            "step_ms": 1000 * float(np.mean([s["step_s"] for s in steady])),
+            "wait_frac": sum(s["wait_s"] for s in steady) / wall,
+            "device_samples_per_s": args.samples / device["seconds"]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="server torch device: cpu or cuda")
+    parser.add_argument("--samples", type=int, default=1024, help="samples streamed per case")
+    parser.add_argument("--rows", type=int, default=16, help="rows (samples) per batch")
+    parser.add_argument("--tokens", type=int, default=128, help="mean real tokens per row in tokens mode")
+    parser.add_argument("--pool", type=int, default=4, help="distinct pre-quantized batches cycled by the device")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (default torch's)")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the averages")
+    parser.add_argument("--cases", default=",".join(f"{m}/{p}" for m, p in CASES), help="mode/pooling list")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = [bench_case(*case.split("/"), args) for case in args.cases.split(",")]
+    print(f"device={args.device} rows/batch={args.rows} mean tokens/row={args.tokens} samples/case={args.samples}")
+    print("| mode | pooling | KiB/batch | server samples/s | MB/s in | step ms | train loop waiting |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['mode']} | {r['pooling']} | {r['bytes_per_batch'] / 1024:.0f} | {r['samples_per_s']:.0f} | "
+              f"{r['mb_per_s']:.1f} | {r['step_ms']:.1f} | {100 * r['wait_frac']:.0f}% |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

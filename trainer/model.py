@@ -1,0 +1,112 @@
+"""The side network (MobiLLM Eq. 5), readable top to bottom.
+
+Taps b_1..b_M are the dequantized backbone activations (projected to the side width D when a
+tap is narrower or wider, e.g. OPT-350m's last tap is 512 wide after project_out, the rest 1024):
+
+    s_1     = b_1
+    s_{m+1} = LN_m(A_m(s_m + b_{m+1}) + s_m + b_{m+1})      A_m(h) = sigma(h W_down + c) W_up + d
+    logits  = head(pool(b_M + s_M))
+
+Tap 1 seeds the state, so taps 2..M each own one adapter (and one LayerNorm). Every operation
+is per token: no token ever reads another, so the head's rows can be computed from the head's
+rows alone (`pooled` mode, and the gather-first path below, are exact for last-token pooling).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import SideConfig
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter sigma(h W_down) W_up. W_up starts near zero so the block starts as a residual."""
+
+    def __init__(self, width: int, bottleneck: int, activation: str):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        self.act = nn.ReLU() if activation == "relu" else nn.GELU()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(h)))
+
+
+class SideNetwork(nn.Module):
+    def __init__(self, cfg: SideConfig):
+        super().__init__()
+        if not cfg.tap_widths or cfg.out_dim < 1 or not cfg.side_width:
+            raise ValueError("SideConfig needs tap_widths, out_dim and side_width (use SideConfig.for_taps)")
+        self.cfg = cfg
+        width = cfg.side_width
+        self.projections = nn.ModuleList(
+            [nn.Identity() if h == width else nn.Linear(h, width) for h in cfg.tap_widths])
+        self.adapters = nn.ModuleList(
+            [Adapter(width, cfg.bottleneck, cfg.activation) for _ in cfg.tap_widths[1:]])
+        self.norms = nn.ModuleList([nn.LayerNorm(width, eps=cfg.ln_eps) for _ in cfg.tap_widths[1:]])
+        self.head = nn.Linear(width, cfg.out_dim)
+
+    def init_weights(self, seed: int) -> None:
+        """Seeded initialisation from a private generator (several runs share one process)."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for proj in self.projections:
+                if isinstance(proj, nn.Linear):
+                    nn.init.normal_(proj.weight, 0.0, proj.in_features ** -0.5, generator=g)
+                    proj.bias.zero_()
+            for adapter in self.adapters:
+                nn.init.normal_(adapter.down.weight, 0.0, self.cfg.init_std, generator=g)
+                nn.init.normal_(adapter.up.weight, 0.0, self.cfg.up_init_std, generator=g)
+                adapter.down.bias.zero_()
+                adapter.up.bias.zero_()
+            nn.init.normal_(self.head.weight, 0.0, 0.02, generator=g)
+            self.head.bias.zero_()
+
+    def features(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """Per-token b_M + s_M [..., D] from taps [..., H_i] (any leading shape)."""
+        b = [proj(t) for proj, t in zip(self.projections, taps)]
+        s = b[0]
+        for adapter, norm, b_next in zip(self.adapters, self.norms, b[1:]):
+            x = s + b_next
+            s = norm(adapter(x) + x)
+        return b[-1] + s
+
+    def logits_from_rows(self, taps: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """Training form: logits [n, out] from packed rows.
+
+        `last` pooling: taps hold one row per sample (the head's row). `mean` pooling: taps hold
+        every real token of every sample back to back, sample i owning lengths[i] rows.
+        """
+        feats = self.features(taps)
+        if self.cfg.pooling == "last":
+            return self.head(feats)
+        owner = torch.repeat_interleave(torch.arange(len(lengths), device=feats.device), lengths)
+        sums = feats.new_zeros(len(lengths), feats.shape[-1]).index_add_(0, owner, feats)
+        return self.head(sums / lengths.to(feats.dtype)[:, None])
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Graph form (exported to ONNX): taps [B, T, H_i]..., mask [B, T] (1 = real token) -> logits [B, out]."""
+        *taps, mask = inputs
+        if self.cfg.pooling == "last":
+            # Index of the last real token, whichever side the padding is on.
+            positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)
+            last = (mask * (positions + 1)).argmax(dim=1)
+            rows = [t.gather(1, last[:, None, None].expand(-1, 1, t.shape[2])).squeeze(1) for t in taps]
+            return self.head(self.features(rows))
+        feats = self.features(list(taps))
+        summed = (feats * mask[..., None]).sum(dim=1)
+        return self.head(summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> torch.Tensor:
+    """Cross-entropy for classification, MSE for regression (head width 1)."""
+    if task_type == "regression":
+        return nn.functional.mse_loss(logits[:, 0], labels.float())
+    return nn.functional.cross_entropy(logits, labels.long())
+
+
+def build_side_network(cfg: SideConfig, seed: int) -> SideNetwork:
+    model = SideNetwork(cfg)
+    model.init_weights(seed)
+    return model

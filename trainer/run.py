@@ -1,0 +1,425 @@
+"""One run: a side network, its optimizer, its bounded batch queue and the thread that trains it.
+
+Threads. The server's asyncio loop owns sessions and the receive side (`stream_accepted`,
+`stream_ended`, `session`); the run's training thread owns the model and the progress counters
+(`step`, `samples_trained`, `stream_trained`, `phase`). The loop hands batches over through
+`queue`; the thread reports back with `loop.call_soon_threadsafe` (credits, BITPLAN, wake-ups).
+
+Phases: stream (train batches as they arrive) -> cache (later epochs from the on-disk cache,
+`--cache` only) -> export (checkpoint, ONNX, check) -> finished. Any exception: failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mobillm.common import tasks, wire
+
+from .config import RunConfig, atomic_write
+from .data import Rows, TapCache, decode_rows, rows_for_model
+from .export import check_onnx, export_onnx, input_names
+from .model import SideNetwork, build_side_network, task_loss
+from .protocol import TapInfo, allowed_formats
+
+log = logging.getLogger("mobillm.trainer")
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "side_network.onnx"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+_END = object()  # queue marker: the device sent DONE
+_STOP = object()  # queue marker: the server is stopping
+
+
+@dataclass
+class Item:
+    """A validated batch waiting in the queue."""
+
+    batch: wire.Batch
+    nbytes: int
+
+
+class WarmupLinear:
+    """Learning-rate factor as a function of samples trained: linear warm-up, then linear decay to 0.
+
+    Counted in samples, not steps, because the device chooses the batch size."""
+
+    def __init__(self, warmup_samples: int, total_samples: int):
+        self.warmup, self.total = max(0, warmup_samples), max(1, total_samples)
+
+    def factor(self, samples_done: int) -> float:
+        if samples_done < self.warmup:
+            return (samples_done + 1) / self.warmup
+        return max(0.0, (self.total - samples_done) / max(1, self.total - self.warmup))
+
+    def state_dict(self) -> dict:
+        return {"warmup": self.warmup, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warmup, self.total = int(state["warmup"]), int(state["total"])
+
+
+def step_loss(model: SideNetwork, rows: Rows, taps: list[TapInfo], task_type: str, device: torch.device,
+              input_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(loss, logits, dequantized tap rows) for one batch of rows; the tap rows keep grads if asked."""
+    inputs = decode_rows(rows, taps, device)
+    if input_grads:
+        for t in inputs:
+            t.requires_grad_(True)
+    lengths = torch.from_numpy(rows.lengths).to(device)
+    labels = torch.from_numpy(rows.labels).to(device)
+    logits = model.logits_from_rows(inputs, lengths)
+    return task_loss(logits, labels, task_type), logits, inputs
+
+
+def make_optimizer(model: torch.nn.Module, o) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where this torch supports it on the model's device."""
+    options = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), **options)
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, folder: Path, device: str, queue_size: int, checkpoint_every: int,
+                 bitplan_every: int, checkpoint: dict | None = None):
+        self.cfg, self.folder = cfg, Path(folder)
+        self.device = torch.device(device)
+        self.taps = [TapInfo(**t) for t in cfg.taps]
+        self.model = build_side_network(cfg.side, cfg.optim.seed).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.schedule = WarmupLinear(round(cfg.optim.warmup_ratio * cfg.total_samples), cfg.total_samples)
+        self.queue_size = queue_size
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size + 2)  # + END and STOP markers
+        self.checkpoint_every, self.bitplan_every = checkpoint_every, bitplan_every
+        # Training-thread state (read elsewhere, written only by the thread after start()).
+        self.step = 0
+        self.samples_trained = 0
+        self.stream_trained = 0
+        self.cache_epoch = 1
+        self.cache_pos = 0
+        self.first_batch_rows = 0
+        self.phase = "stream"
+        self.error: str | None = None
+        self.stopped = False
+        # Loop-thread state.
+        self.session = None
+        self.stream_accepted = 0
+        self.stream_ended = False
+        self.bytes_received = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._train_loop, name=f"train-{cfg.run}", daemon=True)
+        label_dtype = wire.LABEL_DTYPES[wire.LABEL_KINDS[cfg.task_type]]
+        cache_state = checkpoint.get("cache") if checkpoint else None
+        self.cache = None
+        if cfg.cache:  # the cache keeps each tap in the one format the device sends it in
+            fmts = allowed_formats([t.fmt for t in self.taps], cfg.bits)
+            cached = [TapInfo(t.layer, t.hidden, f, t.block_size) for t, f in zip(self.taps, fmts)]
+            self.cache = TapCache(self.folder / "cache", cached, label_dtype, cache_state)
+        self._wait_s = 0.0
+        self._loop_start = time.perf_counter()
+        self._last_step_end = self._loop_start
+        self._importance = torch.zeros(len(self.taps), device=self.device)
+        self._importance_steps = 0
+        self._last_epoch = {"loss_sum": 0.0, "rows": 0, "outputs": [], "labels": []}
+        self.summary: dict = {}
+        if checkpoint is not None:
+            self._load(checkpoint)
+        self.stream_accepted = self.stream_trained
+        self.stream_ended = self.phase != "stream"
+        self._metrics = open_metrics(self.folder / METRICS, self.step if checkpoint is not None else None)
+
+    # ---- lifecycle (called from the server) ----
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop training (checkpointing unfinished work) and join the thread. Safe to call twice."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self.queue.put(_STOP)
+            self._thread.join()
+        self.stopped = True
+        self._metrics.close()
+        if self.cache is not None:
+            self.cache.close()
+        self._notify()
+
+    # ---- loop-thread side ----
+
+    def enqueue(self, item: Item) -> None:
+        self.queue.put_nowait(item)  # credits bound the queue; Full here is a bug, not a wait
+
+    def end_stream(self) -> None:
+        if not self.stream_ended:
+            self.stream_ended = True
+            self.queue.put_nowait(_END)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (on the loop) until the training thread makes `predicate` true, or the run stops."""
+        while not (predicate() or self.stopped or self.phase == "failed"):
+            fut = self.loop.create_future()
+            self._waiters.append(fut)
+            if predicate() or self.stopped or self.phase == "failed":
+                break
+            await fut
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _notify(self) -> None:
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _to_session(self, method: str, *args) -> None:
+        def deliver():
+            if self.session is not None:
+                getattr(self.session, method)(*args)
+
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(deliver)
+            except RuntimeError:
+                pass
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    def model_meta(self) -> dict:
+        """MODEL frame meta: how to feed the ONNX graph and what it was trained for."""
+        return {"config": asdict(self.cfg.side), "inputs": input_names(len(self.taps)), "output": "logits",
+                "task": self.cfg.task, "task_type": self.cfg.task_type, "num_labels": self.cfg.num_labels,
+                "run": self.cfg.run, "taps": self.cfg.taps, "metrics": self.summary}
+
+    # ---- training thread ----
+
+    def _train_loop(self) -> None:
+        try:
+            while not self.stopped:
+                if self.phase == "stream":
+                    t0 = time.perf_counter()
+                    item = self.queue.get()
+                    waited = time.perf_counter() - t0
+                    if item is _STOP:
+                        break
+                    if item is _END:
+                        self._end_of_stream()
+                        continue
+                    self._to_session("grant_credit", item.batch.seq, self.stream_trained)
+                    self._train_streamed(item, waited)
+                elif self.phase == "cache":
+                    if self._stop.is_set():
+                        break
+                    self._train_cached()
+                elif self.phase == "export":
+                    self._finalize()
+                else:
+                    break
+        except Exception as exc:  # the run fails; the server and other runs carry on
+            self.error = f"{type(exc).__name__}: {exc}"
+            (self.folder / "error.log").write_text(traceback.format_exc())
+            log.error("run %s failed: %s", self.cfg.run, self.error)
+            self.phase = "failed"
+        finally:
+            if self.phase in ("stream", "cache", "export"):
+                self._save_checkpoint()
+            self._notify()
+
+    def _train_streamed(self, item: Item, waited: float) -> None:
+        rows = rows_for_model(item.batch, self.cfg.side.pooling)
+        if self.first_batch_rows == 0:
+            self.first_batch_rows = len(rows)
+        if self.cache is not None:
+            self.cache.append(rows)
+        self._wait_s += waited
+        self._train_step(rows, "stream", waited, item.batch.n_tokens)
+        self.stream_trained += len(rows)
+        if self.cache is not None and self.stream_trained >= self.cfg.samples_per_epoch:
+            self._start_cached_epochs()
+        self._after_step()
+
+    def _end_of_stream(self) -> None:
+        if self.cache is not None:
+            self._start_cached_epochs()
+        else:
+            self.phase = "export"
+        self._notify()
+
+    def _start_cached_epochs(self) -> None:
+        self.phase = "cache" if self.cfg.epochs > 1 and len(self.cache) else "export"
+        log.info("run %s: %d samples cached; %s", self.cfg.run, len(self.cache),
+                 f"training {self.cfg.epochs - 1} more epochs from the cache" if self.phase == "cache" else "exporting")
+
+    def _cache_order(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order = np.random.default_rng([self.cfg.optim.seed, epoch]).permutation(len(self.cache))
+            self._order_epoch = epoch
+        return self._order
+
+    def _train_cached(self) -> None:
+        size = self.cfg.optim.cache_batch_size or self.first_batch_rows or 32
+        entries = self._cache_order(self.cache_epoch)[self.cache_pos:self.cache_pos + size]
+        rows = self.cache.gather(entries)
+        self._train_step(rows, "cache", 0.0, int(rows.lengths.sum()))
+        self.cache_pos += len(entries)
+        if self.cache_pos >= len(self.cache):
+            self.cache_epoch, self.cache_pos = self.cache_epoch + 1, 0
+            if self.cache_epoch >= self.cfg.epochs:
+                self.phase = "export"
+        self._after_step()
+
+    def _train_step(self, rows: Rows, source: str, waited: float, tokens: int) -> None:
+        t0 = time.perf_counter()
+        model, cfg = self.model, self.cfg
+        model.train()
+        want_importance = self.bitplan_every > 0
+        loss, logits, inputs = step_loss(model, rows, self.taps, cfg.task_type, self.device, want_importance)
+        lr = cfg.optim.lr * self.schedule.factor(self.samples_trained)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        self.optimizer.step()
+        if want_importance:
+            # Per tap: RMS of d loss / d (dequantized activation), a proxy for how much that tap's
+            # quantization error matters; the device may spend bits where it is largest.
+            self._importance += torch.stack([t.grad.pow(2).mean().sqrt() for t in inputs]).detach()
+            self._importance_steps += 1
+        loss_value, grad_norm = torch.stack([loss.detach(), grad_norm.detach()]).tolist()  # one device sync
+        n = len(rows)
+        self.step += 1
+        self.samples_trained += n
+        if self.samples_trained > self.cfg.total_samples - self.cfg.samples_per_epoch:
+            self._last_epoch["loss_sum"] += loss_value * n
+            self._last_epoch["rows"] += n
+            self._last_epoch["outputs"].append(logits.detach().float().cpu().numpy())
+            self._last_epoch["labels"].append(rows.labels)
+        now = time.perf_counter()
+        elapsed = now - self._loop_start
+        record = {
+            "step": self.step, "samples": self.samples_trained, "epoch": self.samples_trained / cfg.samples_per_epoch,
+            "source": source, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "rows": n, "tokens": tokens,
+            "samples_per_s": n / max(now - self._last_step_end, 1e-9), "step_s": now - t0, "wait_s": waited,
+            "idle_frac": self._wait_s / max(elapsed, 1e-9), "bytes_received": self.bytes_received,
+            "queue_depth": self.queue.qsize(), "time": time.time(),
+        }
+        self._last_step_end = now
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {self.step}; lower --lr or check the taps")
+
+    def _after_step(self) -> None:
+        if self.step % self.checkpoint_every == 0:
+            self._save_checkpoint()
+        if self.bitplan_every and self.step % self.bitplan_every == 0 and self._importance_steps:
+            importance = (self._importance / self._importance_steps).tolist()
+            self._importance.zero_()
+            self._importance_steps = 0
+            self._to_session("post_bitplan", importance, self.step)
+        self._notify()
+
+    def _finalize(self) -> None:
+        """Final checkpoint, ONNX export checked against torch, summary; then `finished`."""
+        self._save_checkpoint()
+        onnx_bytes = export_onnx(self.model)
+        diff = check_onnx(onnx_bytes, self.model)
+        atomic_write(self.onnx_path, onnx_bytes)
+        self.summary = self._summarize(diff)
+        atomic_write(self.folder / SUMMARY, (json.dumps(self.summary, indent=2) + "\n").encode())
+        self.phase = "finished"
+        self._save_checkpoint()
+        log.info("run %s finished: %s", self.cfg.run, self.summary)
+
+    def _summarize(self, onnx_diff: float) -> dict:
+        last = self._last_epoch
+        summary = {"samples_trained": self.samples_trained, "steps": self.step, "onnx_max_abs_diff": onnx_diff,
+                   "train_idle_frac": self._wait_s / max(time.perf_counter() - self._loop_start, 1e-9)}
+        if last["rows"]:
+            summary["last_epoch_loss"] = last["loss_sum"] / last["rows"]
+            outputs, labels = np.concatenate(last["outputs"]), np.concatenate(last["labels"])
+            preset = tasks.TASKS.get(self.cfg.task)
+            metric = preset.metric if preset and preset.kind == self.cfg.task_type else (
+                "pearson" if self.cfg.task_type == "regression" else "accuracy")
+            task = tasks.Task(self.cfg.task, self.cfg.task_type, self.cfg.num_labels, (), "", metric)
+            summary.update({f"last_epoch_{k}": v for k, v in tasks.score(task, outputs, labels).items()})
+        return summary
+
+    # ---- checkpoints ----
+
+    def _save_checkpoint(self) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "progress": {"step": self.step, "samples_trained": self.samples_trained,
+                         "stream_trained": self.stream_trained, "cache_epoch": self.cache_epoch,
+                         "cache_pos": self.cache_pos, "first_batch_rows": self.first_batch_rows,
+                         "phase": self.phase},
+            "rng": {"torch": torch.get_rng_state()},
+            "cache": self.cache.state() if self.cache is not None else None,
+            "summary": self.summary,
+        }
+        if self.device.type == "cuda":
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        tmp = self.folder / f".{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.folder / CHECKPOINT)
+
+    def _load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        p = state["progress"]
+        self.step, self.samples_trained, self.stream_trained = p["step"], p["samples_trained"], p["stream_trained"]
+        self.cache_epoch, self.cache_pos = p["cache_epoch"], p["cache_pos"]
+        self.first_batch_rows = p["first_batch_rows"]
+        self.phase = p["phase"]
+        self.summary = state.get("summary") or {}
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if self.phase == "finished" and not self.onnx_path.is_file():
+            self.phase = "export"  # the ONNX file went missing: make it again
+
+
+def open_metrics(path: Path, keep_steps: int | None):
+    """metrics.jsonl for appending. On resume, steps after the checkpoint (trained again now) are cut."""
+    if keep_steps is None or not path.is_file():
+        return open(path, "w")
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_steps]
+    atomic_write(path, "".join(line + "\n" for line in kept).encode())
+    return open(path, "a")
+
+
+def load_checkpoint(folder: Path | str, map_location: str = "cpu") -> dict:
+    """A run's checkpoint (tensors only, weights_only). `Run` loads it on the CPU and moves the model
+    and optimizer state to its device as it loads them."""
+    return torch.load(Path(folder) / CHECKPOINT, map_location=map_location, weights_only=True)

@@ -1,0 +1,194 @@
+"""A simulated device: synthetic activations, quantized with the real codec, streamed over the real protocol.
+
+For tests, the benchmark and trying a server without a phone. It follows the device side of
+`docs/protocol.md` (credits, stop_streaming, resume) with numpy and websockets only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from websockets.sync.client import connect
+
+from mobillm.common import wire
+from mobillm.kernels import codec
+
+SHA = "ab" * 32
+
+
+@dataclass
+class SyntheticTask:
+    """Separable synthetic data: noise everywhere, a class (or value) direction on each sample's last token.
+
+    Sample k is a pure function of (seed, k); the device's order for epoch e is a seeded permutation."""
+
+    taps: list[dict]  # [{"layer", "hidden", "fmt", "block_size"}]
+    n_samples: int = 256
+    task_type: str = "class"
+    num_labels: int = 2
+    min_len: int = 2
+    max_len: int = 8
+    signal: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self):
+        rng = np.random.default_rng([self.seed, 1 << 20])
+        classes = 1 if self.task_type == "regression" else self.num_labels
+        self.directions = [rng.standard_normal((classes, t["hidden"])).astype(np.float32) for t in self.taps]
+
+    def label(self, k: int):
+        rng = np.random.default_rng([self.seed, k, 1])
+        if self.task_type == "regression":
+            return np.float32(rng.uniform(-1, 1))
+        return int(rng.integers(self.num_labels))
+
+    def sample(self, k: int) -> list[np.ndarray]:
+        """fp32 [length, hidden] per tap for sample k."""
+        rng = np.random.default_rng([self.seed, k])
+        length = int(rng.integers(self.min_len, self.max_len + 1))
+        label = self.label(k)
+        out = []
+        for tap, dirs in zip(self.taps, self.directions):
+            x = rng.standard_normal((length, tap["hidden"])).astype(np.float32)
+            x[-1] += self.signal * (label * dirs[0] if self.task_type == "regression" else dirs[label])
+            out.append(x)
+        return out
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 2]).permutation(self.n_samples)
+
+    def stream(self, epochs: int) -> np.ndarray:
+        """Sample ids in the device's deterministic order, all epochs back to back."""
+        return np.concatenate([self.order(e) for e in range(epochs)])
+
+    def batch(self, seq: int, ids, mode: str) -> wire.Batch:
+        """Quantize the samples `ids` into one BATCH (only last tokens in pooled mode)."""
+        samples = [self.sample(int(k)) for k in ids]
+        if mode == "pooled":
+            samples = [[x[-1:] for x in s] for s in samples]
+        lengths = np.array([len(s[0]) for s in samples], np.uint32)
+        taps = []
+        for i, tap in enumerate(self.taps):
+            enc = codec.encode(np.concatenate([s[i] for s in samples]), tap["fmt"], tap["block_size"])
+            taps.append(wire.TapPayload(tap["fmt"], tap["block_size"], tap["hidden"], enc.codes, enc.scales, i))
+        labels = np.array([self.label(int(k)) for k in ids],
+                          np.float32 if self.task_type == "regression" else np.int64)
+        return wire.Batch(seq, np.asarray(ids, np.uint64), labels, lengths, taps, mode)
+
+
+@dataclass
+class DeviceResult:
+    welcome: dict = field(default_factory=dict)
+    model_meta: dict | None = None
+    model: bytes | None = None
+    done: dict | None = None
+    error: dict | None = None
+    credits: list[dict] = field(default_factory=list)
+    bitplans: list[dict] = field(default_factory=list)
+    samples_sent: int = 0
+    batches_sent: int = 0
+    bytes_sent: int = 0
+    stop_streaming: bool = False
+    seconds: float = 0.0
+
+
+class SimDevice:
+    """Streams a SyntheticTask to a trainer server the way the device runtime does."""
+
+    def __init__(self, url: str, data: SyntheticTask, *, task: str = "synth", mode: str = "tokens", epochs: int = 1,
+                 batch_size: int = 16, device_id: str = "sim-device", run: str | None = None,
+                 token: str | None = None, bits: str | None = None,
+                 frame_source: Callable[[int, np.ndarray], bytes] | None = None):
+        self.url, self.data, self.task, self.mode, self.bits = url, data, task, mode, bits
+        self.epochs, self.batch_size, self.device_id = epochs, batch_size, device_id
+        self.run_name, self.token = run, token
+        self.frame_source = frame_source or (lambda seq, ids: wire.batch_frame(self.data.batch(seq, ids, self.mode)))
+
+    def hello(self) -> dict:
+        meta = {"protocol": wire.VERSION, "manifest_sha256": SHA, "model_id": "synthetic", "task": self.task,
+                "task_type": self.data.task_type, "num_labels": 1 if self.data.task_type == "regression"
+                else self.data.num_labels, "mode": self.mode, "taps": self.data.taps, "device_id": self.device_id,
+                "epochs": self.epochs, "samples_per_epoch": self.data.n_samples}
+        if self.run_name:
+            meta["run"] = self.run_name
+        if self.token is not None:
+            meta["token"] = self.token
+        if self.bits is not None:
+            meta["bits"] = self.bits
+        return meta
+
+    def run(self, stop_after_batches: int | None = None, send_done: bool = True,
+            timeout: float = 120.0) -> DeviceResult:
+        """One connection: stream from the server's resume point, then DONE -> MODEL -> BYE.
+
+        To test resume, `stop_after_batches` drops the connection after that many batches, and
+        `send_done=False` drops it once streaming is over; neither sends DONE."""
+        result = DeviceResult()
+        t0 = time.perf_counter()
+        with connect(self.url, max_size=wire.MAX_MODEL_FRAME, compression=None, open_timeout=timeout) as ws:
+            ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
+            first = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
+            if first.type == wire.MsgType.ERROR:
+                result.error = first.meta
+                return result
+            result.welcome = first.meta
+            credits = first.meta["credits"]
+            stop = first.meta.get("stop_streaming", False)
+            stream = self.data.stream(self.epochs)
+            pos, seq = first.meta["resume"]["samples_done"], 0
+
+            def handle(frame: wire.Frame) -> None:
+                nonlocal credits, stop
+                if frame.type == wire.MsgType.CREDIT:
+                    credits += frame.meta["credits"]
+                    result.credits.append(frame.meta)
+                    if frame.meta.get("stop_streaming"):
+                        stop = result.stop_streaming = True
+                elif frame.type == wire.MsgType.BITPLAN:
+                    result.bitplans.append(frame.meta)
+                elif frame.type == wire.MsgType.ERROR:
+                    raise RuntimeError(f"server error: {frame.meta}")
+
+            while pos < len(stream) and not stop:
+                if stop_after_batches is not None and result.batches_sent >= stop_after_batches:
+                    result.seconds = time.perf_counter() - t0
+                    return result
+                while credits <= 0 and not stop:  # back-pressure: only when the server's queue is full
+                    handle(wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME))
+                while True:  # take whatever the server already sent, without waiting
+                    try:
+                        handle(wire.decode_frame(ws.recv(timeout=0), wire.MAX_MODEL_FRAME))
+                    except TimeoutError:
+                        break
+                if stop:
+                    break
+                ids = stream[pos:pos + self.batch_size]
+                frame = self.frame_source(seq, ids)
+                ws.send(frame)
+                credits -= 1
+                seq += 1
+                pos += len(ids)
+                result.samples_sent += len(ids)
+                result.batches_sent += 1
+                result.bytes_sent += len(frame)
+            if not send_done:
+                result.seconds = time.perf_counter() - t0
+                return result
+            ws.send(wire.encode_frame(wire.MsgType.DONE, {}))
+            while result.done is None:
+                frame = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
+                if frame.type == wire.MsgType.MODEL:
+                    result.model_meta, result.model = frame.meta, bytes(frame.body)
+                elif frame.type == wire.MsgType.DONE:
+                    result.done = frame.meta
+                elif frame.type == wire.MsgType.ERROR:
+                    result.error = frame.meta
+                    return result
+                else:
+                    handle(frame)
+            ws.send(wire.encode_frame(wire.MsgType.BYE, {}))
+        result.seconds = time.perf_counter() - t0
+        return result
