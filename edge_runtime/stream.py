@@ -71,6 +71,7 @@ class TrainStats:
     reconnects: int = 0
     truncated_rows: int = 0
     wall_s: float = 0.0
+    stream_s: float = 0.0  # start until DONE was sent: the device's part of the run
     peak_rss_mb: float = 0.0
     bit_plans: list = field(default_factory=list)
     server_metrics: dict = field(default_factory=dict)
@@ -201,7 +202,10 @@ class EdgeTrainer:
 
     def _put(self, loop, out: asyncio.Queue, item) -> bool:
         """Hand `item` to the event loop, waiting while the prefetch queue is full; False once stopped."""
-        fut = asyncio.run_coroutine_threadsafe(out.put(item), loop)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(out.put(item), loop)
+        except RuntimeError:  # the event loop is gone: the run ended
+            return False
         while True:
             try:
                 fut.result(timeout=0.2)
@@ -214,7 +218,7 @@ class EdgeTrainer:
     # -- asyncio side --------------------------------------------------------------------
     def run(self) -> TrainStats:
         """Stream the whole run; returns statistics. The side network is in `self.model_bytes`."""
-        t0 = time.perf_counter()
+        self._t0 = t0 = time.perf_counter()
         try:
             asyncio.run(self._run())
         finally:
@@ -227,7 +231,15 @@ class EdgeTrainer:
 
     async def _run(self):
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.opts.prefetch)
-        state = {"producer": None, "samples_done": 0, "finished_producing": False}
+        state = {"producer": None, "finished_producing": False}
+        try:
+            await self._run_sessions(queue, state)
+        finally:
+            self._stop.set()
+            if state["producer"] is not None:
+                await asyncio.to_thread(state["producer"].join, 5)
+
+    async def _run_sessions(self, queue: asyncio.Queue, state: dict):
         attempt = 0
         while True:
             try:
@@ -255,7 +267,7 @@ class EdgeTrainer:
 
     async def _session(self, queue: asyncio.Queue, state: dict) -> bool:
         """One connection. Returns True when the run is complete (model received)."""
-        async with websockets.connect(self.opts.server, max_size=wire.DEFAULT_MAX_FRAME, ssl=self._ssl(),
+        async with websockets.connect(self.opts.server, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
                                       open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
             await ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
             welcome = wire.decode_frame(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
@@ -274,6 +286,8 @@ class EdgeTrainer:
                 state["producer"].start()
             finished = asyncio.Event()
             stop_streaming = asyncio.Event()
+            if welcome.meta.get("stop_streaming"):
+                stop_streaming.set()
             receiver = asyncio.create_task(self._receive(ws, credits, finished, stop_streaming))
             try:
                 await self._send_all(ws, queue, credits, state, stop_streaming, receiver)
@@ -303,8 +317,10 @@ class EdgeTrainer:
             self._unacked.popleft()
 
     async def _send(self, ws, item: _Sent, credits: asyncio.Semaphore, receiver: asyncio.Task):
-        await _unless_closed(credits.acquire(), receiver)
+        # Waiting for a credit counts as send time: with K batches in flight, credits come back
+        # only as fast as the link delivers them, whatever the socket buffers absorb.
         t0 = time.perf_counter()
+        await _unless_closed(credits.acquire(), receiver)
         await ws.send(item.frame)
         dt = time.perf_counter() - t0
         self.stats.send_s += dt
@@ -328,6 +344,8 @@ class EdgeTrainer:
             self.stats.samples_sent += item.n
         if stop_streaming.is_set():
             self._stop.set()  # the server trains on from its cache: no more forward passes
+        if not self.stats.stream_s:
+            self.stats.stream_s = time.perf_counter() - self._t0
         await ws.send(wire.encode_frame(wire.MsgType.DONE, {"samples": self.total_samples}))
 
     async def _receive(self, ws, credits: asyncio.Semaphore, finished: asyncio.Event, stop_streaming: asyncio.Event):
