@@ -19,6 +19,11 @@ from . import codec
 
 OPSET = 18
 
+# The fused native op (kernels/cpp/ort_op.cpp, kernels/cuda, kernels/trt; docs/native.md).
+QUANT_OPS = ("onnx", "custom")
+CUSTOM_DOMAIN = "com.mobillm"
+CUSTOM_OPSET = 1
+
 
 @dataclass
 class Subgraph:
@@ -94,6 +99,8 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     safe = b.op("Where", [is_zero, b.const(1.0), sf], "safe_scale")
     y = b.op("Where", [is_zero, b.const(0.0), b.op("Div", [xb, safe])], "y")
     y = b.op("Clip", [y, b.const(-qmax), b.const(qmax)], "y_clamped")
+    # NaN elements (their block's scale is already NaN) become 0 so no code or index goes wild.
+    y = b.op("Where", [b.op("IsNaN", [y]), b.const(0.0), y], "y_finite")
     y = b.op("Reshape", [y, b.const([-1, nb * block_size], np.int64)], "y_rows")
     if pad:
         y = b.op("Slice", [y, b.const([0], np.int64), b.const([hidden], np.int64), axis], "y_trim")
@@ -164,23 +171,33 @@ def _pack_nibbles(b: _Builder, codes: str, hidden: int) -> str:
     return b.op("ReduceSum", [weighted, b.const([-1], np.int64)], "packed", keepdims=0)
 
 
-def append_quantizers(model: onnx.ModelProto, taps: list[dict]) -> onnx.ModelProto:
+def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx") -> onnx.ModelProto:
     """Replace each tap output of `model` by its quantized pair (codes, scales), in place.
 
     `taps` items: {"output": graph output name, "fmt", "block_size", "hidden",
     "codes": new output name, "scales": new output name}.
+    `op="onnx"` (default) inserts the standard-op subgraph, which any ONNX Runtime runs;
+    `op="custom"` inserts one fused com.mobillm node per tap (`custom_quantize_node`), which
+    needs the native library registered with the session (`mobillm.kernels.native.register`).
+    Both produce the same bytes.
     """
+    if op not in QUANT_OPS:
+        raise ValueError(f"unknown quantizer op {op!r}; choose one of {', '.join(QUANT_OPS)}")
     graph = model.graph
     by_name = {o.name: o for o in graph.output}
     for tap in taps:
         out = by_name[tap["output"]]
-        sub = quantize_subgraph(tap["output"], tap["fmt"], tap["block_size"], tap["hidden"], prefix=tap["codes"])
-        graph.node.extend(sub.nodes)
-        graph.initializer.extend(sub.initializers)
-        graph.node.extend([
-            helper.make_node("Identity", [sub.codes], [tap["codes"]], name=tap["codes"] + "/out"),
-            helper.make_node("Identity", [sub.scales], [tap["scales"]], name=tap["scales"] + "/out"),
-        ])
+        if op == "custom":
+            graph.node.append(custom_quantize_node(tap["output"], tap["fmt"], tap["block_size"],
+                                                   tap["codes"], tap["scales"]))
+        else:
+            sub = quantize_subgraph(tap["output"], tap["fmt"], tap["block_size"], tap["hidden"], prefix=tap["codes"])
+            graph.node.extend(sub.nodes)
+            graph.initializer.extend(sub.initializers)
+            graph.node.extend([
+                helper.make_node("Identity", [sub.codes], [tap["codes"]], name=tap["codes"] + "/out"),
+                helper.make_node("Identity", [sub.scales], [tap["scales"]], name=tap["scales"] + "/out"),
+            ])
         lead = _leading_dims(out)
         fmt = codec.check_format(tap["fmt"])
         codes_type = TensorProto.FLOAT16 if fmt == "fp16" else TensorProto.UINT8
@@ -191,7 +208,24 @@ def append_quantizers(model: onnx.ModelProto, taps: list[dict]) -> onnx.ModelPro
             helper.make_tensor_value_info(tap["codes"], codes_type, lead + [width]),
             helper.make_tensor_value_info(tap["scales"], TensorProto.FLOAT16, lead + [nb]),
         ])
+    if op == "custom" and taps and not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
     return model
+
+
+def custom_op_type(fmt: str) -> str:
+    """Op type of the fused node for `fmt`: the fp16 format, whose codes are float16, has its own
+    (ONNX Runtime infers a custom op's output types from its input types alone)."""
+    return "BlockQuantizeFp16" if codec.check_format(fmt) == "fp16" else "BlockQuantize"
+
+
+def custom_quantize_node(x: str, fmt: str, block_size: int, codes: str, scales: str) -> onnx.NodeProto:
+    """One com.mobillm node: x [..., H] (float/float16) -> codes, scales, as `quantize_subgraph`."""
+    fmt = codec.check_format(fmt)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return helper.make_node(custom_op_type(fmt), [x], [codes, scales], name=codes + "/quantize",
+                            domain=CUSTOM_DOMAIN, format=fmt, block_size=int(block_size))
 
 
 def _leading_dims(value_info) -> list:
@@ -200,14 +234,17 @@ def _leading_dims(value_info) -> list:
 
 
 def standalone_model(fmt: str, block_size: int, hidden: int, rank: int = 3,
-                     input_dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    """A model holding only the quantize subgraph: input `x` [..., hidden] -> `codes`, `scales`."""
+                     input_dtype: int = TensorProto.FLOAT, op: str = "onnx") -> onnx.ModelProto:
+    """A model holding only the quantize subgraph: input `x` [..., hidden] -> `codes`, `scales`.
+
+    `op` as in `append_quantizers`.
+    """
     lead = [f"d{i}" for i in range(rank - 1)]
     x = helper.make_tensor_value_info("x", input_dtype, lead + [hidden])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["tap"])], "quantize", [x],
                               [helper.make_tensor_value_info("tap", input_dtype, lead + [hidden])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     append_quantizers(model, [{"output": "tap", "fmt": fmt, "block_size": block_size, "hidden": hidden,
-                               "codes": "codes", "scales": "scales"}])
+                               "codes": "codes", "scales": "scales"}], op=op)
     onnx.checker.check_model(model)
     return model

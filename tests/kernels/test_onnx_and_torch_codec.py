@@ -81,3 +81,22 @@ def test_torch_codec_on_cuda_when_present():
         enc = codec.encode(x, fmt, 64)
         codes, scales = torch_codec.encode(torch.from_numpy(x).cuda(), fmt, 64)
         assert same_bytes(codes.cpu().numpy(), enc.codes) and same_bytes(scales.cpu().numpy(), enc.scales)
+
+
+def test_onnx_nan_block_keeps_other_rows_and_nibbles_intact():
+    # A NaN inside a tap must not break the session (fp8 indexes tables) or leak into the
+    # neighbouring nibble of a 4-bit byte: only its own block's scale says "non-finite".
+    x = np.random.default_rng(7).standard_normal((1, 3, 130)).astype(np.float32)
+    x[0, 1, 3] = np.nan
+    for fmt in ("int8", "fp8", "int4", "nf4"):
+        codes, scales = ort_encode(x, fmt, 64)
+        assert np.isnan(scales[0, 1, 0]) and not np.isnan(scales[0, 1, 1:]).any()
+        for row in (0, 2):
+            enc = codec.encode(x[:, row], fmt, 64)
+            assert same_bytes(codes[:, row], enc.codes) and same_bytes(scales[:, row], enc.scales)
+        clean = x.copy()
+        clean[0, 1, 3] = 0
+        ref = codec.encode(clean[:, 1], fmt, 64).codes.view(np.uint8)
+        got = codes[:, 1].view(np.uint8)
+        if codec.BITS[fmt] == 4:
+            assert got[0, 1] & 0x0F == ref[0, 1] & 0x0F  # element 2 shares a byte with element 3

@@ -1,0 +1,242 @@
+"""The native kernels from Python: find or build the libraries, register the ONNX Runtime
+custom ops, and call the fused CPU kernel directly (ctypes).
+
+Libraries (built by the root CMakeLists.txt, see docs/native.md):
+  codec         libmobillm_codec.so         fused CPU kernel, C API (kernels/cpp/block_quant.h)
+  ort_ops       libmobillm_ort_ops.so       ONNX Runtime custom ops com.mobillm::BlockQuantize(Fp16)
+  ort_ops_cuda  libmobillm_ort_ops_cuda.so  the same ops for the CPU and CUDA execution providers
+  cuda_codec    libmobillm_cuda_codec.so    CUDA kernel, C API (kernels/cuda/block_quant_cuda.h)
+  trt_plugin    libmobillm_trt_plugin.so    TensorRT IPluginV3 plugins BlockQuantize(Fp16)
+
+Searched in order: $MOBILLM_NATIVE_DIR, the installed package (`pip install .` builds them
+into mobillm/kernels/lib when cmake and the ONNX Runtime headers are there), then the build
+folders of a source checkout (build/native/lib, build/lib).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import codec
+
+LIBRARIES = {
+    "codec": "libmobillm_codec.so",
+    "ort_ops": "libmobillm_ort_ops.so",
+    "ort_ops_cuda": "libmobillm_ort_ops_cuda.so",
+    "cuda_codec": "libmobillm_cuda_codec.so",
+    "trt_plugin": "libmobillm_trt_plugin.so",
+}
+PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "lib"
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the repository, in a checkout or editable install
+DEFAULT_BUILD_DIR = SOURCE_ROOT / "build" / "native"
+_FORMAT_IDS = {fmt: i for i, fmt in enumerate(codec.FORMATS)}  # mobillm_format in block_quant.h
+
+
+class NativeUnavailable(RuntimeError):
+    """A native library is neither built nor buildable here (no cmake, compiler or headers)."""
+
+
+class NativeBuildError(RuntimeError):
+    """CMake or the compiler failed on the native sources: a bug to fix, not a missing tool."""
+
+
+@dataclass(frozen=True)
+class LibraryInfo:
+    """Where a library is and what it is, for manifests and logs."""
+
+    name: str
+    path: Path
+    sha256: str
+    size: int
+
+
+def search_dirs() -> list[Path]:
+    """Folders searched for the libraries, first match wins."""
+    dirs = [Path(os.environ["MOBILLM_NATIVE_DIR"])] if os.environ.get("MOBILLM_NATIVE_DIR") else []
+    return dirs + [PACKAGE_LIB_DIR, DEFAULT_BUILD_DIR / "lib", SOURCE_ROOT / "build" / "lib"]
+
+
+def find_library(name: str = "ort_ops") -> Path | None:
+    """Path of a built library (`name` is a key of LIBRARIES), or None."""
+    filename = LIBRARIES[name]
+    for folder in search_dirs():
+        if (folder / filename).is_file():
+            return folder / filename
+    return None
+
+
+def can_build() -> bool:
+    """True in a source checkout with cmake and a C++ compiler on PATH."""
+    return ((SOURCE_ROOT / "CMakeLists.txt").is_file() and shutil.which("cmake") is not None
+            and any(shutil.which(c) for c in ("c++", "g++", "clang++")))
+
+
+def build(build_dir: Path | str = DEFAULT_BUILD_DIR, cuda: bool = False, tensorrt: bool = False,
+          jobs: int = 2, timeout: float = 600) -> Path:
+    """Configure and build the libraries with CMake (incremental); return the lib folder.
+
+    CUDA and TensorRT parts are off unless asked for, so the default build takes seconds
+    of compiler time and needs no GPU toolkit. Raises NativeUnavailable without cmake or a
+    compiler, NativeBuildError with the build's output when a step fails.
+    """
+    if not can_build():
+        raise NativeUnavailable("building the native kernels needs a source checkout with CMakeLists.txt, "
+                                "cmake and a C++ compiler on PATH")
+    build_dir = Path(build_dir)
+    on_off = {True: "ON", False: "OFF"}
+    steps = [
+        ["cmake", "-S", str(SOURCE_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+         f"-DMOBILLM_CUDA={on_off[cuda]}", f"-DMOBILLM_TENSORRT={on_off[tensorrt]}"],
+        ["cmake", "--build", str(build_dir), "-j", str(jobs)],
+    ]
+    for step in steps:
+        try:
+            proc = subprocess.run(step, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise NativeBuildError(f"{' '.join(step)} took over {timeout:.0f} s") from e
+        if proc.returncode != 0:
+            raise NativeBuildError(f"{' '.join(step)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return build_dir / "lib"
+
+
+_ENSURED: dict[tuple[str, Path], Path] = {}
+
+
+def ensure_library(name: str = "ort_ops", build_dir: Path | str = DEFAULT_BUILD_DIR) -> Path:
+    """The library `name`: brought up to date first (incremental CMake build, once per process)
+    in a source checkout, else as found.
+
+    Raises NativeUnavailable when it is neither buildable nor built, e.g. the custom-op
+    library without ONNX Runtime's headers (see kernels/cpp/fetch_ort_headers.sh).
+    """
+    key = (name, Path(build_dir))
+    if key in _ENSURED:
+        return _ENSURED[key]
+    if can_build():
+        cuda = name in ("ort_ops_cuda", "cuda_codec", "trt_plugin")
+        lib = build(build_dir, cuda=cuda, tensorrt=name == "trt_plugin") / LIBRARIES[name]
+        if lib.is_file():
+            _ENSURED[key] = lib
+            return lib
+    found = find_library(name)
+    if found is None:
+        hint = (" (ONNX Runtime's C API headers were not found: run `sh kernels/cpp/fetch_ort_headers.sh` "
+                "or pass -DORT_INCLUDE_DIR)") if name.startswith("ort_ops") else ""
+        raise NativeUnavailable(f"{LIBRARIES[name]} is not built{hint}; see docs/native.md")
+    return found
+
+
+def sha256(path: Path | str) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_info(name: str = "ort_ops", path: Path | str | None = None) -> LibraryInfo:
+    """Path, sha256 and size of a library (found or built)."""
+    path = Path(path) if path is not None else ensure_library(name)
+    return LibraryInfo(name, path, sha256(path), path.stat().st_size)
+
+
+def register(session_options, path: Path | str | None = None) -> Path:
+    """Register the com.mobillm custom ops with an `onnxruntime.SessionOptions`; return the library used.
+
+    Without `path`: the first libmobillm_ort_ops.so found (see `search_dirs`), else one built now.
+    """
+    if path is None:
+        path = find_library("ort_ops") or ensure_library("ort_ops")
+    session_options.register_custom_ops_library(str(path))
+    return Path(path)
+
+
+# --- the fused CPU kernel through ctypes --------------------------------------------------
+
+_CODEC: ctypes.CDLL | None = None
+
+
+def load_codec(path: Path | str | None = None) -> ctypes.CDLL:
+    """The C API of libmobillm_codec.so (`path`, else the first found, else built now), with
+    argument types declared; loaded once per process unless a path is given."""
+    global _CODEC
+    if _CODEC is None or path is not None:
+        lib = ctypes.CDLL(str(path or find_library("codec") or ensure_library("codec")))
+        i64, vp, i = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.mobillm_block_quantize.argtypes = [vp, i, i64, i64, i, i64, vp, vp]
+        lib.mobillm_block_dequantize.argtypes = [vp, vp, i64, i64, i, i64, vp]
+        lib.mobillm_codec_isa.restype = ctypes.c_char_p
+        lib.mobillm_codec_set_isa.argtypes = [ctypes.c_char_p]
+        _CODEC = lib
+    return _CODEC
+
+
+def codec_isa() -> str:
+    """Instruction set the CPU kernel runs with ("avx2+f16c", "sse4.2" or "generic")."""
+    return load_codec().mobillm_codec_isa().decode()
+
+
+def set_codec_isa(name: str) -> None:
+    """Force an instruction set of the CPU kernel for this process (tests compare them)."""
+    if load_codec().mobillm_codec_set_isa(name.encode()) != 0:
+        raise ValueError(f"instruction set {name!r} is not built or not supported by this processor")
+
+
+def _pointer(a: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(a.ctypes.data)
+
+
+def quantize(x: np.ndarray, fmt: str, block_size: int = codec.DEFAULT_BLOCK_SIZE,
+             out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scales) of x [..., H] by the fused kernel, byte for byte codec.encode's.
+
+    Unlike codec.encode, a non-finite block does not raise: its scale is NaN. `out` may pass
+    preallocated (codes, scales) arrays of the right shapes and dtypes.
+    """
+    fmt = codec.check_format(fmt)
+    x = np.ascontiguousarray(x)
+    if x.dtype not in (np.float32, np.float16):
+        raise TypeError(f"expected float32 or float16, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] < 1 or block_size < 1:
+        raise ValueError(f"expected shape [..., H] with H >= 1 and block_size >= 1, got {x.shape}, {block_size}")
+    hidden, lead = x.shape[-1], x.shape[:-1]
+    if out is None:
+        if fmt == "fp16":
+            codes = np.empty(lead + (hidden,), np.float16)
+            scales = np.empty(lead + (0,), np.float16)
+        else:
+            codes = np.empty(lead + (codec.code_bytes(fmt, hidden),), np.uint8)
+            scales = np.empty(lead + (codec.n_blocks(hidden, block_size),), np.float16)
+    else:
+        codes, scales = out
+    rows = int(np.prod(lead, dtype=np.int64))
+    status = load_codec().mobillm_block_quantize(_pointer(x), int(x.dtype == np.float16), rows, hidden,
+                                                 _FORMAT_IDS[fmt], block_size, _pointer(codes), _pointer(scales))
+    if status != 0:
+        raise RuntimeError(f"mobillm_block_quantize failed with status {status}")
+    return codes, scales
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, fmt: str, hidden: int,
+               block_size: int = codec.DEFAULT_BLOCK_SIZE) -> np.ndarray:
+    """fp32 [..., hidden] by the native kernel, byte for byte codec.decode_arrays'."""
+    fmt = codec.check_format(fmt)
+    codes = np.ascontiguousarray(codes)
+    scales = np.ascontiguousarray(scales, dtype=np.float16)
+    lead = codes.shape[:-1]
+    out = np.empty(lead + (hidden,), np.float32)
+    rows = int(np.prod(lead, dtype=np.int64))
+    status = load_codec().mobillm_block_dequantize(_pointer(codes), _pointer(scales), rows, hidden,
+                                                   _FORMAT_IDS[fmt], block_size, _pointer(out))
+    if status != 0:
+        raise RuntimeError(f"mobillm_block_dequantize failed with status {status}")
+    return out
