@@ -5,8 +5,10 @@ Two sides, never waiting on each other:
 - an asyncio sender streams them while it holds server credits, and a receiver handles
   credits, acknowledgements, bit plans and, at the end, the trained side network.
 The device never waits for a gradient: only a full prefetch queue (no credits for a while)
-pauses the producer. Dropped connections are retried with back-off; acknowledged samples are
-never sent again, unacknowledged ones are re-sent from memory.
+pauses the producer. Dropped connections (mid-frame or mid-handshake), a restarting server and
+ERROR `shutting_down` are retried with jittered exponential back-off; acknowledged samples are
+never sent again, unacknowledged ones are re-sent from memory, and if the server resumed from a
+checkpoint older than its acknowledgements the producer computes those batches again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
+import ssl
 import threading
 import time
 from collections import deque
@@ -39,6 +43,18 @@ class ServerError(RuntimeError):
     """The server refused the session or reported an error; the message is the server's."""
 
 
+RETRY_CODES = {"shutting_down"}  # ERROR codes meaning "come back later": retried like a dropped link
+
+
+class _Reconnect(Exception):
+    """The server asked this device to reconnect later (an ERROR code in RETRY_CODES)."""
+
+
+# A lost link raises OSError (refused, reset), ConnectionClosed, a timeout, or InvalidMessage when it
+# drops during the opening handshake; all of them are worth another attempt.
+_RETRYABLE = (OSError, websockets.ConnectionClosed, asyncio.TimeoutError, websockets.InvalidMessage, _Reconnect)
+
+
 @dataclass
 class TrainOptions:
     server: str = "ws://127.0.0.1:8765"
@@ -54,7 +70,9 @@ class TrainOptions:
     run: str | None = None
     token: str | None = None
     ca: str | None = None  # CA bundle to verify a wss:// server
-    max_retries: int = 8
+    max_retries: int = 8  # consecutive reconnects without progress (no new acknowledgement) before giving up
+    retry_base_s: float = 0.25  # back-off: base * 2^(attempt-1), capped, times a random 0.5..1 (jitter)
+    retry_max_s: float = 8.0
     connect_timeout_s: float = 10.0
     side_out: str | None = None  # where the returned side network is saved
     progress: bool = True
@@ -69,6 +87,7 @@ class TrainStats:
     send_s: float = 0.0
     producer_wait_s: float = 0.0  # producer blocked because the prefetch queue was full
     reconnects: int = 0
+    reconnect_reasons: list = field(default_factory=list)  # why each reconnect happened
     truncated_rows: int = 0
     wall_s: float = 0.0
     stream_s: float = 0.0  # start until DONE was sent: the device's part of the run
@@ -151,7 +170,11 @@ class EdgeTrainer:
         self.model_bytes: bytes | None = None
         self.model_meta: dict = {}
         self._unacked: deque[_Sent] = deque()
+        self._next_sample = 0  # position of the first sample of the next batch the sender takes from the queue
+        self._acked = 0  # the furthest samples_done the server has reported
+        self._progressed = False  # this connection got a new acknowledgement (resets the retry count)
         self._stop = threading.Event()
+        self._rng = random.Random()
 
     def _tokenize(self) -> tuple[list[np.ndarray], int]:
         rows, cut = [], 0
@@ -171,16 +194,18 @@ class EdgeTrainer:
             "task": self.task.name, "task_type": self.task.kind, "num_labels": self.task.num_labels,
             "mode": self.opts.mode, "bits": self.opts.bits,
             "taps": [{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size} for t in m.taps],
+            "num_layers": m.num_layers,  # optional in the protocol; federated servers align taps by depth
             "device_id": self.opts.device_id, "run": self.opts.run, "epochs": self.opts.epochs,
             "samples_per_epoch": len(self.examples), "token": self.opts.token,
         }
 
     # -- producer thread ---------------------------------------------------------------
-    def _produce(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, start_batch: int, start_sample: int):
+    def _produce(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, start_batch: int, start_sample: int,
+                 stop: threading.Event):
         try:
             end = start_sample
             for b in range(start_batch, len(self.batches)):
-                if self._stop.is_set():
+                if self._stop.is_set() or stop.is_set():
                     return
                 idx = self.batches[b]
                 t0 = time.perf_counter()
@@ -192,15 +217,15 @@ class EdgeTrainer:
                 self.stats.forward_s += time.perf_counter() - t0
                 end += len(idx)
                 t1 = time.perf_counter()
-                if not self._put(loop, out, _Sent(b, end, frame, len(idx))):
+                if not self._put(loop, out, _Sent(b, end, frame, len(idx)), stop):
                     return
                 self.stats.producer_wait_s += time.perf_counter() - t1
         except Exception as exc:  # surfaced to the event loop, which re-raises it
-            self._put(loop, out, exc)
+            self._put(loop, out, exc, stop)
             return
-        self._put(loop, out, None)
+        self._put(loop, out, None, stop)
 
-    def _put(self, loop, out: asyncio.Queue, item) -> bool:
+    def _put(self, loop, out: asyncio.Queue, item, stop: threading.Event) -> bool:
         """Hand `item` to the event loop, waiting while the prefetch queue is full; False once stopped."""
         try:
             fut = asyncio.run_coroutine_threadsafe(out.put(item), loop)
@@ -211,7 +236,7 @@ class EdgeTrainer:
                 fut.result(timeout=0.2)
                 return True
             except TimeoutError:
-                if self._stop.is_set():
+                if self._stop.is_set() or stop.is_set():
                     fut.cancel()
                     return False
 
@@ -230,32 +255,46 @@ class EdgeTrainer:
         return self.stats
 
     async def _run(self):
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.opts.prefetch)
-        state = {"producer": None, "finished_producing": False}
+        # producer: its thread; queue: what it computed, in order; stop: ends this producer only.
+        state = {"producer": None, "queue": None, "stop": None, "finished_producing": False}
         try:
-            await self._run_sessions(queue, state)
+            await self._run_sessions(state)
         finally:
             self._stop.set()
             if state["producer"] is not None:
                 await asyncio.to_thread(state["producer"].join, 5)
 
-    async def _run_sessions(self, queue: asyncio.Queue, state: dict):
+    async def _run_sessions(self, state: dict):
+        """Connect until the side network arrives. `max_retries` counts consecutive attempts that
+        made no progress; an attempt that got a new acknowledgement starts the count again."""
         attempt = 0
         while True:
+            self._progressed = False
             try:
-                done = await self._session(queue, state)
-                if done:
+                if await self._session(state):
                     return
-                attempt = 0
-            except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as exc:
-                attempt += 1
-                if attempt > self.opts.max_retries:
-                    raise ServerError(f"cannot reach the server at {self.opts.server} after "
-                                      f"{self.opts.max_retries} retries ({exc.__class__.__name__}: {exc})") from None
-                delay = min(0.25 * 2 ** (attempt - 1), 8.0)
-                log.warning("connection lost (%s); reconnecting in %.1fs", exc.__class__.__name__, delay)
-                self.stats.reconnects += 1
-                await asyncio.sleep(delay)
+                reason = "closed before DONE"
+            except ssl.SSLCertVerificationError as exc:  # an OSError, but never worth retrying
+                raise ServerError(f"the server's TLS certificate could not be verified ({exc.verify_message}); "
+                                  f"pass --ca with the certificate of the CA that signed it") from None
+            except websockets.InvalidStatus as exc:
+                if exc.response.status_code < 500:
+                    raise ServerError(f"the server refused the WebSocket handshake: {exc}") from None
+                reason = detail = f"HTTP {exc.response.status_code}"  # e.g. 503 from a server that is stopping
+            except _RETRYABLE as exc:
+                reason = str(exc) if isinstance(exc, _Reconnect) else exc.__class__.__name__
+                detail = f"{exc.__class__.__name__}: {exc}"
+            else:
+                detail = reason
+            attempt = 1 if self._progressed else attempt + 1
+            if attempt > self.opts.max_retries:
+                raise ServerError(f"cannot reach the server at {self.opts.server} after "
+                                  f"{self.opts.max_retries} retries ({detail})")
+            delay = min(self.opts.retry_base_s * 2 ** (attempt - 1), self.opts.retry_max_s) * self._rng.uniform(0.5, 1)
+            log.warning("connection lost (%s); reconnecting in %.2fs", reason, delay)
+            self.stats.reconnects += 1
+            self.stats.reconnect_reasons.append(reason)
+            await asyncio.sleep(delay)
 
     def _ssl(self):
         if not self.opts.server.startswith("wss://"):
@@ -265,38 +304,64 @@ class EdgeTrainer:
         ctx = ssl.create_default_context(cafile=self.opts.ca)  # always verifies; --ca adds a trust root
         return ctx
 
-    async def _session(self, queue: asyncio.Queue, state: dict) -> bool:
+    async def _session(self, state: dict) -> bool:
         """One connection. Returns True when the run is complete (model received)."""
         async with websockets.connect(self.opts.server, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
                                       open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
             await ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
             welcome = wire.decode_frame(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
             if welcome.type == wire.MsgType.ERROR:
+                if welcome.meta.get("code") in RETRY_CODES:
+                    raise _Reconnect(welcome.meta["code"])
                 raise ServerError(f"server refused the session: {welcome.meta.get('message', welcome.meta)}")
             if welcome.type != wire.MsgType.WELCOME:
                 raise ServerError(f"expected WELCOME, got {welcome.type.name}")
             credits = asyncio.Semaphore(int(welcome.meta.get("credits", 1)))
             done_before = int(welcome.meta.get("resume", {}).get("samples_done", 0))
+            if done_before > self._acked:
+                self._acked, self._progressed = done_before, True
             self._acknowledge(samples_done=done_before)
-            if state["producer"] is None:
-                start_batch, start_sample = self._resume_point(done_before)
-                loop = asyncio.get_running_loop()
-                state["producer"] = threading.Thread(target=self._produce, args=(loop, queue, start_batch, start_sample),
-                                                     daemon=True, name="edge-producer")
-                state["producer"].start()
+            stopped_early = state["stop"] is not None and state["stop"].is_set() and not state["finished_producing"]
+            if (state["producer"] is None or done_before < self._retained_from()
+                    or (stopped_early and not welcome.meta.get("stop_streaming"))):
+                await self._start_producer(state, done_before)
             finished = asyncio.Event()
             stop_streaming = asyncio.Event()
             if welcome.meta.get("stop_streaming"):
                 stop_streaming.set()
             receiver = asyncio.create_task(self._receive(ws, credits, finished, stop_streaming))
             try:
-                await self._send_all(ws, queue, credits, state, stop_streaming, receiver)
+                await self._send_all(ws, credits, state, stop_streaming, receiver)
                 await receiver
             finally:
                 receiver.cancel()
             if finished.is_set():
-                await ws.send(wire.encode_frame(wire.MsgType.BYE))
+                try:  # the side network is here; a link lost now changes nothing
+                    await ws.send(wire.encode_frame(wire.MsgType.BYE))
+                except websockets.ConnectionClosed:
+                    pass
             return finished.is_set()
+
+    def _retained_from(self) -> int:
+        """The first sample this device can still send without computing it again."""
+        return self._unacked[0].end_sample - self._unacked[0].n if self._unacked else self._next_sample
+
+    async def _start_producer(self, state: dict, samples_done: int) -> None:
+        """(Re)start the producer at the server's resume point. A restart happens when the server resumed
+        from a checkpoint older than batches it had acknowledged (it crashed): they are computed again."""
+        if state["producer"] is not None:
+            log.warning("the server resumed at sample %d, before batches it had acknowledged; computing them again",
+                        samples_done)
+            state["stop"].set()
+            await asyncio.to_thread(state["producer"].join)
+        start_batch, start_sample = self._resume_point(samples_done)
+        self._unacked.clear()
+        self._next_sample = start_sample
+        state.update(queue=asyncio.Queue(maxsize=self.opts.prefetch), stop=threading.Event(), finished_producing=False)
+        state["producer"] = threading.Thread(
+            target=self._produce, args=(asyncio.get_running_loop(), state["queue"], start_batch, start_sample,
+                                        state["stop"]), daemon=True, name="edge-producer")
+        state["producer"].start()
 
     def _resume_point(self, samples_done: int) -> tuple[int, int]:
         pos = 0
@@ -328,22 +393,23 @@ class EdgeTrainer:
         if self.planner:
             self.planner.meter.record(len(item.frame), dt)
 
-    async def _send_all(self, ws, queue, credits, state, stop_streaming, receiver):
+    async def _send_all(self, ws, credits, state, stop_streaming, receiver):
         for item in list(self._unacked):  # re-send what the server never acknowledged
             await self._send(ws, item, credits, receiver)
         while not state["finished_producing"] and not stop_streaming.is_set():
-            item = await _unless_closed(queue.get(), receiver)
+            item = await _unless_closed(state["queue"].get(), receiver)
             if isinstance(item, BaseException):
                 raise item
             if item is None:
                 state["finished_producing"] = True
                 break
             self._unacked.append(item)
+            self._next_sample = item.end_sample
             await self._send(ws, item, credits, receiver)
             self.stats.batches_sent += 1
             self.stats.samples_sent += item.n
         if stop_streaming.is_set():
-            self._stop.set()  # the server trains on from its cache: no more forward passes
+            state["stop"].set()  # the server trains on from its cache: no more forward passes
         if not self.stats.stream_s:
             self.stats.stream_s = time.perf_counter() - self._t0
         await ws.send(wire.encode_frame(wire.MsgType.DONE, {"samples": self.total_samples}))
@@ -352,6 +418,7 @@ class EdgeTrainer:
         async for data in ws:
             frame = wire.decode_frame(data)
             if frame.type == wire.MsgType.CREDIT:
+                self._progressed = True
                 for _ in range(int(frame.meta.get("credits", 0))):
                     credits.release()
                 self._acknowledge(frame.meta.get("acked_seq"), frame.meta.get("samples_done"))
@@ -365,6 +432,8 @@ class EdgeTrainer:
                 self.model_meta = frame.meta
                 self.stats.server_metrics = frame.meta.get("metrics", {})
             elif frame.type == wire.MsgType.ERROR:
+                if frame.meta.get("code") in RETRY_CODES:
+                    raise _Reconnect(frame.meta["code"])
                 raise ServerError(f"server error: {frame.meta.get('message', frame.meta)}")
             elif frame.type == wire.MsgType.DONE:
                 if self.model_bytes is None:

@@ -60,6 +60,14 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     exporter: dict[str, str] = field(default_factory=dict)
     format_version: int = MANIFEST_VERSION
+    # Where the weights came from, so `export-backbone verify DIR` can rebuild the torch reference:
+    # "hub" (model_id is a Hugging Face id), "checkpoint" (model_id is a local folder) or
+    # "random-init" (weights drawn with torch.manual_seed(seed) from `config`).
+    source: str = "hub"
+    seed: int | None = None
+    overrides: dict = field(default_factory=dict)  # --set key=value applied to the config
+    external_data: str | None = None  # "backbone.onnx.data" when the weights live outside the graph file
+    weight_quant: dict = field(default_factory=dict)  # ORT weight-only quantization settings, if any
 
     def __post_init__(self):
         self.taps = [t if isinstance(t, TapSpec) else TapSpec(**t) for t in self.taps]

@@ -1,0 +1,34 @@
+"""The torch module that is traced to ONNX: a decoder that returns only the tapped hidden states."""
+
+from __future__ import annotations
+
+import torch
+
+from .families import Family
+
+
+class TappedDecoder(torch.nn.Module):
+    """(input_ids, attention_mask) -> tuple of HF `hidden_states[layer]` for each tapped layer.
+
+    The 4D mask and position ids are built here from plain tensor ops, so the trace has no
+    Python branches on shapes and every batch size and sequence length gives the same graph.
+    """
+
+    def __init__(self, base: torch.nn.Module, family: Family, layers: list[int], dtype: torch.dtype):
+        super().__init__()
+        self.base = base
+        self.family = family
+        self.layers = list(layers)
+        self.dtype = dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        position_ids = self.family.position_ids(attention_mask)
+        idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+        causal = idx[None, :] <= idx[:, None]
+        # Each position may also see itself, so a padded query never has an all-masked row
+        # (that would give NaN under fp16, and NaN leaks into real rows through 0 * NaN).
+        allowed = causal[None, None] & (attention_mask[:, None, None, :].bool() | (idx[None, :] == idx[:, None]))
+        mask = torch.where(allowed, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+        out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                        output_hidden_states=True, use_cache=False)
+        return tuple(out.hidden_states[layer] for layer in self.layers)

@@ -1,0 +1,161 @@
+"""Check an engine against the torch model it was exported from.
+
+The graph runs in ONNX Runtime on a few real sentences (tokenized with the engine's own
+tokenizer.json, as the device does); each tap is decoded with the reference codec and compared
+with HF `hidden_states[layer]` of the fp32 torch model, on real (unpadded) tokens only.
+
+Pass rule per tap, in relative RMS error ||decoded - ref|| / ||ref||:
+    engine_err <= MARGIN * codec_err + backbone_tolerance
+where codec_err is what the codec alone costs on the torch reference (`codec.relative_rms_error`)
+and backbone_tolerance is what ORT may add before the codec (fp32 kernels, fp16 compute, ORT
+weight-only quantization). A wrong layer, wrong mask or broken codec gives errors near 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mobillm.kernels import codec
+
+from .manifest import Manifest
+
+SENTENCES = [
+    "A photo of a cat sitting on a warm windowsill.",
+    "Hello world",
+    "The committee approved the budget after a long debate about schools and roads.",
+    "It was the best of times, it was the worst of times, it was the age of wisdom.",
+    "Quantized activations travel from the phone to the server.",
+]
+MARGIN = 1.25
+
+
+def backbone_tolerance(compute_dtype: str, weights: str) -> float:
+    """Relative RMS error ORT may add to a tap before quantization, for this engine's precision."""
+    if weights == "int4":
+        return 0.35
+    if weights == "int8":
+        return 0.25
+    if compute_dtype == "fp16":
+        return 2e-2
+    if weights == "fp16":
+        return 5e-3
+    return 1e-3
+
+
+class VerificationFailed(RuntimeError):
+    """An engine's taps are further from the torch model than the error bound allows."""
+
+    def __init__(self, report: "VerifyReport"):
+        super().__init__("engine verification failed:\n" + report.table())
+        self.report = report
+
+
+@dataclass
+class TapCheck:
+    tap: int
+    layer: int
+    width: int
+    fmt: str
+    codec_err: float  # relative RMS error of the codec alone on the torch reference
+    engine_err: float  # relative RMS error of the decoded engine output vs the torch reference
+    limit: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.engine_err) and self.engine_err <= self.limit
+
+
+@dataclass
+class VerifyReport:
+    checks: list[TapCheck]
+    sentences: int
+    tokens: int
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def table(self) -> str:
+        lines = [f"verify: {self.sentences} sentences, {self.tokens} real tokens; pass if engine_err <= "
+                 f"{MARGIN} x codec_err + {self.tolerance:g}",
+                 "tap  layer  width  format  codec_err  engine_err     limit  result"]
+        for c in self.checks:
+            lines.append(f"{c.tap:>3}  {c.layer:>5}  {c.width:>5}  {c.fmt:>6}  {c.codec_err:>9.2e}  "
+                         f"{c.engine_err:>10.2e}  {c.limit:>8.2e}  {'ok' if c.ok else 'FAIL'}"
+                         + (f"  {c.note}" if c.note else ""))
+        lines.append("verify: " + ("all taps within bounds" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def tokenize(folder: Path, manifest: Manifest, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (input_ids, attention_mask) int64 from the engine's tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(folder) / manifest.tokenizer_dir / "tokenizer.json"))
+    rows = [enc.ids[: manifest.max_length] for enc in tok.encode_batch(sentences)]
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), manifest.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """Each tap decoded with the reference codec, fp32 [B, T, width], from one ORT forward."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(Path(folder) / manifest.graph), providers=["CPUExecutionProvider"])
+    names = [n for t in manifest.taps for n in (t.codes_output, t.scales_output)]
+    arrays = session.run(names, {"input_ids": ids, "attention_mask": mask})
+    del session
+    return [codec.decode_arrays(arrays[2 * i], arrays[2 * i + 1], t.fmt, t.hidden, t.block_size)
+            for i, t in enumerate(manifest.taps)]
+
+
+def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """HF hidden_states[layer] of the fp32 torch model the manifest names, rebuilt from scratch."""
+    import torch
+
+    from .exporter import Source, build_model, config_from_dict
+
+    config = config_from_dict(manifest.config)
+    model = build_model(Source(manifest.source, manifest.model_id), config, manifest.seed, "fp32")
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    output_hidden_states=True, use_cache=False)
+    return [out.hidden_states[t.layer].float().numpy() for t in manifest.taps]
+
+
+def relative_rms(err: np.ndarray, ref: np.ndarray) -> float:
+    err64, ref64 = err.astype(np.float64), ref.astype(np.float64)
+    return float(np.sqrt(np.mean(err64**2) / max(np.mean(ref64**2), 1e-30)))
+
+
+def verify_engine(folder: Path | str, sentences: list[str] | None = None) -> VerifyReport:
+    """Compare every tap of the engine at `folder` with the torch model; see the module docstring."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    ids, mask = tokenize(folder, manifest, sentences or SENTENCES)
+    engine = run_engine(folder, manifest, ids, mask)  # before torch: the two models never share memory
+    reference = reference_taps(manifest, ids, mask)
+    real = mask.astype(bool)
+    tol = backbone_tolerance(manifest.compute_dtype, manifest.weights)
+    checks = []
+    for i, (tap, got, ref) in enumerate(zip(manifest.taps, engine, reference)):
+        if got.shape != ref.shape:
+            checks.append(TapCheck(i, tap.layer, tap.hidden, tap.fmt, math.nan, math.inf, 0.0,
+                                   f"shape {got.shape} != torch {ref.shape}"))
+            continue
+        ref_rows, got_rows = ref[real], got[real]
+        codec_err = codec.relative_rms_error(ref_rows, tap.fmt, tap.block_size)
+        engine_err = relative_rms(got_rows - ref_rows, ref_rows)
+        checks.append(TapCheck(i, tap.layer, tap.hidden, tap.fmt, codec_err, engine_err, MARGIN * codec_err + tol))
+    return VerifyReport(checks, len(ids), int(real.sum()), tol)

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny exported engines (random OPT, real tokenizer when ../shared has it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+# The shared data folder is a sibling of the repository root; tests skip or fall back without it.
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED_TOKENIZER = SHARED_DATA / "tokenizer" / "opt"
+
+# A 4-layer OPT small enough to export and verify in a few seconds; the real vocabulary size
+# keeps the real OPT tokenizer usable.
+TINY_OPT = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "ffn_dim": 128,
+    "num_attention_heads": 4,
+    "word_embed_proj_dim": 64,
+    "max_position_embeddings": 256,
+    "vocab_size": 50272,
+}
+
+
+def build_fallback_tokenizer(folder: Path) -> Path:
+    """A small byte-level BPE tokenizer in OPT's style (BOS '</s>' = 2, pad '<pad>' = 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["A photo of a cat sitting on a warm windowsill.", "Hello world", "The quick brown fox jumps."]
+    tok.train_from_iterator(text * 10, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "</s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fallback_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny OPT-style tokenizer built with `tokenizers`, for machines without ../shared."""
+    return build_fallback_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(request) -> Path:
+    """The real OPT tokenizer from ../shared when present, else the tiny stand-in."""
+    if (SHARED_TOKENIZER / "vocab.json").is_file():
+        return SHARED_TOKENIZER.resolve()
+    return request.getfixturevalue("fallback_tokenizer_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(tmp_path_factory, tokenizer_dir):
+    """make(quant="nf4", overrides=None, **export_engine_kwargs) -> engine Path (cached per arguments).
+
+    `overrides` are merged over TINY_OPT; other keywords go to `export_engine` (blocks, taps,
+    block_size, dtype, weights, seed, verify, model).
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from mobillm.export.exporter import export_engine
+
+    cache: dict[str, Path] = {}
+
+    def make(quant="nf4", overrides: dict | None = None, **kwargs) -> Path:
+        key = json.dumps([quant, overrides, kwargs], sort_keys=True, default=str)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("engine") / "engine"
+            model = kwargs.pop("model", "opt-125m")
+            export_engine(model, out, random_init=True, overrides={**TINY_OPT, **(overrides or {})},
+                          tokenizer=tokenizer_dir, quant=quant, progress=False, **kwargs)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_engine_factory) -> Path:
+    """A 4-layer random OPT exported with nf4 taps (layers 1,2,3,4) and the OPT tokenizer."""
+    return tiny_engine_factory()

@@ -1,0 +1,166 @@
+"""End to end: tiny export, real trainer server, edge-run train over WebSocket, model returned,
+then edge-run predict/eval agree with the torch side network on the same inputs."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mobillm.common import wire  # noqa: E402
+from mobillm.common.tasks import get_task  # noqa: E402
+from mobillm.edge_runtime import cli  # noqa: E402
+from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
+from mobillm.edge_runtime.data import load_examples  # noqa: E402
+from mobillm.edge_runtime.predict import JointModel  # noqa: E402
+from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
+from mobillm.kernels import torch_codec  # noqa: E402
+from mobillm.trainer.config import RunConfig, ServerConfig  # noqa: E402
+from mobillm.trainer.model import SideNetwork  # noqa: E402
+from mobillm.trainer.run import load_checkpoint  # noqa: E402
+from mobillm.trainer.server import TrainerServer  # noqa: E402
+
+WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}
+
+
+def write_data(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    lines = ["sentence\tlabel"]
+    for i in range(n):
+        label = i % 2
+        words = [str(w) for w in rng.choice(WORDS[label], size=rng.integers(2, 9))]
+        lines.append(f"a {' and '.join(words)} movie\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = TrainerServer(ServerConfig(host="127.0.0.1", port=0, runs_dir=str(tmp_path / "runs")))
+    port = srv.start()
+    yield srv, port
+    srv.stop()
+
+
+def test_train_then_predict_matches_torch(tiny_engine, tmp_path, server, capsys):
+    srv, port = server
+    data = write_data(tmp_path / "train.tsv", 96)
+    side = tmp_path / "side.onnx"
+    rc = cli.main(["train", "--engine", str(tiny_engine), "--data", str(data), "--task", "sst2",
+                   "--server", f"ws://127.0.0.1:{port}", "--epochs", "3", "--batch-size", "8", "--run", "e2e",
+                   "--side-out", str(side), "--stats-out", str(tmp_path / "stats.json"), "-q"])
+    assert rc == 0 and side.is_file()
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["samples_sent"] == 3 * 96 and stats["reconnects"] == 0
+
+    # The torch side network from the server's final checkpoint, fed the same dequantized taps.
+    run_dir = tmp_path / "runs" / "e2e"
+    cfg = RunConfig.load(run_dir)
+    model = SideNetwork(cfg.side)
+    model.load_state_dict(load_checkpoint(run_dir, "cpu")["model"])
+    model.eval()
+    bb = Backbone(tiny_engine)
+    joint = JointModel(bb, side)
+    examples = load_examples(write_data(tmp_path / "dev.tsv", 20, seed=1), get_task("sst2"))
+    rows = [bb.tokenize(e.texts, 128)[0] for e in examples]
+    taps, lengths = bb.forward(rows)
+    last = torch.from_numpy(lengths - 1)
+    decoded = []
+    for tap in taps:
+        s = tap.spec
+        codes = torch.from_numpy(tap.codes)[torch.arange(len(rows)), last]
+        scales = torch.from_numpy(tap.scales)[torch.arange(len(rows)), last]
+        decoded.append(torch_codec.decode(codes, scales, s.fmt, s.hidden, s.block_size))
+    with torch.no_grad():
+        expected = model.logits_from_rows(decoded, torch.ones(len(rows), dtype=torch.long)).numpy()
+    got = joint.predict(examples, 128, batch_size=7, progress=False)
+    assert np.abs(got - expected).max() < 1e-4
+
+    # The CLI paths give the same predictions and a metric.
+    capsys.readouterr()
+    assert cli.main(["eval", "--engine", str(tiny_engine), "--side", str(side), "--data",
+                     str(tmp_path / "dev.tsv"), "--task", "sst2", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["rows"] == 20 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["accuracy"] == float(np.mean(got.argmax(-1) == np.array([e.label for e in examples])))
+    out = tmp_path / "preds.jsonl"
+    assert cli.main(["predict", "--engine", str(tiny_engine), "--side", str(side), "--data",
+                     str(tmp_path / "dev.tsv"), "--out", str(out), "-q"]) == 0
+    preds = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    assert preds == got.argmax(-1).tolist()
+
+
+def test_frames_carry_no_text_or_token_ids(tiny_engine, tmp_path, server, link_proxy):
+    """Capture every byte the device sends: neither the text nor any run of its token ids is in it."""
+    srv, port = server
+    proxy = link_proxy(port)
+    captured = bytearray()
+    orig = proxy._pipe
+
+    async def capture(reader, writer, up):
+        if not up:
+            return await orig(reader, writer, up)
+        try:
+            while chunk := await reader.read(65536):
+                captured.extend(chunk)
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    proxy._pipe = capture
+    data = write_data(tmp_path / "train.tsv", 24)
+    bb = Backbone(tiny_engine)
+    task = get_task("sst2")
+    examples = load_examples(data, task)
+    for mode in ("tokens", "pooled"):
+        trainer = EdgeTrainer(bb, examples, task, TrainOptions(server=f"ws://127.0.0.1:{proxy.port}", batch_size=8,
+                                                               mode=mode, run=f"privacy-{mode}", progress=False))
+        trainer.run()
+        assert trainer.model_bytes
+    blob = bytes(captured)
+    assert len(blob) > 10_000
+    for ex in examples:
+        assert ex.texts[0].encode() not in blob
+        ids = bb.tokenize(ex.texts, 128)[0]
+        for width in ("<i8", "<i4", "<u2"):
+            assert ids[1:4].astype(width).tobytes() not in blob
+    for word in ("superb", "boring", "movie"):
+        assert word.encode() not in blob
+
+
+def test_unreachable_server_is_a_one_line_error(tiny_engine, tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = write_data(tmp_path / "train.tsv", 8)
+    rc = cli.main(["train", "--engine", str(tiny_engine), "--data", str(data), "--server", f"ws://127.0.0.1:{port}",
+                   "-q", "--batch-size", "4"] + ["--epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("edge-run: error: cannot reach the server")
+
+
+def test_bad_engine_and_data_errors(tiny_engine, tmp_path, capsys):
+    rc = cli.main(["train", "--engine", str(tmp_path / "missing"), "--data", "x.tsv"])
+    assert rc == 2 and "engine folder not found" in capsys.readouterr().err
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    rc = cli.main(["train", "--engine", str(tiny_engine), "--data", str(empty)])
+    assert rc == 2 and "no rows found" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_text("sentence\tlabel\nfine\t3\n")
+    rc = cli.main(["train", "--engine", str(tiny_engine), "--data", str(wrong), "--task", "sst2"])
+    assert rc == 2 and "outside 0..1" in capsys.readouterr().err
+
+
+def test_checksum_mismatch_is_refused(tiny_engine, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "engine"
+    shutil.copytree(tiny_engine, copy)
+    tok = next((copy / "tokenizer").iterdir())
+    tok.write_bytes(tok.read_bytes() + b" ")
+    rc = cli.main(["predict", "--engine", str(copy), "--side", str(tmp_path / "s.onnx"), "hello"])
+    assert rc == 2 and "checksum mismatch" in capsys.readouterr().err

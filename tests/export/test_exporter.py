@@ -1,0 +1,206 @@
+"""export_engine on tiny random OPTs: real ONNX Runtime sessions, real files, verify against torch."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mobillm.kernels import codec
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from mobillm.export import exporter  # noqa: E402
+from mobillm.export.manifest import Manifest  # noqa: E402
+from mobillm.export.verify import verify_engine  # noqa: E402
+
+TOKENS = np.array([[2, 250, 1345, 9, 10, 4758], [2, 31414, 232, 1, 1, 1]], dtype=np.int64)
+MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=np.int64)
+
+
+def run(engine, ids=TOKENS, mask=MASK) -> dict:
+    manifest = Manifest.load(engine)
+    session = ort.InferenceSession(str(engine / manifest.graph), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    ids = np.minimum(ids, manifest.config["vocab_size"] - 1)
+    return dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask})))
+
+
+@pytest.mark.parametrize("blocks_in, expected", [
+    (1, [1]), (4, [1, 1, 1, 1]), (6, [2, 1, 1, 1, 1]), (12, [4, 2, 2, 1, 1, 1, 1]),
+    (24, [8, 4, 4, 2, 2, 1, 1, 1, 1]), (32, [8, 8, 4, 4, 2, 2, 1, 1, 1, 1]),
+])
+def test_default_blocks_coarse_at_bottom_fine_at_top(blocks_in, expected):
+    assert exporter.default_blocks(blocks_in) == expected
+
+
+def test_default_blocks_always_sum_to_layers_and_never_grow_upwards():
+    for n in range(1, 97):
+        blocks = exporter.default_blocks(n)
+        assert sum(blocks) == n
+        assert all(a >= b for a, b in zip(blocks, blocks[1:])), (n, blocks)
+
+
+def test_taps_and_blocks_resolve_both_ways():
+    assert exporter.resolve_taps(12, taps=[4, 8]) == ([4, 4, 4], [4, 8, 12])  # final layer added
+    assert exporter.resolve_taps(12, blocks=[6, 6]) == ([6, 6], [6, 12])
+
+
+def test_every_quant_format_runs_in_ort_and_verifies(tiny_engine_factory):
+    # One engine, one format per tap (5 layers -> 5 taps), keeps the suite fast.
+    engine = tiny_engine_factory(",".join(codec.FORMATS), overrides={"num_hidden_layers": 5})
+    manifest = Manifest.load(engine)
+    assert [t.fmt for t in manifest.taps] == list(codec.FORMATS)
+    outputs = run(engine)
+    assert list(outputs) == [n for i in range(len(manifest.taps)) for n in (f"tap{i}_codes", f"tap{i}_scales")]
+    for tap in manifest.taps:
+        codes, scales = outputs[tap.codes_output], outputs[tap.scales_output]
+        fp16 = tap.fmt == "fp16"
+        assert codes.shape == (2, 6, tap.hidden if fp16 else codec.code_bytes(tap.fmt, tap.hidden))
+        assert codes.dtype == (np.float16 if fp16 else np.uint8)
+        assert scales.shape == (2, 6, 0 if fp16 else codec.n_blocks(tap.hidden, tap.block_size))
+        assert scales.dtype == np.float16
+    report = verify_engine(engine)
+    assert report.ok, report.table()
+    assert [c.layer for c in report.checks] == [1, 2, 3, 4, 5]
+
+
+def test_manifest_describes_the_graph(tiny_engine):
+    manifest = Manifest.load(tiny_engine)  # checks every sha256
+    assert manifest.family == "opt" and manifest.num_layers == 4
+    assert manifest.blocks == [1, 1, 1, 1] and manifest.tap_layers == [1, 2, 3, 4]
+    assert manifest.source == "random-init" and manifest.seed == 0
+    assert manifest.max_length == 256 and manifest.pad_token_id == 1
+    assert manifest.config["hidden_size"] == 64 and manifest.overrides["hidden_size"] == 64
+    assert set(manifest.files) >= {"backbone.onnx", "tokenizer/tokenizer.json"}
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(manifest.exporter)
+    assert manifest.inputs == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                               {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]}]
+    session = ort.InferenceSession(str(tiny_engine / manifest.graph), providers=["CPUExecutionProvider"])
+    graph_outputs = [{"name": o.name, "shape": o.shape} for o in session.get_outputs()]
+    assert graph_outputs == [{"name": o["name"], "shape": o["shape"]} for o in manifest.outputs]
+    assert manifest.outputs[0] == {"name": "tap0_codes", "dtype": "uint8", "shape": ["batch", "seq", 32]}
+    assert manifest.outputs[1] == {"name": "tap0_scales", "dtype": "float16", "shape": ["batch", "seq", 1]}
+    assert manifest.bytes_per_token() == 4 * (32 + 2)
+
+
+def test_padding_does_not_change_real_tokens(tiny_engine):
+    alone = run(tiny_engine, TOKENS[1:, :3], MASK[1:, :3])
+    padded = run(tiny_engine)
+    for name, value in alone.items():
+        assert np.array_equal(value[0], padded[name][1, :3]), name
+
+
+def test_opt350m_style_post_ln_and_projection_widths(tiny_engine_factory):
+    engine = tiny_engine_factory("int8", model="opt-350m", overrides={
+        "do_layer_norm_before": False, "word_embed_proj_dim": 32, "num_hidden_layers": 6})
+    manifest = Manifest.load(engine)
+    assert manifest.config["do_layer_norm_before"] is False
+    assert manifest.blocks == [2, 1, 1, 1, 1]
+    assert [t.hidden for t in manifest.taps] == [64, 64, 64, 64, 32]
+    assert manifest.head_hidden == 32
+    assert run(engine)["tap4_codes"].shape == (2, 6, 32)
+    report = verify_engine(engine)
+    assert report.ok, report.table()
+
+
+def test_per_tap_quant_list_and_explicit_taps(tiny_engine_factory):
+    engine = tiny_engine_factory("int8,fp16", taps=[2], block_size=32)
+    manifest = Manifest.load(engine)
+    assert manifest.tap_layers == [2, 4] and manifest.blocks == [2, 2]
+    assert [t.fmt for t in manifest.taps] == ["int8", "fp16"]
+    outputs = run(engine)
+    assert outputs["tap0_codes"].dtype == np.uint8 and outputs["tap0_scales"].shape[-1] == 2
+    assert outputs["tap1_codes"].dtype == np.float16 and outputs["tap1_codes"].shape[-1] == 64
+    assert verify_engine(engine).ok
+
+
+@pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
+def test_weight_only_quantization_loads_in_ort_and_shrinks_the_file(tiny_engine_factory, tiny_engine, weights):
+    engine = tiny_engine_factory(weights=weights)
+    manifest = Manifest.load(engine)
+    assert manifest.weights == weights and manifest.compute_dtype == "fp32"
+    assert (engine / "backbone.onnx").stat().st_size < 0.6 * (tiny_engine / "backbone.onnx").stat().st_size
+    assert run(engine)["tap3_codes"].shape == (2, 6, 32)
+    report = verify_engine(engine)
+    assert report.ok, report.table()
+
+
+def test_fp16_compute(tiny_engine_factory):
+    engine = tiny_engine_factory("fp16", dtype="fp16")
+    manifest = Manifest.load(engine)
+    assert manifest.compute_dtype == "fp16" and manifest.weights == "fp16"
+    report = verify_engine(engine)
+    assert report.ok, report.table()
+
+
+def test_checkpoint_folder_round_trip(tmp_path, tokenizer_dir):
+    import shutil
+
+    source = exporter.resolve_source("opt-125m", random_init=True)
+    config = exporter.load_config(source)
+    exporter.apply_overrides(config, {"hidden_size": 32, "num_hidden_layers": 3, "ffn_dim": 64,
+                                      "num_attention_heads": 2, "word_embed_proj_dim": 32})
+    checkpoint = tmp_path / "checkpoint"
+    exporter.build_model(source, config, seed=7).save_pretrained(checkpoint)
+    for f in tokenizer_dir.iterdir():  # a checkpoint that ships its tokenizer needs no --tokenizer
+        shutil.copy2(f, checkpoint / f.name)
+    out = tmp_path / "engine"
+    manifest = exporter.export_engine(str(checkpoint), out, quant="fp8", progress=False)
+    assert manifest.source == "checkpoint" and manifest.model_id == str(checkpoint.resolve())
+    assert manifest.seed is None and manifest.tap_layers == [1, 2, 3]
+    report = verify_engine(out)  # reloads the weights from the checkpoint folder
+    assert report.ok, report.table()
+
+
+def test_verify_catches_a_different_model(tiny_engine, tmp_path):
+    import shutil
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    data = json.loads((engine / "manifest.json").read_text())
+    data["seed"] = 1  # the torch reference now has other weights than the graph
+    (engine / "manifest.json").write_text(json.dumps(data))
+    report = verify_engine(engine)
+    assert not report.ok
+    assert all(c.engine_err > 0.5 for c in report.checks)
+
+
+def test_fallback_tokenizer_exports(tmp_path, fallback_tokenizer_dir):
+    out = tmp_path / "engine"
+    exporter.export_engine("opt-125m", out, random_init=True, tokenizer=fallback_tokenizer_dir, progress=False,
+                           overrides={"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64,
+                                      "num_attention_heads": 2, "word_embed_proj_dim": 32, "vocab_size": 512},
+                           verify=True)
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_dynamo_exporter_and_external_data(tmp_path, tokenizer_dir, monkeypatch, weights):
+    # Models over 2 GB take this path (fp32: the weights file is streamed, never loaded; int8:
+    # loaded and quantized); a threshold of 0 sends the tiny model down it too.
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "engine"
+    manifest = exporter.export_engine("opt-125m", out, random_init=True, tokenizer=tokenizer_dir, progress=False,
+                                      overrides={"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64,
+                                                 "num_attention_heads": 2, "word_embed_proj_dim": 32},
+                                      quant="int4", exporter="auto", weights=weights)
+    assert manifest.exporter["exporter"] == "torch.onnx.export (dynamo)"
+    assert manifest.external_data == "backbone.onnx.data"
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.onnx", "backbone.onnx.data", "manifest.json",
+                                                     "tokenizer"]
+    assert "backbone.onnx.data" in manifest.files
+    assert run(out)["tap1_codes"].shape == (2, 6, 16)
+    report = verify_engine(out)
+    assert report.ok, report.table()
+
+
+def test_engine_tokenizer_matches_the_reference_ids(tiny_engine, tokenizer_dir):
+    from tokenizers import Tokenizer
+
+    if not (tokenizer_dir / "vocab.json").is_file():
+        pytest.skip("the real OPT tokenizer (../shared/data/tokenizer/opt) is absent")
+    tok = Tokenizer.from_file(str(tiny_engine / "tokenizer" / "tokenizer.json"))
+    assert tok.encode("A photo of a cat").ids == [2, 250, 1345, 9, 10, 4758]
+    assert tok.encode("Hello world").ids == [2, 31414, 232]
