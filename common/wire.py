@@ -101,6 +101,8 @@ def decode_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -
         meta = json.loads(bytes(view[HEADER.size:HEADER.size + meta_len]) or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"meta is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 64 KiB of '[': nesting deeper than the parser's stack
+        raise WireError("meta JSON is nested too deeply") from None
     if not isinstance(meta, dict):
         raise WireError("meta must be a JSON object")
     return Frame(msg_type, meta, view[HEADER.size + meta_len:], flags)

@@ -1,6 +1,7 @@
 """`trainer`: the server that trains side networks from streamed activations.
 
   trainer serve  --runs runs/ [--cache] [--device cuda] [--resume]   serve devices over WebSocket
+  trainer serve  --federated [--max-share 0.5]                        one shared side network per task
   trainer plot   RUN                                                  loss curves -> RUN/loss.png
   trainer export RUN                                                  re-export RUN/side_network.onnx
 """
@@ -12,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import OptimConfig, ServerConfig, SideConfig
+from .config import FedConfig, OptimConfig, ServerConfig, SideConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=d.device, help="torch device for decoding and training: cpu, cuda, cuda:N")
     s.add_argument("--resume", action="store_true", help="continue runs that have a checkpoint in --runs")
     s.add_argument("--token-file", type=Path, help="file holding a token every HELLO must carry")
+    s.add_argument("--certfile", type=Path, default=None,
+                   help="PEM certificate (chain): serve wss:// (TLS 1.2+); devices verify it with --ca")
+    s.add_argument("--keyfile", type=Path, default=None, help="PEM private key for --certfile (if not inside it)")
     s.add_argument("--queue", type=int, default=d.queue_size, help="batches queued per run (= device credits)")
     s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     s.add_argument("--bitplan-every", type=int, default=d.bitplan_every, help="steps between BITPLAN messages (0: off)")
@@ -50,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=optim.seed, help="initialisation and cached-epoch order seed")
     s.add_argument("--cache-batch-size", type=int, default=None,
                    help="rows per step in cached epochs (default: the device's batch size)")
+    fed = FedConfig()
+    s.add_argument("--federated", action="store_true",
+                   help="one shared side network per task for every device and backbone (docs/federated.md); "
+                        "--side-width is then the shared width (default %d)" % fed.width)
+    s.add_argument("--max-share", type=float, default=fed.max_share,
+                   help="--federated: most of a sliding window of trained samples one device may contribute (1: no cap)")
+    s.add_argument("--share-window", type=int, default=fed.share_window,
+                   help="--federated: samples in the window --max-share is measured over")
+    s.add_argument("--fed-slots", type=int, default=fed.slots,
+                   help="--federated: slots of the shared network; taps map to them by relative depth")
+    s.add_argument("--fed-warmup", type=int, default=fed.warmup_samples,
+                   help="--federated: lr warm-up in samples, then lr * sqrt(warmup / samples)")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     p = sub.add_parser("plot", help="write RUN/loss.png from RUN/metrics.jsonl")
@@ -76,10 +92,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         resume=args.resume, token=token, queue_size=args.queue, checkpoint_every=args.checkpoint_every,
         bitplan_every=args.bitplan_every, max_frame=args.max_frame, max_rows=args.max_rows,
         max_tokens=args.max_tokens, threads=args.threads,
+        certfile=str(args.certfile) if args.certfile else None, keyfile=str(args.keyfile) if args.keyfile else None,
         side=SideConfig(bottleneck=args.bottleneck, activation=args.activation, pooling=args.pooling,
                         side_width=args.side_width),
         optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                          grad_clip=args.grad_clip, seed=args.seed, cache_batch_size=args.cache_batch_size))
+                          grad_clip=args.grad_clip, seed=args.seed, cache_batch_size=args.cache_batch_size),
+        federated=args.federated,
+        fed=FedConfig(slots=args.fed_slots, width=args.side_width or FedConfig.width, max_share=args.max_share,
+                      share_window=args.share_window, warmup_samples=args.fed_warmup))
     try:
         config.validate()
     except ValueError as exc:

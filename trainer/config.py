@@ -120,6 +120,30 @@ class RunConfig:
 
 
 @dataclass
+class FedConfig:
+    """Federated side-tuning (`trainer serve --federated`): one shared side network per task.
+
+    Every backbone family's taps are aligned to `slots` slots by relative depth and projected to
+    `width`; `max_share` caps any one device's share of the last `share_window` trained samples."""
+
+    slots: int = 4  # slot k of the shared network sits at relative depth k / slots
+    width: int = 256  # shared side width D, the same for every backbone
+    max_share: float = 1.0  # 1: no cap; e.g. 0.5: no device trains more than half of the window
+    share_window: int = 512  # samples in the sliding window the share is measured over
+    warmup_samples: int = 256  # linear lr warm-up, then lr * sqrt(warmup / samples) (no known end)
+
+    def validate(self) -> None:
+        if not 1 <= self.slots <= 256:
+            raise ValueError(f"fed slots must be 1..256, got {self.slots}")
+        if self.width < 1:
+            raise ValueError(f"fed width must be >= 1, got {self.width}")
+        if not 0 < self.max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
+        if self.share_window < 1 or self.warmup_samples < 0:
+            raise ValueError("share_window must be >= 1 and warmup_samples >= 0")
+
+
+@dataclass
 class ServerConfig:
     """How `trainer serve` runs. Port 0 binds a free port (tests)."""
 
@@ -138,10 +162,18 @@ class ServerConfig:
     max_tokens: int = 1 << 20  # tokens per BATCH (tokens mode)
     hello_timeout_s: float = 30.0
     threads: int | None = None  # torch intra-op threads (None: torch's default); 1 on small shared CPUs
+    certfile: str | None = None  # PEM certificate (chain): serve wss:// (TLS) instead of ws://
+    keyfile: str | None = None  # PEM private key of `certfile` (None: the key is inside certfile)
     side: SideConfig = field(default_factory=SideConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    federated: bool = False  # one shared side network per task for every device and backbone (federated.py)
+    fed: FedConfig = field(default_factory=FedConfig)
 
     def validate(self) -> None:
+        if self.federated and self.cache:
+            raise ValueError("--federated and --cache do not combine: federated devices stream every epoch")
+        if self.federated:
+            self.fed.validate()
         if self.queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
         if self.checkpoint_every < 1:
@@ -152,6 +184,12 @@ class ServerConfig:
             raise ValueError(f"max_frame must be >= 1024 bytes, got {self.max_frame}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("keyfile needs certfile: give both --certfile and --keyfile to serve wss://")
+        for name in ("certfile", "keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         self.side.validate()

@@ -33,7 +33,46 @@ class Adapter(nn.Module):
         return self.up(self.act(self.down(h)))
 
 
-class SideNetwork(nn.Module):
+class PerTokenSide(nn.Module):
+    """Pooling and the two call forms of a side network whose `features` are strictly per token.
+
+    Subclasses define `features(taps) -> [..., D]` and `head`; `cfg.pooling` and `cfg.tap_widths`
+    say how the graph form pools and what it takes (the federated network reuses both forms)."""
+
+    cfg: SideConfig
+    head: nn.Module
+
+    def features(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits_from_rows(self, taps: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """Training form: logits [n, out] from packed rows.
+
+        `last` pooling: taps hold one row per sample (the head's row). `mean` pooling: taps hold
+        every real token of every sample back to back, sample i owning lengths[i] rows.
+        """
+        feats = self.features(taps)
+        if self.cfg.pooling == "last":
+            return self.head(feats)
+        owner = torch.repeat_interleave(torch.arange(len(lengths), device=feats.device), lengths)
+        sums = feats.new_zeros(len(lengths), feats.shape[-1]).index_add_(0, owner, feats)
+        return self.head(sums / lengths.to(feats.dtype)[:, None])
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Graph form (exported to ONNX): taps [B, T, H_i]..., mask [B, T] (1 = real token) -> logits [B, out]."""
+        *taps, mask = inputs
+        if self.cfg.pooling == "last":
+            # Index of the last real token, whichever side the padding is on.
+            positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)
+            last = (mask * (positions + 1)).argmax(dim=1)
+            rows = [t.gather(1, last[:, None, None].expand(-1, 1, t.shape[2])).squeeze(1) for t in taps]
+            return self.head(self.features(rows))
+        feats = self.features(list(taps))
+        summed = (feats * mask[..., None]).sum(dim=1)
+        return self.head(summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
+
+
+class SideNetwork(PerTokenSide):
     def __init__(self, cfg: SideConfig):
         super().__init__()
         if not cfg.tap_widths or cfg.out_dim < 1 or not cfg.side_width:
@@ -71,32 +110,6 @@ class SideNetwork(nn.Module):
             x = s + b_next
             s = norm(adapter(x) + x)
         return b[-1] + s
-
-    def logits_from_rows(self, taps: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-        """Training form: logits [n, out] from packed rows.
-
-        `last` pooling: taps hold one row per sample (the head's row). `mean` pooling: taps hold
-        every real token of every sample back to back, sample i owning lengths[i] rows.
-        """
-        feats = self.features(taps)
-        if self.cfg.pooling == "last":
-            return self.head(feats)
-        owner = torch.repeat_interleave(torch.arange(len(lengths), device=feats.device), lengths)
-        sums = feats.new_zeros(len(lengths), feats.shape[-1]).index_add_(0, owner, feats)
-        return self.head(sums / lengths.to(feats.dtype)[:, None])
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Graph form (exported to ONNX): taps [B, T, H_i]..., mask [B, T] (1 = real token) -> logits [B, out]."""
-        *taps, mask = inputs
-        if self.cfg.pooling == "last":
-            # Index of the last real token, whichever side the padding is on.
-            positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)
-            last = (mask * (positions + 1)).argmax(dim=1)
-            rows = [t.gather(1, last[:, None, None].expand(-1, 1, t.shape[2])).squeeze(1) for t in taps]
-            return self.head(self.features(rows))
-        feats = self.features(list(taps))
-        summed = (feats * mask[..., None]).sum(dim=1)
-        return self.head(summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> torch.Tensor:

@@ -57,6 +57,7 @@ class Hello:
     samples_per_epoch: int
     token: str | None
     bits: str = "engine"
+    num_layers: int | None = None  # backbone depth (optional; federated runs align taps by layer / num_layers)
 
     @property
     def out_dim(self) -> int:
@@ -119,8 +120,14 @@ class Hello:
         bits = meta.get("bits") or "engine"
         if not isinstance(bits, str):
             raise SessionError("bad_hello", "bits must be a string: engine, auto, a format, or one format per tap")
+        num_layers = meta.get("num_layers")
+        if num_layers is not None:
+            deepest = max(t.layer for t in taps)
+            if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not deepest <= num_layers <= 65536:
+                raise SessionError("bad_hello", f"num_layers must be an integer {deepest}..65536 (at least the "
+                                                f"deepest tap layer), got {num_layers!r}")
         hello = cls(sha, _field(meta, "model_id", str), task, task_type, num_labels, mode, taps, device_id, run,
-                    epochs, samples, token, bits)
+                    epochs, samples, token, bits, num_layers)
         try:
             fmts = hello.formats()
         except ValueError as exc:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ log = logging.getLogger("mobillm.trainer")
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "side_network.onnx"
 METRICS = "metrics.jsonl"
+TRAINED_IDS = "trained_ids.jsonl"  # per step: the sample ids trained and their position in the run's order
 SUMMARY = "summary.json"
 _END = object()  # queue marker: the device sent DONE
 _STOP = object()  # queue marker: the server is stopping
@@ -141,9 +143,12 @@ class Run:
         self.summary: dict = {}
         if checkpoint is not None:
             self._load(checkpoint)
+            for tmp in self.folder.glob(".*.tmp"):  # a crash mid-write leaves its temp file; the real file is whole
+                tmp.unlink()
         self.stream_accepted = self.stream_trained
         self.stream_ended = self.phase != "stream"
         self._metrics = open_metrics(self.folder / METRICS, self.step if checkpoint is not None else None)
+        self._trained_ids = open_metrics(self.folder / TRAINED_IDS, self.step if checkpoint is not None else None)
 
     # ---- lifecycle (called from the server) ----
 
@@ -159,6 +164,7 @@ class Run:
             self._thread.join()
         self.stopped = True
         self._metrics.close()
+        self._trained_ids.close()
         if self.cache is not None:
             self.cache.close()
         self._notify()
@@ -333,6 +339,11 @@ class Run:
         self._last_step_end = now
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        # Which samples this step trained; `first` is their position in the run's order (all epochs back
+        # to back), so row i belongs to epoch (first + i) // samples_per_epoch. See read_trained_ids.
+        ids = {"step": self.step, "first": self.samples_trained - n, "ids": rows.sample_ids.tolist()}
+        self._trained_ids.write(json.dumps(ids) + "\n")
+        self._trained_ids.flush()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {self.step}; lower --lr or check the taps")
 
@@ -386,12 +397,25 @@ class Run:
             "rng": {"torch": torch.get_rng_state()},
             "cache": self.cache.state() if self.cache is not None else None,
             "summary": self.summary,
+            "last_epoch": self._last_epoch_state(),
         }
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         tmp = self.folder / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(self.folder / CHECKPOINT)
+
+    def _last_epoch_state(self) -> dict | None:
+        """The last epoch's outputs so far, so a run resumed inside its last epoch reports the same metric."""
+        last = self._last_epoch
+        if not last["rows"]:
+            return None
+        last["outputs"], last["labels"] = [np.concatenate(last["outputs"])], [np.concatenate(last["labels"])]
+        return {"loss_sum": last["loss_sum"], "rows": last["rows"], "outputs": torch.from_numpy(last["outputs"][0]),
+                "labels": torch.from_numpy(last["labels"][0])}
 
     def _load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -403,6 +427,10 @@ class Run:
         self.first_batch_rows = p["first_batch_rows"]
         self.phase = p["phase"]
         self.summary = state.get("summary") or {}
+        last = state.get("last_epoch")
+        if last:
+            self._last_epoch = {"loss_sum": float(last["loss_sum"]), "rows": int(last["rows"]),
+                                "outputs": [last["outputs"].numpy()], "labels": [last["labels"].numpy()]}
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -411,12 +439,42 @@ class Run:
 
 
 def open_metrics(path: Path, keep_steps: int | None):
-    """metrics.jsonl for appending. On resume, steps after the checkpoint (trained again now) are cut."""
+    """A per-step JSONL log (metrics.jsonl, trained_ids.jsonl) for appending. On resume, steps after
+    the checkpoint (trained again now) are cut, and so is a half-written last line (a killed process)."""
     if keep_steps is None or not path.is_file():
         return open(path, "w")
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_steps]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # torn by a crash mid-write: never a step the checkpoint knows
+        if step <= keep_steps:
+            kept.append(line)
     atomic_write(path, "".join(line + "\n" for line in kept).encode())
     return open(path, "a")
+
+
+def read_trained_ids(folder: Path | str) -> dict[int, list[int]]:
+    """{epoch: sample ids trained in that epoch, in training order} from a run's trained_ids.jsonl.
+
+    It holds exactly the steps the run's model has seen: a resumed run cuts the steps after its
+    checkpoint before training them again. A sample trained exactly once per epoch appears once
+    in each epoch's list."""
+    folder = Path(folder)
+    per_epoch = RunConfig.load(folder).samples_per_epoch
+    out: dict[int, list[int]] = {}
+    lines = (folder / TRAINED_IDS).read_text().splitlines()
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                break  # torn by a kill mid-write, before a resume could cut it
+            raise
+        for i, sid in enumerate(record["ids"]):
+            out.setdefault((record["first"] + i) // per_epoch, []).append(sid)
+    return out
 
 
 def load_checkpoint(folder: Path | str, map_location: str = "cpu") -> dict:

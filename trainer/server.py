@@ -21,14 +21,16 @@ import logging
 import threading
 from pathlib import Path
 
+import torch
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
 from mobillm.common import wire
 
 from .config import RunConfig, ServerConfig
+from .federated import FedCoordinator
 from .protocol import Hello, SessionError, check_batch, trim_batch
-from .run import CHECKPOINT, Item, Run, load_checkpoint
+from .run import CHECKPOINT, Item, Run, load_checkpoint, make_optimizer
 
 log = logging.getLogger("mobillm.trainer")
 
@@ -44,6 +46,7 @@ class Session:
         self.credits = 0
         self.last_seq = -1
         self.stop_sent = False
+        self.failed = False
         self._sends: set[asyncio.Task] = set()
 
     # Called on the loop by the run's training thread (via call_soon_threadsafe).
@@ -88,6 +91,9 @@ class Session:
         self.hello = Hello.from_meta(frame.meta)
         self.formats = self.hello.formats()
         self.server.check_token(self.hello)
+        if self.server.fed is not None:  # --federated: every device of a task feeds one shared run
+            await self.server.fed.serve(self, frame.meta)
+            return
         run = await self.server.attach(self, self.hello)
         stop = run.stream_ended or (run.cfg.cache and run.stream_accepted >= run.cfg.samples_per_epoch)
         self.stop_sent = stop
@@ -120,6 +126,8 @@ class Session:
 
     def _on_batch(self, frame: wire.Frame, nbytes: int) -> None:
         run, cfg = self.run, self.server.config
+        if self.server.stopping:
+            return  # never queued, never acknowledged: the device sends it again after the restart
         if run is None:
             raise SessionError("replaced", "a newer connection of this device took over the run")
         if run.phase == "failed":
@@ -174,10 +182,14 @@ class Session:
             pass
 
     async def fail(self, error: SessionError) -> None:
+        """ERROR frame, then close: 1001 (going away) when the server stops, 1008 (policy) otherwise."""
+        if self.failed:
+            return
+        self.failed = True
         log.warning("session %s: %s", self.id, error)
         try:
             await self.ws.send(wire.error_frame(error.code, error.message))
-            await self.ws.close(1008, error.code[:100])
+            await self.ws.close(1001 if error.code == "shutting_down" else 1008, error.code[:100])
         except websockets.ConnectionClosed:
             pass
 
@@ -189,17 +201,25 @@ class TrainerServer:
         config.validate()
         self.config = config
         self.runs: dict[str, Run] = {}
+        self.fed = FedCoordinator(self) if config.federated else None
         self._locks: dict[str, asyncio.Lock] = {}
         self._numbers = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._shutdown: asyncio.Event | None = None
         self._stopping = False
+        self._ws_server = None
+        self._sessions: set[Session] = set()
         self.port: int | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.host}:{self.port}/"
+        scheme = "wss" if self.config.certfile else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}/"
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def start(self) -> int:
         """Bind and serve in a background thread; returns the bound port."""
@@ -207,9 +227,10 @@ class TrainerServer:
             raise RuntimeError("server already started")
         Path(self.config.runs_dir).mkdir(parents=True, exist_ok=True)
         if self.config.threads is not None:
-            import torch
-
             torch.set_num_threads(self.config.threads)  # process-wide, like torch itself
+        # The first optimizer imports torch._dynamo (seconds): pay that before devices connect, so
+        # the first HELLO after a (re)start is answered at once.
+        make_optimizer(torch.nn.Linear(1, 1), self.config.optim)
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main(ready)), name="trainer-loop",
                                         daemon=True)
@@ -219,14 +240,36 @@ class TrainerServer:
         return self.port
 
     def stop(self) -> None:
-        """Stop every run (each checkpoints), close every connection, end the loop thread."""
+        """Graceful shutdown: stop accepting connections and batches, let every run finish the batches
+        it already queued and checkpoint, tell connected devices (ERROR `shutting_down`, close 1001:
+        reconnect later to resume), end the loop thread."""
         if self._thread is None or self._stopping:
             return
         self._stopping = True
+        self._on_loop(self._stop_listening)
         for run in list(self.runs.values()):
             run.stop()
+        if self.fed is not None:
+            self.fed.stop()
+        self._on_loop(self._goodbye)
         self._loop.call_soon_threadsafe(self._shutdown.set)
         self._thread.join(timeout=60)
+
+    def _on_loop(self, coro_fn, timeout: float = 30.0) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(timeout)
+        except (RuntimeError, concurrent.futures.TimeoutError) as exc:  # the loop already ended
+            log.warning("shutdown step %s: %s", coro_fn.__name__, exc)
+
+    async def _stop_listening(self) -> None:
+        if self._ws_server is not None:
+            self._ws_server.server.close()  # the listening socket only; open connections stay
+
+    async def _goodbye(self) -> None:
+        sessions = list(self._sessions)
+        if sessions:
+            error = SessionError("shutting_down", "the server is stopping; reconnect later to resume")
+            await asyncio.wait([asyncio.ensure_future(s.fail(error)) for s in sessions], timeout=10)
 
     def __enter__(self) -> "TrainerServer":
         self.start()
@@ -240,7 +283,12 @@ class TrainerServer:
         import signal
 
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+        def on_sigterm(*_):
+            log.info("SIGTERM: stopping (checkpointing every run, telling devices to reconnect later)")
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         self.start()
         try:
             stop.wait()
@@ -255,7 +303,8 @@ class TrainerServer:
         try:
             # No permessage-deflate: the payload is already quantized and deflate would cost CPU on both sides.
             async with serve(self._handle, self.config.host, self.config.port, max_size=self.config.max_frame,
-                             compression=None, max_queue=4) as ws_server:
+                             compression=None, max_queue=4, ssl=self._ssl_context()) as ws_server:
+                self._ws_server = ws_server
                 ready.set_result(ws_server.sockets[0].getsockname()[1])
                 await self._shutdown.wait()
         except Exception as exc:
@@ -264,8 +313,20 @@ class TrainerServer:
             else:
                 raise
 
+    def _ssl_context(self):
+        """TLS for wss:// when a certificate is configured (TLS 1.2 or newer), else None (ws://)."""
+        if not self.config.certfile:
+            return None
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.config.certfile, self.config.keyfile)
+        return ctx
+
     async def _handle(self, ws: ServerConnection) -> None:
         session = Session(self, ws, next(self._numbers))
+        self._sessions.add(session)
         try:
             await session.serve()
         except SessionError as exc:
@@ -277,10 +338,14 @@ class TrainerServer:
             await session.fail(SessionError("server_error", f"{type(exc).__name__}: {exc}"))
         finally:
             session.detach()
+            self._sessions.discard(session)
 
     def check_token(self, hello: Hello) -> None:
+        """Constant-time compare (hmac.compare_digest): the time taken says nothing about the token."""
         want = self.config.token
-        if want is not None and not hmac.compare_digest((hello.token or "").encode(), want.encode()):
+        # surrogatepass: a JSON string may hold lone surrogates; they are just a wrong token.
+        got = (hello.token or "").encode("utf-8", "surrogatepass")
+        if want is not None and not hmac.compare_digest(got, want.encode()):
             raise SessionError("unauthorized", "missing or wrong token; ask the server's operator for it")
 
     async def attach(self, session: Session, hello: Hello) -> Run:

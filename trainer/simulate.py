@@ -101,8 +101,9 @@ class SimDevice:
     def __init__(self, url: str, data: SyntheticTask, *, task: str = "synth", mode: str = "tokens", epochs: int = 1,
                  batch_size: int = 16, device_id: str = "sim-device", run: str | None = None,
                  token: str | None = None, bits: str | None = None,
-                 frame_source: Callable[[int, np.ndarray], bytes] | None = None):
+                 frame_source: Callable[[int, np.ndarray], bytes] | None = None, num_layers: int | None = None):
         self.url, self.data, self.task, self.mode, self.bits = url, data, task, mode, bits
+        self.num_layers = num_layers  # the simulated backbone's depth (HELLO num_layers), when given
         self.epochs, self.batch_size, self.device_id = epochs, batch_size, device_id
         self.run_name, self.token = run, token
         self.frame_source = frame_source or (lambda seq, ids: wire.batch_frame(self.data.batch(seq, ids, self.mode)))
@@ -118,6 +119,8 @@ class SimDevice:
             meta["token"] = self.token
         if self.bits is not None:
             meta["bits"] = self.bits
+        if self.num_layers is not None:
+            meta["num_layers"] = self.num_layers
         return meta
 
     def run(self, stop_after_batches: int | None = None, send_done: bool = True,

@@ -1,0 +1,334 @@
+"""Reliability harness: a fault-injecting link, `trainer serve` as a real subprocess, and checks.
+
+Counts scale with MOBILLM_RELIABILITY_SCALE: `small` (default, CI: the whole folder in a few
+minutes on 2 cores) or `full` (what `bench/reliability.py` runs). With MOBILLM_RELIABILITY_REPORT
+set to a file, every test appends what it measured there as one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROFILES = {
+    # link: drops to inject; crash: kill -9s in one run; devices/frames: load; fuzz: hypothesis examples
+    "small": {"link_rows": 160, "link_epochs": 2, "link_drops": 12, "crash_rows": 96, "crash_kills": 1,
+              "load_devices": 32, "load_samples": 48, "load_hidden": 256, "load_taps": 2, "load_len": (4, 12),
+              "fuzz_examples": 300, "live_fuzz_sessions": 40},
+    "full": {"link_rows": 400, "link_epochs": 4, "link_drops": 100, "crash_rows": 160, "crash_kills": 3,
+             "load_devices": 32, "load_samples": 64, "load_hidden": 2048, "load_taps": 4, "load_len": (16, 48),
+             "fuzz_examples": 2000, "live_fuzz_sessions": 200},
+}
+SCALE = os.environ.get("MOBILLM_RELIABILITY_SCALE", "small")
+if SCALE not in PROFILES:
+    raise pytest.UsageError(f"MOBILLM_RELIABILITY_SCALE must be one of {sorted(PROFILES)}, got {SCALE!r}")
+
+
+@pytest.fixture(scope="session")
+def profile() -> dict:
+    return dict(PROFILES[SCALE], name=SCALE)
+
+
+@pytest.fixture
+def report(request):
+    """report(**measured): one JSON line per test in $MOBILLM_RELIABILITY_REPORT (bench/reliability.py)."""
+    def write(**values):
+        line = json.dumps({"test": request.node.name, "scale": SCALE, **values})
+        print(line)
+        path = os.environ.get("MOBILLM_RELIABILITY_REPORT")
+        if path:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+    return write
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the link ------------------------------------------------------------------------------------
+
+class FaultProxy:
+    """127.0.0.1:port -> 127.0.0.1:target, cutting connections at random byte offsets.
+
+    Each new connection draws where it dies: during the WebSocket handshake (1 in 10), in the
+    downlink (CREDIT/WELCOME/MODEL bytes, 2 in 10) or in the uplink (BATCH bytes, the rest), at a
+    uniform byte offset, so most cuts land inside a frame. The bytes before the cut are delivered,
+    then the connection is closed (FIN) or reset (RST), at random. After `drops` cuts the link is
+    clean. `rate` limits the uplink (bytes/s) to stretch a run; `capture` keeps every uplink byte.
+    """
+
+    def __init__(self, target_port: int, drops: int = 0, mean_up: int = 16384, mean_down: int = 2048,
+                 rate: float | None = None, capture: bool = False, seed: int = 0):
+        self.target_port, self.drops_left, self.rate = target_port, drops, rate
+        self.mean_up, self.mean_down = mean_up, mean_down
+        self.rng = np.random.default_rng(seed)
+        self.drops: Counter = Counter()  # where the cuts landed: handshake / up / down
+        self.connections = 0
+        self.captured = bytearray() if capture else None
+        self.port: int | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-proxy")
+        self._transports: set = set()
+
+    @property
+    def total_drops(self) -> int:
+        return sum(self.drops.values())
+
+    def start(self) -> int:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def stop(self) -> None:
+        def close_all():
+            for t in list(self._transports):
+                t.abort()
+            self._server.close()
+        self._loop.call_soon_threadsafe(close_all)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def _plan(self) -> tuple[str | None, int]:
+        if self.drops_left <= 0:
+            return None, 0
+        r = self.rng.random()
+        if r < 0.1:
+            return "handshake", int(self.rng.integers(1, 300))
+        if r < 0.3:
+            return "down", int(self.rng.integers(1, 2 * self.mean_down))
+        return "up", int(self.rng.integers(1, 2 * self.mean_up))
+
+    async def _handle(self, reader, writer):
+        self.connections += 1
+        try:
+            r2, w2 = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:  # the server is down (restarting): the device sees a failed handshake
+            writer.transport.abort()
+            return
+        kind, offset = self._plan()
+        conn = {"kind": kind, "offset": offset, "done": False, "writers": (writer, w2)}
+        self._transports |= {writer.transport, w2.transport}
+        await asyncio.gather(self._pipe(reader, w2, conn, up=True), self._pipe(r2, writer, conn, up=False),
+                             return_exceptions=True)
+        self._transports -= {writer.transport, w2.transport}
+
+    async def _pipe(self, reader, writer, conn, up: bool):
+        direction = "up" if up else "down"
+        cut_here = conn["kind"] == direction or (up and conn["kind"] == "handshake")
+        sent = 0
+        try:
+            while data := await reader.read(16384):
+                if conn["done"]:
+                    return
+                if cut_here and sent + len(data) >= conn["offset"]:
+                    data = data[:conn["offset"] - sent]
+                    self._keep(data, up)
+                    writer.write(data)
+                    await writer.drain()
+                    self._cut(conn)
+                    return
+                if up and self.rate:
+                    await asyncio.sleep(len(data) / self.rate)
+                self._keep(data, up)
+                sent += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if not conn["done"]:
+                writer.close()
+
+    def _keep(self, data: bytes, up: bool) -> None:
+        if up and self.captured is not None:
+            self.captured.extend(data)
+
+    def _cut(self, conn) -> None:
+        if conn["done"] or self.drops_left <= 0:
+            return
+        conn["done"] = True
+        self.drops_left -= 1
+        self.drops[conn["kind"]] += 1
+        reset = self.rng.random() < 0.5
+        for w in conn["writers"]:
+            w.transport.abort() if reset else w.close()
+
+
+@pytest.fixture
+def fault_proxy():
+    """fault_proxy(target_port, **FaultProxy options) -> a started FaultProxy; stopped at teardown."""
+    proxies = []
+
+    def make(target_port: int, **kw) -> FaultProxy:
+        proxy = FaultProxy(target_port, **kw)
+        proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for p in proxies:
+        p.stop()
+
+
+# ---- the server as a process ------------------------------------------------------------------
+
+class ServerProcess:
+    """`trainer serve` in a child process on a fixed port (so a restart is found at the same address)."""
+
+    def __init__(self, runs: Path, port: int, args: list[str], log: Path):
+        self.runs, self.port, self.args, self.log_path = Path(runs), port, list(args), Path(log)
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if "--certfile" in self.args else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self, *extra: str, timeout: float = 60.0) -> float:
+        """Start and wait until it listens; returns the seconds that took."""
+        self.launch(*extra)
+        return self.wait_ready(timeout)
+
+    def launch(self, *extra: str) -> None:
+        """Start the process without waiting (see wait_ready)."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        self._mark = self.log_text().count("trainer serving on")
+        cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--runs", str(self.runs), "--threads", "1", *self.args, *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self._t0 = time.perf_counter()
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Wait until the launched server listens; returns the seconds since launch."""
+        while self.log_text().count("trainer serving on") <= self._mark:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"trainer serve exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            if time.perf_counter() - self._t0 > timeout:
+                raise TimeoutError(f"trainer serve did not listen within {timeout:g} s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.02)
+        return time.perf_counter() - self._t0
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM; returns the exit status."""
+        os.kill(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """Resident memory (VmRSS) or its peak so far (VmHWM) from /proc, in MiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"{field} not in /proc/{self.proc.pid}/status")
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)  # by PID, never by name
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """server_process(name, *serve_args) -> ServerProcess (not started); killed by PID at teardown."""
+    made: list[ServerProcess] = []
+
+    def make(name: str, *args: str) -> ServerProcess:
+        server = ServerProcess(tmp_path / name / "runs", free_port(), list(args), tmp_path / f"{name}.log")
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.cleanup()
+
+
+# ---- data and checks ----------------------------------------------------------------------------
+
+WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}
+
+
+def write_rows(path: Path, n: int, seed: int = 0) -> Path:
+    """An SST-2-style TSV of `n` rows for the device (distinct texts: row i names its number)."""
+    rng = np.random.default_rng(seed)
+    lines = ["sentence\tlabel"]
+    for i in range(n):
+        words = [str(w) for w in rng.choice(WORDS[i % 2], size=rng.integers(2, 9))]
+        lines.append(f"row {i}: a {' and '.join(words)} movie\t{i % 2}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    """rows_file(n) -> path of an n-row TSV for `edge-run train --data`."""
+    return lambda n, seed=0: write_rows(tmp_path / f"rows-{n}-{seed}.tsv", n, seed)
+
+
+@pytest.fixture
+def edge_rows(tmp_path):
+    """edge_rows(n) -> (examples, task) for `edge-run`'s EdgeTrainer."""
+    from mobillm.common.tasks import get_task
+    from mobillm.edge_runtime.data import load_examples
+
+    def make(n: int, seed: int = 0):
+        task = get_task("sst2")
+        return load_examples(write_rows(tmp_path / f"rows-{n}-{seed}.tsv", n, seed), task), task
+
+    return make
+
+
+def exactly_once(run_dir: Path, n_samples: int, epochs: int) -> dict:
+    """Assert the run trained every sample exactly once per epoch; return lost/duplicated counts (0, 0)."""
+    from mobillm.trainer.run import read_trained_ids
+
+    per_epoch = read_trained_ids(run_dir)
+    assert sorted(per_epoch) == list(range(epochs)), f"epochs trained: {sorted(per_epoch)}"
+    lost = duplicated = 0
+    for epoch, ids in per_epoch.items():
+        counts = Counter(ids)
+        lost += sum(1 for k in range(n_samples) if counts[k] == 0)
+        duplicated += sum(c - 1 for c in counts.values() if c > 1)
+        assert set(counts) <= set(range(n_samples)), f"epoch {epoch}: unknown sample ids"
+    assert (lost, duplicated) == (0, 0), f"{lost} samples lost, {duplicated} trained twice"
+    return {"samples_lost": lost, "samples_duplicated": duplicated}
+
+
+@pytest.fixture
+def check_exactly_once():
+    return exactly_once
+
+
+def no_temp_files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(run_dir).rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".part"))
+
+
+@pytest.fixture
+def temp_files():
+    return no_temp_files
