@@ -193,9 +193,10 @@ class FedRun:
             dev = self.devices.get(hello.device_id)
             if dev is None:
                 dev = Device(hello.device_id, hello, family.key)
-                saved = self._resumed.pop(hello.device_id, None)
+                saved = self._resumed.get(hello.device_id)
                 if saved is not None:
                     _check_device(saved["identity"], dev.identity(), self.name)
+                    del self._resumed[hello.device_id]
                     dev.trained = dev.accepted = int(saved["trained"])
                     dev.staleness_sum, dev.batches = int(saved["staleness_sum"]), int(saved["batches"])
                 self.devices[hello.device_id] = dev
@@ -209,8 +210,12 @@ class FedRun:
         if old is not None and old is not session:
             old.run = None
             asyncio.ensure_future(old.fail(SessionError("replaced", "a newer connection of this device took over")))
-        await self.wait_until(lambda: not dev.in_step)
-        self._check_alive()
+        try:
+            await self.wait_until(lambda: not dev.in_step)
+            self._check_alive()
+        except BaseException:
+            self.detach(dev, session)  # never leave a dead session looking like a streaming device
+            raise
         dev.accepted = dev.trained
         session.credits = self.config.queue_size
         return dev
@@ -325,8 +330,10 @@ class FedRun:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / MODEL_FILE, onnx_bytes)
         family = self.model.families[dev.family]
+        tmp = folder / f".{ALIGNED}.tmp"
         torch.save({"config": asdict(view.cfg), "slots": self.fed.slots, "family": family.to_dict(),
-                    "state": view.state_dict(), "step": step}, folder / ALIGNED)
+                    "state": view.state_dict(), "step": step}, tmp)
+        tmp.replace(folder / ALIGNED)
         meta = {"config": asdict(view.cfg), "inputs": input_names(len(dev.taps)), "output": "logits",
                 **self.task, "run": self.name, "taps": [t.as_dict() for t in dev.taps],
                 "federated": {"family": dev.family, "slots": family.slots(self.fed.slots), "n_slots": self.fed.slots,
@@ -570,16 +577,16 @@ class FedCoordinator:
                                             "with a masked mean over all tokens; use mode 'tokens'")
         run = await self._open(name, hello)
         dev = await run.attach(session, hello)
-        family = run.model.families[dev.family]
-        await session.ws.send(wire.encode_frame(wire.MsgType.WELCOME, {
-            "session": session.id, "run": name, "credits": session.credits,
-            "resume": {"samples_done": dev.trained}, "cache": False,
-            "stop_streaming": dev.trained >= dev.total, "total_samples": dev.total,
-            "federated": {"family": dev.family, "slots": family.slots(run.fed.slots), "n_slots": run.fed.slots,
-                          "devices": len(run.devices)}}))
-        log.info("session %s: device %s joins federated run %s (family %s), resume at %d", session.id,
-                 hello.device_id, name, dev.family, dev.trained)
         try:
+            family = run.model.families[dev.family]
+            await session.ws.send(wire.encode_frame(wire.MsgType.WELCOME, {
+                "session": session.id, "run": name, "credits": session.credits,
+                "resume": {"samples_done": dev.trained}, "cache": False,
+                "stop_streaming": dev.trained >= dev.total, "total_samples": dev.total,
+                "federated": {"family": dev.family, "slots": family.slots(run.fed.slots),
+                              "n_slots": run.fed.slots, "devices": len(run.devices)}}))
+            log.info("session %s: device %s joins federated run %s (family %s), resume at %d", session.id,
+                     hello.device_id, name, dev.family, dev.trained)
             async for message in session.ws:
                 frame = session._decode(message)
                 if frame.type == wire.MsgType.BATCH:
