@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torch exporter: torchscript (fast, peak memory ~3x the weights), dynamo (slower, streams "
                         "weights to disk), auto = dynamo once fp32 weights pass 2 GB (default auto)")
+    p.add_argument("--quant-op", choices=("onnx", "custom"), default="onnx",
+                   help="onnx: quantize taps with standard ONNX ops (runs everywhere; default); custom: one fused "
+                        "com.mobillm::BlockQuantize node per tap (C++ op library copied into the engine)")
+    p.add_argument("--trt", action="store_true",
+                   help="also build a TensorRT engine plan (needs TensorRT and a GPU; exits 2 when absent)")
     p.add_argument("--verify", action="store_true", help="after export, compare every tap with the torch model "
                                                          "on a few sentences; on failure nothing is written")
     p.add_argument("--quiet", action="store_true", help="no stage messages")
@@ -110,7 +115,8 @@ def _export(args) -> int:
             args.model, args.out, random_init=args.random_init, overrides=parse_set_args(args.overrides),
             tokenizer=args.tokenizer, blocks=args.blocks, taps=args.taps, quant=args.quant,
             block_size=args.block_size, dtype=args.dtype, weights=args.weights, force=args.force, seed=args.seed,
-            progress=not args.quiet, verify=args.verify, exporter=args.exporter)
+            progress=not args.quiet, verify=args.verify, exporter=args.exporter, quant_op=args.quant_op,
+            trt=args.trt)
     except ExportError as exc:
         return _fail(str(exc))
     except VerificationFailed as exc:

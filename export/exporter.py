@@ -626,8 +626,13 @@ class _Stages:
 def export_engine(model: str, out: Path, *, random_init: bool = False, overrides: dict | None = None,
                   tokenizer: Path | None = None, blocks=None, taps=None, quant="nf4", block_size: int = 64,
                   dtype: str = "fp32", weights: str | None = None, force: bool = False, seed: int = 0,
-                  progress: bool = True, verify: bool = False, exporter: str = "auto") -> Manifest:
+                  progress: bool = True, verify: bool = False, exporter: str = "auto",
+                  quant_op: str = "onnx", trt: bool = False) -> Manifest:
     """Export `model` to the engine folder `out` and return its manifest.
+
+    `quant_op`: "onnx" (standard-op quantizer subgraphs) or "custom" (one com.mobillm
+    BlockQuantize node per tap; the op library is copied into the engine and named in the
+    manifest). `trt` asks for a TensorRT engine plan, which needs TensorRT and a GPU.
 
     `weights=None` stores weights in the compute `dtype`. `exporter`: "torchscript", "dynamo" or
     "auto" (dynamo once the weights pass 2 GB). With `verify`, the engine is checked
@@ -641,6 +646,13 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
         raise ExportError(f"--block-size {block_size}: must be >= 1")
     if exporter not in EXPORTERS:
         raise ExportError(f"--exporter {exporter!r} unknown; choose one of {', '.join(EXPORTERS)}")
+    if quant_op not in ("onnx", "custom"):
+        raise ExportError(f"--quant-op {quant_op!r} unknown; choose onnx or custom")
+    if quant_op == "custom" and weights in ("int8", "int4"):
+        raise ExportError("--quant-op custom with --weights int8/int4 is not supported yet (ORT's weight "
+                          "quantizers do not load graphs with custom ops); use --quant-op onnx")
+    if trt:
+        _require_tensorrt()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
     if out.exists() and not out.is_dir():
@@ -663,7 +675,8 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         manifest = _export_into(tmp, source, config, typed_overrides, family, blocks, tap_layers, formats,
-                                block_size, dtype, weights, seed, exporter, tok, tok_from, step, progress)
+                                block_size, dtype, weights, seed, exporter, tok, tok_from, step, progress,
+                                quant_op)
         if verify:
             from .verify import VerificationFailed, verify_engine
 
@@ -681,7 +694,8 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
 
 
 def _export_into(folder: Path, source: Source, config, overrides, family, blocks, tap_layers, formats,
-                 block_size, dtype, weights, seed, exporter, tok, tok_from, step, progress) -> Manifest:
+                 block_size, dtype, weights, seed, exporter, tok, tok_from, step, progress,
+                 quant_op: str = "onnx") -> Manifest:
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -700,7 +714,8 @@ def _export_into(folder: Path, source: Source, config, overrides, family, blocks
     step(f"adding in-graph quantizers ({_csv(formats)}, block {block_size})")
     graph = onnx.load(str(raw / GRAPH_NAME), load_external_data=False)
     specs = tap_specs(tap_layers, widths, formats, block_size)
-    onnx_codec.append_quantizers(graph, specs)
+    onnx_codec.append_quantizers(graph, specs, op=quant_op)
+    op_library = _install_op_library(folder) if quant_op == "custom" else None
     exclude = codec_node_names(graph)
     inputs, outputs = io_specs(graph)
 
@@ -765,7 +780,8 @@ def _export_into(folder: Path, source: Source, config, overrides, family, blocks
         inputs=inputs,
         outputs=outputs,
         opset=onnx_codec.OPSET,
-        quant_op="onnx",
+        quant_op=quant_op,
+        custom_op_library=op_library,
         pad_token_id=int(pad if pad is not None else 0),
         exporter={**exporter_versions(), "exporter": f"torch.onnx.export ({exporter})"},
         source=source.kind,
@@ -776,6 +792,30 @@ def _export_into(folder: Path, source: Source, config, overrides, family, blocks
     )
     manifest.save(folder)
     return manifest
+
+
+def _install_op_library(folder: Path) -> str:
+    """Copy the com.mobillm custom-op library into the engine; the manifest names it (and its sha256)."""
+    from mobillm.kernels import native
+
+    try:
+        lib = native.ensure_library("ort_ops")
+    except native.NativeUnavailable as exc:
+        raise ExportError(f"--quant-op custom needs the native op library: {exc}") from None
+    shutil.copy2(lib, folder / lib.name)
+    return lib.name
+
+
+def _require_tensorrt() -> None:
+    """--trt: say plainly (exit 2) when TensorRT or a GPU is missing, before any work."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise ExportError("--trt needs TensorRT (pip install tensorrt) and an NVIDIA GPU; neither TensorRT nor "
+                          "its Python bindings are installed here. Without --trt, edge-run --provider tensorrt "
+                          "builds a TensorRT engine on the device through ONNX Runtime's TensorRT provider") from None
+    raise ExportError("--trt: building a TensorRT plan with the BlockQuantize plugin is not implemented yet; "
+                      "use edge-run --provider tensorrt (ONNX Runtime's TensorRT execution provider) on the device")
 
 
 def _consolidate(folder: Path) -> str | None:

@@ -35,8 +35,10 @@ MARGIN = 1.25
 
 def backbone_tolerance(compute_dtype: str, weights: str) -> float:
     """Relative RMS error ORT may add to a tap before quantization, for this engine's precision."""
+    # Weight-only quantization moves every layer: opt-125m random-init measured 0.04 (int8) and
+    # 0.22-0.25 (int4); these bounds catch wiring errors (error ~1), not quality regressions.
     if weights == "int4":
-        return 0.35
+        return 0.5
     if weights == "int8":
         return 0.25
     if compute_dtype == "fp16":
@@ -112,7 +114,10 @@ def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarr
     """Each tap decoded with the reference codec, fp32 [B, T, width], from one ORT forward."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(Path(folder) / manifest.graph), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if manifest.custom_op_library:  # engines exported with --quant-op custom carry their op library
+        opts.register_custom_ops_library(str(Path(folder) / manifest.custom_op_library))
+    session = ort.InferenceSession(str(Path(folder) / manifest.graph), opts, providers=["CPUExecutionProvider"])
     names = [n for t in manifest.taps for n in (t.codes_output, t.scales_output)]
     arrays = session.run(names, {"input_ids": ids, "attention_mask": mask})
     del session
