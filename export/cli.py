@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight storage: fp32/fp16, or ORT weight-only int8 (quantize_dynamic) / int4 "
                         "(MatMulNBits); int8 and int4 need --dtype fp32 (default: same as --dtype)")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
-                   help="torch exporter: torchscript (fast, peak memory ~3x the weights), dynamo (slower, streams "
+                   help="torch exporter: torchscript (fast, peak memory ~4x the weights), dynamo (slower, streams "
                         "weights to disk), auto = dynamo once fp32 weights pass 2 GB (default auto)")
     p.add_argument("--quant-op", choices=("onnx", "custom"), default="onnx",
                    help="onnx: quantize taps with standard ONNX ops (runs everywhere; default); custom: one fused "

@@ -326,7 +326,7 @@ def install_tokenizer(tok, where, dest: Path) -> None:
 # ----------------------------------------------------------------------------- ONNX
 
 def choose_exporter(model, exporter: str) -> str:
-    """'torchscript' (fast, ~3x the weights in peak memory) unless the weights pass 2 GB, then 'dynamo'
+    """'torchscript' (fast, ~4x the weights in peak memory) unless the weights pass 2 GB, then 'dynamo'
     (slower, streams weights to backbone.onnx.data: opt-1.3b fits a 24 GB machine)."""
     if exporter not in EXPORTERS:
         raise ExportError(f"--exporter {exporter!r} unknown; choose one of {', '.join(EXPORTERS)}")

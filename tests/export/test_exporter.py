@@ -176,16 +176,15 @@ def test_fallback_tokenizer_exports(tmp_path, fallback_tokenizer_dir):
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_dynamo_exporter_and_external_data(tmp_path, tokenizer_dir, monkeypatch, weights):
-    # Models over 2 GB take this path (fp32: the weights file is streamed, never loaded; int8:
-    # loaded and quantized); a threshold of 0 sends the tiny model down it too.
+def test_dynamo_exporter_and_external_data(tmp_path, tokenizer_dir, monkeypatch):
+    # Models over 2 GB take this path: the weights file the dynamo exporter streams out is kept
+    # and never loaded. A threshold of 0 sends the tiny model down it too.
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "engine"
     manifest = exporter.export_engine("opt-125m", out, random_init=True, tokenizer=tokenizer_dir, progress=False,
                                       overrides={"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64,
                                                  "num_attention_heads": 2, "word_embed_proj_dim": 32},
-                                      quant="int4", exporter="auto", weights=weights)
+                                      quant="int4", exporter="auto")
     assert manifest.exporter["exporter"] == "torch.onnx.export (dynamo)"
     assert manifest.external_data == "backbone.onnx.data"
     assert sorted(p.name for p in out.iterdir()) == ["backbone.onnx", "backbone.onnx.data", "manifest.json",
@@ -204,3 +203,31 @@ def test_engine_tokenizer_matches_the_reference_ids(tiny_engine, tokenizer_dir):
     tok = Tokenizer.from_file(str(tiny_engine / "tokenizer" / "tokenizer.json"))
     assert tok.encode("A photo of a cat").ids == [2, 250, 1345, 9, 10, 4758]
     assert tok.encode("Hello world").ids == [2, 31414, 232]
+
+
+def test_streamed_gemm_rewrite_keeps_the_outputs(tiny_engine, tmp_path):
+    # The int8/int4 path for weights still on disk (opt-1.3b): Gemm -> MatMul, weights copied
+    # and transposed tensor by tensor into one backbone.onnx.data.
+    import onnx
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    onnx.save_model(onnx.load(str(tiny_engine / "backbone.onnx")), str(src / "backbone.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+                    size_threshold=1024)
+    graph = onnx.load(str(src / "backbone.onnx"), load_external_data=False)
+    transposed = exporter.gemm_to_matmul(graph, weights_dir=src)
+    assert len(transposed) == 8  # fc1 and fc2 of 4 layers
+    exporter.copy_external_data(graph, src, dst, transposed)
+    onnx.save_model(graph, str(dst / "backbone.onnx"))
+    assert not any(n.op_type == "Gemm" for n in graph.graph.node)
+    assert sorted(p.name for p in dst.iterdir()) == ["backbone.onnx", "backbone.onnx.data"]
+
+    manifest = Manifest.load(tiny_engine)
+    feed = {"input_ids": TOKENS, "attention_mask": MASK}
+    before = ort.InferenceSession(str(tiny_engine / "backbone.onnx")).run(None, feed)
+    after = ort.InferenceSession(str(dst / "backbone.onnx")).run(None, feed)
+    for i, tap in enumerate(manifest.taps):
+        a, b = (codec.decode_arrays(o[2 * i], o[2 * i + 1], tap.fmt, tap.hidden, tap.block_size)
+                for o in (before, after))
+        assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a**2)) < 1e-2
