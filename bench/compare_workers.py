@@ -1,0 +1,473 @@
+"""The processes bench/compare.py starts, one per method (plus one evaluator).
+
+    python bench/compare_workers.py SPEC.json      # writes SPEC["out"] (JSON) and exits
+
+Every worker runs in a fresh process and reports its own peak RSS (VmHWM), so each number is
+the memory of one method alone. The token ids, the batch order and the dev batches come from
+one file the harness wrote (`data.npz`), so every method sees exactly the same data in the same
+order. Torch baselines never import onnxruntime or the edge runtime (their RSS holds only what
+they need); the edge device never imports torch.
+
+Clocks. Each worker measures its own training wall-clock and stops it while it evaluates or
+writes a snapshot, so evaluation costs no method any budget. Next to wall seconds per step it
+reports CPU seconds per step (all threads), which other work on a shared machine barely moves. The learning rate of the
+time-budgeted methods warms up over 3 steps and decays linearly to 0 at the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+WARMUP_STEPS = 3
+
+
+def vmhwm_mb() -> float:
+    """Peak resident set size of this process (VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- data
+
+class Data:
+    """Token ids, labels and batch plans written by the harness (data.npz)."""
+
+    def __init__(self, path: str):
+        z = np.load(path)
+        self.train = _split_rows(z["train_ids"], z["train_offsets"])
+        self.train_labels = z["train_labels"]
+        self.dev = _split_rows(z["dev_ids"], z["dev_offsets"])
+        self.dev_labels = z["dev_labels"]
+        self.plan = _split_rows(z["plan_idx"], z["plan_offsets"])  # training batches, epoch after epoch
+        self.dev_plan = _split_rows(z["dev_plan_idx"], z["dev_plan_offsets"])
+        self.pad_id = int(z["pad_id"])
+
+
+def _split_rows(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def padded(rows: list[np.ndarray], pad_id: int):
+    """Right-padded torch ids and attention mask for one batch (padded to its longest row)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.from_numpy(r.astype(np.int64))
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def lr_factor(step: int, elapsed: float, budget: float) -> float:
+    """Warm-up over WARMUP_STEPS steps, linear decay to 0 at the wall-clock budget."""
+    return min(1.0, (step + 1) / WARMUP_STEPS) * max(0.0, 1.0 - elapsed / budget)
+
+
+class Schedule:
+    """When to evaluate: at t = 0 and at `evals` evenly spaced points of the budget."""
+
+    def __init__(self, budget: float, evals: int):
+        self.points = [budget * (i + 1) / evals for i in range(evals)]
+
+    def due(self, elapsed: float) -> bool:
+        if self.points and elapsed >= self.points[0]:
+            while self.points and elapsed >= self.points[0]:
+                self.points.pop(0)
+            return True
+        return False
+
+
+def score(task_spec: dict, outputs: np.ndarray, labels: np.ndarray) -> float:
+    """The task's metric (mobillm.common.tasks, the same code the trainer and `edge-run eval` use)."""
+    from mobillm.common.tasks import get_task
+    from mobillm.common.tasks import score as task_score
+
+    task = get_task(task_spec["name"])
+    return float(task_score(task, outputs, labels)[task.metric])
+
+
+# ----------------------------------------------------------------------------- torch baselines
+
+def build_classifier(spec: dict):
+    """OPTForSequenceClassification from the engine's config: random weights drawn exactly as the
+    exporter drew the engine's (same seed, same order: the backbones are identical), or the
+    engine's real checkpoint."""
+    import torch
+    from transformers import OPTConfig, OPTForSequenceClassification
+
+    config = OPTConfig.from_dict(spec["config"])
+    config.num_labels = spec["task"]["out_dim"]
+    torch.manual_seed(spec["init_seed"])
+    if spec.get("pretrained"):
+        return OPTForSequenceClassification.from_pretrained(spec["pretrained"], config=config)
+    return OPTForSequenceClassification(config)
+
+
+def device_params(model, cut: int) -> list:
+    """Parameters the device holds in split learning: embeddings (+ project_in) and layers 1..cut."""
+    dec = model.model.decoder
+    mods = [dec.embed_tokens, dec.embed_positions] + ([dec.project_in] if dec.project_in is not None else [])
+    mods += list(dec.layers[:cut])
+    return [p for m in mods for p in m.parameters()]
+
+
+def torch_worker(spec: dict) -> dict:
+    """full / lora / bitfit / split: fine-tune the whole classifier in torch for the budget.
+
+    split: the same model cut after layer `cut`; the activation is detached at the cut (what the
+    device sends up), the server half runs forward and backward to the cut, and the cut's gradient
+    (what the server sends down) is back-propagated through the device half. Both halves run here;
+    the clock adds the link time of those two tensors at `link_bytes_per_s`.
+    """
+    import torch
+
+    method, data = spec["method"], Data(spec["data"])
+    budget, labels = spec["budget_s"], torch.from_numpy(data.train_labels)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    model = build_classifier(spec)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                 task_type="SEQ_CLS"))
+    elif method == "bitfit":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.endswith(".bias") or name.startswith("score")
+    groups = [[p for p in model.parameters() if p.requires_grad]]
+    cut_state: dict = {}
+    if method == "split":
+        cut = spec["cut"]
+        mine = {id(p) for p in device_params(model, cut)}
+        groups = [[p for p in model.parameters() if id(p) in mine], [p for p in model.parameters() if id(p) not in mine]]
+
+        def at_cut(module, inputs, output):
+            cut_state["device_out"] = output
+            cut_state["t_cut"] = time.perf_counter()
+            sent = output.detach().requires_grad_(True)
+            cut_state["sent"] = sent
+            return sent
+
+        model.model.decoder.layers[cut - 1].register_forward_hook(at_cut)
+    opts = [torch.optim.AdamW(g, lr=spec["lr"], weight_decay=0.01) for g in groups]
+    trainable = sum(p.numel() for g in groups for p in g)
+
+    def evaluate() -> float:
+        model.eval()
+        out = np.zeros((len(data.dev), spec["task"]["out_dim"]), np.float32)
+        with torch.no_grad():
+            for idx in data.dev_plan:
+                ids, mask = padded([data.dev[i] for i in idx], data.pad_id)
+                out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+        model.train()
+        return score(spec["task"], out, data.dev_labels)
+
+    curve = [{"t": 0.0, "metric": evaluate(), "step": 0, "samples": 0}] if spec["eval_at_zero"] else []
+    schedule = Schedule(budget, spec["evals"])
+    elapsed, step, samples, link_bytes, link_s = 0.0, 0, 0, 0, 0.0
+    step_s, cpu_s, device_s, server_s = [], [], [], []
+    model.train()
+    for idx in data.plan:
+        if elapsed >= budget:
+            break
+        ids, mask = padded([data.train[i] for i in idx], data.pad_id)
+        t0, c0 = time.perf_counter(), time.process_time()
+        factor = lr_factor(step, elapsed, budget)
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = spec["lr"] * factor
+        out = model(input_ids=ids, attention_mask=mask, labels=labels[idx])
+        out.loss.backward()
+        if method == "split":
+            t_server = time.perf_counter()
+            sent = cut_state["sent"]
+            cut_state["device_out"].backward(sent.grad)  # the gradient the server sent down
+            t_device_bwd = time.perf_counter() - t_server
+            nbytes = 2 * sent.numel() * sent.element_size()  # activation up + gradient down, fp32, padded
+            link_bytes += nbytes
+            link_s += nbytes / spec["link_bytes_per_s"]
+        for g, opt in zip(groups, opts):
+            torch.nn.utils.clip_grad_norm_(g, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        cpu_s.append(time.process_time() - c0)
+        dt = t1 - t0
+        if method == "split":
+            device_s.append(cut_state["t_cut"] - t0 + t_device_bwd)
+            server_s.append(dt - device_s[-1])
+            dt += nbytes / spec["link_bytes_per_s"]  # split learning waits for both transfers
+        step_s.append(t1 - t0)
+        elapsed += dt
+        step += 1
+        samples += len(idx)
+        if schedule.due(elapsed) or elapsed >= budget:
+            curve.append({"t": elapsed, "metric": evaluate(), "step": step, "samples": samples,
+                          "final": elapsed >= budget})
+    result = {"curve": curve, "steps": step, "samples": samples, "trainable_params": trainable,
+              "device_s_per_iter": float(np.mean(step_s)) if step_s else float("nan"),
+              "device_cpu_s_per_iter": float(np.mean(cpu_s)) if cpu_s else float("nan"),
+              "bytes_per_sample": 0.0, "bytes_sent": 0}
+    if method == "split":
+        result.update({"bytes_per_sample": link_bytes / max(samples, 1), "bytes_sent": link_bytes // 2,
+                       "bytes_received": link_bytes // 2, "link_s": link_s,
+                       "inprocess_device_s_per_iter": float(np.mean(device_s)) if device_s else float("nan"),
+                       "inprocess_server_s_per_iter": float(np.mean(server_s)) if server_s else float("nan")})
+    return result
+
+
+def split_device_worker(spec: dict) -> dict:
+    """The device half of split learning alone: embeddings + layers 1..cut, forward and backward.
+
+    It receives a gradient for the cut activation (random here: memory and compute do not depend
+    on its values) and steps AdamW on its own parameters, over the batches the split run trained on.
+    """
+    import torch
+    from transformers import OPTConfig
+    from transformers.models.opt.modeling_opt import OPTModel
+
+    data = Data(spec["data"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    config = OPTConfig.from_dict(spec["config"])
+    config.num_hidden_layers = spec["cut"]  # only the lower layers are ever built (or loaded)
+    torch.manual_seed(spec["init_seed"])
+    if spec.get("pretrained"):
+        decoder = OPTModel.from_pretrained(spec["pretrained"], config=config).decoder
+    else:
+        decoder = OPTModel(config).decoder
+    decoder.project_out, decoder.final_layer_norm = None, None  # both belong to the top of the model
+    decoder.train()
+    opt = torch.optim.AdamW(decoder.parameters(), lr=spec["lr"], weight_decay=0.01)
+    times, cpu, nbytes, samples = [], [], 0, 0
+    for idx in data.plan[: spec["steps"]]:
+        ids, mask = padded([data.train[i] for i in idx], data.pad_id)
+        grad = torch.randn(len(idx), ids.shape[1], config.hidden_size) * 1e-3  # "received" from the server
+        t0, c0 = time.perf_counter(), time.process_time()
+        h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        h.backward(grad)
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        nbytes += 2 * h.numel() * 4
+        samples += len(idx)
+    return {"device_s_per_iter": float(np.mean(times[1:] or times)), "steps": len(times),
+            "device_cpu_s_per_iter": float(np.mean(cpu[1:] or cpu)),
+            "bytes_per_sample": nbytes / max(samples, 1),
+            "device_params": sum(p.numel() for p in decoder.parameters())}
+
+
+# ----------------------------------------------------------------------------- side networks
+
+def write_snapshot(folder: Path, run_config, state_dict, step: int) -> Path:
+    """A run-like folder (config.json + checkpoint.pt) that `trainer export` can turn into ONNX."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run_config.save(folder)
+    torch.save({"model": state_dict, "progress": {"step": step}}, folder / "checkpoint.pt")
+    return folder
+
+
+def side_local_worker(spec: dict) -> dict:
+    """MobiLLM-L: the side network trained on the device itself.
+
+    The device runs the exported engine in ONNX Runtime (taps quantized in the graph, exactly as
+    for mobillm), decodes each row's last token with the reference codec and trains the same
+    SideNetwork, optimizer and loss as `trainer serve` in torch, in this one process.
+    """
+    import torch
+
+    from mobillm.edge_runtime.backbone import Backbone
+    from mobillm.export.manifest import manifest_digest
+    from mobillm.kernels import codec
+    from mobillm.trainer.config import OptimConfig, RunConfig, SideConfig
+    from mobillm.trainer.model import build_side_network, task_loss
+    from mobillm.trainer.run import make_optimizer
+
+    data, budget, task = Data(spec["data"]), spec["budget_s"], spec["task"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    bb = Backbone(spec["engine"], threads=spec.get("threads"))
+    taps = bb.manifest.taps
+    optim = OptimConfig(lr=spec["lr"])
+    side = SideConfig().for_taps([t.hidden for t in taps], task["out_dim"])
+    run_config = RunConfig(
+        run="mobillm-local", task=task["name"], task_type=task["kind"], num_labels=task["num_labels"],
+        model_id=bb.manifest.model_id, manifest_sha256=manifest_digest(bb.folder), device_id="local",
+        mode="pooled", epochs=1, samples_per_epoch=len(data.train),
+        taps=[{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size} for t in taps],
+        cache=False, side=side, optim=optim)
+    model = build_side_network(side, optim.seed)
+    opt = make_optimizer(model, optim)
+    snaps = Path(spec["snap_dir"])
+    curve = []
+    if spec["eval_at_zero"]:
+        curve.append({"t": 0.0, "step": 0, "samples": 0,
+                      "snapshot": str(write_snapshot(snaps / "s0000", run_config, model.state_dict(), 0))})
+    schedule = Schedule(budget, spec["evals"])
+    elapsed, step, samples, fwd_s, step_s, cpu_s = 0.0, 0, 0, [], [], []
+    model.train()
+    for idx in data.plan:
+        if elapsed >= budget:
+            break
+        t0, c0 = time.perf_counter(), time.process_time()
+        outs, lengths = bb.forward([data.train[i] for i in idx])
+        rows = np.arange(len(idx))
+        inputs = [torch.from_numpy(codec.decode_arrays(t.codes[rows, lengths - 1], t.scales[rows, lengths - 1],
+                                                       t.spec.fmt, t.spec.hidden, t.spec.block_size)) for t in outs]
+        t_fwd = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = optim.lr * lr_factor(step, elapsed, budget)
+        logits = model.logits_from_rows(inputs, torch.ones(len(idx), dtype=torch.long))
+        loss = task_loss(logits, torch.from_numpy(data.train_labels[idx]), task["kind"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        opt.step()
+        t1 = time.perf_counter()
+        cpu_s.append(time.process_time() - c0)
+        fwd_s.append(t_fwd - t0)
+        step_s.append(t1 - t0)
+        elapsed += t1 - t0
+        step += 1
+        samples += len(idx)
+        if schedule.due(elapsed) or elapsed >= budget:
+            folder = write_snapshot(snaps / f"s{step:04d}", run_config, model.state_dict(), step)
+            curve.append({"t": elapsed, "step": step, "samples": samples, "snapshot": str(folder),
+                          "final": elapsed >= budget})
+    return {"curve": curve, "steps": step, "samples": samples, "bytes_per_sample": 0.0, "bytes_sent": 0,
+            "device_s_per_iter": float(np.mean(step_s)) if step_s else float("nan"),
+            "device_cpu_s_per_iter": float(np.mean(cpu_s)) if cpu_s else float("nan"),
+            "forward_s_per_row": float(np.sum(fwd_s) / max(samples, 1))}
+
+
+def calibrate_worker(spec: dict) -> dict:
+    """Seconds per row of the device's forward pass (ORT) on the first batches of the run."""
+    from mobillm.edge_runtime.backbone import Backbone
+
+    data = Data(spec["data"])
+    bb = Backbone(spec["engine"], threads=spec.get("threads"))
+    times, rows = [], 0
+    for idx in data.plan[: spec["steps"]]:
+        t0 = time.perf_counter()
+        bb.forward([data.train[i] for i in idx])
+        times.append(time.perf_counter() - t0)
+        rows += len(idx)
+    return {"forward_s_per_row": sum(times) / rows, "steps": len(times)}
+
+
+def edge_worker(spec: dict) -> dict:
+    """The mobillm device: `edge-run train` (EdgeTrainer) against a `trainer serve` process."""
+    from mobillm.common.tasks import get_task
+    from mobillm.edge_runtime.backbone import Backbone
+    from mobillm.edge_runtime.data import load_examples
+    from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions, stats_dict
+
+    task = get_task(spec["task"]["name"])
+    bb = Backbone(spec["engine"], threads=spec.get("threads"))
+    examples = load_examples(spec["train_file"], task)
+    opts = TrainOptions(server=spec["server"], epochs=spec["epochs"], batch_size=spec["batch_size"],
+                        max_len=spec["max_len"], mode=spec["mode"], seed=spec["seed"], run=spec["run"],
+                        progress=False)
+    trainer = EdgeTrainer(bb, examples, task, opts)
+    t0, c0 = time.time(), time.process_time()
+    stats = trainer.run()
+    t_model, cpu = time.time(), time.process_time() - c0  # every thread: forward, quantize, frames, sends
+    side = trainer.save_model(Path(spec["side_out"]))
+    return {"t0": t0, "t_model": t_model, "stats": stats_dict(stats), "side": str(side),
+            "steps": stats.batches_sent, "samples": stats.samples_sent,
+            "bytes_per_sample": stats.bytes_sent / max(stats.samples_sent, 1), "bytes_sent": stats.bytes_sent,
+            "device_s_per_iter": stats.forward_s / max(stats.batches_sent, 1),
+            "device_cpu_s_per_iter": cpu / max(stats.batches_sent, 1)}
+
+
+class MemoBackbone:
+    """A Backbone whose forward passes are remembered: the backbone is frozen, so the dev taps
+    of one batch are the same for every side network evaluated on it."""
+
+    def __init__(self, backbone):
+        self._bb, self._memo = backbone, {}
+
+    def __getattr__(self, name):
+        return getattr(self._bb, name)
+
+    def forward(self, rows):
+        key = b"|".join(np.asarray(r, np.int64).tobytes() for r in rows)
+        if key not in self._memo:
+            self._memo[key] = self._bb.forward(rows)
+        return self._memo[key]
+
+
+def evaluate_worker(spec: dict) -> dict:
+    """Dev metric of side networks with JointModel (ORT backbone + ORT side network, the device's path).
+
+    Snapshot folders (a server run's checkpoints, MobiLLM-L's snapshots) are turned into ONNX by
+    `trainer export`'s function first; a folder with `init: true` holds a run's config only and is
+    evaluated with the side network the server starts from (same seed).
+    """
+    import torch
+
+    from mobillm.common.tasks import get_task
+    from mobillm.edge_runtime.backbone import Backbone
+    from mobillm.edge_runtime.data import load_examples
+    from mobillm.edge_runtime.predict import JointModel
+    from mobillm.trainer.config import RunConfig
+    from mobillm.trainer.export import reexport
+    from mobillm.trainer.model import build_side_network
+
+    task = get_task(spec["task"]["name"])
+    backbones: dict[str, MemoBackbone] = {}
+    dev = load_examples(spec["dev_file"], task)
+    metrics, steps = [], []
+    for item in spec["items"]:
+        engine = item.get("engine", spec["engine"])
+        if engine not in backbones:
+            backbones[engine] = MemoBackbone(Backbone(engine, threads=spec.get("threads")))
+        bb = backbones[engine]
+        step = None
+        if item.get("onnx"):
+            path = Path(item["onnx"])
+        else:
+            folder = Path(item["folder"])
+            if item.get("init"):
+                cfg = RunConfig.load(folder)
+                torch.save({"model": build_side_network(cfg.side, cfg.optim.seed).state_dict(),
+                            "progress": {"step": 0}}, folder / "checkpoint.pt")
+            step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
+            path, _ = reexport(folder)
+        result = JointModel(bb, path).evaluate(dev, task, spec["max_len"], spec["batch_size"], progress=False)
+        metrics.append(float(result[task.metric]))
+        steps.append(step)
+    return {"metrics": metrics, "steps": steps}
+
+
+WORKERS = {"torch": torch_worker, "split-device": split_device_worker, "side-local": side_local_worker,
+           "calibrate": calibrate_worker, "edge": edge_worker, "evaluate": evaluate_worker}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    t0 = time.perf_counter()
+    result = WORKERS[spec["worker"]](spec)
+    result["peak_rss_mb"] = vmhwm_mb()
+    result["process_s"] = time.perf_counter() - t0
+    out = Path(spec["out"])
+    out.with_suffix(".part").write_text(json.dumps(result))
+    out.with_suffix(".part").replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

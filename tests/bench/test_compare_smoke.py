@@ -1,0 +1,56 @@
+"""bench/compare.py end to end at a tiny size: every method runs in its own process and reports
+finite numbers (memory, compute, bytes, dev metric), the table and the plot are written."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ["full", "lora", "bitfit", "split", "mobillm-local", "mobillm-pooled", "mobillm-tokens", "mobillm-cache",
+           "mobillm-60mbps", "mobillm-int8"]
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@pytest.mark.slow  # ~12 fresh processes, each importing torch (+ transformers): minutes on a busy 2-core box
+def test_every_method_reports_finite_numbers(tiny_engine_factory, tmp_path):
+    tiny = {"num_hidden_layers": 2}  # and hidden 64 (tests/conftest.py TINY_OPT)
+    engine, engine_int8 = tiny_engine_factory(overrides=tiny), tiny_engine_factory(overrides=tiny, weights="int8")
+    cmd = [sys.executable, str(REPO / "bench" / "compare.py"), "--engine", str(engine), "--engine-int8", str(engine_int8),
+           "--methods", ",".join(METHODS),
+           "--train-rows", "64", "--dev-rows", "32", "--budget-minutes", "0.1", "--evals", "1",
+           "--mobillm-epochs", "2", "--no-zero-eval", "--jobs", "2", "--work", str(tmp_path / "work"),
+           "--json-out", str(tmp_path / "compare.json"), "--plot", str(tmp_path / "compare.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert list(rows) == METHODS
+    for name, r in rows.items():
+        assert r["error"] is None, (name, r["error"])
+        assert finite(r["peak_rss_mb"]) and r["peak_rss_mb"] > 0, name
+        assert finite(r["device_s_per_iter"]) and r["device_s_per_iter"] > 0, name
+        assert finite(r["bytes_per_sample"]) and r["bytes_per_sample"] >= 0, name
+        assert finite(r["metric_after_budget"]) and 0 <= r["metric_after_budget"] <= 1, name
+        assert r["steps"] >= 1 and r["curve"], name
+    for name in METHODS[5:] + ["split"]:
+        assert rows[name]["bytes_per_sample"] > 0, name
+    assert rows["mobillm-pooled"]["bytes_per_sample"] < rows["mobillm-tokens"]["bytes_per_sample"]
+    assert finite(summary["target"]) and summary["bytes"]["ratio"] >= 50
+    assert {g["goal"] for g in summary["goals"]} >= {"device memory mobillm-pooled / LoRA",
+                                                      "time to target mobillm-cache / LoRA"}
+    for name in METHODS:
+        assert f"| {name} |" in proc.stdout
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
