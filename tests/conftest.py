@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mobillm.export.fallback_tokenizer import build_fallback_tokenizer
+
 # The shared data folder is a sibling of the repository root; tests skip or fall back without it.
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SHARED_TOKENIZER = SHARED_DATA / "tokenizer" / "opt"
@@ -22,26 +24,6 @@ TINY_OPT = {
     "max_position_embeddings": 256,
     "vocab_size": 50272,
 }
-
-
-def build_fallback_tokenizer(folder: Path) -> Path:
-    """A small byte-level BPE tokenizer in OPT's style (BOS '</s>' = 2, pad '<pad>' = 1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["A photo of a cat sitting on a warm windowsill.", "Hello world", "The quick brown fox jumps."]
-    tok.train_from_iterator(text * 10, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "</s>", "eos_token": "</s>",
-        "pad_token": "<pad>", "unk_token": "<unk>"}))
-    return folder
 
 
 @pytest.fixture(scope="session")
