@@ -466,7 +466,7 @@ def evaluate_side_networks(h: Harness, results: dict) -> None:
             for k, point in enumerate(r["curve"]):
                 items.append({"folder": point["snapshot"], "engine": str(h.engines["fp32"])})
                 where.append((method, "curve", k))
-        elif method in SERVER_VARIANTS:
+        elif method in SERVER_VARIANTS and "t0" in r:  # (a device that failed has no clock to place points on)
             engine = str(h.engines[SERVER_VARIANTS[method][3]])
             if r.get("init_folder") and not h.a.no_zero_eval:
                 items.append({"folder": r["init_folder"], "init": True, "engine": engine})
@@ -566,11 +566,17 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
     for m in methods:
         r = results[m]
         ttt = time_to_target(r.get("curve", []), target, budget) if target is not None else None
+        if m in SERVER_VARIANTS and "t_model" in r:  # the server trained them; the run ends when the model is back
+            trained, train_s = r["stats"]["server_metrics"].get("samples_trained"), r["t_model"] - r["t0"]
+        else:
+            trained, train_s = r.get("samples"), max((p["t"] for p in r.get("curve", [])), default=None)
         rows.append({"method": m, "description": METHODS[m], "peak_rss_mb": r.get("peak_rss_mb"),
                      "loadavg_1min": r.get("loadavg_1min"),
                      "device_s_per_iter": r.get("device_s_per_iter"),
                      "device_cpu_s_per_iter": r.get("device_cpu_s_per_iter"), "bytes_per_sample": r.get("bytes_per_sample"),
                      "bytes_sent": r.get("bytes_sent"), "steps": r.get("steps"), "samples": r.get("samples"),
+                     "samples_trained": trained, "train_s": train_s,
+                     "samples_per_s": trained / train_s if trained and train_s else None,
                      "metric_after_budget": finals[m], "time_to_target_s": ttt,
                      "error": r.get("error"), "curve": r.get("curve", [])})
     by = {row["method"]: row for row in rows}
@@ -623,8 +629,8 @@ def markdown(s: dict) -> str:
     lines = [f"Target: {s['target_frac']:.2f} x best {s['metric']} after the budget "
              f"({s['best_method']}: {fmt_num(s['best_metric'], '.3f')}) = **{fmt_num(s['target'], '.3f')}**; "
              f"budget {s['budget_s']:.0f} s per method.", "",
-             "| method | device peak RSS (MiB) | device s/iter | device CPU s/iter | bytes/sample on the link | steps | "
-             f"{s['metric']} after budget | time to target (s) |",
+             "| method | device peak RSS (MiB) | device s/iter | device CPU s/iter | bytes/sample on the link | "
+             f"samples trained / s | {s['metric']} after budget | time to target (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         if r["error"]:
@@ -632,9 +638,14 @@ def markdown(s: dict) -> str:
             continue
         lines.append(f"| {r['method']} | {fmt_num(r['peak_rss_mb'], '.0f')} | {fmt_num(r['device_s_per_iter'], '.3f')} | "
                      f"{fmt_num(r['device_cpu_s_per_iter'], '.3f')} | "
-                     f"{fmt_num(r['bytes_per_sample'], ',.0f')} | {fmt_num(r['steps'], 'd')} | "
+                     f"{fmt_num(r['bytes_per_sample'], ',.0f')} | {fmt_num(r['samples_per_s'], '.1f')} | "
                      f"{fmt_num(r['metric_after_budget'], '.3f')} | "
                      f"{fmt_num(r['time_to_target_s'], '.1f', 'not reached')} |")
+    at_zero = [r["method"] for r in s["rows"] if any(p["t"] == 0 and p.get("metric") is not None
+                                                     and p["metric"] >= (s["target"] or 2) for p in r["curve"])]
+    if at_zero:
+        lines += ["", f"Note: the target is not above the untrained (t = 0) metric of {', '.join(at_zero)}: "
+                      f"their time to target is 0 and says nothing."]
     b = s["bytes"]
     lines += ["", f"Bytes per sample, the paper's scheme (every tap, padded to 256 tokens, {b['tap_format']}): "
                   f"{b['padded256_engine_fmt']:,.0f} ({b['padded256_fp16']:,.0f} in fp16); pooled: "
@@ -807,6 +818,7 @@ def main(argv=None) -> int:
         for server in servers.values():
             server.stop()
         evaluate_side_networks(h, results)
+        (work / "results.json").write_text(json.dumps(results, indent=1, default=str))  # raw, for a closer look
         summary = summarize(h, results, methods)
         summary["harness_s"] = time.perf_counter() - t_start
         summary["command"] = "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
