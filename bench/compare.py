@@ -9,6 +9,13 @@ config and seed. Per method: device peak RSS (VmHWM), device compute seconds per
 bytes per sample on the link, the dev metric against wall-clock, the time to reach a target
 metric and the metric after the budget. Evaluation pauses each method's clock.
 
+The target is `--target-frac` x the best metric after the budget. A time-to-target ratio is only
+reported when it means something: not when the target is not above a method's untrained
+(t = 0) metric, and not when the best method ended within two binomial standard errors of the
+best untrained accuracy (a random-init backbone on real GLUE data, for one); the table says
+"not measurable" and why. `--summarize-only` rebuilds table, JSON and plot from a finished
+run's `--work` folder.
+
 - full / lora / bitfit: OPTForSequenceClassification in torch, AdamW (LoRA: PEFT r 16 on q_proj,v_proj).
 - split: the same classifier cut after `--split-layer`; device memory and device s/iter come from a
   separate process that holds only embeddings + the lower layers and runs their forward and
@@ -47,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from device_memory import TOKENIZER, free_port
-from linkproxy import LinkProxy
+from mobillm.common.netsim import LinkProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "compare_workers.py"
@@ -562,6 +569,13 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
     best_method = max((m for m in methods if finals[m] is not None), key=lambda m: finals[m], default=None)
     best = finals[best_method] if best_method else None
     target = a.target_frac * best if best is not None else None
+    start = {m: next((pt["metric"] for pt in results[m].get("curve", []) if pt["t"] == 0
+                      and pt.get("metric") is not None), None) for m in methods}
+    # Is there anything to time? The best method must beat the best untrained metric by more than
+    # two binomial standard errors of an accuracy on this many dev rows (0.5 / sqrt(n) at most).
+    noise = 2 * 0.5 / math.sqrt(max(1, h.data["dev_rows"])) if h.data["task"]["metric"] == "accuracy" else None
+    start_best = max((v for v in start.values() if v is not None), default=None)
+    signal = None if best is None or start_best is None or noise is None else best - start_best > noise
     rows = []
     for m in methods:
         r = results[m]
@@ -594,7 +608,13 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
         num, den = by.get(num_m, {}).get(key), by.get(den_m, {}).get(key)
         if num_m not in by or den_m not in by:
             return
-        if key == "time_to_target_s" and num is not None and den is None:
+        if key == "time_to_target_s" and (signal is False or any(
+                start.get(m) is not None and start[m] >= target for m in (num_m, den_m))):
+            why = ("no method learned beyond noise" if signal is False else
+                   f"the target is not above the untrained metric of "
+                   f"{' and '.join(m for m in (num_m, den_m) if start.get(m) is not None and start[m] >= target)}")
+            value, text, ok = None, f"not measurable ({why})", None
+        elif key == "time_to_target_s" and num is not None and den is None:
             value, text = num / budget, f"< {num / budget:.2f} ({den_m} missed the target in the budget)"
             ok = value <= limit
         elif num is None or den is None or not den:
@@ -616,6 +636,7 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
             "budget_s": budget, "train_rows": h.data["train_rows"], "dev_rows": h.data["dev_rows"],
             "overrides": a.overrides, "seed": a.seed, "target_frac": a.target_frac, "best_method": best_method,
             "best_metric": best, "target": target, "metric": h.data["task"]["metric"], "rows": rows,
+            "start_metrics": start, "noise": noise, "signal": signal,
             "bytes": bytes_cmp, "goals": goals, "split_layer": a.split_layer, "link_mbps": a.link_mbps,
             "num_layers": h.data["manifest"].num_layers, "random_init": h.data["manifest"].source == "random-init", "mobillm_epochs": a.mobillm_epochs,
             "mean_train_tokens": h.data["mean_train_tokens"], "mean_padded_tokens": h.data["mean_padded_tokens"]}
@@ -641,11 +662,16 @@ def markdown(s: dict) -> str:
                      f"{fmt_num(r['bytes_per_sample'], ',.0f')} | {fmt_num(r['samples_per_s'], '.1f')} | "
                      f"{fmt_num(r['metric_after_budget'], '.3f')} | "
                      f"{fmt_num(r['time_to_target_s'], '.1f', 'not reached')} |")
-    at_zero = [r["method"] for r in s["rows"] if any(p["t"] == 0 and p.get("metric") is not None
-                                                     and p["metric"] >= (s["target"] or 2) for p in r["curve"])]
+    at_zero = [m for m, v in s["start_metrics"].items() if v is not None and s["target"] is not None
+               and v >= s["target"]]
     if at_zero:
         lines += ["", f"Note: the target is not above the untrained (t = 0) metric of {', '.join(at_zero)}: "
                       f"their time to target is 0 and says nothing."]
+    if s["signal"] is False:
+        start_best = max(v for v in s["start_metrics"].values() if v is not None)
+        lines += ["", f"**No signal:** the best {s['metric']} after the budget ({s['best_metric']:.3f}) is within "
+                      f"two standard errors (±{s['noise']:.3f} on {s['dev_rows']} rows) of the best untrained one "
+                      f"({start_best:.3f}); this run's {s['metric']} and time-to-target columns are noise."]
     b = s["bytes"]
     lines += ["", f"Bytes per sample, the paper's scheme (every tap, padded to 256 tokens, {b['tap_format']}): "
                   f"{b['padded256_engine_fmt']:,.0f} ({b['padded256_fp16']:,.0f} in fp16); pooled: "
@@ -654,7 +680,8 @@ def markdown(s: dict) -> str:
               "| goal | limit | measured | met |", "|---|---|---|---|"]
     for g in s["goals"]:
         limit = f">= {g['limit']}x" if g.get("at_least") else f"<= {g['limit']}"
-        lines.append(f"| {g['goal']} | {limit} | {g['text']} | {'yes' if g['met'] else '**no**'} |")
+        met = "—" if g["met"] is None else "yes" if g["met"] else "**no**"
+        lines.append(f"| {g['goal']} | {limit} | {g['text']} | {met} |")
     return "\n".join(lines)
 
 
@@ -755,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None, help="keep run files here (default: a temp folder)")
     p.add_argument("--reuse", action="store_true", help="with --work: reuse on-device methods already run there "
                                                         "with the same settings (an interrupted comparison)")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="with --work (and the run's other options): rebuild the table, JSON and plot from the "
+                        "results.json of a finished run there; nothing is run again")
     p.add_argument("--json-out", type=Path, default=None, help="write the summary JSON here")
     p.add_argument("--markdown-out", type=Path, default=None, help="write the table here")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "compare.png", help="plot path")
@@ -796,6 +826,10 @@ def main(argv=None) -> int:
         h = Harness(a, work, engines, data)
         log(f"{a.model}: {num_layers} layers, {data['train_rows']} train / {data['dev_rows']} dev rows, "
             f"budget {h.budget:.0f} s per method, work folder {work}")
+        if a.summarize_only:
+            if not (work / "results.json").is_file():
+                raise SystemExit(f"compare: --summarize-only: no {work / 'results.json'} (run the comparison first)")
+            return report(h, json.loads((work / "results.json").read_text()), methods, None, argv)
         jobs = [job for m in methods if m not in SERVER_VARIANTS for job in local_jobs(h, m)]
         results = run_jobs(h, jobs, a.jobs)
         merge_split(results)
@@ -819,25 +853,32 @@ def main(argv=None) -> int:
             server.stop()
         evaluate_side_networks(h, results)
         (work / "results.json").write_text(json.dumps(results, indent=1, default=str))  # raw, for a closer look
-        summary = summarize(h, results, methods)
-        summary["harness_s"] = time.perf_counter() - t_start
-        summary["command"] = "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        table = markdown(summary)
-        print(table)
-        print(f"\nwhole run: {summary['harness_s'] / 60:.1f} min", file=sys.stderr)
-        if a.json_out:
-            a.json_out.parent.mkdir(parents=True, exist_ok=True)
-            a.json_out.write_text(json.dumps(summary, indent=2, default=str))
-        if a.markdown_out:
-            a.markdown_out.write_text(table + "\n")
-        if a.plot:
-            plot(summary, a.plot)
-        return 0 if not any(r["error"] for r in summary["rows"]) else 1
+        return report(h, results, methods, time.perf_counter() - t_start, argv)
     finally:
         for server in servers.values():
             server.stop()
         if tmp is not None:
             tmp.cleanup()
+
+
+def report(h: Harness, results: dict, methods: list[str], harness_s: float | None, argv) -> int:
+    """Summary, table, JSON and plot of a finished run; exit status 1 when a method failed."""
+    a = h.a
+    summary = summarize(h, results, methods)
+    summary["harness_s"] = harness_s
+    summary["command"] = "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = markdown(summary)
+    print(table)
+    if harness_s is not None:
+        print(f"\nwhole run: {harness_s / 60:.1f} min", file=sys.stderr)
+    if a.json_out:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(json.dumps(summary, indent=2, default=str))
+    if a.markdown_out:
+        a.markdown_out.write_text(table + "\n")
+    if a.plot:
+        plot(summary, a.plot)
+    return 0 if not any(r["error"] for r in summary["rows"]) else 1
 
 
 def start_servers(a, work: Path, remote: list[str], servers: dict, train_rows: int) -> None:

@@ -63,7 +63,11 @@ class TapOutput:
 class Backbone:
     """ORT session over an engine folder; `forward` returns the quantized taps of a batch."""
 
-    def __init__(self, engine: Path | str, provider: str = "cpu", threads: int | None = None, verify: bool = True):
+    def __init__(self, engine: Path | str, provider: str = "cpu", threads: int | None = None, verify: bool = True,
+                 prepack: bool = False):
+        """`prepack=False` (the default) turns off ORT's weight pre-packing: on CPU it keeps a
+        second, re-laid-out copy of every MatMul weight, ~30 % of the session's peak memory
+        (docs/benchmarks.md, "ORT weight pre-packing"), for a speed gain we measured at 0-10 %."""
         self.folder = Path(engine)
         if not self.folder.is_dir():
             raise ManifestError(f"{self.folder}: engine folder not found; run export-backbone first and copy its --out here")
@@ -72,6 +76,8 @@ class Backbone:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.manifest.custom_op_library:
             opts.register_custom_ops_library(str(self.folder / self.manifest.custom_op_library))
         self.session = ort.InferenceSession(str(self.folder / self.manifest.graph), opts,

@@ -27,6 +27,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS),
                    help="ONNX Runtime execution provider (falls back to cpu with a message if missing)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
+    p.add_argument("--prepack", action="store_true",
+                   help="let ORT keep pre-packed copies of the weights: up to ~10%% faster on some CPUs, "
+                        "~30%% more peak memory (off by default: memory is the device's scarcest resource)")
     p.add_argument("--max-len", type=int, default=128, help="truncate rows to this many tokens (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
     p.add_argument("--task", default="sst2", help="task preset: sst2, cola, mrpc, stsb, rte, qnli (default sst2)")
@@ -91,7 +94,7 @@ def resolve_task(args) -> Task:
 
 def cmd_train(args) -> int:
     task = resolve_task(args)
-    bb = Backbone(args.engine, args.provider, args.threads)
+    bb = Backbone(args.engine, args.provider, args.threads, prepack=args.prepack)
     examples = load_examples(args.data, task, limit=args.limit)
     token = args.token_file.read_text().strip() if args.token_file else None
     opts = TrainOptions(server=args.server, epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len,
@@ -123,7 +126,7 @@ def cmd_predict(args) -> int:
     from .predict import JointModel
 
     task = resolve_task(args)
-    model = JointModel(Backbone(args.engine, args.provider, args.threads), args.side)
+    model = JointModel(Backbone(args.engine, args.provider, args.threads, prepack=args.prepack), args.side)
     examples = _examples_for_predict(args, task)
     outputs = model.predict(examples, args.max_len, args.batch_size, progress=not args.quiet)
     lines = []
@@ -146,7 +149,7 @@ def cmd_eval(args) -> int:
     if not args.data:
         raise DataError("eval needs --data FILE with labels")
     task = resolve_task(args)
-    model = JointModel(Backbone(args.engine, args.provider, args.threads), args.side)
+    model = JointModel(Backbone(args.engine, args.provider, args.threads, prepack=args.prepack), args.side)
     examples = _examples_for_predict(args, task)
     result = model.evaluate(examples, task, args.max_len, args.batch_size, progress=not args.quiet)
     print(json.dumps({"task": task.name, "rows": len(examples), **result}))

@@ -17,6 +17,7 @@ import gc
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -672,7 +673,8 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
     step(f"{model} ({source.kind}): {num_layers} layers, taps {_csv(tap_layers)}, quant {_csv(formats)}, "
          f"compute {dtype}, weights {weights}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         manifest = _export_into(tmp, source, config, typed_overrides, family, blocks, tap_layers, formats,
                                 block_size, dtype, weights, seed, exporter, tok, tok_from, step, progress,
@@ -829,10 +831,34 @@ def _consolidate(folder: Path) -> str | None:
     return save_onnx(graph, folder / GRAPH_NAME)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove what an export killed mid-way (SIGKILL, out of memory, a crash in native code) left
+    beside `out`: `.NAME.partial-PID-*` / `.NAME.old-PID-*` folders whose process is gone. Folders of
+    a live export (same name, another process) are left alone. Returns what was removed."""
+    removed = []
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            m = re.fullmatch(rf"\.{re.escape(out.name)}\.{kind}-(\d+)-.*", path.name)
+            if path.is_dir() and m and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished temp folder to `out`, replacing an old engine only at the very end."""
     if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         out.rename(trash / out.name)
         tmp.rename(out)
         shutil.rmtree(trash, ignore_errors=True)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import SideConfig
-from .model import Adapter, PerTokenSide
+from .model import Adapter, PerTokenSide, init_adapters_and_head
 
 
 def slot_of(layer: int, num_layers: int, slots: int) -> int:
@@ -106,13 +106,7 @@ class SharedSide(nn.Module):
     def init_weights(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for adapter in self.adapters:
-                nn.init.normal_(adapter.down.weight, 0.0, self.cfg.init_std, generator=g)
-                nn.init.normal_(adapter.up.weight, 0.0, self.cfg.up_init_std, generator=g)
-                adapter.down.bias.zero_()
-                adapter.up.bias.zero_()
-            nn.init.normal_(self.head.weight, 0.0, 0.02, generator=g)
-            self.head.bias.zero_()
+            init_adapters_and_head(self.adapters, self.head, self.cfg, g)
 
     def features(self, b: list[torch.Tensor | None]) -> torch.Tensor:
         """Per-token b_S + s [..., D] from per-slot inputs (b[-1] is never None)."""

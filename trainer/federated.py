@@ -34,7 +34,7 @@ import traceback
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +46,8 @@ from .config import ServerConfig, atomic_write
 from .data import rows_for_model
 from .export import check_onnx, export_onnx, input_names
 from .fed_model import AlignedSide, Alignment, Family, FedSideModel, SharedSide
-from .protocol import NAME, Hello, SessionError, check_batch
-from .run import CHECKPOINT, METRICS, MODEL_FILE, SUMMARY, make_optimizer, open_metrics, step_loss
+from .protocol import NAME, Hello, SessionError, accept_batch
+from .run import CHECKPOINT, METRICS, MODEL_FILE, SUMMARY, LoopWaiters, make_optimizer, open_metrics, step_loss
 
 log = logging.getLogger("mobillm.trainer")
 
@@ -119,7 +119,7 @@ def family_of(hello: Hello) -> Family:
     return Family(hello.manifest_sha256, hello.model_id, depth, tuple((t.layer, t.hidden) for t in hello.taps))
 
 
-class FedRun:
+class FedRun(LoopWaiters):
     """One shared side network, the devices feeding it, and the thread that trains it."""
 
     def __init__(self, name: str, folder: Path, config: ServerConfig, hello: Hello, checkpoint: dict | None = None):
@@ -232,15 +232,8 @@ class FedRun:
         if dev.session is not session:
             raise SessionError("replaced", "a newer connection of this device took over")
         self._check_alive()
-        if session.credits <= 0:
-            raise SessionError("no_credit", "BATCH sent without a credit; wait for a CREDIT frame")
-        try:
-            batch = wire.Batch.from_body(frame.body, cfg.max_rows, cfg.max_tokens)
-        except wire.WireError as exc:
-            raise SessionError("bad_batch", str(exc)) from None
-        check_batch(batch, dev.hello, session.formats)
-        if batch.seq <= session.last_seq:
-            raise SessionError("bad_batch", f"seq {batch.seq} does not increase (last was {session.last_seq})")
+        batch = accept_batch(frame.body, dev.hello, session.formats, session.credits, session.last_seq,
+                             cfg.max_rows, cfg.max_tokens)
         if dev.accepted + len(batch.sample_ids) > dev.total:
             raise SessionError("bad_batch", f"more than epochs x samples_per_epoch = {dev.total} samples")
         session.credits -= 1
@@ -266,28 +259,6 @@ class FedRun:
             raise SessionError("training_failed", self.error or "training failed")
         if self.stopped or self._stopping:
             raise SessionError("shutting_down", "the server is stopping; reconnect later to resume")
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait on the loop until the training thread makes `predicate` true, or the run stops or fails."""
-        while not (predicate() or self.stopped or self.phase == "failed"):
-            fut = self.loop.create_future()
-            self._waiters.append(fut)
-            if predicate() or self.stopped or self.phase == "failed":
-                break
-            await fut
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    def _notify(self) -> None:
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
 
     def _credit(self, dev: Device, item: FedItem, samples_done: int) -> None:
         """Return the item's credit to the session that sent it (if it still feeds the run)."""

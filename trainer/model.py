@@ -20,6 +20,18 @@ from torch import nn
 from .config import SideConfig
 
 
+def init_adapters_and_head(adapters, head: nn.Linear, cfg: SideConfig, g: torch.Generator) -> None:
+    """The side network's initialisation (inside no_grad): W_down ~ N(0, init_std), W_up ~ N(0,
+    up_init_std) (small: each adapter starts close to the identity path), head ~ N(0, 0.02), zero biases."""
+    for adapter in adapters:
+        nn.init.normal_(adapter.down.weight, 0.0, cfg.init_std, generator=g)
+        nn.init.normal_(adapter.up.weight, 0.0, cfg.up_init_std, generator=g)
+        adapter.down.bias.zero_()
+        adapter.up.bias.zero_()
+    nn.init.normal_(head.weight, 0.0, 0.02, generator=g)
+    head.bias.zero_()
+
+
 class Adapter(nn.Module):
     """Bottleneck adapter sigma(h W_down) W_up. W_up starts near zero so the block starts as a residual."""
 
@@ -94,13 +106,7 @@ class SideNetwork(PerTokenSide):
                 if isinstance(proj, nn.Linear):
                     nn.init.normal_(proj.weight, 0.0, proj.in_features ** -0.5, generator=g)
                     proj.bias.zero_()
-            for adapter in self.adapters:
-                nn.init.normal_(adapter.down.weight, 0.0, self.cfg.init_std, generator=g)
-                nn.init.normal_(adapter.up.weight, 0.0, self.cfg.up_init_std, generator=g)
-                adapter.down.bias.zero_()
-                adapter.up.bias.zero_()
-            nn.init.normal_(self.head.weight, 0.0, 0.02, generator=g)
-            self.head.bias.zero_()
+            init_adapters_and_head(self.adapters, self.head, self.cfg, g)
 
     def features(self, taps: list[torch.Tensor]) -> torch.Tensor:
         """Per-token b_M + s_M [..., D] from taps [..., H_i] (any leading shape)."""

@@ -195,6 +195,23 @@ def check_batch(batch: wire.Batch, hello: Hello, formats: list[str] | None) -> N
         raise SessionError("bad_batch", "regression labels must travel as float32 (label kind 1)")
 
 
+def accept_batch(body: bytes, hello: Hello, formats: list[str] | None, credits: int, last_seq: int,
+                 max_rows: int, max_tokens: int) -> wire.Batch:
+    """A BATCH body from a session holding `credits`, whose last accepted seq is `last_seq`: it must
+    come with a credit, parse within the server's limits, match the HELLO (`check_batch`) and have
+    a larger seq. The caller takes the credit and records the seq."""
+    if credits <= 0:
+        raise SessionError("no_credit", "BATCH sent without a credit; wait for a CREDIT frame")
+    try:
+        batch = wire.Batch.from_body(body, max_rows, max_tokens)
+    except wire.WireError as exc:
+        raise SessionError("bad_batch", str(exc)) from None
+    check_batch(batch, hello, formats)
+    if batch.seq <= last_seq:
+        raise SessionError("bad_batch", f"seq {batch.seq} does not increase (last was {last_seq})")
+    return batch
+
+
 def trim_batch(batch: wire.Batch, rows: int) -> wire.Batch:
     """The first `rows` rows of a batch (their tokens and labels)."""
     if rows >= len(batch.sample_ids):

@@ -96,7 +96,41 @@ def make_optimizer(model: torch.nn.Module, o) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), **options)
 
 
-class Run:
+class LoopWaiters:
+    """Coroutines on the server's event loop that wait for a training thread: the thread calls
+    `_notify()` after any change, waiters re-check their predicate. The subclass sets `loop`,
+    `_waiters`, `stopped` and `phase` ("failed" ends every wait)."""
+
+    loop: asyncio.AbstractEventLoop | None
+    _waiters: list
+    stopped: bool
+    phase: str
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (on the loop) until the training thread makes `predicate` true, or the run stops or fails."""
+        while not (predicate() or self.stopped or self.phase == "failed"):
+            fut = self.loop.create_future()
+            self._waiters.append(fut)
+            if predicate() or self.stopped or self.phase == "failed":
+                break
+            await fut
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _notify(self) -> None:
+        """Thread-safe: wake every waiter on the loop."""
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+
+class Run(LoopWaiters):
     def __init__(self, cfg: RunConfig, folder: Path, device: str, queue_size: int, checkpoint_every: int,
                  bitplan_every: int, checkpoint: dict | None = None):
         self.cfg, self.folder = cfg, Path(folder)
@@ -178,28 +212,6 @@ class Run:
         if not self.stream_ended:
             self.stream_ended = True
             self.queue.put_nowait(_END)
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (on the loop) until the training thread makes `predicate` true, or the run stops."""
-        while not (predicate() or self.stopped or self.phase == "failed"):
-            fut = self.loop.create_future()
-            self._waiters.append(fut)
-            if predicate() or self.stopped or self.phase == "failed":
-                break
-            await fut
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    def _notify(self) -> None:
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
 
     def _to_session(self, method: str, *args) -> None:
         def deliver():

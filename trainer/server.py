@@ -29,7 +29,7 @@ from mobillm.common import wire
 
 from .config import RunConfig, ServerConfig
 from .federated import FedCoordinator
-from .protocol import Hello, SessionError, check_batch, trim_batch
+from .protocol import Hello, SessionError, accept_batch, trim_batch
 from .run import CHECKPOINT, Item, Run, load_checkpoint, make_optimizer
 
 log = logging.getLogger("mobillm.trainer")
@@ -132,15 +132,8 @@ class Session:
             raise SessionError("replaced", "a newer connection of this device took over the run")
         if run.phase == "failed":
             raise SessionError("training_failed", run.error or "training failed")
-        if self.credits <= 0:
-            raise SessionError("no_credit", "BATCH sent without a credit; wait for a CREDIT frame")
-        try:
-            batch = wire.Batch.from_body(frame.body, cfg.max_rows, cfg.max_tokens)
-        except wire.WireError as exc:
-            raise SessionError("bad_batch", str(exc)) from None
-        check_batch(batch, self.hello, self.formats)
-        if batch.seq <= self.last_seq:
-            raise SessionError("bad_batch", f"seq {batch.seq} does not increase (last was {self.last_seq})")
+        batch = accept_batch(frame.body, self.hello, self.formats, self.credits, self.last_seq,
+                             cfg.max_rows, cfg.max_tokens)
         self.credits -= 1
         self.last_seq = batch.seq
         run.bytes_received += nbytes

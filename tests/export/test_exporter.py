@@ -231,3 +231,27 @@ def test_streamed_gemm_rewrite_keeps_the_outputs(tiny_engine, tmp_path):
         a, b = (codec.decode_arrays(o[2 * i], o[2 * i + 1], tap.fmt, tap.hidden, tap.block_size)
                 for o in (before, after))
         assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a**2)) < 1e-2
+
+
+def test_leftovers_of_a_killed_export_are_removed_but_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "engine"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)  # the process has exited: its folders are leftovers
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [tmp_path / f".engine.partial-{dead_pid}-abc", tmp_path / f".engine.old-{dead_pid}-xyz"]
+        kept = [tmp_path / f".engine.partial-{live.pid}-def",  # an export still running
+                tmp_path / ".engine.partial-qq",  # not ours to judge
+                tmp_path / f".other.partial-{dead_pid}-abc"]  # another engine's
+        for path in stale + kept:
+            path.mkdir()
+            (path / "model.onnx").write_bytes(b"x")
+        removed = exporter.remove_stale_partials(out)
+        assert sorted(removed) == sorted(stale)
+        assert all(not p.exists() for p in stale) and all(p.exists() for p in kept)
+    finally:
+        live.kill()
+        live.wait()

@@ -1,10 +1,12 @@
-"""A TCP proxy on 127.0.0.1 that throttles or cuts the device's uplink.
+"""A simulated link: a TCP proxy on 127.0.0.1 that throttles or cuts the device's uplink.
 
-Used by bench/compare.py (a 60 Mbps uplink) and meant to be the one copy of the proxy that
-tests/edge_runtime/conftest.py's `link_proxy` fixture uses too (same class, same methods).
+For trying a deployment's behaviour on a slow or flaky uplink without the network itself:
+bench/compare.py runs one mobillm variant through a 60 Mbps uplink (the paper's Table VI), and
+the link-fault tests (tests/edge_runtime) cut connections mid-stream and change the rate to
+watch the bitwidth adapt. Torch-free, standard library only.
 
     with LinkProxy(server_port, rate=60e6 / 8) as proxy:   # bytes/s, client -> server only
-        connect to ws://127.0.0.1:{proxy.port}/
+        edge-run ... --server ws://127.0.0.1:{proxy.port}/
 """
 
 from __future__ import annotations
