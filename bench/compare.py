@@ -540,7 +540,14 @@ def metric_after_budget(curve: list[dict], budget: float) -> float | None:
 
 
 def time_to_target(curve: list[dict], target: float, budget: float) -> float | None:
+    """The first evaluation at or above the target."""
     return next((p["t"] for p in in_budget(curve, budget) if p["metric"] >= target), None)
+
+
+def time_to_stay(curve: list[dict], target: float, budget: float) -> float | None:
+    """The first evaluation from which every later one (within the budget) stays at or above the target."""
+    points = in_budget(curve, budget)
+    return next((p["t"] for k, p in enumerate(points) if all(q["metric"] >= target for q in points[k:])), None)
 
 
 def wire_bytes_per_sample(taps, tokens: int, mode: str, fmt: str | None = None, rows: int = 16) -> float:
@@ -592,6 +599,7 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
                      "samples_trained": trained, "train_s": train_s,
                      "samples_per_s": trained / train_s if trained and train_s else None,
                      "metric_after_budget": finals[m], "time_to_target_s": ttt,
+                     "time_to_stay_s": time_to_stay(r.get("curve", []), target, budget) if target is not None else None,
                      "error": r.get("error"), "curve": r.get("curve", [])})
     by = {row["method"]: row for row in rows}
     taps = h.data["manifest"].taps
@@ -651,17 +659,18 @@ def markdown(s: dict) -> str:
              f"({s['best_method']}: {fmt_num(s['best_metric'], '.3f')}) = **{fmt_num(s['target'], '.3f')}**; "
              f"budget {s['budget_s']:.0f} s per method.", "",
              "| method | device peak RSS (MiB) | device s/iter | device CPU s/iter | bytes/sample on the link | "
-             f"samples trained / s | {s['metric']} after budget | time to target (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"samples trained / s | {s['metric']} after budget | time to target (s) | stays above from (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         if r["error"]:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
         lines.append(f"| {r['method']} | {fmt_num(r['peak_rss_mb'], '.0f')} | {fmt_num(r['device_s_per_iter'], '.3f')} | "
                      f"{fmt_num(r['device_cpu_s_per_iter'], '.3f')} | "
                      f"{fmt_num(r['bytes_per_sample'], ',.0f')} | {fmt_num(r['samples_per_s'], '.1f')} | "
                      f"{fmt_num(r['metric_after_budget'], '.3f')} | "
-                     f"{fmt_num(r['time_to_target_s'], '.1f', 'not reached')} |")
+                     f"{fmt_num(r['time_to_target_s'], '.1f', 'not reached')} | "
+                     f"{fmt_num(r.get('time_to_stay_s'), '.1f', 'not reached')} |")
     at_zero = [m for m, v in s["start_metrics"].items() if v is not None and s["target"] is not None
                and v >= s["target"]]
     if at_zero:
