@@ -583,6 +583,8 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
     noise = 2 * 0.5 / math.sqrt(max(1, h.data["dev_rows"])) if h.data["task"]["metric"] == "accuracy" else None
     start_best = max((v for v in start.values() if v is not None), default=None)
     signal = None if best is None or start_best is None or noise is None else best - start_best > noise
+    # Methods whose untrained metric already meets the target: their time to target is 0 and says nothing.
+    at_zero = [m for m in methods if start[m] is not None and target is not None and start[m] >= target]
     rows = []
     for m in methods:
         r = results[m]
@@ -616,11 +618,10 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
         num, den = by.get(num_m, {}).get(key), by.get(den_m, {}).get(key)
         if num_m not in by or den_m not in by:
             return
-        if key == "time_to_target_s" and (signal is False or any(
-                start.get(m) is not None and start[m] >= target for m in (num_m, den_m))):
+        untrained = [m for m in (num_m, den_m) if m in at_zero]
+        if key == "time_to_target_s" and (signal is False or untrained):
             why = ("no method learned beyond noise" if signal is False else
-                   f"the target is not above the untrained metric of "
-                   f"{' and '.join(m for m in (num_m, den_m) if start.get(m) is not None and start[m] >= target)}")
+                   f"the target is not above the untrained metric of {' and '.join(untrained)}")
             value, text, ok = None, f"not measurable ({why})", None
         elif key == "time_to_target_s" and num is not None and den is None:
             value, text = num / budget, f"< {num / budget:.2f} ({den_m} missed the target in the budget)"
@@ -644,7 +645,7 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
             "budget_s": budget, "train_rows": h.data["train_rows"], "dev_rows": h.data["dev_rows"],
             "overrides": a.overrides, "seed": a.seed, "target_frac": a.target_frac, "best_method": best_method,
             "best_metric": best, "target": target, "metric": h.data["task"]["metric"], "rows": rows,
-            "start_metrics": start, "noise": noise, "signal": signal,
+            "start_metrics": start, "start_best": start_best, "at_zero": at_zero, "noise": noise, "signal": signal,
             "bytes": bytes_cmp, "goals": goals, "split_layer": a.split_layer, "link_mbps": a.link_mbps,
             "num_layers": h.data["manifest"].num_layers, "random_init": h.data["manifest"].source == "random-init", "mobillm_epochs": a.mobillm_epochs,
             "mean_train_tokens": h.data["mean_train_tokens"], "mean_padded_tokens": h.data["mean_padded_tokens"]}
@@ -671,16 +672,13 @@ def markdown(s: dict) -> str:
                      f"{fmt_num(r['metric_after_budget'], '.3f')} | "
                      f"{fmt_num(r['time_to_target_s'], '.1f', 'not reached')} | "
                      f"{fmt_num(r.get('time_to_stay_s'), '.1f', 'not reached')} |")
-    at_zero = [m for m, v in s["start_metrics"].items() if v is not None and s["target"] is not None
-               and v >= s["target"]]
-    if at_zero:
-        lines += ["", f"Note: the target is not above the untrained (t = 0) metric of {', '.join(at_zero)}: "
+    if s["at_zero"]:
+        lines += ["", f"Note: the target is not above the untrained (t = 0) metric of {', '.join(s['at_zero'])}: "
                       f"their time to target is 0 and says nothing."]
     if s["signal"] is False:
-        start_best = max(v for v in s["start_metrics"].values() if v is not None)
         lines += ["", f"**No signal:** the best {s['metric']} after the budget ({s['best_metric']:.3f}) is within "
                       f"two standard errors (±{s['noise']:.3f} on {s['dev_rows']} rows) of the best untrained one "
-                      f"({start_best:.3f}); this run's {s['metric']} and time-to-target columns are noise."]
+                      f"({s['start_best']:.3f}); this run's {s['metric']} and time-to-target columns are noise."]
     b = s["bytes"]
     lines += ["", f"Bytes per sample, the paper's scheme (every tap, padded to 256 tokens, {b['tap_format']}): "
                   f"{b['padded256_engine_fmt']:,.0f} ({b['padded256_fp16']:,.0f} in fp16); pooled: "
