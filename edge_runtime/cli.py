@@ -92,9 +92,14 @@ def resolve_task(args) -> Task:
     return base
 
 
+def _backbone(args) -> Backbone:
+    """The engine's ORT session as `_common`'s options ask (--engine, --provider, --threads, --prepack)."""
+    return Backbone(args.engine, args.provider, args.threads, prepack=args.prepack)
+
+
 def cmd_train(args) -> int:
     task = resolve_task(args)
-    bb = Backbone(args.engine, args.provider, args.threads, prepack=args.prepack)
+    bb = _backbone(args)
     examples = load_examples(args.data, task, limit=args.limit)
     token = args.token_file.read_text().strip() if args.token_file else None
     opts = TrainOptions(server=args.server, epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len,
@@ -126,7 +131,7 @@ def cmd_predict(args) -> int:
     from .predict import JointModel
 
     task = resolve_task(args)
-    model = JointModel(Backbone(args.engine, args.provider, args.threads, prepack=args.prepack), args.side)
+    model = JointModel(_backbone(args), args.side)
     examples = _examples_for_predict(args, task)
     outputs = model.predict(examples, args.max_len, args.batch_size, progress=not args.quiet)
     lines = []
@@ -149,7 +154,7 @@ def cmd_eval(args) -> int:
     if not args.data:
         raise DataError("eval needs --data FILE with labels")
     task = resolve_task(args)
-    model = JointModel(Backbone(args.engine, args.provider, args.threads, prepack=args.prepack), args.side)
+    model = JointModel(_backbone(args), args.side)
     examples = _examples_for_predict(args, task)
     result = model.evaluate(examples, task, args.max_len, args.batch_size, progress=not args.quiet)
     print(json.dumps({"task": task.name, "rows": len(examples), **result}))
