@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from baselines import adapt  # bench/, this script's folder
+
 WARMUP_STEPS = 3
 
 
@@ -134,16 +136,8 @@ def torch_worker(spec: dict) -> dict:
     budget, labels = spec["budget_s"], torch.from_numpy(data.train_labels)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    model = build_classifier(spec)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                                                 task_type="SEQ_CLS"))
-    elif method == "bitfit":
-        for name, p in model.named_parameters():
-            p.requires_grad = name.endswith(".bias") or name.startswith("score")
-    groups = [[p for p in model.parameters() if p.requires_grad]]
+    model, params = adapt(build_classifier(spec), method)
+    groups = [params]
     cut_state: dict = {}
     if method == "split":
         cut = spec["cut"]

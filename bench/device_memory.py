@@ -63,14 +63,9 @@ else:
             for _ in range(steps):
                 model(input_ids=ids)
     else:
-        if variant == "lora":
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                                                     task_type="SEQ_CLS"))
-        elif variant == "bitfit":
-            for name, p in model.named_parameters():
-                p.requires_grad = name.endswith(".bias") or name.startswith("score")
-        params = [p for p in model.parameters() if p.requires_grad]
+        sys.path.insert(0, args["bench"])
+        from baselines import adapt
+        model, params = adapt(model, variant)
         opt = torch.optim.AdamW(params, lr=1e-4)
         model.train()
         for _ in range(steps):
@@ -111,7 +106,7 @@ def long_rows(path: Path, n: int) -> None:
 
 
 def measure(variant: str, args: dict, mem_limit_gb: float) -> dict:
-    cmd = [sys.executable, "-c", CHILD, json.dumps(dict(args, variant=variant))]
+    cmd = [sys.executable, "-c", CHILD, json.dumps(dict(args, variant=variant, bench=str(Path(__file__).parent)))]
     limit = int(mem_limit_gb * 1024**3)
     proc = subprocess.run(["prlimit", f"--as={limit}", "--"] + cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
