@@ -56,7 +56,8 @@ def test_every_method_reports_finite_numbers(tiny_engine_factory, tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
     # The table of a finished run can be rebuilt from its work folder without running anything.
-    again = cmd[:cmd.index("--json-out")] + ["--summarize-only", "--json-out", str(tmp_path / "again.json")]
+    again = cmd[:cmd.index("--json-out")] + ["--summarize-only", "--json-out", str(tmp_path / "again.json"),
+                                              "--plot", str(tmp_path / "again.png")]
     proc2 = subprocess.run(again, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc2.returncode == 0, proc2.stderr[-4000:]
     rebuilt = json.loads((tmp_path / "again.json").read_text())
