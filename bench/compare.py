@@ -158,7 +158,7 @@ def prepare_data(a, engine: Path, work: Path) -> dict:
     """Train/dev subsets (files for the device) and their token ids + batch plans (data.npz for the rest)."""
     from mobillm.common.sample import write_sample
     from mobillm.common.tasks import get_task
-    from mobillm.edge_runtime.backbone import Tokenizer
+    from mobillm.common.tokenize import EngineTokenizer
     from mobillm.edge_runtime.data import load_examples
     from mobillm.edge_runtime.stream import plan_batches
     from mobillm.export.manifest import Manifest
@@ -175,7 +175,7 @@ def prepare_data(a, engine: Path, work: Path) -> dict:
     train_file = subset_file(train_src, work / "train.tsv", a.train_rows, a.seed, task.has_header)
     dev_file = subset_file(dev_src, work / "dev.tsv", a.dev_rows, a.seed, task.has_header)
     manifest = Manifest.load(engine, verify=False)
-    tok = Tokenizer(engine / manifest.tokenizer_dir, manifest.config.get("bos_token_id"))
+    tok = EngineTokenizer(engine / manifest.tokenizer_dir, manifest.token_rules)
     limit = min(a.max_len, manifest.max_length)  # as Backbone.tokenize truncates
 
     def encode(path: Path):

@@ -298,7 +298,7 @@ def fedavg_device(spec: dict, conn) -> None:
     from peft import LoraConfig, get_peft_model
 
     from mobillm.common.tasks import get_task
-    from mobillm.edge_runtime.backbone import Tokenizer
+    from mobillm.common.tokenize import EngineTokenizer
     from mobillm.edge_runtime.data import load_examples
     from mobillm.export.exporter import Source, build_model, config_from_dict
     from mobillm.export.manifest import Manifest
@@ -312,7 +312,7 @@ def fedavg_device(spec: dict, conn) -> None:
                                            target_modules=["q_proj", "v_proj"]))
     head = torch.nn.Linear(manifest.head_hidden, 2)
     torch.manual_seed(spec["seed"])
-    tok = Tokenizer(engine / manifest.tokenizer_dir, manifest.config.get("bos_token_id"))
+    tok = EngineTokenizer(engine / manifest.tokenizer_dir, manifest.token_rules)
     task = get_task(TASK)
 
     def encode(path):

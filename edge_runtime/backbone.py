@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mobillm.common.tokenize import EngineTokenizer, TokenizerFilesMissing
 from mobillm.export.manifest import Manifest, ManifestError, TapSpec
 from mobillm.kernels import codec
 
@@ -23,32 +24,6 @@ PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-
-
-class Tokenizer:
-    """The engine's tokenizer (`tokenizers` library), adding OPT's BOS the way HF does."""
-
-    def __init__(self, folder: Path, bos_id: int | None):
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import ByteLevelBPETokenizer
-
-        if (folder / "tokenizer.json").is_file():
-            self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-            self._tok.no_padding()
-            self._tok.no_truncation()
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            self._tok = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-        else:
-            raise ManifestError(f"{folder}: no tokenizer.json or vocab.json+merges.txt; re-export with --tokenizer")
-        self.bos_id = bos_id
-
-    def encode(self, texts: tuple[str, ...]) -> list[int]:
-        """Ids of one example: BOS, then each text segment (pairs are joined with another BOS, as HF OPT does)."""
-        ids: list[int] = []
-        for text in texts:
-            seg = self._tok.encode(text, add_special_tokens=False).ids
-            ids += ([self.bos_id] if self.bos_id is not None else []) + seg
-        return ids
 
 
 @dataclass
@@ -82,11 +57,11 @@ class Backbone:
             opts.register_custom_ops_library(str(self.folder / self.manifest.custom_op_library))
         self.session = ort.InferenceSession(str(self.folder / self.manifest.graph), opts,
                                             providers=choose_providers(provider, self.folder))
-        self.tokenizer = Tokenizer(self.folder / self.manifest.tokenizer_dir, self._bos_id())
+        try:
+            self.tokenizer = EngineTokenizer(self.folder / self.manifest.tokenizer_dir, self.manifest.token_rules)
+        except TokenizerFilesMissing as exc:
+            raise ManifestError(str(exc)) from None
         self._outputs = [name for t in self.manifest.taps for name in (t.codes_output, t.scales_output)]
-
-    def _bos_id(self) -> int | None:
-        return self.manifest.config.get("bos_token_id")
 
     @property
     def max_length(self) -> int:

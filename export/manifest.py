@@ -68,6 +68,18 @@ class Manifest:
     overrides: dict = field(default_factory=dict)  # --set key=value applied to the config
     external_data: str | None = None  # "backbone.onnx.data" when the weights live outside the graph file
     weight_quant: dict = field(default_factory=dict)  # ORT weight-only quantization settings, if any
+    # How the device frames a row's ids (the family's rules, see export/families.py TokenRules):
+    # {"bos_id": int | None, "bos_each_segment": bool, "eos_id": int | None}. Empty in engines made
+    # before it existed: then BOS = config["bos_token_id"] before every segment (OPT's rule).
+    tokens: dict = field(default_factory=dict)
+    tap_norm: str = "none"  # "rms": each tap is the hidden state divided by its RMS (export/tapped.py)
+    gguf: dict | None = None  # the GGUF the weights were converted from: file, sha256, architecture
+
+    @property
+    def token_rules(self) -> dict:
+        if self.tokens:
+            return self.tokens
+        return {"bos_id": self.config.get("bos_token_id"), "bos_each_segment": True, "eos_id": None}
 
     def __post_init__(self):
         self.taps = [t if isinstance(t, TapSpec) else TapSpec(**t) for t in self.taps]

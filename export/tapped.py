@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .families import Family
+from .families import TAP_NORMS, Family
 
 
 class TappedDecoder(torch.nn.Module):
@@ -14,12 +14,15 @@ class TappedDecoder(torch.nn.Module):
     Python branches on shapes and every batch size and sequence length gives the same graph.
     """
 
-    def __init__(self, base: torch.nn.Module, family: Family, layers: list[int], dtype: torch.dtype):
+    def __init__(self, base: torch.nn.Module, family: Family, layers: list[int], dtype: torch.dtype,
+                 tap_norm: str = "none"):
         super().__init__()
         self.base = base
         self.family = family
         self.layers = list(layers)
         self.dtype = dtype
+        self.tap_norm = tap_norm
+        self.layer_masks = family.layer_masks(base.config) if family.layer_masks else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         position_ids = self.family.position_ids(attention_mask)
@@ -29,6 +32,23 @@ class TappedDecoder(torch.nn.Module):
         # (that would give NaN under fp16, and NaN leaks into real rows through 0 * NaN).
         allowed = causal[None, None] & (attention_mask[:, None, None, :].bool() | (idx[None, :] == idx[:, None]))
         mask = torch.where(allowed, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+        if self.layer_masks is not None:
+            mask = self.layer_masks(mask)
         out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                         output_hidden_states=True, use_cache=False)
-        return tuple(out.hidden_states[layer] for layer in self.layers)
+        return tuple(normalize_tap(out.hidden_states[layer], self.tap_norm) for layer in self.layers)
+
+
+
+def normalize_tap(hidden: torch.Tensor, tap_norm: str) -> torch.Tensor:
+    """What a tap carries: the residual stream as is, or divided by its RMS over the hidden dim.
+
+    "rms" keeps every direction and only drops each token's overall scale, which the side
+    network's LayerNorm discards anyway; it brings Gemma 3's 1e5 outliers into fp16 range.
+    """
+    if tap_norm not in TAP_NORMS:
+        raise ValueError(f"tap_norm {tap_norm!r} unknown; choose one of {', '.join(TAP_NORMS)}")
+    if tap_norm == "none":
+        return hidden
+    x = hidden.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(hidden.dtype)

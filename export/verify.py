@@ -96,11 +96,11 @@ class VerifyReport:
 
 
 def tokenize(folder: Path, manifest: Manifest, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (input_ids, attention_mask) int64 from the engine's tokenizer.json."""
-    from tokenizers import Tokenizer
+    """Right-padded (input_ids, attention_mask) int64, tokenized exactly as the device does."""
+    from mobillm.common.tokenize import EngineTokenizer
 
-    tok = Tokenizer.from_file(str(Path(folder) / manifest.tokenizer_dir / "tokenizer.json"))
-    rows = [enc.ids[: manifest.max_length] for enc in tok.encode_batch(sentences)]
+    tok = EngineTokenizer(Path(folder) / manifest.tokenizer_dir, manifest.token_rules)
+    rows = [tok.encode((s,))[: manifest.max_length] for s in sentences]
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), manifest.pad_token_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -126,17 +126,26 @@ def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarr
 
 
 def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """HF hidden_states[layer] of the fp32 torch model the manifest names, rebuilt from scratch."""
+    """HF hidden_states[layer] of the fp32 torch model the manifest names, rebuilt from scratch
+    (a GGUF engine: from the file's cached conversion, converted again if the cache is gone),
+    through transformers' own forward with the plain 2-D attention mask."""
     import torch
 
-    from .exporter import Source, build_model, config_from_dict
+    from .exporter import Source, build_model, config_from_dict, prepare_source
+    from .gguf import checkpoint_dir, describe
+    from .tapped import normalize_tap
 
     config = config_from_dict(manifest.config)
-    model = build_model(Source(manifest.source, manifest.model_id), config, manifest.seed, "fp32")
+    source = Source(manifest.source, manifest.model_id)
+    if manifest.gguf:
+        source.gguf = describe(Path(manifest.gguf["file"]), manifest.gguf.get("short_name"))
+        source.model_id = str(checkpoint_dir(source.gguf))
+        prepare_source(source, progress=False)
+    model = build_model(source, config, manifest.seed, "fp32")
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     output_hidden_states=True, use_cache=False)
-    return [out.hidden_states[t.layer].float().numpy() for t in manifest.taps]
+    return [normalize_tap(out.hidden_states[t.layer], manifest.tap_norm).float().numpy() for t in manifest.taps]
 
 
 def relative_rms(err: np.ndarray, ref: np.ndarray) -> float:
