@@ -106,15 +106,21 @@ class _Sent:
 
 def plan_batches(lengths: np.ndarray, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
     """The run's batches, deterministic in `seed`: shuffled per epoch, then length-bucketed
-    within windows of 16 batches so rows in a batch have similar lengths (less padding)."""
+    within windows of 16 batches so rows in a batch have similar lengths (less padding).
+
+    The batches of a window are then sent in random order, not shortest first: a sweep of one
+    length after another let the side network drift towards the lengths it saw last, and the
+    loss jumped when short rows came back (docs/benchmarks.md, "Training recipe")."""
     batches = []
     window = batch_size * 16
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(lengths))
         for start in range(0, len(order), window):
             chunk = order[start:start + window]
             chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            bucketed = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            batches += [bucketed[i] for i in rng.permutation(len(bucketed))]
     return batches
 
 
