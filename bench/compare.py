@@ -16,7 +16,8 @@ best untrained accuracy (a random-init backbone on real GLUE data, for one); the
 "not measurable" and why. `--summarize-only` rebuilds table, JSON and plot from a finished
 run's `--work` folder.
 
-- full / lora / bitfit: OPTForSequenceClassification in torch, AdamW (LoRA: PEFT r 16 on q_proj,v_proj).
+- full / lora / lora64 / bitfit: the engine's model as AutoModelForSequenceClassification in torch,
+  AdamW (LoRA: PEFT r 16 or r 64 on q_proj,v_proj; BitFit: biases, or norm scales for bias-free Gemma).
 - split: the same classifier cut after `--split-layer`; device memory and device s/iter come from a
   separate process that holds only embeddings + the lower layers and runs their forward and
   backward; the accuracy run holds both halves in one process and adds the link time of the cut
@@ -63,6 +64,7 @@ GLUE_DIRS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "
 METHODS = {
     "full": "Full fine-tuning (torch, AdamW)",
     "lora": "LoRA (PEFT, r 16, q_proj/v_proj)",
+    "lora64": "LoRA (PEFT, r 64, q_proj/v_proj)",
     "bitfit": "BitFit (biases + head)",
     "split": "Split learning (device: embeddings + lower layers, fwd + bwd)",
     "mobillm-local": "MobiLLM-L (ORT backbone + side network on the device)",
@@ -112,8 +114,11 @@ def vmhwm_of(pid: int) -> float | None:
 # ----------------------------------------------------------------------------- engine and data
 
 def real_weights(model: str) -> bool:
-    """An HF id (org/name) or a checkpoint folder: real weights. A short name: random init."""
-    return "/" in model or Path(model).is_dir()
+    """An HF id (org/name), a checkpoint folder or a GGUF (gemma-3-270m, path.gguf): real weights.
+    Another short name (opt-350m): random init."""
+    from mobillm.export.gguf import is_gguf_name
+
+    return "/" in model or Path(model).is_dir() or is_gguf_name(model)
 
 
 def ensure_engine(a, work: Path, weights: str = "fp32") -> Path:
@@ -134,7 +139,8 @@ def ensure_engine(a, work: Path, weights: str = "fp32") -> Path:
     cmd = [sys.executable, "-c", "import sys; from mobillm.export.cli import main; sys.exit(main())", a.model,
            "--out", out, "--weights", weights, "--quant", a.quant, "--seed", a.seed, "--quiet"]
     cmd += [] if real_weights(a.model) else ["--random-init"]
-    tokenizer = a.tokenizer or (TOKENIZER if TOKENIZER.is_dir() else None)
+    # Real weights bring their own tokenizer; random-init OPT borrows the shared OPT one.
+    tokenizer = a.tokenizer or (TOKENIZER if TOKENIZER.is_dir() and not real_weights(a.model) else None)
     cmd += ["--tokenizer", tokenizer] if tokenizer else []
     for item in a.overrides:
         cmd += ["--set", item]
@@ -361,7 +367,8 @@ def local_jobs(h: Harness, method: str) -> list[tuple[str, dict]]:
     """The worker processes of one on-device method: (name, spec fields)."""
     if method == "mobillm-local":
         return [(method, {"worker": "side-local", "lr": h.a.lr_side, "snap_dir": str(h.work / "snaps" / method)})]
-    lr = {"full": h.a.lr_full, "lora": h.a.lr_lora, "bitfit": h.a.lr_bitfit, "split": h.a.lr_full}[method]
+    lr = {"full": h.a.lr_full, "lora": h.a.lr_lora, "lora64": h.a.lr_lora, "bitfit": h.a.lr_bitfit,
+          "split": h.a.lr_full}[method]
     jobs = [(method, {"worker": "torch", "method": method, "config": h.config, "lr": lr, "cut": h.a.split_layer,
                       "link_bytes_per_s": h.a.link_mbps * 1e6 / 8})]
     if method == "split":
@@ -699,7 +706,7 @@ def plot(s: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 5))
-    styles = {"full": "C0", "lora": "C1", "bitfit": "C2", "split": "C3", "mobillm-local": "C4",
+    styles = {"full": "C0", "lora": "C1", "lora64": "olive", "bitfit": "C2", "split": "C3", "mobillm-local": "C4",
               "mobillm-pooled": "C5", "mobillm-tokens": "C6", "mobillm-cache": "C7", "mobillm-60mbps": "C8",
               "mobillm-int8": "C9"}
     for r in s["rows"]:

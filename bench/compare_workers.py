@@ -99,27 +99,45 @@ def score(task_spec: dict, outputs: np.ndarray, labels: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- torch baselines
 
-def build_classifier(spec: dict):
-    """OPTForSequenceClassification from the engine's config: random weights drawn exactly as the
-    exporter drew the engine's (same seed, same order: the backbones are identical), or the
-    engine's real checkpoint."""
-    import torch
-    from transformers import OPTConfig, OPTForSequenceClassification
+def engine_config(spec: dict):
+    """The transformers config the engine's manifest recorded (any family with a row)."""
+    from transformers import CONFIG_MAPPING
 
-    config = OPTConfig.from_dict(spec["config"])
+    return CONFIG_MAPPING[spec["config"]["model_type"]].from_dict(dict(spec["config"]))
+
+
+def build_classifier(spec: dict):
+    """AutoModelForSequenceClassification from the engine's config: random weights drawn exactly as
+    the exporter drew the engine's (same seed, same order: the backbones are identical), or the
+    engine's real checkpoint (a GGUF engine's cached conversion: the very weights it was exported from)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = engine_config(spec)
     config.num_labels = spec["task"]["out_dim"]
     torch.manual_seed(spec["init_seed"])
     if spec.get("pretrained"):
-        return OPTForSequenceClassification.from_pretrained(spec["pretrained"], config=config)
-    return OPTForSequenceClassification(config)
+        return AutoModelForSequenceClassification.from_pretrained(spec["pretrained"], config=config,
+                                                                  attn_implementation="eager")
+    if config.model_type == "opt":
+        from transformers import OPTForSequenceClassification
+
+        return OPTForSequenceClassification(config)  # the exporter's draw order for random-init OPT
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+
+
+def decoder_parts(base) -> tuple[list, list]:
+    """(embedding modules, decoder layers) of a base model: OPT keeps them under .decoder."""
+    dec = getattr(base, "decoder", base)
+    embeds = [dec.embed_tokens] + [getattr(dec, n) for n in ("embed_positions", "project_in")
+                                   if getattr(dec, n, None) is not None]
+    return embeds, list(dec.layers)
 
 
 def device_params(model, cut: int) -> list:
-    """Parameters the device holds in split learning: embeddings (+ project_in) and layers 1..cut."""
-    dec = model.model.decoder
-    mods = [dec.embed_tokens, dec.embed_positions] + ([dec.project_in] if dec.project_in is not None else [])
-    mods += list(dec.layers[:cut])
-    return [p for m in mods for p in m.parameters()]
+    """Parameters the device holds in split learning: embeddings (+ positions, project_in) and layers 1..cut."""
+    embeds, layers = decoder_parts(model.base_model)
+    return [p for m in embeds + layers[:cut] for p in m.parameters()]
 
 
 def torch_worker(spec: dict) -> dict:
@@ -151,7 +169,7 @@ def torch_worker(spec: dict) -> dict:
             cut_state["sent"] = sent
             return sent
 
-        model.model.decoder.layers[cut - 1].register_forward_hook(at_cut)
+        decoder_parts(model.base_model)[1][cut - 1].register_forward_hook(at_cut)
     opts = [torch.optim.AdamW(g, lr=spec["lr"], weight_decay=0.01) for g in groups]
     trainable = sum(p.numel() for g in groups for p in g)
 
@@ -226,20 +244,24 @@ def split_device_worker(spec: dict) -> dict:
     on its values) and steps AdamW on its own parameters, over the batches the split run trained on.
     """
     import torch
-    from transformers import OPTConfig
-    from transformers.models.opt.modeling_opt import OPTModel
+    from transformers import AutoModel
 
     data = Data(spec["data"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    config = OPTConfig.from_dict(spec["config"])
+    config = engine_config(spec)
     config.num_hidden_layers = spec["cut"]  # only the lower layers are ever built (or loaded)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[: spec["cut"]]
     torch.manual_seed(spec["init_seed"])
     if spec.get("pretrained"):
-        decoder = OPTModel.from_pretrained(spec["pretrained"], config=config).decoder
+        base = AutoModel.from_pretrained(spec["pretrained"], config=config, attn_implementation="eager")
     else:
-        decoder = OPTModel(config).decoder
-    decoder.project_out, decoder.final_layer_norm = None, None  # both belong to the top of the model
+        base = AutoModel.from_config(config, attn_implementation="eager")
+    decoder = getattr(base, "decoder", base)
+    for top in ("project_out", "final_layer_norm", "norm"):  # they belong to the top of the model
+        if getattr(decoder, top, None) is not None:
+            setattr(decoder, top, torch.nn.Identity())
     decoder.train()
     opt = torch.optim.AdamW(decoder.parameters(), lr=spec["lr"], weight_decay=0.01)
     times, cpu, nbytes, samples = [], [], 0, 0

@@ -6,6 +6,7 @@ server running in another process (whose memory is not the device's).
 
     python bench/device_memory.py --models opt-125m,opt-350m --steps 4
     python bench/device_memory.py --models opt-1.3b --variants edge,ort --weights fp32,int4
+    python bench/device_memory.py --models gemma-3-270m --weights fp32,fp16,int8,int4   # real weights
 
 Engines are exported into --engines (default engines/) when missing.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -50,11 +50,16 @@ elif variant == "edge":
     assert rc == 0
 else:
     import torch
-    from transformers import OPTConfig, OPTForSequenceClassification
     torch.manual_seed(0)
-    cfg = OPTConfig(**json.load(open(args["config"])))
-    cfg.num_labels = 2
-    model = OPTForSequenceClassification(cfg)
+    if args.get("pretrained"):  # real weights: the checkpoint the engine was exported from
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(args["pretrained"], num_labels=2,
+                                                                   attn_implementation="eager")
+    else:
+        from transformers import OPTConfig, OPTForSequenceClassification
+        cfg = OPTConfig(**json.load(open(args["config"])))
+        cfg.num_labels = 2
+        model = OPTForSequenceClassification(cfg)
     ids = torch.randint(3, 50000, (B, T))
     labels = torch.randint(0, 2, (B,))
     if variant == "torch-infer":
@@ -84,12 +89,16 @@ def free_port() -> int:
 
 
 def ensure_engine(model: str, weights: str, engines: Path) -> Path:
+    """The nf4-tap engine of `model` with `weights`: real weights for a GGUF short name
+    (gemma-3-270m), random init from the shipped config otherwise."""
+    from mobillm.export.gguf import is_gguf_name
+
     out = engines / f"{model}-{weights}"
     if (out / "manifest.json").is_file():
         return out
-    cmd = ["export-backbone", model, "--random-init", "--out", str(out), "--weights", weights, "--quant", "nf4"]
-    if TOKENIZER.is_dir():
-        cmd += ["--tokenizer", str(TOKENIZER)]
+    cmd = ["export-backbone", model, "--out", str(out), "--weights", weights, "--quant", "nf4"]
+    if not is_gguf_name(model):
+        cmd += ["--random-init"] + (["--tokenizer", str(TOKENIZER)] if TOKENIZER.is_dir() else [])
     print("exporting:", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
     return out
@@ -138,9 +147,15 @@ def main() -> None:
         try:
             time.sleep(3)
             for model in a.models.split(","):
+                from mobillm.export.gguf import is_gguf_name
+                from mobillm.export.manifest import Manifest
+
                 config = ROOT / "export" / "configs" / f"{model}.json"
+                pretrained = None
+                if is_gguf_name(model):  # the torch variants load the checkpoint the engines came from
+                    pretrained = Manifest.load(ensure_engine(model, "fp32", a.engines), verify=False).model_id
                 common = {"batch": 16, "seq": 128, "steps": a.steps, "config": str(config), "data": str(data),
-                          "server": f"ws://127.0.0.1:{port}", "send": a.send}
+                          "server": f"ws://127.0.0.1:{port}", "send": a.send, "pretrained": pretrained}
                 row = {"model": model}
                 for weights in a.weights.split(","):
                     if not {"edge", "ort"} & set(variants):

@@ -505,23 +505,42 @@ def copy_external_data(model, src_dir: Path, dst_dir: Path, transpose: set[str] 
 
 
 def weights_to_fp16(model) -> None:
-    """Store large fp32 weights as fp16 with a Cast back to fp32 (compute stays fp32, file halves).
+    """Store large fp32 weights as fp16 (compute stays fp32, file halves), converted in place
+    (renamed `NAME/fp16`), so the graph is never held twice.
 
-    Converted in place (renamed `NAME/fp16`), so the graph is never held twice.
+    A weight read only as a Gather's table (the embedding) stays fp16 in memory too: the Gather
+    reads fp16 rows and a Cast after it widens just those rows. Any other weight gets a Cast back
+    to fp32 in front of its users, which ONNX Runtime folds at load time (file smaller, memory not).
     """
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     codec_inits = {i for n in graph.node if n.name.startswith("tap") for i in n.input}
-    casts = []
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            users.setdefault(name, []).append((node, k))
+    front, after = [], {}  # Casts of weights (graph start); Casts of Gather outputs (right after the Gather)
     for init in graph.initializer:
         if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < 1024 or init.name in codec_inits:
             continue
         name = init.name
         _replace_data(init, numpy_helper.to_array(init).astype(np.float16))
         init.name = name + "/fp16"
-        casts.append(helper.make_node("Cast", [init.name], [name], name=name + "/to_fp32", to=TensorProto.FLOAT))
-    nodes = casts + list(graph.node)
+        uses = users.get(name, [])
+        if uses and all(node.op_type == "Gather" and k == 0 for node, k in uses):
+            for node, _ in uses:
+                out = node.output[0]
+                node.input[0], node.output[0] = init.name, out + "/fp16"
+                after[node.output[0]] = helper.make_node("Cast", [node.output[0]], [out], name=node.name + "/to_fp32",
+                                                         to=TensorProto.FLOAT)
+        else:
+            front.append(helper.make_node("Cast", [init.name], [name], name=name + "/to_fp32", to=TensorProto.FLOAT))
+    nodes = list(front)
+    for node in graph.node:
+        nodes.append(node)
+        if node.output and node.output[0] in after:
+            nodes.append(after[node.output[0]])
     del graph.node[:]
     graph.node.extend(nodes)
 
