@@ -712,6 +712,8 @@ def export_engine(model: str, out: Path, *, random_init: bool = False, overrides
     typed_overrides = apply_overrides(config, overrides or {})
     family = families.family_for(config.model_type)
     tap_norm = family.tap_norm if tap_norm is None else tap_norm
+    if tap_norm == "layer" and family.input_norms is None:
+        raise ExportError(f"--tap-norm layer: the {family.name} family row names no input norms; use none or rms")
     num_layers = family.num_layers(config)
     blocks, tap_layers = resolve_taps(num_layers, blocks, taps)
     formats = resolve_quant(quant, len(tap_layers))

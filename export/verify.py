@@ -133,7 +133,8 @@ def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> lis
 
     from .exporter import Source, build_model, config_from_dict, prepare_source
     from .gguf import checkpoint_dir, describe
-    from .tapped import normalize_tap
+    from .families import family_for
+    from .tapped import normalize_tap, tap_norms
 
     config = config_from_dict(manifest.config)
     source = Source(manifest.source, manifest.model_id)
@@ -145,7 +146,9 @@ def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> lis
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     output_hidden_states=True, use_cache=False)
-    return [normalize_tap(out.hidden_states[t.layer], manifest.tap_norm).float().numpy() for t in manifest.taps]
+        norms = tap_norms(model, family_for(config.model_type), manifest.tap_layers, manifest.tap_norm)
+        return [normalize_tap(out.hidden_states[t.layer], manifest.tap_norm, norm).float().numpy()
+                for t, norm in zip(manifest.taps, norms)]
 
 
 def relative_rms(err: np.ndarray, ref: np.ndarray) -> float:
