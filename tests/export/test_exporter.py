@@ -127,6 +127,19 @@ def test_weight_only_quantization_loads_in_ort_and_shrinks_the_file(tiny_engine_
     assert report.ok, report.table()
 
 
+def test_fp16_weights_keep_the_embedding_fp16_in_the_session(tiny_engine_factory):
+    import onnx
+
+    engine = tiny_engine_factory(weights="fp16")
+    graph = onnx.load(str(engine / "backbone.onnx")).graph
+    fp16 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in fp16]
+    assert gathers, "the embedding table should be read as fp16 by its Gather"
+    for g in gathers:  # widened right after the lookup: only the rows read are ever fp32
+        assert any(n.op_type == "Cast" and n.input[0] == g.output[0] for n in graph.node)
+    assert not any(n.op_type == "Cast" and n.input[0] == g.input[0] for g in gathers for n in graph.node)
+
+
 def test_fp16_compute(tiny_engine_factory):
     engine = tiny_engine_factory("fp16", dtype="fp16")
     manifest = Manifest.load(engine)
