@@ -73,11 +73,12 @@ METHODS = {
     "mobillm-cache": "mobillm, pooled + server --cache",
     "mobillm-60mbps": "mobillm, pooled, uplink throttled",
     "mobillm-int8": "mobillm, pooled, engine with int8 weights (README's deployment)",
+    "mobillm-int4": "mobillm, pooled, engine with int4 weights (MatMulNBits, weight-only)",
 }
 # mode, server --cache, throttled uplink, engine weights
 SERVER_VARIANTS = {"mobillm-pooled": ("pooled", False, False, "fp32"), "mobillm-tokens": ("tokens", False, False, "fp32"),
                    "mobillm-cache": ("pooled", True, False, "fp32"), "mobillm-60mbps": ("pooled", False, True, "fp32"),
-                   "mobillm-int8": ("pooled", False, False, "int8")}
+                   "mobillm-int8": ("pooled", False, False, "int8"), "mobillm-int4": ("pooled", False, False, "int4")}
 PLAN_EPOCHS = 100  # batches planned for the time-budgeted methods (they stop at the budget)
 
 
@@ -123,14 +124,15 @@ def real_weights(model: str) -> bool:
 
 def ensure_engine(a, work: Path, weights: str = "fp32") -> Path:
     """The engine for --model/--set/--seed with `weights`, exported once into --engines (or as given
-    by --engine / --engine-int8)."""
-    given = a.engine if weights == "fp32" else a.engine_int8
+    by --engine / --engine-int8 / --engine-int4)."""
+    given = getattr(a, "engine" if weights == "fp32" else f"engine_{weights}")
     if given is not None:
         if not (given / "manifest.json").is_file():
             raise SystemExit(f"compare: engine {given} has no manifest.json")
         return given.resolve()
     if a.engine is not None:
-        raise SystemExit(f"compare: with --engine, give the {weights} engine too (--engine-int8) or drop mobillm-int8")
+        raise SystemExit(f"compare: with --engine, give the {weights} engine too (--engine-{weights}) or drop "
+                         f"mobillm-{weights}")
     key = json.dumps([a.model, sorted(a.overrides), a.seed, a.quant], sort_keys=True)
     tag = Path(a.model).name + ("" if not a.overrides and not a.seed else f"-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     out = a.engines / f"{tag}-{a.quant}-{weights}"
@@ -644,6 +646,7 @@ def summarize(h: Harness, results: dict, methods: list[str]) -> dict:
     ratio_goal("device memory mobillm-pooled / Full-FT", "mobillm-pooled", "full", "peak_rss_mb", 0.2)
     ratio_goal("device memory mobillm-int8 / LoRA", "mobillm-int8", "lora", "peak_rss_mb", 0.25)
     ratio_goal("device memory mobillm-int8 / Full-FT", "mobillm-int8", "full", "peak_rss_mb", 0.2)
+    ratio_goal("device memory mobillm-int4 / LoRA", "mobillm-int4", "lora", "peak_rss_mb", 0.25)
     ratio_goal("time to target mobillm-pooled / LoRA", "mobillm-pooled", "lora", "time_to_target_s", 0.43)
     ratio_goal("time to target mobillm-cache / LoRA", "mobillm-cache", "lora", "time_to_target_s", 0.2)
     goals.append({"goal": "bytes/sample padded-256 / pooled", "limit": 50, "value": bytes_cmp["ratio"],
@@ -708,7 +711,7 @@ def plot(s: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 5))
     styles = {"full": "C0", "lora": "C1", "lora64": "olive", "bitfit": "C2", "split": "C3", "mobillm-local": "C4",
               "mobillm-pooled": "C5", "mobillm-tokens": "C6", "mobillm-cache": "C7", "mobillm-60mbps": "C8",
-              "mobillm-int8": "C9"}
+              "mobillm-int8": "C9", "mobillm-int4": "black"}
     for r in s["rows"]:
         pts = [p for p in r["curve"] if p.get("metric") is not None]
         if not pts:
@@ -793,6 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "manifest's config sets the dims of every method")
     p.add_argument("--engine-int8", type=Path, default=None, help="with --engine: the same model exported with "
                                                                   "--weights int8 (for mobillm-int8)")
+    p.add_argument("--engine-int4", type=Path, default=None, help="with --engine: the same model exported with "
+                                                                  "--weights int4 (for mobillm-int4)")
     p.add_argument("--work", type=Path, default=None, help="keep run files here (default: a temp folder)")
     p.add_argument("--reuse", action="store_true", help="with --work: reuse on-device methods already run there "
                                                         "with the same settings (an interrupted comparison)")
@@ -828,11 +833,11 @@ def main(argv=None) -> int:
         if remote and a.jobs > 1 and a.mobillm_epochs:
             start_servers(a, work, remote, servers, a.train_rows)  # start-up overlaps the export and local methods
         engines = {"fp32": ensure_engine(a, work)}
-        if any(SERVER_VARIANTS[m][3] == "int8" for m in remote):
-            engines["int8"] = ensure_engine(a, work, "int8")
+        for weights in sorted({SERVER_VARIANTS[m][3] for m in remote} - {"fp32"}):
+            engines[weights] = ensure_engine(a, work, weights)
         data = prepare_data(a, engines["fp32"], work)
         if a.engine is not None:
-            a.model = Path(data["manifest"].model_id).name
+            a.model = (data["manifest"].gguf or {}).get("short_name") or Path(data["manifest"].model_id).name
         num_layers = data["manifest"].num_layers
         a.split_layer = a.split_layer or max(1, num_layers // 4)
         if not 1 <= a.split_layer < num_layers:
