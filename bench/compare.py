@@ -289,6 +289,7 @@ class TrainerProcess:
     def __init__(self, a, work: Path, name: str, cache: bool, checkpoint_every: int):
         self.name, self.port = name, free_port()
         self.runs = work / f"runs-{name}"
+        shutil.rmtree(self.runs, ignore_errors=True)  # a --reuse rerun: the server's runs start afresh
         cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--host", "127.0.0.1", "--port", self.port,
                "--runs", self.runs, "--threads", a.server_threads, "--checkpoint-every", checkpoint_every,
                "--lr", a.lr_side, "--device", a.server_device] + (["--cache"] if cache else [])
@@ -748,6 +749,7 @@ def mobillm_epochs(h: Harness, results: dict) -> int:
         per_row = cal.get("forward_s_per_row")
     if not per_row:
         return 1
+    h.a.forward_s_per_row = per_row  # start_servers spaces the checkpoints by it
     return int(max(1, min(h.a.max_epochs, round(h.a.fill * h.budget / per_row / h.data["train_rows"]))))
 
 
@@ -901,8 +903,13 @@ def report(h: Harness, results: dict, methods: list[str], harness_s: float | Non
 
 
 def start_servers(a, work: Path, remote: list[str], servers: dict, train_rows: int) -> None:
-    """One `trainer serve` per server flavour (plain, --cache); checkpoints ~`--evals` times a run."""
+    """One `trainer serve` per server flavour (plain, --cache); checkpoints ~`--evals` times within the
+    budget (a slow device, long rows: the run's steps can outlast the budget, and a checkpoint only
+    after it would leave the budget's curve with nothing but t = 0)."""
     steps = a.mobillm_epochs * math.ceil(train_rows / a.batch_size)
+    per_row = getattr(a, "forward_s_per_row", None)
+    if per_row:
+        steps = min(steps, max(1, int(a.budget_minutes * 60 / (per_row * a.batch_size))))
     every = max(1, math.ceil(steps / max(1, a.evals)))
     for m in remote:
         cache = SERVER_VARIANTS[m][1]

@@ -131,6 +131,7 @@ def test_frames_carry_no_text_or_token_ids(tiny_engine, tmp_path, server, link_p
         assert word.encode() not in blob
 
 
+@pytest.mark.slow
 def test_unreachable_server_is_a_one_line_error(tiny_engine, tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

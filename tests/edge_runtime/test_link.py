@@ -15,6 +15,8 @@ from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
 from mobillm.trainer.config import ServerConfig  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 
 def write_data(path, n):
     rng = np.random.default_rng(0)

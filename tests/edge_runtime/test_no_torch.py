@@ -86,7 +86,7 @@ def test_device_modules_import_without_torch(tmp_path):
     for name, failure in sorted(report["failures"].items()):
         if failure["blocked"]:
             problems.append(f"{name} imports torch, transformers or mobillm.trainer, which the device must never "
-                            f"import (DESIGN.md, Boundaries):\n{failure['error']}")
+                            f"import (README.md, 'What each process needs installed'):\n{failure['error']}")
         else:
             problems.append(f"{name} failed to import for a reason unrelated to torch (a bug in that module or a "
                             f"missing device dependency):\n{failure['error']}")

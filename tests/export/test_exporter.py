@@ -189,6 +189,7 @@ def test_fallback_tokenizer_exports(tmp_path, fallback_tokenizer_dir):
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_and_external_data(tmp_path, tokenizer_dir, monkeypatch):
     # Models over 2 GB take this path: the weights file the dynamo exporter streams out is kept
     # and never loaded. A threshold of 0 sends the tiny model down it too.

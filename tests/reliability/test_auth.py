@@ -18,6 +18,8 @@ from mobillm.trainer.run import read_trained_ids  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 from mobillm.trainer.simulate import SimDevice, SyntheticTask  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 TAPS = [{"layer": 1, "hidden": 32, "fmt": "nf4", "block_size": 16},
         {"layer": 2, "hidden": 16, "fmt": "int8", "block_size": 16}]
 TOKEN = "a-long-random-token-3f9c2e"

@@ -35,6 +35,8 @@ from mobillm.trainer.run import read_trained_ids  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 from mobillm.trainer.simulate import SimDevice, SyntheticTask  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 TAPS = [{"layer": 1, "hidden": 32, "fmt": "nf4", "block_size": 16},
         {"layer": 2, "hidden": 24, "fmt": "int8", "block_size": 8},
         {"layer": 3, "hidden": 16, "fmt": "fp16", "block_size": 16}]

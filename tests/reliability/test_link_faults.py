@@ -14,6 +14,8 @@ from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
 from mobillm.trainer.config import ServerConfig  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 
 def test_many_random_drops_lose_and_repeat_nothing(tiny_engine, tmp_path, profile, fault_proxy, edge_rows,
                                                    check_exactly_once, report):

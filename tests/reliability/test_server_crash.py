@@ -20,6 +20,8 @@ from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
 from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
 from mobillm.trainer.run import CHECKPOINT, SUMMARY, TRAINED_IDS, load_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 SERVE = ["--queue", "4", "--bitplan-every", "0", "--seed", "3"]
 EPOCHS = 2
 

@@ -17,6 +17,8 @@ from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
 from mobillm.trainer.run import TRAINED_IDS, load_checkpoint  # noqa: E402
 from mobillm.trainer.simulate import SimDevice, SyntheticTask  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 EPOCHS = 2
 TAPS = [{"layer": 1, "hidden": 32, "fmt": "nf4", "block_size": 16}]
 

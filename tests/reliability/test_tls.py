@@ -15,6 +15,8 @@ pytest.importorskip("torch")
 
 from mobillm.edge_runtime import cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 
 def make_certs_with_cryptography(folder):
     from cryptography import x509

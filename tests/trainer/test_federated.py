@@ -18,6 +18,8 @@ from mobillm.trainer.fed_model import slot_of
 from mobillm.trainer.federated import load_aligned
 from mobillm.trainer.simulate import SimDevice, SyntheticTask
 
+pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
+
 WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}
 # Three backbone families: (hidden size, layers). Default taps: 4 layers -> 1,2,3,4; 6 -> 2..6; 3 -> 1,2,3.
 SHAPES = {"phone": (64, 4), "laptop": (96, 6), "jetson": (128, 3)}
