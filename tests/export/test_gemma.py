@@ -150,3 +150,13 @@ def test_opt_device_ids_equal_transformers_ids(tiny_engine, tokenizer_dir):
 def test_manifest_round_trips_tokens_and_tap_norm(tiny_engine):
     data = json.loads((tiny_engine / "manifest.json").read_text())
     assert data["tokens"]["bos_id"] == 2 and data["tap_norm"] == "none" and data["gguf"] is None
+
+
+def test_short_name_without_its_package_exits_2_with_the_pip_command(tmp_path, capsys, monkeypatch):
+    from mobillm.export import gguf
+
+    monkeypatch.setitem(gguf.GGUF_SHORT_NAMES, "fake-270m", "mobillm_no_such_gguf_package")
+    out = tmp_path / "engine"
+    assert cli.main(["fake-270m", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "python3 -m pip install mobillm-no-such-gguf-package" in err and not out.exists()
