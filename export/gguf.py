@@ -13,7 +13,6 @@ truncated or corrupt file) raises ExportError naming the file, before anything i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .families import FAMILIES, GGUF_ARCHITECTURES, GGUF_SHORT_NAMES, family_for
+from .manifest import sha256_file
 
 CHECKPOINT_DONE = ".mobillm-complete"  # written last: a folder without it is an interrupted conversion
 
@@ -94,19 +94,11 @@ def describe(path: Path, short_name: str | None = None, licence: Path | None = N
     if model_type is None or not _has_row(model_type):
         raise GGUFError(f"{path}: GGUF architecture {architecture!r} has no family row; supported: "
                         f"{', '.join(supported)}")
-    return GGUFSource(path.resolve(), _sha256(path), architecture, model_type, short_name, licence)
+    return GGUFSource(path.resolve(), sha256_file(path), architecture, model_type, short_name, licence)
 
 
 def _has_row(model_type: str) -> bool:
     return any(model_type in fam.model_types for fam in FAMILIES)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_dir(src: GGUFSource) -> Path:

@@ -72,7 +72,7 @@ class Manifest:
     # {"bos_id": int | None, "bos_each_segment": bool, "eos_id": int | None}. Empty in engines made
     # before it existed: then BOS = config["bos_token_id"] before every segment (OPT's rule).
     tokens: dict = field(default_factory=dict)
-    tap_norm: str = "none"  # "rms": each tap is the hidden state divided by its RMS (export/tapped.py)
+    tap_norm: str = "none"  # "rms": the hidden state divided by its RMS; "layer": through the next layer's input norm
     gguf: dict | None = None  # the GGUF the weights were converted from: file, sha256, architecture
 
     @property
