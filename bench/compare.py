@@ -169,7 +169,7 @@ def prepare_data(a, engine: Path, work: Path) -> dict:
     from mobillm.common.tokenize import EngineTokenizer
     from mobillm.edge_runtime.data import load_examples
     from mobillm.edge_runtime.stream import plan_batches
-    from mobillm.export.manifest import Manifest
+    from mobillm.common.manifest import Manifest
 
     task = get_task(a.task)
     folder = a.data_dir or GLUE / GLUE_DIRS.get(task.name, task.name)

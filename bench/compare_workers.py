@@ -306,7 +306,7 @@ def side_local_worker(spec: dict) -> dict:
     import torch
 
     from mobillm.edge_runtime.backbone import Backbone
-    from mobillm.export.manifest import manifest_digest
+    from mobillm.common.manifest import manifest_digest
     from mobillm.kernels import codec
     from mobillm.trainer.config import OptimConfig, RunConfig, SideConfig
     from mobillm.trainer.model import build_side_network, task_loss

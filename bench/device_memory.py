@@ -148,7 +148,7 @@ def main() -> None:
             time.sleep(3)
             for model in a.models.split(","):
                 from mobillm.export.gguf import is_gguf_name
-                from mobillm.export.manifest import Manifest
+                from mobillm.common.manifest import Manifest
 
                 config = ROOT / "export" / "configs" / f"{model}.json"
                 pretrained = None

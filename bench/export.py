@@ -62,7 +62,7 @@ def child_export(model: str, out: str, weights: str) -> dict:
 def child_ort(engine: str, threads: int, repeats: int) -> dict:
     import onnxruntime as ort
 
-    from mobillm.export.manifest import Manifest
+    from mobillm.common.manifest import Manifest
 
     manifest = Manifest.load(engine, verify=False)
     options = ort.SessionOptions()

@@ -301,7 +301,7 @@ def fedavg_device(spec: dict, conn) -> None:
     from mobillm.common.tokenize import EngineTokenizer
     from mobillm.edge_runtime.data import load_examples
     from mobillm.export.exporter import Source, build_model, config_from_dict
-    from mobillm.export.manifest import Manifest
+    from mobillm.common.manifest import Manifest
 
     torch.set_num_threads(1)
     engine = Path(spec["engine"])

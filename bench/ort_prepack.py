@@ -21,7 +21,7 @@ CHILD = r'''
 import json, sys, time
 import numpy as np
 import onnxruntime as ort
-from mobillm.export.manifest import Manifest
+from mobillm.common.manifest import Manifest
 engine, variant, threads, batches = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 m = Manifest.load(engine, verify=False)
 opts = ort.SessionOptions()

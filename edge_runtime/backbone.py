@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mobillm.common.tokenize import EngineTokenizer, TokenizerFilesMissing
-from mobillm.export.manifest import Manifest, ManifestError, TapSpec
+from mobillm.common.manifest import Manifest, ManifestError, TapSpec
 from mobillm.kernels import codec
 
 log = logging.getLogger("mobillm.edge")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mobillm.common.tasks import Task, get_task
-from mobillm.export.manifest import ManifestError
+from mobillm.common.manifest import ManifestError
 from mobillm.kernels.codec import NonFiniteActivation
 
 from .backbone import PROVIDERS, Backbone

@@ -10,7 +10,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from mobillm.common.tasks import Task, score
-from mobillm.export.manifest import ManifestError
+from mobillm.common.manifest import ManifestError
 from mobillm.kernels import codec
 
 from .backbone import Backbone, choose_providers

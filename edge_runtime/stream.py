@@ -29,7 +29,7 @@ import websockets
 
 from mobillm.common import wire
 from mobillm.common.tasks import Task
-from mobillm.export.manifest import manifest_digest
+from mobillm.common.manifest import manifest_digest
 from mobillm.kernels import codec
 
 from .backbone import Backbone, TapOutput, peak_rss_mb

@@ -136,7 +136,7 @@ def _export(args) -> int:
 
 
 def _verify(args) -> int:
-    from .manifest import ManifestError
+    from mobillm.common.manifest import ManifestError
     from .verify import verify_engine
 
     try:

@@ -34,7 +34,7 @@ from mobillm.kernels import codec, onnx_codec
 
 from . import families
 from . import gguf as gguf_source
-from .manifest import Manifest
+from mobillm.common.manifest import Manifest
 
 GRAPH_NAME = "backbone.onnx"
 EXTERNAL_DATA_NAME = "backbone.onnx.data"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .families import FAMILIES, GGUF_ARCHITECTURES, GGUF_SHORT_NAMES, family_for
-from .manifest import sha256_file
+from mobillm.common.manifest import sha256_file
 
 CHECKPOINT_DONE = ".mobillm-complete"  # written last: a folder without it is an interrupted conversion
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from mobillm.kernels import codec
 
-from .manifest import Manifest
+from mobillm.common.manifest import Manifest
 
 SENTENCES = [
     "A photo of a cat sitting on a warm windowsill.",

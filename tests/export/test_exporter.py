@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mobillm.export import exporter  # noqa: E402
-from mobillm.export.manifest import Manifest  # noqa: E402
+from mobillm.common.manifest import Manifest  # noqa: E402
 from mobillm.export.verify import verify_engine  # noqa: E402
 
 TOKENS = np.array([[2, 250, 1345, 9, 10, 4758], [2, 31414, 232, 1, 1, 1]], dtype=np.int64)

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from mobillm.export import cli  # noqa: E402
 from mobillm.export.exporter import export_engine  # noqa: E402
-from mobillm.export.manifest import Manifest  # noqa: E402
+from mobillm.common.manifest import Manifest  # noqa: E402
 from mobillm.export.verify import verify_engine  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "glue"
