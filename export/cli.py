@@ -3,7 +3,7 @@
     export-backbone MODEL --out DIR [options]   export (MODEL: opt-125m .. opt-6.7b, an HF id or a checkpoint folder)
     export-backbone verify DIR                  re-check an engine against the torch model it came from
 
-Exit status: 0 ok, 1 verification failed, 2 bad input (one line on stderr says what to do).
+Exit status: 0 ok, 1 verification failed, 2 bad input (one line on stderr says what to do), 130 interrupted.
 """
 
 from __future__ import annotations

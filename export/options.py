@@ -128,11 +128,12 @@ class ExportOptions:
         blocks (taps dropped: the blocks name them), one format per tap, the weight format, the tap norm."""
         tap_norm = family.tap_norm if self.tap_norm is None else self.tap_norm
         if tap_norm == "layer" and family.input_norms is None:
-            raise ExportError(f"--tap-norm layer: the {family.name} family row names no input norms; use none or rms")
+            raise ExportError(f"--tap-norm layer: the {family.name} family row names no input norms; "
+                              f"use none or rms")
         blocks, taps = resolve_taps(num_layers, self.blocks, self.taps)
         formats = resolve_quant(self.quant, len(taps))
-        return dataclasses.replace(self, blocks=blocks, taps=None, quant=comma_list(formats), weights=self.weight_format,
-                                   tap_norm=tap_norm)
+        return dataclasses.replace(self, blocks=blocks, taps=None, quant=comma_list(formats),
+                                   weights=self.weight_format, tap_norm=tap_norm)
 
     @property
     def tap_layers(self) -> list[int]:

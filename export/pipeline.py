@@ -29,7 +29,7 @@ from mobillm.common.manifest import Manifest
 from mobillm.kernels import onnx_codec
 
 from . import families, weights
-from .graph import (GRAPH_NAME, choose_exporter, codec_node_names, io_specs, tap_specs, trace_to_onnx)
+from .graph import GRAPH_NAME, choose_exporter, codec_node_names, io_specs, tap_specs, trace_to_onnx
 from .options import ExportError, ExportOptions, comma_list
 from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
                      load_tokenizer, prepare_source, resolve_source, token_rules)

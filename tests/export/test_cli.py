@@ -138,8 +138,8 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path, tokenizer_dir):
     # Ctrl-C as a terminal delivers it (a background job may have inherited SIGINT ignored).
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from mobillm.export.cli import main; sys.exit(main())")
-    proc = subprocess.Popen([sys.executable, "-c", code, "opt-125m", *TINY, "--tokenizer", str(tokenizer_dir), "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, "opt-125m", *TINY, "--tokenizer", str(tokenizer_dir),
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "building opt model" in line:  # the temp folder exists: the interrupt must remove it
             proc.send_signal(signal.SIGINT)

@@ -1,4 +1,5 @@
-"""export_engine (export/pipeline.py) on tiny random OPTs: real ONNX Runtime sessions, real files, verify against torch."""
+"""export_engine (export/pipeline.py) on tiny random OPTs: real ONNX Runtime sessions, real files,
+verify against torch."""
 
 import json
 
