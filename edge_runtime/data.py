@@ -82,7 +82,10 @@ def _read_records(path: Path, task: Task) -> list:
             import datasets  # optional: only for folders saved with `Dataset.save_to_disk`
         except ImportError:
             raise DataError(f"{path}: reading a saved datasets folder needs `pip install datasets`") from None
-        return list(datasets.load_from_disk(str(path)))
+        try:
+            return list(datasets.load_from_disk(str(path)))
+        except FileNotFoundError as exc:  # a folder that `save_to_disk` did not write
+            raise DataError(f"{path}: not a saved datasets folder ({exc})") from None
     try:
         return _read_file(path, task)
     except OSError as exc:
