@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = _subcommand(sub, "train", "stream quantized activations of local data to a trainer server", train=True)
     t.add_argument("--data", required=True, type=Path,
                    help="training data: .tsv (GLUE), .csv, .jsonl or datasets folder")
-    t.add_argument("--token-file", type=Path, default=None, help="file holding the server's bearer token (default: none sent)")
-    t.add_argument("--stats-out", type=Path, default=None, help="write run statistics as JSON here (default: not written)")
+    t.add_argument("--token-file", type=Path, default=None,
+                   help="file holding the server's bearer token (default: none sent)")
+    t.add_argument("--stats-out", type=Path, default=None,
+                   help="write run statistics as JSON here (default: not written)")
     t.set_defaults(handler=cmd_train)
 
     p = _subcommand(sub, "predict", "predict with the joint model (backbone + side network), locally", train=False)

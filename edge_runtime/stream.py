@@ -79,7 +79,8 @@ class TrainOptions:
     run: str | None = option(None, "run name on the server (default: chosen by the server)")
     token: str | None = option(None, "bearer token the server expects (edge-run reads it from --token-file)",
                                cli=False)
-    ca: str | None = option(None, "CA certificate to verify a wss:// server (default: the system's; verification is never off)")
+    ca: str | None = option(None, "CA certificate to verify a wss:// server (default: the system's; verification "
+                                  "is never off)")
     max_retries: int = option(8, "consecutive reconnects without progress (no new acknowledgement) before "
                                  "giving up", cli=False)
     retry_base_s: float = option(0.25, "back-off: base * 2^(attempt-1), capped, times a random 0.5..1 (jitter)",
