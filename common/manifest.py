@@ -11,13 +11,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mobillm.common.errors import BadInput
 from mobillm.kernels import codec
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInput, ValueError):
     """The engine folder or its manifest is unusable; the message says why and what to do."""
 
 
