@@ -14,7 +14,7 @@ and the dataclass:
 
 Types come from the annotations: bool → a switch (`--x` when the default is False,
 `--x/--no-x` otherwise), `T | None` → T with a None default, `list[int]` → "8,4,4",
-`tuple[str, ...]` → "a,b".
+`tuple[str, ...]` → "a,b". A field without a default is a required flag.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable
+
+from mobillm.common.errors import BadInput
 
 _META = "mobillm.option"
 
@@ -45,6 +48,21 @@ def option_fields(cls) -> list[tuple[dataclasses.Field, dict, Any]]:
     hints = typing.get_type_hints(cls)
     return [(f, f.metadata[_META], hints[f.name]) for f in dataclasses.fields(cls)
             if _META in f.metadata and f.metadata[_META]["cli"]]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` that shows every flag's default as "(default: X)"; a flag whose default is None says
+    in its own help what None means ("(default: all cores)"), and its help is shown as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def all_but(cls, *names: str) -> list[str]:
+    """The `skip` list that keeps only `names` of `cls`'s flags (a command that needs a few of them)."""
+    return [f.name for f, _meta, _tp in option_fields(cls) if f.name not in names]
 
 
 def _strip_optional(tp):
@@ -82,6 +100,10 @@ def _default(f: dataclasses.Field):
     return None
 
 
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def add_options(parser, cls, *, prefix: str = "", skip: typing.Iterable[str] = (),
                 defaults: dict | None = None) -> None:
     """Add one flag per `option` field of `cls` to `parser` (a parser or an argument group).
@@ -97,14 +119,18 @@ def add_options(parser, cls, *, prefix: str = "", skip: typing.Iterable[str] = (
         dest = f"{prefix}_{f.name}" if prefix else f.name
         default = (defaults or {}).get(f.name, _default(f))
         kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": meta["help"]}
+        if _required(f) and f.name not in (defaults or {}):
+            # SUPPRESS: help shows no "(default: None)" for a flag that must be given.
+            kwargs.update(required=True, default=argparse.SUPPRESS)
         if _strip_optional(tp) is bool:
             kwargs["action"] = "store_true" if not default else argparse.BooleanOptionalAction
         else:
             kwargs["type"] = meta["parse"] or _parser_for(tp)
             if meta["choices"]:
                 kwargs["choices"] = meta["choices"]
-            if meta["metavar"]:
-                kwargs["metavar"] = meta["metavar"]
+            if meta["metavar"] or not meta["choices"]:
+                # Named after the flag, not the field: --queue QUEUE, not --queue QUEUE_SIZE.
+                kwargs["metavar"] = meta["metavar"] or name.upper().replace("-", "_")
         parser.add_argument(flag, **kwargs)
 
 
@@ -118,3 +144,15 @@ def from_args(cls, args: argparse.Namespace, *, prefix: str = "", skip: typing.I
             values[f.name] = getattr(args, dest)
     values.update(extra)
     return cls(**values)
+
+
+def read_token_file(path: Path | str, flag: str = "--token-file") -> str:
+    """The bearer token held in the file a flag names, stripped; BadInput if it is missing or empty
+    (an empty token would silently turn authentication off)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise BadInput(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    if not token:
+        raise BadInput(f"{flag} {path} is empty")
+    return token

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mobillm.common.errors import BadInput
 
-class TokenizerFilesMissing(ValueError):
+
+class TokenizerFilesMissing(BadInput, ValueError):
     """The engine folder has no tokenizer the device can load."""
 
 

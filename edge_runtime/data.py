@@ -8,16 +8,43 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mobillm.common.tasks import Task
+from mobillm.common.errors import BadInput
+from mobillm.common.options import option
+from mobillm.common.tasks import TASKS, Task, get_task
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """The data file cannot be used as given; the message names the file, row and fix."""
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which rows to read and how their columns map onto a task (edge-run's data flags)."""
+
+    task: str = option("sst2", f"task preset: {', '.join(TASKS)}")
+    text_cols: str | None = option(None, "comma-separated text columns (default: the preset's)", metavar="COL,COL")
+    label_col: str | None = option(None, "label column (default: the preset's)", metavar="COL")
+    num_labels: int | None = option(None, "number of classes for a custom task (default: the preset's)")
+    regression: bool = option(False, "custom task has a real-valued label")
+    limit: int | None = option(None, "use only the first N rows of the data (default: all rows)", metavar="N")
+
+    def resolve_task(self) -> Task:
+        """The preset, with its columns overridden; a custom task when columns, label and classes are all given."""
+        if self.text_cols and self.label_col and self.num_labels:
+            return Task("custom", "regression" if self.regression else "class", self.num_labels,
+                        tuple(self.text_cols.split(",")), self.label_col,
+                        "pearson" if self.regression else "accuracy")
+        try:
+            base = get_task(self.task)
+        except ValueError as exc:  # an unknown preset name is the user's to fix
+            raise DataError(str(exc)) from None
+        return replace(base, text_cols=tuple(self.text_cols.split(",")) if self.text_cols else base.text_cols,
+                       label_col=self.label_col or base.label_col)
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,21 @@ def _read_records(path: Path, task: Task) -> list:
             import datasets  # optional: only for folders saved with `Dataset.save_to_disk`
         except ImportError:
             raise DataError(f"{path}: reading a saved datasets folder needs `pip install datasets`") from None
-        return list(datasets.load_from_disk(str(path)))
+        try:
+            return list(datasets.load_from_disk(str(path)))
+        except FileNotFoundError as exc:  # a folder that `save_to_disk` did not write
+            raise DataError(f"{path}: not a saved datasets folder ({exc})") from None
+    try:
+        return _read_file(path, task)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not readable as {path.suffix.lstrip('.')} ({exc})") from None
+
+
+def _read_file(path: Path, task: Task) -> list:
     suffix = path.suffix.lower()
     with open(path, encoding="utf-8-sig", newline="") as f:
         if suffix == ".jsonl":

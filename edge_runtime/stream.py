@@ -28,18 +28,21 @@ import numpy as np
 import websockets
 
 from mobillm.common import wire
-from mobillm.common.tasks import Task
+from mobillm.common.errors import MobillmError
 from mobillm.common.manifest import manifest_digest
+from mobillm.common.options import option
+from mobillm.common.procfs import peak_rss_mb
+from mobillm.common.tasks import Task
 from mobillm.kernels import codec
 
-from .backbone import Backbone, TapOutput, peak_rss_mb
+from .backbone import Backbone, TapOutput
 from .bitplan import BitPlanner
 from .data import Example
 
 log = logging.getLogger("mobillm.edge")
 
 
-class ServerError(RuntimeError):
+class ServerError(MobillmError, RuntimeError):
     """The server refused the session or reported an error; the message is the server's."""
 
 
@@ -57,25 +60,35 @@ _RETRYABLE = (OSError, websockets.ConnectionClosed, asyncio.TimeoutError, websoc
 
 @dataclass
 class TrainOptions:
-    server: str = "ws://127.0.0.1:8765"
-    epochs: int = 1
-    batch_size: int = 16
-    max_len: int = 128
-    mode: str = "pooled"  # pooled: only the rows the head reads; tokens: every real token
-    bits: str = "engine"  # engine: the formats baked into the graph; a format name; or auto
-    latency_target_s: float = 0.5  # auto bits: one batch should take at most this long to send
-    prefetch: int = 4  # batches computed ahead of the sender
-    seed: int = 0
-    device_id: str = "device-0"
-    run: str | None = None
-    token: str | None = None
-    ca: str | None = None  # CA bundle to verify a wss:// server
-    max_retries: int = 8  # consecutive reconnects without progress (no new acknowledgement) before giving up
-    retry_base_s: float = 0.25  # back-off: base * 2^(attempt-1), capped, times a random 0.5..1 (jitter)
-    retry_max_s: float = 8.0
-    connect_timeout_s: float = 10.0
-    side_out: str | None = None  # where the returned side network is saved
-    progress: bool = True
+    """How a device streams one training run; the fields with a flag are `edge-run train`'s options."""
+
+    server: str = option("ws://127.0.0.1:8765", "trainer server URL, ws:// or wss://")
+    epochs: int = option(1, "passes over the data")
+    batch_size: int = option(16, "rows per forward pass")
+    max_len: int = option(128, "truncate rows to this many tokens")
+    mode: str = option("pooled", "pooled: only the row the head reads (exact for last-token heads); "
+                                 "tokens: every real token", flag="send", choices=tuple(sorted(wire.MODES)))
+    bits: str = option("engine", "engine (formats in the graph), a format (nf4, int4, fp8, int8, fp16) or a comma "
+                                 "list per tap, or auto (adapt to measured uplink; best with an engine exported "
+                                 "with --quant fp16)")
+    latency_target_s: float = option(0.5, "auto bits: seconds one batch may take to send", flag="latency-target",
+                                      metavar="SECONDS")
+    prefetch: int = option(4, "batches computed ahead of the sender", cli=False)
+    seed: int = option(0, "data order seed (resuming needs the same seed)")
+    device_id: str = option("device-0", "stable id of this device (used to resume)")
+    run: str | None = option(None, "run name on the server (default: chosen by the server)")
+    token: str | None = option(None, "bearer token the server expects (edge-run reads it from --token-file)",
+                               cli=False)
+    ca: str | None = option(None, "CA certificate to verify a wss:// server (default: the system's; verification "
+                                  "is never off)")
+    max_retries: int = option(8, "consecutive reconnects without progress (no new acknowledgement) before "
+                                 "giving up", cli=False)
+    retry_base_s: float = option(0.25, "back-off: base * 2^(attempt-1), capped, times a random 0.5..1 (jitter)",
+                                 cli=False)
+    retry_max_s: float = option(8.0, "back-off cap, seconds", cli=False)
+    connect_timeout_s: float = option(10.0, "seconds to open a connection and get WELCOME", cli=False)
+    side_out: str | None = option(None, "where to save the returned side network (default: ENGINE/side_TASK.onnx)")
+    progress: bool = option(True, "progress bars (edge-run: off with -q)", cli=False)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mobillm.common.errors import BadInput
+
 FORMATS = ("int8", "fp8", "int4", "nf4", "fp16")
 DEFAULT_BLOCK_SIZE = 64
 FP16_MAX = 65504.0
@@ -74,7 +76,7 @@ QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0, "nf4": 1.0}
 BITS = {"int8": 8, "fp8": 8, "int4": 4, "nf4": 4, "fp16": 16}
 
 
-class NonFiniteActivation(ValueError):
+class NonFiniteActivation(BadInput, ValueError):
     """An activation holds NaN or Inf; it is never quantized or sent."""
 
 

@@ -70,3 +70,29 @@ def tiny_engine_factory(tmp_path_factory, tokenizer_dir):
 def tiny_engine(tiny_engine_factory) -> Path:
     """A 4-layer random OPT exported with nf4 taps (layers 1,2,3,4) and the OPT tokenizer."""
     return tiny_engine_factory()
+
+
+@pytest.fixture
+def help_entries(monkeypatch, capsys):
+    """help_entries(main, [subcommand]) -> {flag: its --help entry on one line}, from the real `--help`."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps to the terminal width; one line per entry is easier to read
+
+    def entries(main, argv: list[str]) -> dict[str, str]:
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        assert exc.value.code == 0
+        out, flag = {}, None
+        for line in capsys.readouterr().out.splitlines():
+            start = re.match(r" {2}(-[-\w]+)", line)
+            if start:
+                flag = start.group(1)
+                out[flag] = line.strip()
+            elif flag and line.startswith("    "):
+                out[flag] += " " + line.strip()
+            else:
+                flag = None
+        return out
+
+    return entries

@@ -12,35 +12,49 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mobillm.common.errors import BadInput
+from mobillm.common.options import option
+
 ACTIVATIONS = ("relu", "gelu")
 POOLINGS = ("last", "mean")
+
+
+class ConfigError(BadInput, ValueError):
+    """A configuration value out of range; the message names the option and what it accepts."""
+
+
+class RunFolderError(BadInput, FileNotFoundError):
+    """A run folder lacks a file the command needs (config, checkpoint, metrics); the message says which."""
 
 
 @dataclass
 class SideConfig:
     """The side network's architecture (MobiLLM Eq. 5). `tap_widths`/`out_dim` come from the HELLO."""
 
-    tap_widths: list[int] = field(default_factory=list)
-    out_dim: int = 0
-    side_width: int | None = None  # None: the first tap's width; taps of another width get a Linear projection
-    bottleneck: int = 64
-    activation: str = "relu"
-    pooling: str = "last"  # last real token, or masked mean over real tokens
-    init_std: float = 0.02  # W_down ~ N(0, init_std)
-    up_init_std: float = 1e-4  # W_up ~ N(0, up_init_std): each adapter starts close to the identity residual
-    ln_eps: float = 1e-5
+    tap_widths: list[int] = option(help="width of each tap, from the HELLO", default_factory=list, cli=False)
+    out_dim: int = option(0, "head outputs, from the HELLO", cli=False)
+    # Taps of another width than the side network's get a Linear projection.
+    side_width: int | None = option(None, "side network width (default: the first tap's); with --federated, the "
+                                          "shared width")
+    bottleneck: int = option(64, "adapter bottleneck r")
+    activation: str = option("relu", "adapter activation", choices=ACTIVATIONS)
+    pooling: str = option("last", "head input: last real token, or masked mean (needs mode tokens)", choices=POOLINGS)
+    init_std: float = option(0.02, "W_down ~ N(0, init_std)", cli=False)
+    up_init_std: float = option(1e-4, "W_up ~ N(0, up_init_std): each adapter starts close to the identity residual",
+                                cli=False)
+    ln_eps: float = option(1e-5, "LayerNorm epsilon", cli=False)
 
     def validate(self) -> None:
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.bottleneck < 1:
-            raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
+            raise ConfigError(f"bottleneck must be >= 1, got {self.bottleneck}")
         if self.side_width is not None and self.side_width < 1:
-            raise ValueError(f"side_width must be >= 1, got {self.side_width}")
+            raise ConfigError(f"side_width must be >= 1, got {self.side_width}")
         if self.init_std < 0 or self.up_init_std < 0:
-            raise ValueError("init stds must be >= 0")
+            raise ConfigError("init stds must be >= 0")
 
     def for_taps(self, tap_widths: list[int], out_dim: int) -> "SideConfig":
         """This template completed for one run's taps; the side width is resolved here."""
@@ -52,24 +66,24 @@ class SideConfig:
 class OptimConfig:
     """AdamW with linear warm-up and linear decay to zero over the declared samples."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_ratio: float = 0.06  # of epochs * samples_per_epoch
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    seed: int = 0  # initialisation and the order of cached epochs
-    cache_batch_size: int | None = None  # rows per step in cached epochs; None: the first streamed batch's rows
+    lr: float = option(1e-3, "peak AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", cli=False)
+    eps: float = option(1e-8, "AdamW epsilon", cli=False)
+    warmup_ratio: float = option(0.06, "warm-up share of all samples (epochs * samples per epoch)")
+    grad_clip: float = option(1.0, "max global gradient norm (0: off)")
+    seed: int = option(0, "initialisation and cached-epoch order seed")
+    cache_batch_size: int | None = option(None, "rows per step in cached epochs (default: the device's batch size)")
 
     def validate(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.cache_batch_size is not None and self.cache_batch_size < 1:
-            raise ValueError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
+            raise ConfigError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
 
 
 @dataclass
@@ -115,7 +129,7 @@ class RunConfig:
     def load(cls, folder: Path | str) -> "RunConfig":
         path = Path(folder) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; is {folder} a run folder written by `trainer serve`?")
+            raise RunFolderError(f"{path} not found; is {folder} a run folder written by `trainer serve`?")
         return cls.from_dict(json.loads(path.read_text()))
 
 
@@ -126,72 +140,82 @@ class FedConfig:
     Every backbone family's taps are aligned to `slots` slots by relative depth and projected to
     `width`; `max_share` caps any one device's share of the last `share_window` trained samples."""
 
-    slots: int = 4  # slot k of the shared network sits at relative depth k / slots
-    width: int = 256  # shared side width D, the same for every backbone
-    max_share: float = 1.0  # 1: no cap; e.g. 0.5: no device trains more than half of the window
-    share_window: int = 512  # samples in the sliding window the share is measured over
-    warmup_samples: int = 256  # linear lr warm-up, then lr * sqrt(warmup / samples) (no known end)
+    slots: int = option(4, "slots of the shared network; taps map to them by relative depth "
+                           "(slot k sits at relative depth k / slots)", flag="fed-slots")
+    # Set by --side-width when --federated: the same width D for every backbone.
+    width: int = option(256, "shared side width", cli=False)
+    max_share: float = option(1.0, "most of a sliding window of trained samples one device may "
+                                   "contribute (1: no cap)")
+    share_window: int = option(512, "samples in the window --max-share is measured over")
+    warmup_samples: int = option(256, "lr warm-up in samples, then lr * sqrt(warmup / samples)",
+                                 flag="fed-warmup")
 
     def validate(self) -> None:
         if not 1 <= self.slots <= 256:
-            raise ValueError(f"fed slots must be 1..256, got {self.slots}")
+            raise ConfigError(f"fed slots must be 1..256, got {self.slots}")
         if self.width < 1:
-            raise ValueError(f"fed width must be >= 1, got {self.width}")
+            raise ConfigError(f"fed width must be >= 1, got {self.width}")
         if not 0 < self.max_share <= 1:
-            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
+            raise ConfigError(f"max_share must be in (0, 1], got {self.max_share}")
         if self.share_window < 1 or self.warmup_samples < 0:
-            raise ValueError("share_window must be >= 1 and warmup_samples >= 0")
+            raise ConfigError("share_window must be >= 1 and warmup_samples >= 0")
 
 
 @dataclass
 class ServerConfig:
     """How `trainer serve` runs. Port 0 binds a free port (tests)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8765
-    runs_dir: str = "runs"
-    cache: bool = False  # keep the first epoch's quantized taps on disk and train later epochs from them
-    device: str = "cpu"  # torch device for decode + training: cpu | cuda | cuda:N
-    resume: bool = False  # continue runs that have a checkpoint in runs_dir
-    token: str | None = None  # when set, every HELLO must carry it
-    queue_size: int = 8  # bounded batch queue per run = credits a device may have outstanding
-    checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
-    bitplan_every: int = 100  # steps between BITPLAN messages; 0 disables them
-    max_frame: int = 64 * 1024 * 1024  # bytes; larger WebSocket messages close the connection (1009)
-    max_rows: int = 4096  # rows per BATCH
-    max_tokens: int = 1 << 20  # tokens per BATCH (tokens mode)
-    hello_timeout_s: float = 30.0
-    threads: int | None = None  # torch intra-op threads (None: torch's default); 1 on small shared CPUs
-    certfile: str | None = None  # PEM certificate (chain): serve wss:// (TLS) instead of ws://
-    keyfile: str | None = None  # PEM private key of `certfile` (None: the key is inside certfile)
+    host: str = option("127.0.0.1", "interface to bind (keep 127.0.0.1 unless behind a proxy)")
+    port: int = option(8765, "port to bind (0: any free port)")
+    runs_dir: str = option("runs", "folder holding one sub-folder per run", flag="runs")
+    cache: bool = option(False, "cache the first epoch's quantized taps on disk and train later epochs from it "
+                                "(the device streams one epoch)")
+    device: str = option("cpu", "torch device for decoding and training: cpu, cuda, cuda:N")
+    resume: bool = option(False, "continue runs that have a checkpoint in --runs")
+    token: str | None = option(None, "when set, every HELLO must carry it (trainer serve reads it from --token-file)",
+                               cli=False)
+    queue_size: int = option(8, "batches queued per run (= device credits)", flag="queue")
+    checkpoint_every: int = option(200, "optimizer steps between checkpoints (and one at the end)")
+    bitplan_every: int = option(100, "steps between BITPLAN messages (0: off)")
+    # Larger WebSocket messages close the connection (1009).
+    max_frame: int = option(64 * 1024 * 1024, "largest accepted message, bytes")
+    max_rows: int = option(4096, "largest accepted batch, rows")
+    max_tokens: int = option(1 << 20, "largest accepted batch, tokens (tokens mode)")
+    hello_timeout_s: float = option(30.0, "seconds a new connection has to send its HELLO", cli=False)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice; 1 on small shared CPUs)")
+    certfile: str | None = option(None, "PEM certificate (chain): serve wss:// (TLS 1.2+); devices verify it with "
+                                        "--ca (default: plain ws://)")
+    keyfile: str | None = option(None, "PEM private key for --certfile (default: inside --certfile)")
     side: SideConfig = field(default_factory=SideConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    federated: bool = False  # one shared side network per task for every device and backbone (federated.py)
+    federated: bool = option(False, "one shared side network per task for every device and backbone "
+                                    f"(docs/federated.md); --side-width is then the shared width, {FedConfig.width} "
+                                    "unless given")
     fed: FedConfig = field(default_factory=FedConfig)
 
     def validate(self) -> None:
         if self.federated and self.cache:
-            raise ValueError("--federated and --cache do not combine: federated devices stream every epoch")
+            raise ConfigError("--federated and --cache do not combine: federated devices stream every epoch")
         if self.federated:
             self.fed.validate()
         if self.queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+            raise ConfigError(f"queue_size must be >= 1, got {self.queue_size}")
         if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.bitplan_every < 0:
-            raise ValueError(f"bitplan_every must be >= 0, got {self.bitplan_every}")
+            raise ConfigError(f"bitplan_every must be >= 0, got {self.bitplan_every}")
         if self.max_frame < 1024:
-            raise ValueError(f"max_frame must be >= 1024 bytes, got {self.max_frame}")
+            raise ConfigError(f"max_frame must be >= 1024 bytes, got {self.max_frame}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.keyfile is not None and self.certfile is None:
-            raise ValueError("keyfile needs certfile: give both --certfile and --keyfile to serve wss://")
+            raise ConfigError("keyfile needs certfile: give both --certfile and --keyfile to serve wss://")
         for name in ("certfile", "keyfile"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name} {path} does not exist")
+                raise ConfigError(f"{name} {path} does not exist")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         self.side.validate()
         self.optim.validate()
 

@@ -76,14 +76,14 @@ def check_onnx(onnx_bytes: bytes, model: SideNetwork, seed: int = 0) -> float:
 
 def reexport(folder: Path | str) -> tuple[Path, float]:
     """Rebuild a run's side network from config.json + checkpoint.pt and write side_network.onnx again."""
-    from .config import RunConfig, atomic_write
+    from .config import RunConfig, RunFolderError, atomic_write
     from .model import SideNetwork
 
     folder = Path(folder)
     cfg = RunConfig.load(folder)
     checkpoint = folder / "checkpoint.pt"
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint} not found; the run has not checkpointed yet")
+        raise RunFolderError(f"{checkpoint} not found; the run has not checkpointed yet")
     model = SideNetwork(cfg.side)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     onnx_bytes = export_onnx(model)

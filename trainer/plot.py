@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import RunFolderError
+
 
 def read_metrics(folder: Path | str) -> list[dict]:
     path = Path(folder) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; has the run trained any step yet?")
+        raise RunFolderError(f"{path} not found; has the run trained any step yet?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -33,7 +35,7 @@ def plot_run(folder: Path | str, out: Path | str | None = None) -> Path:
     folder = Path(folder)
     records = read_metrics(folder)
     if not records:
-        raise ValueError(f"{folder}/metrics.jsonl holds no steps yet")
+        raise RunFolderError(f"{folder}/metrics.jsonl holds no steps yet")
     epoch = np.array([r["epoch"] for r in records])
     loss = np.array([r["loss"] for r in records])
     lr = np.array([r["lr"] for r in records])

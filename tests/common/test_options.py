@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from mobillm.common.errors import BadInput, CheckFailed, run_command
-from mobillm.common.options import add_options, from_args, option
+from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, option, read_token_file
 from mobillm.common.procfs import peak_rss_mb, rss_mb
 
 
@@ -72,3 +72,38 @@ def test_exit_policy(capsys):
 
 def test_procfs_reads_this_process():
     assert peak_rss_mb() >= rss_mb() > 1
+
+
+@dataclass(frozen=True)
+class Needs:
+    engine: str = option(help="engine folder")
+    threads: int | None = option(None, "threads (default: all cores)")
+    queue_size: int = option(8, "credits", flag="queue")
+
+
+def test_required_field_metavar_and_help_defaults(tmp_path):
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    add_options(p, Needs)
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args([])
+    assert exc.value.code == 2
+    assert from_args(Needs, p.parse_args(["--engine", "e"])) == Needs(engine="e")
+    text = " ".join(p.format_help().split())
+    assert "--engine ENGINE engine folder --threads" in text  # a required flag shows no default
+    assert "threads (default: all cores) --queue QUEUE credits (default: 8)" in text
+
+
+def test_all_but_keeps_only_the_named_flags():
+    p = argparse.ArgumentParser()
+    add_options(p, Opts, skip=all_but(Opts, "epochs", "rate"))
+    assert vars(p.parse_args([])) == {"epochs": 1, "rate": 0.5}
+
+
+def test_read_token_file(tmp_path):
+    (tmp_path / "t").write_text(" abc \n")
+    assert read_token_file(tmp_path / "t") == "abc"
+    (tmp_path / "e").write_text("\n")
+    for path, message in ((tmp_path / "e", "is empty"), (tmp_path / "missing", "cannot read it"),
+                          (tmp_path, "cannot read it")):
+        with pytest.raises(BadInput, match=message):
+            read_token_file(path)
