@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mobillm.common.errors import INTERRUPTED, MobillmError, run_command
-from mobillm.common.options import add_options, from_args, option_fields
+from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, option_fields
 
 from .options import ExportOptions, parse_set_args
 
@@ -39,19 +39,18 @@ def _help(name: str) -> str:
 
 
 def _add(parser, *names: str) -> None:
-    """Flags for the named ExportOptions fields, in field order (add_options with the rest skipped)."""
-    add_options(parser, ExportOptions, skip=[f.name for f, _, _ in option_fields(ExportOptions) if f.name not in names])
+    """Flags for the named ExportOptions fields, in field order."""
+    add_options(parser, ExportOptions, skip=all_but(ExportOptions, *names))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The export parser: every flag but --quiet comes from an ExportOptions field (name, default, help).
 
-    MODEL and --out are required, and --set repeats, which `add_options` does not express; they
-    take their help from their fields all the same."""
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    MODEL is positional and --set repeats, which `add_options` does not express; they take their
+    help from their fields all the same. Groups keep the flags in the order of the docs."""
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", help=_help("model"))
-    p.add_argument("--out", type=Path, required=True, help=_help("out"))
-    _add(p, "force", "random_init", "seed")
+    _add(p, "out", "force", "random_init", "seed")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                    help=_help("overrides"))
     _add(p, "tokenizer")

@@ -58,31 +58,31 @@ class ExportOptions:
     random_init: bool = option(False, "no weights needed: build the model from its config (export/configs/NAME.json "
                                       "for short names) with random weights drawn from --seed")
     seed: int = option(0, "torch seed for --random-init (recorded in the manifest so `verify` rebuilds identical "
-                          "weights; default 0)")
-    overrides: dict = option(help="override a config field, e.g. --set num_hidden_layers=4 (repeatable; unknown keys "
-                                  "are an error)", flag="set", metavar="KEY=VALUE", default_factory=dict)
+                          "weights)")
+    overrides: dict = option(help="override a config field, e.g. --set num_hidden_layers=4; repeatable, unknown keys "
+                                  "are an error (default: none)", flag="set", metavar="KEY=VALUE", default_factory=dict)
     tokenizer: Path | None = option(None, "tokenizer folder when the checkpoint has none (copied into "
-                                          "ENGINE/tokenizer/), e.g. ../shared/data/tokenizer/opt", parse=Path)
+                                          "ENGINE/tokenizer/), e.g. ../shared/data/tokenizer/opt (default: the "
+                                          "checkpoint's own)", parse=Path)
     blocks: list[int] | None = option(None, "layers per block bottom to top, summing to the layer count, e.g. "
                                             "8,4,4,2,2,1,1,1,1; each block's top layer is tapped (default: coarse at "
                                             "the bottom, single layers at the top, see docs/export.md)",
                                       metavar="N,N,...", parse=_int_list)
     taps: list[int] | None = option(None, "explicit 1-based layers to tap, e.g. 4,8,12 (the final layer is always "
                                           "added)", metavar="L,L,...", parse=_int_list)
-    quant: str = option("nf4", f"in-graph tap format, one for all taps or one per tap: {', '.join(codec.FORMATS)} "
-                               f"(default nf4)", metavar="FMT[,FMT...]")
-    block_size: int = option(codec.DEFAULT_BLOCK_SIZE, f"elements per fp16 scale in each tap row "
-                                                       f"(default {codec.DEFAULT_BLOCK_SIZE})")
-    dtype: str = option("fp32", "compute precision of the graph (default fp32)", choices=COMPUTE_DTYPES)
+    quant: str = option("nf4", f"in-graph tap format, one for all taps or one per tap: {', '.join(codec.FORMATS)}",
+                        metavar="FMT[,FMT...]")
+    block_size: int = option(codec.DEFAULT_BLOCK_SIZE, "elements per fp16 scale in each tap row")
+    dtype: str = option("fp32", "compute precision of the graph", choices=COMPUTE_DTYPES)
     weights: str | None = option(None, "weight storage: fp32/fp16, or ORT weight-only int8 (quantize_dynamic) / "
                                        "int4 (MatMulNBits); int8 and int4 need --dtype fp32 (default: same as "
                                        "--dtype)", choices=WEIGHT_FORMATS)
     exporter: str = option("auto", "torch exporter: torchscript (fast, peak memory ~4x the weights), dynamo (slower, "
-                                   "streams weights to disk), auto = dynamo once fp32 weights pass 2 GB (default "
-                                   "auto)", choices=EXPORTERS)
-    quant_op: str = option("onnx", "onnx: quantize taps with standard ONNX ops (runs everywhere; default); custom: "
-                                   "one fused com.mobillm::BlockQuantize node per tap (C++ op library copied into "
-                                   "the engine)", choices=QUANT_OPS)
+                                   "streams weights to disk), auto = dynamo once fp32 weights pass 2 GB",
+                           choices=EXPORTERS)
+    quant_op: str = option("onnx", "onnx: quantize taps with standard ONNX ops (runs everywhere); custom: one fused "
+                                   "com.mobillm::BlockQuantize node per tap (C++ op library copied into the engine)",
+                           choices=QUANT_OPS)
     tap_norm: str | None = option(None, "none: taps carry the residual stream; rms: divided by its RMS over the "
                                         "hidden dim; layer: passed through the next layer's own input norm (default: "
                                         "the family's choice, rms for Gemma 3 whose residual stream passes fp16's "

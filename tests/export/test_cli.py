@@ -148,3 +148,15 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path, tokenizer_dir):
     assert proc.wait(timeout=120) == 130, err
     assert f"export-backbone: error: interrupted; nothing was written to {out}" in err
     assert leftovers(tmp_path) == []
+
+
+def test_help_explains_every_flag_with_its_default(help_entries):
+    import sys
+
+    entries = help_entries(lambda argv: sys.exit(main(argv)), [])
+    assert set(entries) >= {"--out", "--set", "--blocks", "--taps", "--quant", "--block-size", "--dtype", "--weights",
+                            "--exporter", "--quant-op", "--tap-norm", "--trt", "--verify", "--quiet", "--seed"}
+    for flag, entry in entries.items():
+        assert len(entry) > len(flag) + 20, entry  # a sentence, not just the flag
+    assert entries["--quant"].endswith("(default: nf4)") and entries["--block-size"].endswith("(default: 64)")
+    assert entries["--weights"].endswith("(default: same as --dtype)")
