@@ -19,7 +19,7 @@ from mobillm.kernels.codec import NonFiniteActivation
 
 from .backbone import PROVIDERS, Backbone
 from .data import DataError, Example, load_examples
-from .stream import EdgeTrainer, ServerError, TrainOptions, stats_dict
+from .stream import ServerError, StreamClient, TrainOptions, stats_dict
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -105,7 +105,7 @@ def cmd_train(args) -> int:
     opts = TrainOptions(server=args.server, epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len,
                         mode=args.send, bits=args.bits, latency_target_s=args.latency_target, seed=args.seed,
                         device_id=args.device_id, run=args.run, token=token, ca=args.ca, progress=not args.quiet)
-    trainer = EdgeTrainer(bb, examples, task, opts)
+    trainer = StreamClient(bb, examples, task, opts)
     print(f"edge-run: {len(examples)} rows x {args.epochs} epoch(s), {len(trainer.batches)} batches -> {args.server} "
           f"({args.send} mode, {bb.manifest.bytes_per_token()} B/token on the wire)", file=sys.stderr)
     stats = trainer.run()

@@ -15,12 +15,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mobillm.common import wire
+from mobillm.common import messages, wire
+from mobillm.common.messages import (BitPlan, Credit, ErrorReport, FedModel, FedWelcome, ModelMeta, StreamDone,
+                                     TrainingDone, Welcome)
 from mobillm.common.tasks import Task
-from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions
 from mobillm.kernels import codec
 from mobillm.trainer.config import SideConfig
-from mobillm.trainer.export import input_names
 
 SHA = "ab" * 32
 TAPS = [{"layer": 2, "hidden": 64, "fmt": "nf4", "block_size": 32},
@@ -28,11 +29,11 @@ TAPS = [{"layer": 2, "hidden": 64, "fmt": "nf4", "block_size": 32},
 
 
 def device_hello(tmp_path, **opts) -> bytes:
-    """HELLO exactly as `edge-run train` builds it (stub backbone: only the manifest is read)."""
+    """HELLO exactly as `edge-run train` builds it (a stub backbone: the HELLO reads only its manifest)."""
     (tmp_path / "manifest.json").write_text('{"golden": true}\n')
     manifest = SimpleNamespace(model_id="facebook/opt-125m", num_layers=4,
                                taps=[SimpleNamespace(**t) for t in TAPS])
-    client = object.__new__(EdgeTrainer)
+    client = object.__new__(StreamClient)
     client.bb = SimpleNamespace(manifest=manifest, folder=tmp_path)
     client.task = Task("sst2", "class", 2, ("sentence",), "label", "accuracy")
     client.opts = TrainOptions(**(opts or dict(device_id="phone-1", run="golden", token="s3cret", epochs=2)))
@@ -41,55 +42,45 @@ def device_hello(tmp_path, **opts) -> bytes:
 
 
 def welcome() -> bytes:
-    return wire.encode_frame(wire.MsgType.WELCOME, {
-        "session": "s1", "run": "golden", "credits": 8, "resume": {"samples_done": 16}, "cache": True,
-        "stop_streaming": False, "total_samples": 192})
+    return messages.frame(Welcome("s1", "golden", 8, 16, True, False, 192))
 
 
 def welcome_federated() -> bytes:
-    return wire.encode_frame(wire.MsgType.WELCOME, {
-        "session": "s2", "run": "fed-sst2", "credits": 8, "resume": {"samples_done": 0}, "cache": False,
-        "stop_streaming": False, "total_samples": 192,
-        "federated": {"family": "ab12cd34", "slots": [1, 3], "n_slots": 4, "devices": 2}})
+    return messages.frame(Welcome("s2", "fed-sst2", 8, 0, False, False, 192, FedWelcome("ab12cd34", [1, 3], 4, 2)))
 
 
 def credit() -> bytes:
-    return wire.encode_frame(wire.MsgType.CREDIT, {"credits": 1, "acked_seq": 5, "samples_done": 48})
+    return messages.frame(Credit(1, 5, 48))
 
 
 def credit_stop() -> bytes:
-    return wire.encode_frame(wire.MsgType.CREDIT, {"credits": 0, "acked_seq": 11, "samples_done": 80,
-                                                   "stop_streaming": True})
+    return messages.frame(Credit(0, 11, 80, stop_streaming=True))
 
 
 def bitplan() -> bytes:
-    return wire.encode_frame(wire.MsgType.BITPLAN, {"importance": [0.5, 0.125], "step": 20})
+    return messages.frame(BitPlan([0.5, 0.125], 20))
 
 
 def model_meta() -> bytes:
     side = SideConfig(tap_widths=[64, 64], out_dim=2, side_width=64)
-    meta = {"config": asdict(side), "inputs": input_names(2), "output": "logits", "task": "sst2",
-            "task_type": "class", "num_labels": 2, "run": "golden", "taps": TAPS,
-            "metrics": {"samples_trained": 192, "steps": 12}}
-    return wire.encode_frame(wire.MsgType.MODEL, meta, b"onnx-bytes")
+    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "golden", TAPS, {"samples_trained": 192, "steps": 12})
+    return messages.frame(meta, b"onnx-bytes")
 
 
 def model_meta_federated() -> bytes:
     side = SideConfig(tap_widths=[], out_dim=2, side_width=128)
-    meta = {"config": asdict(side), "inputs": input_names(2), "output": "logits",
-            "task": "sst2", "task_type": "class", "num_labels": 2, "run": "fed-sst2", "taps": TAPS,
-            "federated": {"family": "ab12cd34", "slots": [1, 3], "n_slots": 4, "num_layers": 4, "step": 30},
-            "metrics": {"samples_trained": 96, "onnx_max_abs_diff": 0.0, "steps": 30,
-                        "shared_samples_trained": 192}}
-    return wire.encode_frame(wire.MsgType.MODEL, meta, b"onnx-bytes")
+    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "fed-sst2", TAPS,
+                     {"samples_trained": 96, "onnx_max_abs_diff": 0.0, "steps": 30, "shared_samples_trained": 192},
+                     FedModel("ab12cd34", [1, 3], 4, 4, 30))
+    return messages.frame(meta, b"onnx-bytes")
 
 
 def done_server() -> bytes:
-    return wire.encode_frame(wire.MsgType.DONE, {"samples_trained": 192, "steps": 12})
+    return messages.frame(TrainingDone(192, 12))
 
 
 def done_device() -> bytes:
-    return wire.encode_frame(wire.MsgType.DONE, {"samples": 192})
+    return messages.frame(StreamDone(192))
 
 
 def bye() -> bytes:
@@ -97,7 +88,7 @@ def bye() -> bytes:
 
 
 def error() -> bytes:
-    return wire.error_frame("bad_hello", "task 'x y' must match the name pattern")
+    return messages.frame(ErrorReport("bad_hello", "task 'x y' must match the name pattern"))
 
 
 def batch(fmt: str, mode: str) -> bytes:
@@ -174,6 +165,15 @@ def test_device_hello_defaults(tmp_path):
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_frame(name):
     check(name, BUILDERS[name]())
+
+
+def test_typed_messages_read_back():
+    """What one side builds, the other parses to the same values."""
+    for build, cls in ((welcome_federated, Welcome), (credit_stop, Credit), (bitplan, BitPlan),
+                       (done_server, TrainingDone), (error, ErrorReport)):
+        frame = wire.decode_frame(build())
+        assert messages.frame(cls.from_meta(frame.meta)) == build()
+    assert ModelMeta.check(wire.decode_frame(model_meta_federated()).meta)["federated"]["step"] == 30
 
 
 def test_every_message_type_is_pinned():
