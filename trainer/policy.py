@@ -90,6 +90,37 @@ def check_new_run(folder: Path, config: ServerConfig) -> bool:
     return True
 
 
+class RunTable:
+    """The runs a policy opened, by name; opening one is serialised per name."""
+
+    def __init__(self, config: ServerConfig, stopping):
+        self.config, self.stopping = config, stopping  # stopping(): the server is shutting down
+        self.runs: dict = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def stop(self) -> None:
+        for run in list(self.runs.values()):
+            run.stop()
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def open_locked(self, name: str, hello: Hello, create):
+        """The run `name`, made by `create(name, hello)` in an executor (it reads files) and started when new.
+        Call it holding `lock(name)`."""
+        if self.stopping():
+            raise ProtocolError(*SHUTTING_DOWN)
+        run = self.runs.get(name)
+        if run is None:
+            run = await asyncio.get_running_loop().run_in_executor(None, create, name, hello)
+            if self.stopping():
+                run.stop()
+                raise ProtocolError(*SHUTTING_DOWN)
+            self.runs[name] = run
+            run.start(asyncio.get_running_loop())
+        return run
+
+
 # ---- one device per run ----
 
 class SingleMember:
@@ -149,33 +180,16 @@ class SingleMember:
             self.run.session = None
 
 
-class SingleDevicePolicy:
+class SingleDevicePolicy(RunTable):
     """One `Run` per run name, one device feeding it."""
-
-    def __init__(self, config: ServerConfig, stopping):
-        self.config, self.stopping = config, stopping  # stopping(): the server is shutting down
-        self.runs: dict[str, Run] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def stop(self) -> None:
-        for run in list(self.runs.values()):
-            run.stop()
 
     async def join(self, session: "Session", hello: Hello) -> SingleMember:
         """The run for this HELLO (created, resumed or taken over), drained so its counters are exact."""
-        if self.stopping():
-            raise ProtocolError(*SHUTTING_DOWN)
         name = hello.run_name
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            run = self.runs.get(name)
-            if run is None:
-                run = await asyncio.get_running_loop().run_in_executor(None, self._open_run, hello)
-                if self.stopping():
-                    run.stop()
-                    raise ProtocolError(*SHUTTING_DOWN)
-                self.runs[name] = run
-                run.start(asyncio.get_running_loop())
-            else:
+        async with self.lock(name):
+            known = name in self.runs
+            run: Run = await self.open_locked(name, hello, self._open_run)
+            if known:
                 check_identity(run.cfg, hello)
             if run.phase == "failed":
                 raise ProtocolError("training_failed", run.error or "training failed")
@@ -195,10 +209,10 @@ class SingleDevicePolicy:
             session.credits = run.queue_size
             return SingleMember(run, session, self.stopping)
 
-    def _open_run(self, hello: Hello) -> Run:
+    def _open_run(self, name: str, hello: Hello) -> Run:
         """A new run, or (with --resume) the one in runs/<run>/ (runs in an executor: it may read files)."""
         cfg = self.config
-        folder = Path(cfg.runs_dir) / hello.run_name
+        folder = Path(cfg.runs_dir) / name
         checkpoint = None
         if check_new_run(folder, cfg):
             run_cfg = RunConfig.load(folder)
@@ -210,7 +224,7 @@ class SingleDevicePolicy:
                                                  "tap; send bits 'engine' or fixed formats instead of 'auto'")
             check_pooling(cfg, hello)
             run_cfg = RunConfig(
-                run=hello.run_name, task=hello.task, task_type=hello.task_type, num_labels=hello.num_labels,
+                run=name, task=hello.task, task_type=hello.task_type, num_labels=hello.num_labels,
                 model_id=hello.model_id, manifest_sha256=hello.manifest_sha256, device_id=hello.device_id,
                 mode=hello.mode, epochs=hello.epochs, samples_per_epoch=hello.samples_per_epoch,
                 taps=[t.to_meta() for t in hello.taps], cache=cfg.cache, bits=hello.bits,
@@ -253,37 +267,18 @@ class FedMember:
         self.run.detach(self.dev, self.session)
 
 
-class FederatedPolicy:
+class FederatedPolicy(RunTable):
     """One `FedRun` per task for every device that sends it (created on first use)."""
-
-    def __init__(self, config: ServerConfig, stopping):
-        self.config, self.stopping = config, stopping
-        self.runs: dict[str, FedRun] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def stop(self) -> None:
-        for run in list(self.runs.values()):
-            run.stop()
 
     async def join(self, session: "Session", hello: Hello) -> FedMember:
         name = hello.run or f"fed-{hello.task}"
         if not NAME.match(name):
             raise ProtocolError("bad_hello", f"run {name!r} must match {NAME.pattern}; send a shorter run name")
         check_pooling(self.config, hello)
-        run = await self._open(name, hello)
+        async with self.lock(name):
+            run: FedRun = await self.open_locked(name, hello, self._create)
         dev = await run.attach(session, hello)
         return FedMember(run, dev, session)
-
-    async def _open(self, name: str, hello: Hello) -> FedRun:
-        if self.stopping():
-            raise ProtocolError(*SHUTTING_DOWN)
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            run = self.runs.get(name)
-            if run is None:
-                run = await asyncio.get_running_loop().run_in_executor(None, self._create, name, hello)
-                self.runs[name] = run
-                run.start(asyncio.get_running_loop())
-            return run
 
     def _create(self, name: str, hello: Hello) -> FedRun:
         folder = Path(self.config.runs_dir) / name
