@@ -18,8 +18,8 @@ from mobillm.edge_runtime.predict import JointModel  # noqa: E402
 from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
 from mobillm.kernels import torch_codec  # noqa: E402
 from mobillm.trainer.config import RunConfig, ServerConfig  # noqa: E402
-from mobillm.trainer.model import SideNetwork  # noqa: E402
 from mobillm.trainer.core import load_checkpoint  # noqa: E402
+from mobillm.trainer.model import SideNetwork  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 
 WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}

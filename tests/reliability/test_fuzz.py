@@ -28,13 +28,13 @@ from websockets.sync.client import connect
 torch = pytest.importorskip("torch")
 
 from mobillm.common import wire  # noqa: E402
+from mobillm.common.messages import Hello, ProtocolError  # noqa: E402
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
 from mobillm.trainer.config import ServerConfig  # noqa: E402
 from mobillm.trainer.data import decode_rows, rows_for_model  # noqa: E402
-from mobillm.common.messages import Hello, ProtocolError  # noqa: E402
 from mobillm.trainer.protocol import check_batch  # noqa: E402
 from mobillm.trainer.run import read_trained_ids  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
-from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 

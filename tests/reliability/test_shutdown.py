@@ -13,10 +13,10 @@ pytest.importorskip("torch")
 
 from mobillm.common import wire  # noqa: E402
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
 from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
 from mobillm.trainer.core import load_checkpoint  # noqa: E402
 from mobillm.trainer.run import TRAINED_IDS  # noqa: E402
-from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 

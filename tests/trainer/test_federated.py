@@ -13,10 +13,10 @@ import torch
 
 from mobillm.common import wire
 from mobillm.common.tasks import get_task
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer.config import FedConfig, OptimConfig
 from mobillm.trainer.fed_model import slot_of
 from mobillm.trainer.federated import load_aligned
-from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 
