@@ -23,7 +23,7 @@ run's `--work` folder.
   backward; the accuracy run holds both halves in one process and adds the link time of the cut
   activation (up) and its gradient (down), fp32 and padded like the batch, at `--link-mbps`.
 - mobillm-local (MobiLLM-L): ORT backbone + the side network trained in torch in the device process.
-- mobillm-*: `EdgeTrainer` (edge-run train) against a `trainer serve` process; pooled, tokens,
+- mobillm-*: `StreamClient` (edge-run train) against a `trainer serve` process; pooled, tokens,
   pooled with the server's `--cache`, pooled through a proxy that limits the uplink to
   `--link-mbps`, and pooled on an engine exported with `--weights int8`. The server only returns
   the side network at the end, so the curve is built from the server's checkpoints (copied as

@@ -310,7 +310,7 @@ def side_local_worker(spec: dict) -> dict:
     from mobillm.kernels import codec
     from mobillm.trainer.config import OptimConfig, RunConfig, SideConfig
     from mobillm.trainer.model import build_side_network, task_loss
-    from mobillm.trainer.run import make_optimizer
+    from mobillm.trainer.core import make_optimizer
 
     data, budget, task = Data(spec["data"]), spec["budget_s"], spec["task"]
     if spec.get("threads"):
@@ -385,11 +385,11 @@ def calibrate_worker(spec: dict) -> dict:
 
 
 def edge_worker(spec: dict) -> dict:
-    """The mobillm device: `edge-run train` (EdgeTrainer) against a `trainer serve` process."""
+    """The mobillm device: `edge-run train` (StreamClient) against a `trainer serve` process."""
     from mobillm.common.tasks import get_task
     from mobillm.edge_runtime.backbone import Backbone
     from mobillm.edge_runtime.data import load_examples
-    from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions, stats_dict
+    from mobillm.edge_runtime.stream import StreamClient, TrainOptions, stats_dict
 
     task = get_task(spec["task"]["name"])
     bb = Backbone(spec["engine"], threads=spec.get("threads"))
@@ -397,7 +397,7 @@ def edge_worker(spec: dict) -> dict:
     opts = TrainOptions(server=spec["server"], epochs=spec["epochs"], batch_size=spec["batch_size"],
                         max_len=spec["max_len"], mode=spec["mode"], seed=spec["seed"], run=spec["run"],
                         progress=False)
-    trainer = EdgeTrainer(bb, examples, task, opts)
+    trainer = StreamClient(bb, examples, task, opts)
     t0, c0 = time.time(), time.process_time()
     stats = trainer.run()
     t_model, cpu = time.time(), time.process_time() - c0  # every thread: forward, quantize, frames, sends

@@ -1,7 +1,7 @@
 """Does streaming slow the device down? Forward throughput while streaming vs standalone.
 
 The same engine and the same batches are run twice in this process: once as plain forward
-passes (the standalone baseline), once through `EdgeTrainer` streaming to a trainer server
+passes (the standalone baseline), once through `StreamClient` streaming to a trainer server
 in another process. The ratio of the two rows/s figures is the overlap efficiency
 (goal >= 0.95: the device never waits for the server).
 
@@ -44,7 +44,7 @@ def main() -> None:
     from mobillm.common.tasks import get_task
     from mobillm.edge_runtime.backbone import Backbone
     from mobillm.edge_runtime.data import load_examples
-    from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions
+    from mobillm.edge_runtime.stream import StreamClient, TrainOptions
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -74,7 +74,7 @@ def main() -> None:
             for mode in ("pooled", "tokens"):
                 opts = TrainOptions(server=f"ws://127.0.0.1:{port}", batch_size=a.batch_size, max_len=a.max_len,
                                     mode=mode, run=f"overlap-{mode}", progress=False)
-                trainer = EdgeTrainer(bb, examples, task, opts)
+                trainer = StreamClient(bb, examples, task, opts)
                 t0 = time.perf_counter()
                 for idx in trainer.batches:  # standalone: the same batches, forward only
                     bb.forward([trainer.rows[i] for i in idx])

@@ -6,7 +6,7 @@ three tiny random-init OPT backbones (hidden x layers 64x4, 96x6, 128x3) and thr
 Every device is its own local process; everything talks over 127.0.0.1.
 
   fed      `trainer serve --federated` in this process; each device runs `edge-run train`'s
-           EdgeTrainer (ORT forward passes only, no torch) through a rate-limited TCP link into
+           StreamClient (ORT forward passes only, no torch) through a rate-limited TCP link into
            one shared side network, asynchronously. Each device's returned ONNX is scored with
            ONNX Runtime alone (JointModel).
   alone    the same devices, each training its own side network (same server, same model
@@ -152,10 +152,10 @@ def mobillm_device(spec: dict, go, out) -> None:
     from mobillm.common.tasks import get_task
     from mobillm.edge_runtime.backbone import Backbone
     from mobillm.edge_runtime.data import load_examples
-    from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions
+    from mobillm.edge_runtime.stream import StreamClient, TrainOptions
 
     task = get_task(TASK)
-    trainer = EdgeTrainer(Backbone(spec["engine"], threads=1), load_examples(spec["data"], task), task, TrainOptions(
+    trainer = StreamClient(Backbone(spec["engine"], threads=1), load_examples(spec["data"], task), task, TrainOptions(
         server=spec["url"], epochs=spec["epochs"], batch_size=spec["batch_size"], max_len=spec["max_len"],
         device_id=spec["device"], run=spec["run"], progress=False, seed=spec["seed"],
         mode="tokens" if spec["pooling"] == "mean" else "pooled"))

@@ -63,7 +63,7 @@ def table(rows: dict[str, dict]) -> list[tuple[str, str]]:
                                                                                  "test_hello")))
     if cases:
         out.append(("fuzz: frames through the parsers", f"{cases} (mutated frames, random bytes, HELLO fields); "
-                                                        "only WireError / SessionError"))
+                                                        "only WireError / ProtocolError"))
     if r := get("test_fuzzed_sessions"):
         codes = ", ".join(f"{v} {k}" for k, v in r["live_fuzz_codes"].items())
         out.append(("fuzz: live sessions beside a good one", f"{r['live_fuzz_sessions']} ({codes}); good device exact"))

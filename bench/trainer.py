@@ -54,7 +54,7 @@ def make_bodies(mode: str, rows: int, mean_tokens: int, pool: int, seed: int = 0
 
 
 def device_process(url: str, mode: str, samples: int, rows: int, bodies: list[bytes], out) -> None:
-    from mobillm.trainer.simulate import SimDevice, SyntheticTask
+    from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 
     def frame(seq: int, ids: np.ndarray) -> bytes:
         body = bodies[seq % len(bodies)]

@@ -230,6 +230,3 @@ class _Reader:
 def batch_frame(batch: Batch) -> bytes:
     return encode_frame(MsgType.BATCH, None, batch.to_body())
 
-
-def error_frame(code: str, message: str) -> bytes:
-    return encode_frame(MsgType.ERROR, {"code": code, "message": message})

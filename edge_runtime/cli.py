@@ -22,7 +22,7 @@ from mobillm.kernels import codec
 
 from .backbone import EngineOptions
 from .data import DataError, DataOptions, Example, load_examples
-from .stream import EdgeTrainer, TrainOptions, stats_dict
+from .stream import StreamClient, TrainOptions, stats_dict
 
 # predict and eval batch rows with training's two fields (and their defaults); the rest are train-only.
 BATCH_FIELDS = ("max_len", "batch_size")
@@ -99,7 +99,7 @@ def cmd_train(args) -> int:
                      token=read_token_file(args.token_file) if args.token_file else None)
     check_bits(opts.bits, len(bb.manifest.taps))
     examples = load_examples(args.data, task, limit=data.limit)
-    trainer = EdgeTrainer(bb, examples, task, opts)
+    trainer = StreamClient(bb, examples, task, opts)
     print(f"edge-run: {len(examples)} rows x {opts.epochs} epoch(s), {len(trainer.batches)} batches -> {opts.server} "
           f"({opts.mode} mode, {bb.manifest.bytes_per_token()} B/token on the wire)", file=sys.stderr)
     stats = trainer.run()

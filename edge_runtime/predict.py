@@ -9,8 +9,9 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from mobillm.common.tasks import Task, score
 from mobillm.common.manifest import ManifestError
+from mobillm.common.messages import SIDE_MASK, SIDE_OUTPUT, side_input_names
+from mobillm.common.tasks import Task, score
 from mobillm.kernels import codec
 
 from .backbone import Backbone, choose_providers
@@ -30,8 +31,8 @@ class JointModel:
         self.bb = backbone
         self.session = ort.InferenceSession(str(side_path), providers=choose_providers(backbone.provider, backbone.folder))
         names = {i.name for i in self.session.get_inputs()}
-        self.inputs = [f"tap{k}" for k in range(len(backbone.manifest.taps))]
-        missing = [n for n in self.inputs + ["mask"] if n not in names]
+        self.inputs = side_input_names(len(backbone.manifest.taps))[:-1]  # the taps; the mask comes last
+        missing = [n for n in self.inputs + [SIDE_MASK] if n not in names]
         if missing:
             raise ManifestError(f"{side_path}: side network lacks inputs {missing}; it was trained for another engine")
         self.pooling = self.meta.get("config", {}).get("pooling", "last")
@@ -47,13 +48,13 @@ class JointModel:
                 values = codec.decode_arrays(tap.codes[idx, lengths - 1], tap.scales[idx, lengths - 1],
                                              s.fmt, s.hidden, s.block_size)
                 feeds[name] = values[:, None, :]
-            feeds["mask"] = np.ones((len(rows), 1), np.float32)
+            feeds[SIDE_MASK] = np.ones((len(rows), 1), np.float32)
         else:
             for name, tap in zip(self.inputs, taps):
                 s = tap.spec
                 feeds[name] = codec.decode_arrays(tap.codes, tap.scales, s.fmt, s.hidden, s.block_size)
-            feeds["mask"] = (np.arange(taps[0].codes.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
-        return self.session.run(["logits"], feeds)[0]
+            feeds[SIDE_MASK] = (np.arange(taps[0].codes.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
+        return self.session.run([SIDE_OUTPUT], feeds)[0]
 
     def predict(self, examples: list[Example], max_len: int, batch_size: int = 16, progress: bool = True) -> np.ndarray:
         """Logits for every example, in input order (batched by length to cut padding)."""

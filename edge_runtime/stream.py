@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import websockets
 
-from mobillm.common import wire
+from mobillm.common import messages, wire
 from mobillm.common.errors import MobillmError
 from mobillm.common.manifest import manifest_digest
+from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ModelMeta, StreamDone, TapInfo, Welcome
 from mobillm.common.options import option
 from mobillm.common.procfs import peak_rss_mb
 from mobillm.common.tasks import Task
@@ -163,8 +164,8 @@ def build_batch(seq: int, ids: np.ndarray, labels: np.ndarray, taps: list[TapOut
     return wire.Batch(seq, ids.astype(np.uint64), labels, out_lengths, payloads, mode)
 
 
-class EdgeTrainer:
-    """One device's training run against one server."""
+class StreamClient:
+    """One device's side of a training run: forward passes here, taps streamed to the server that trains."""
 
     def __init__(self, backbone: Backbone, examples: list[Example], task: Task, opts: TrainOptions):
         if opts.mode not in wire.MODES:
@@ -207,16 +208,12 @@ class EdgeTrainer:
         return rows, cut
 
     def hello(self) -> dict:
+        """The HELLO meta: this engine, task and run. `num_layers` lets federated servers align taps by depth."""
         m = self.bb.manifest
-        return {
-            "protocol": wire.VERSION, "manifest_sha256": manifest_digest(self.bb.folder), "model_id": m.model_id,
-            "task": self.task.name, "task_type": self.task.kind, "num_labels": self.task.num_labels,
-            "mode": self.opts.mode, "bits": self.opts.bits,
-            "taps": [{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size} for t in m.taps],
-            "num_layers": m.num_layers,  # optional in the protocol; federated servers align taps by depth
-            "device_id": self.opts.device_id, "run": self.opts.run, "epochs": self.opts.epochs,
-            "samples_per_epoch": len(self.examples), "token": self.opts.token,
-        }
+        taps = tuple(TapInfo(t.layer, t.hidden, t.fmt, t.block_size) for t in m.taps)
+        return Hello(manifest_digest(self.bb.folder), m.model_id, self.task.name, self.task.kind,
+                     self.task.num_labels, self.opts.mode, taps, self.opts.device_id, self.opts.run,
+                     self.opts.epochs, len(self.examples), self.opts.token, self.opts.bits, m.num_layers).to_meta()
 
     # -- producer thread ---------------------------------------------------------------
     def _produce(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, start_batch: int, start_sample: int,
@@ -328,25 +325,27 @@ class EdgeTrainer:
         async with websockets.connect(self.opts.server, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
                                       open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
             await ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
-            welcome = wire.decode_frame(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
-            if welcome.type == wire.MsgType.ERROR:
-                if welcome.meta.get("code") in RETRY_CODES:
-                    raise _Reconnect(welcome.meta["code"])
-                raise ServerError(f"server refused the session: {welcome.meta.get('message', welcome.meta)}")
-            if welcome.type != wire.MsgType.WELCOME:
-                raise ServerError(f"expected WELCOME, got {welcome.type.name}")
-            credits = asyncio.Semaphore(int(welcome.meta.get("credits", 1)))
-            done_before = int(welcome.meta.get("resume", {}).get("samples_done", 0))
+            first = wire.decode_frame(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
+            if first.type == wire.MsgType.ERROR:
+                error = ErrorReport.from_meta(first.meta)
+                if error.code in RETRY_CODES:
+                    raise _Reconnect(error.code)
+                raise ServerError(f"server refused the session: {error.message}")
+            if first.type != wire.MsgType.WELCOME:
+                raise ServerError(f"expected WELCOME, got {first.type.name}")
+            welcome = Welcome.from_meta(first.meta)
+            credits = asyncio.Semaphore(welcome.credits)
+            done_before = welcome.samples_done
             if done_before > self._acked:
                 self._acked, self._progressed = done_before, True
             self._acknowledge(samples_done=done_before)
             stopped_early = state["stop"] is not None and state["stop"].is_set() and not state["finished_producing"]
             if (state["producer"] is None or done_before < self._retained_from()
-                    or (stopped_early and not welcome.meta.get("stop_streaming"))):
+                    or (stopped_early and not welcome.stop_streaming)):
                 await self._start_producer(state, done_before)
             finished = asyncio.Event()
             stop_streaming = asyncio.Event()
-            if welcome.meta.get("stop_streaming"):
+            if welcome.stop_streaming:
                 stop_streaming.set()
             receiver = asyncio.create_task(self._receive(ws, credits, finished, stop_streaming))
             try:
@@ -431,29 +430,32 @@ class EdgeTrainer:
             state["stop"].set()  # the server trains on from its cache: no more forward passes
         if not self.stats.stream_s:
             self.stats.stream_s = time.perf_counter() - self._t0
-        await ws.send(wire.encode_frame(wire.MsgType.DONE, {"samples": self.total_samples}))
+        await ws.send(messages.frame(StreamDone(self.total_samples)))
 
     async def _receive(self, ws, credits: asyncio.Semaphore, finished: asyncio.Event, stop_streaming: asyncio.Event):
         async for data in ws:
             frame = wire.decode_frame(data)
             if frame.type == wire.MsgType.CREDIT:
+                credit = Credit.from_meta(frame.meta)
                 self._progressed = True
-                for _ in range(int(frame.meta.get("credits", 0))):
+                for _ in range(credit.credits):
                     credits.release()
-                self._acknowledge(frame.meta.get("acked_seq"), frame.meta.get("samples_done"))
-                if frame.meta.get("stop_streaming"):
+                self._acknowledge(credit.acked_seq, credit.samples_done)
+                if credit.stop_streaming:
                     stop_streaming.set()
             elif frame.type == wire.MsgType.BITPLAN:
-                if self.planner and "importance" in frame.meta:
-                    self.planner.importance = [float(v) for v in frame.meta["importance"]]
+                plan = BitPlan.from_meta(frame.meta)
+                if self.planner:
+                    self.planner.importance = plan.importance
             elif frame.type == wire.MsgType.MODEL:
                 self.model_bytes = bytes(frame.body)
-                self.model_meta = frame.meta
+                self.model_meta = ModelMeta.check(frame.meta)
                 self.stats.server_metrics = frame.meta.get("metrics", {})
             elif frame.type == wire.MsgType.ERROR:
-                if frame.meta.get("code") in RETRY_CODES:
-                    raise _Reconnect(frame.meta["code"])
-                raise ServerError(f"server error: {frame.meta.get('message', frame.meta)}")
+                error = ErrorReport.from_meta(frame.meta)
+                if error.code in RETRY_CODES:
+                    raise _Reconnect(error.code)
+                raise ServerError(f"server error: {error.message}")
             elif frame.type == wire.MsgType.DONE:
                 if self.model_bytes is None:
                     raise ServerError("server finished without sending the side network")

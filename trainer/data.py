@@ -16,7 +16,9 @@ import torch
 from mobillm.common import wire
 from mobillm.kernels import codec, torch_codec
 
-from .protocol import TapInfo, last_token_rows
+from mobillm.common.messages import TapInfo
+
+from .protocol import last_token_rows
 
 
 @dataclass

@@ -15,6 +15,7 @@ Devices speak the ordinary protocol (`docs/protocol.md`); what changes is on the
 - DONE from a device: its FIFO is trained, then it receives the current shared body + its family's
   alignment as one ONNX graph with the ordinary side-network contract. Training goes on for the others.
 
+The message loop is the server's (`server.py`); `policy.FederatedPolicy` opens these runs.
 Threads, as in `run.py`: the asyncio loop owns sessions; the training thread owns the model and
 optimizer; `cond` guards the device table and FIFOs; `model_lock` covers each optimizer step, each
 new family and each snapshot taken for export.
@@ -25,12 +26,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import json
 import logging
 import math
 import threading
 import time
-import traceback
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,16 +37,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import websockets
 
-from mobillm.common import tasks, wire
+from mobillm.common import wire
+from mobillm.common.messages import FedModel, Hello, ModelMeta, ProtocolError
 
 from .config import ServerConfig, atomic_write
+from .core import (METRICS, MODEL_FILE, SUMMARY, Link, TrainingThread, append_record, check_finite,
+                   last_epoch_scores, make_optimizer, open_metrics, train_step, write_checkpoint, write_json)
 from .data import rows_for_model
-from .export import check_onnx, export_onnx, input_names
+from .export import check_onnx, export_onnx
 from .fed_model import AlignedSide, Alignment, Family, FedSideModel, SharedSide
-from .protocol import NAME, Hello, SessionError, accept_batch
-from .run import CHECKPOINT, METRICS, MODEL_FILE, SUMMARY, LoopWaiters, make_optimizer, open_metrics, step_loss
+from .protocol import accept_batch
 
 log = logging.getLogger("mobillm.trainer")
 
@@ -61,7 +61,7 @@ class FedItem:
 
     batch: wire.Batch
     nbytes: int
-    session: Any  # the server Session that received it: its credit goes back there
+    session: Link  # the session that received it: its credit goes back there
     arrived_step: int  # global optimizer step when it arrived (staleness = steps it waited)
 
 
@@ -119,11 +119,12 @@ def family_of(hello: Hello) -> Family:
     return Family(hello.manifest_sha256, hello.model_id, depth, tuple((t.layer, t.hidden) for t in hello.taps))
 
 
-class FedRun(LoopWaiters):
+class FedRun(TrainingThread):
     """One shared side network, the devices feeding it, and the thread that trains it."""
 
     def __init__(self, name: str, folder: Path, config: ServerConfig, hello: Hello, checkpoint: dict | None = None):
-        self.name, self.folder, self.config = name, Path(folder), config
+        super().__init__(f"fed-{name}", folder)
+        self.name, self.config = name, config
         self.fed, self.optim = config.fed, config.optim
         self.task = {"task": hello.task, "task_type": hello.task_type, "num_labels": hello.num_labels}
         self.device = torch.device(config.device)
@@ -143,15 +144,9 @@ class FedRun(LoopWaiters):
         self.window_counts: Counter = Counter()
         self.window_total = 0
         self.phase = "train"
-        self.error: str | None = None
-        self.stopped = False
-        self._stopping = False
         self._resumed: dict[str, dict] = {}  # device progress from a checkpoint, until the device reconnects
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: list[asyncio.Future] = []
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._train_loop, name=f"fed-{name}", daemon=True)
         if checkpoint is not None:
             self._load(checkpoint)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -160,21 +155,16 @@ class FedRun(LoopWaiters):
 
     # ---- lifecycle ----
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._thread.start()
-
     def stop(self) -> None:
         """Stop training, checkpoint, join the thread. Safe to call twice."""
         with self.cond:
-            self._stopping = True
+            self.stop_requested.set()
             self.cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join()
+        self.join()
         if not self.stopped:
             self.stopped = True
             self._metrics.close()
-        self._notify()
+        self.notify()
 
     # ---- loop side: devices ----
 
@@ -183,7 +173,7 @@ class FedRun(LoopWaiters):
         older connection of the same device, whose untrained batches are dropped: the device resends them)."""
         for key in ("task", "task_type", "num_labels"):
             if getattr(hello, key) != self.task[key]:
-                raise SessionError("run_mismatch", f"federated run {self.name!r} trains {key}={self.task[key]!r}, "
+                raise ProtocolError("run_mismatch", f"federated run {self.name!r} trains {key}={self.task[key]!r}, "
                                                    f"the HELLO says {getattr(hello, key)!r}; send another run name")
         self._check_alive()
         family = family_of(hello)
@@ -208,8 +198,7 @@ class FedRun(LoopWaiters):
             dev.session, dev.done = session, False
             self.cond.notify_all()
         if old is not None and old is not session:
-            old.run = None
-            asyncio.ensure_future(old.fail(SessionError("replaced", "a newer connection of this device took over")))
+            asyncio.ensure_future(old.fail(ProtocolError("replaced", "a newer connection of this device took over")))
         try:
             await self.wait_until(lambda: not dev.in_step)
             self._check_alive()
@@ -230,12 +219,12 @@ class FedRun(LoopWaiters):
         """A BATCH from `session`: validated against its HELLO, counted, queued in the device's FIFO."""
         cfg = self.config
         if dev.session is not session:
-            raise SessionError("replaced", "a newer connection of this device took over")
+            raise ProtocolError("replaced", "a newer connection of this device took over")
         self._check_alive()
         batch = accept_batch(frame.body, dev.hello, session.formats, session.credits, session.last_seq,
                              cfg.max_rows, cfg.max_tokens)
         if dev.accepted + len(batch.sample_ids) > dev.total:
-            raise SessionError("bad_batch", f"more than epochs x samples_per_epoch = {dev.total} samples")
+            raise ProtocolError("bad_batch", f"more than epochs x samples_per_epoch = {dev.total} samples")
         session.credits -= 1
         session.last_seq = batch.seq
         dev.accepted += len(batch.sample_ids)
@@ -256,24 +245,17 @@ class FedRun(LoopWaiters):
 
     def _check_alive(self) -> None:
         if self.phase == "failed":
-            raise SessionError("training_failed", self.error or "training failed")
-        if self.stopped or self._stopping:
-            raise SessionError("shutting_down", "the server is stopping; reconnect later to resume")
+            raise ProtocolError("training_failed", self.error or "training failed")
+        if self.stopped or self.stop_requested.is_set():
+            raise ProtocolError("shutting_down", "the server is stopping; reconnect later to resume")
 
     def _credit(self, dev: Device, item: FedItem, samples_done: int) -> None:
         """Return the item's credit to the session that sent it (if it still feeds the run)."""
-        def deliver():
-            session = item.session
-            if dev.session is session:
-                session.credits += 1
-                session.post(wire.MsgType.CREDIT, {"credits": 1, "acked_seq": item.batch.seq,
-                                                   "samples_done": samples_done})
+        def send():
+            if dev.session is item.session:
+                item.session.grant_credit(item.batch.seq, samples_done)
 
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(deliver)
-            except RuntimeError:
-                pass
+        self.deliver(send)
 
     # ---- families and export (executor threads) ----
 
@@ -301,17 +283,15 @@ class FedRun(LoopWaiters):
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / MODEL_FILE, onnx_bytes)
         family = self.model.families[dev.family]
-        tmp = folder / f".{ALIGNED}.tmp"
-        torch.save({"config": asdict(view.cfg), "slots": self.fed.slots, "family": family.to_dict(),
-                    "state": view.state_dict(), "step": step}, tmp)
-        tmp.replace(folder / ALIGNED)
-        meta = {"config": asdict(view.cfg), "inputs": input_names(len(dev.taps)), "output": "logits",
-                **self.task, "run": self.name, "taps": [t.as_dict() for t in dev.taps],
-                "federated": {"family": dev.family, "slots": family.slots(self.fed.slots), "n_slots": self.fed.slots,
-                              "num_layers": family.num_layers, "step": step},
-                "metrics": dict(self._device_summary(dev), onnx_max_abs_diff=diff, steps=step,
-                                shared_samples_trained=self.samples_trained)}
-        atomic_write(folder / "model.json", (json.dumps(meta, indent=2) + "\n").encode())
+        write_checkpoint(folder, {"config": asdict(view.cfg), "slots": self.fed.slots, "family": family.to_dict(),
+                                  "state": view.state_dict(), "step": step}, ALIGNED)
+        meta = ModelMeta(asdict(view.cfg), len(dev.taps), self.task["task"], self.task["task_type"],
+                         self.task["num_labels"], self.name, [t.to_meta() for t in dev.taps],
+                         dict(self._device_summary(dev), onnx_max_abs_diff=diff, steps=step,
+                              shared_samples_trained=self.samples_trained),
+                         FedModel(dev.family, family.slots(self.fed.slots), self.fed.slots, family.num_layers,
+                                  step)).to_meta()
+        write_json(folder / "model.json", meta)
         self._write_summary()
         return onnx_bytes, meta
 
@@ -338,61 +318,46 @@ class FedRun(LoopWaiters):
             ready = allowed
         return min(ready, key=lambda d: (self._share(d.device_id), d.queue[0].arrived_step, d.device_id))
 
-    def _train_loop(self) -> None:
-        try:
-            while True:
-                t0 = time.perf_counter()
+    def train_loop(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            with self.cond:
+                while not self.stop_requested.is_set() and (dev := self._pick()) is None:
+                    self.cond.wait()
+                if self.stop_requested.is_set():
+                    break
+                item = dev.queue.popleft()
+                dev.in_step = True
+                trained_before = dev.trained
+            waited = time.perf_counter() - t0
+            self._wait_s += waited
+            self._credit(dev, item, trained_before)
+            try:
+                self._train_step(dev, item, waited)
+            finally:
                 with self.cond:
-                    while not self._stopping and (dev := self._pick()) is None:
-                        self.cond.wait()
-                    if self._stopping:
-                        break
-                    item = dev.queue.popleft()
-                    dev.in_step = True
-                    trained_before = dev.trained
-                waited = time.perf_counter() - t0
-                self._wait_s += waited
-                self._credit(dev, item, trained_before)
-                try:
-                    self._train_step(dev, item, waited)
-                finally:
-                    with self.cond:
-                        dev.in_step = False
-                        self.cond.notify_all()
-                    self._notify()
-                if self.step % self.config.checkpoint_every == 0:
-                    self._save_checkpoint()
-        except Exception as exc:  # the run fails; the server and other runs carry on
-            self.error = f"{type(exc).__name__}: {exc}"
-            (self.folder / "error.log").write_text(traceback.format_exc())
-            log.error("federated run %s failed: %s", self.name, self.error)
-            self.phase = "failed"
-        finally:
-            if self.phase != "failed":
+                    dev.in_step = False
+                    self.cond.notify_all()
+                self.notify()
+            if self.step % self.config.checkpoint_every == 0:
                 self._save_checkpoint()
-                self._write_summary()
-            self._notify()
+
+    def on_exit(self) -> None:
+        if self.phase != "failed":
+            self._save_checkpoint()
+            self._write_summary()
 
     def _train_step(self, dev: Device, item: FedItem, waited: float) -> None:
         t0 = time.perf_counter()
         rows = rows_for_model(item.batch, self.config.side.pooling)
-        view = self.views[dev.family]
-        with self.model_lock:
-            view.train()
-            loss, logits, _ = step_loss(view, rows, dev.taps, self.task["task_type"], self.device)
-            lr = self.optim.lr * lr_factor(self.samples_trained, self.fed.warmup_samples)
-            align_lr = self.optim.lr * lr_factor(self.family_samples[dev.family], self.fed.warmup_samples)
-            for group in self.optimizer.param_groups:  # only the shared group and this family's have grads
-                group["lr"] = align_lr if group.get("family") == dev.family else lr
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(view.parameters(), clip)
-            self.optimizer.step()
-        loss_value, grad_norm = torch.stack([loss.detach(), grad_norm.detach()]).tolist()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {self.step + 1} (device {dev.device_id}); "
-                                     f"lower --lr or check the taps")
+        lr = self.optim.lr * lr_factor(self.samples_trained, self.fed.warmup_samples)
+        align_lr = self.optim.lr * lr_factor(self.family_samples[dev.family], self.fed.warmup_samples)
+        with self.model_lock:  # only the shared group and this family's have grads
+            step = train_step(self.views[dev.family], self.optimizer, rows, dev.taps, self.task["task_type"],
+                              self.device, lambda g: align_lr if g.get("family") == dev.family else lr,
+                              self.optim.grad_clip)
+        loss_value, grad_norm, logits = step.loss, step.grad_norm, step.logits
+        check_finite(loss_value, self.step + 1, f" (device {dev.device_id})")
         n = len(rows)
         staleness = self.step - item.arrived_step
         lag = None if dev.last_step is None else self.step - dev.last_step
@@ -427,8 +392,7 @@ class FedRun(LoopWaiters):
                   "device_lag": lag, "share": share, "window": self.window_total, "queue_depth": queued,
                   "streaming_devices": streaming, "wait_s": waited, "step_s": now - t0,
                   "idle_frac": self._wait_s / max(now - self._t0, 1e-9), "bytes_received": self.bytes_received}
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        append_record(self._metrics, record)
 
     # ---- summaries and checkpoints ----
 
@@ -442,11 +406,8 @@ class FedRun(LoopWaiters):
         if rows:
             out["last_epoch_loss"] = sum(r[0] for r in recent) / rows
             outputs, labels = np.concatenate([r[2] for r in recent]), np.concatenate([r[3] for r in recent])
-            task = tasks.TASKS.get(self.task["task"])
-            metric = task.metric if task and task.kind == self.task["task_type"] else (
-                "pearson" if self.task["task_type"] == "regression" else "accuracy")
-            task = tasks.Task(self.task["task"], self.task["task_type"], self.task["num_labels"], (), "", metric)
-            out.update({f"last_epoch_{k}": v for k, v in tasks.score(task, outputs, labels).items()})
+            out.update(last_epoch_scores(self.task["task"], self.task["task_type"], self.task["num_labels"],
+                                         outputs, labels))
         return out
 
     def summary(self) -> dict:
@@ -460,12 +421,12 @@ class FedRun(LoopWaiters):
 
     def _write_summary(self) -> None:
         with self._summary_lock:  # device exports run in parallel: one writer of summary.json at a time
-            atomic_write(self.folder / SUMMARY, (json.dumps(self.summary(), indent=2) + "\n").encode())
+            write_json(self.folder / SUMMARY, self.summary())
 
     def _save_config(self) -> None:
         data = {"run": self.name, **self.task, "side": asdict(self.model.cfg), "fed": asdict(self.fed),
                 "optim": asdict(self.optim), "families": {k: f.to_dict() for k, f in self.model.families.items()}}
-        atomic_write(self.folder / CONFIG, (json.dumps(data, indent=2) + "\n").encode())
+        write_json(self.folder / CONFIG, data)
 
     def _save_checkpoint(self) -> None:
         """Called by the training thread only, so no step runs meanwhile; the locks keep a family from
@@ -484,13 +445,11 @@ class FedRun(LoopWaiters):
             devices.update({d.device_id: {"identity": d.identity(), "trained": d.trained, "batches": d.batches,
                                           "staleness_sum": d.staleness_sum} for d in self.devices.values()})
         state["devices"] = devices
-        tmp = self.folder / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.folder / CHECKPOINT)
+        write_checkpoint(self.folder, state)
 
     def _load(self, state: dict) -> None:
         if state.get("task") != self.task:
-            raise SessionError("run_mismatch", f"federated run {self.name!r} was started for {state.get('task')}, "
+            raise ProtocolError("run_mismatch", f"federated run {self.name!r} was started for {state.get('task')}, "
                                                f"the HELLO says {self.task}; send another run name")
         for data in state["families"]:
             family = Family.from_dict(data)
@@ -508,7 +467,7 @@ class FedRun(LoopWaiters):
 def _check_device(saved: dict, got: dict, run: str) -> None:
     for key, value in got.items():
         if saved.get(key) != value:
-            raise SessionError("run_mismatch", f"device was in federated run {run!r} with {key}={saved.get(key)!r}, "
+            raise ProtocolError("run_mismatch", f"device was in federated run {run!r} with {key}={saved.get(key)!r}, "
                                                f"the HELLO says {value!r}; use another device_id or run name")
 
 
@@ -524,86 +483,3 @@ def load_aligned(folder: Path | str) -> AlignedSide:
     view.load_state_dict(data["state"])
     return view.eval()
 
-
-class FedCoordinator:
-    """The server's federated mode: sessions go to the `FedRun` of their task (created on first use)."""
-
-    def __init__(self, server):
-        self.server = server
-        self.runs: dict[str, FedRun] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def stop(self) -> None:
-        for run in list(self.runs.values()):
-            run.stop()
-
-    async def serve(self, session, meta: dict) -> None:
-        """The rest of one session after its HELLO (already validated into `session.hello`)."""
-        hello = session.hello
-        name = meta.get("run") or f"fed-{hello.task}"
-        if not NAME.match(name):
-            raise SessionError("bad_hello", f"run {name!r} must match {NAME.pattern}; send a shorter run name")
-        if self.server.config.side.pooling == "mean" and hello.mode == "pooled":
-            raise SessionError("bad_hello", "pooled mode sends one token per sample, but this server pools "
-                                            "with a masked mean over all tokens; use mode 'tokens'")
-        run = await self._open(name, hello)
-        dev = await run.attach(session, hello)
-        try:
-            family = run.model.families[dev.family]
-            await session.ws.send(wire.encode_frame(wire.MsgType.WELCOME, {
-                "session": session.id, "run": name, "credits": session.credits,
-                "resume": {"samples_done": dev.trained}, "cache": False,
-                "stop_streaming": dev.trained >= dev.total, "total_samples": dev.total,
-                "federated": {"family": dev.family, "slots": family.slots(run.fed.slots),
-                              "n_slots": run.fed.slots, "devices": len(run.devices)}}))
-            log.info("session %s: device %s joins federated run %s (family %s), resume at %d", session.id,
-                     hello.device_id, name, dev.family, dev.trained)
-            async for message in session.ws:
-                frame = session._decode(message)
-                if frame.type == wire.MsgType.BATCH:
-                    run.receive(dev, session, frame, len(message))
-                elif frame.type == wire.MsgType.DONE:
-                    await self._done(run, dev, session)
-                    return
-                elif frame.type == wire.MsgType.BYE:
-                    return
-                elif frame.type == wire.MsgType.ERROR:
-                    log.warning("session %s: device reported %s", session.id, frame.meta)
-                    return
-                else:
-                    raise SessionError("unexpected", f"{frame.type.name} is not a device-to-server message "
-                                                     f"after HELLO")
-        finally:
-            run.detach(dev, session)
-
-    async def _open(self, name: str, hello: Hello) -> FedRun:
-        if self.server._stopping:
-            raise SessionError("shutting_down", "the server is stopping; reconnect later to resume")
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            run = self.runs.get(name)
-            if run is None:
-                run = await asyncio.get_running_loop().run_in_executor(None, self._create, name, hello)
-                self.runs[name] = run
-                run.start(asyncio.get_running_loop())
-            return run
-
-    def _create(self, name: str, hello: Hello) -> FedRun:
-        config = self.server.config
-        folder = Path(config.runs_dir) / name
-        checkpoint = None
-        if (folder / CHECKPOINT).is_file():
-            if not config.resume:
-                raise SessionError("run_exists", f"{folder} already holds a checkpoint; restart the server with "
-                                                 f"--resume to continue it, or send another run name")
-            checkpoint = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
-        return FedRun(name, folder, config, hello, checkpoint)
-
-    async def _done(self, run: FedRun, dev: Device, session) -> None:
-        onnx_bytes, meta = await run.finish(dev)
-        await session.ws.send(wire.encode_frame(wire.MsgType.MODEL, meta, onnx_bytes))
-        await session.ws.send(wire.encode_frame(wire.MsgType.DONE, {"samples_trained": dev.trained,
-                                                                     "steps": meta["federated"]["step"]}))
-        try:  # the device answers BYE and closes; either is fine
-            await asyncio.wait_for(session.ws.recv(), self.server.config.hello_timeout_s)
-        except (TimeoutError, websockets.ConnectionClosed):
-            pass

@@ -11,37 +11,29 @@ Phases: stream (train batches as they arrive) -> cache (later epochs from the on
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import math
-import os
 import queue
-import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from mobillm.common import tasks, wire
+from mobillm.common import wire
+from mobillm.common.messages import BitPlan, ModelMeta, TapInfo, allowed_formats
 
 from .config import RunConfig, atomic_write
-from .data import Rows, TapCache, decode_rows, rows_for_model
-from .export import check_onnx, export_onnx, input_names
-from .model import SideNetwork, build_side_network, task_loss
-from .protocol import TapInfo, allowed_formats
+from .core import (METRICS, MODEL_FILE, SUMMARY, Link, TrainingThread, append_record, check_finite,
+                   last_epoch_scores, make_optimizer, open_metrics, train_step, write_checkpoint, write_json)
+from .data import Rows, TapCache, rows_for_model
+from .export import check_onnx, export_onnx
+from .model import build_side_network
 
 log = logging.getLogger("mobillm.trainer")
 
-CHECKPOINT = "checkpoint.pt"
-MODEL_FILE = "side_network.onnx"
-METRICS = "metrics.jsonl"
 TRAINED_IDS = "trained_ids.jsonl"  # per step: the sample ids trained and their position in the run's order
-SUMMARY = "summary.json"
 _END = object()  # queue marker: the device sent DONE
 _STOP = object()  # queue marker: the server is stopping
 
@@ -74,66 +66,13 @@ class WarmupLinear:
         self.warmup, self.total = int(state["warmup"]), int(state["total"])
 
 
-def step_loss(model: SideNetwork, rows: Rows, taps: list[TapInfo], task_type: str, device: torch.device,
-              input_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(loss, logits, dequantized tap rows) for one batch of rows; the tap rows keep grads if asked."""
-    inputs = decode_rows(rows, taps, device)
-    if input_grads:
-        for t in inputs:
-            t.requires_grad_(True)
-    lengths = torch.from_numpy(rows.lengths).to(device)
-    labels = torch.from_numpy(rows.labels).to(device)
-    logits = model.logits_from_rows(inputs, lengths)
-    return task_loss(logits, labels, task_type), logits, inputs
+class Run(TrainingThread):
+    """One device's side network: its queue is the whole schedule (streamed epoch, then the cache)."""
 
-
-def make_optimizer(model: torch.nn.Module, o) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters) where this torch supports it on the model's device."""
-    options = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    try:
-        return torch.optim.AdamW(model.parameters(), fused=True, **options)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(model.parameters(), **options)
-
-
-class LoopWaiters:
-    """Coroutines on the server's event loop that wait for a training thread: the thread calls
-    `_notify()` after any change, waiters re-check their predicate. The subclass sets `loop`,
-    `_waiters`, `stopped` and `phase` ("failed" ends every wait)."""
-
-    loop: asyncio.AbstractEventLoop | None
-    _waiters: list
-    stopped: bool
-    phase: str
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (on the loop) until the training thread makes `predicate` true, or the run stops or fails."""
-        while not (predicate() or self.stopped or self.phase == "failed"):
-            fut = self.loop.create_future()
-            self._waiters.append(fut)
-            if predicate() or self.stopped or self.phase == "failed":
-                break
-            await fut
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    def _notify(self) -> None:
-        """Thread-safe: wake every waiter on the loop."""
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
-
-
-class Run(LoopWaiters):
     def __init__(self, cfg: RunConfig, folder: Path, device: str, queue_size: int, checkpoint_every: int,
                  bitplan_every: int, checkpoint: dict | None = None):
-        self.cfg, self.folder = cfg, Path(folder)
+        super().__init__(f"train-{cfg.run}", folder)
+        self.cfg = cfg
         self.device = torch.device(device)
         self.taps = [TapInfo(**t) for t in cfg.taps]
         self.model = build_side_network(cfg.side, cfg.optim.seed).to(self.device)
@@ -150,17 +89,11 @@ class Run(LoopWaiters):
         self.cache_pos = 0
         self.first_batch_rows = 0
         self.phase = "stream"
-        self.error: str | None = None
-        self.stopped = False
         # Loop-thread state.
-        self.session = None
+        self.session: Link | None = None
         self.stream_accepted = 0
         self.stream_ended = False
         self.bytes_received = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: list[asyncio.Future] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._train_loop, name=f"train-{cfg.run}", daemon=True)
         label_dtype = wire.LABEL_DTYPES[wire.LABEL_KINDS[cfg.task_type]]
         cache_state = checkpoint.get("cache") if checkpoint else None
         self.cache = None
@@ -186,22 +119,18 @@ class Run(LoopWaiters):
 
     # ---- lifecycle (called from the server) ----
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._thread.start()
-
     def stop(self) -> None:
         """Stop training (checkpointing unfinished work) and join the thread. Safe to call twice."""
-        self._stop.set()
+        self.stop_requested.set()
         if self._thread.is_alive():
             self.queue.put(_STOP)
-            self._thread.join()
+            self.join()
         self.stopped = True
         self._metrics.close()
         self._trained_ids.close()
         if self.cache is not None:
             self.cache.close()
-        self._notify()
+        self.notify()
 
     # ---- loop-thread side ----
 
@@ -213,60 +142,56 @@ class Run(LoopWaiters):
             self.stream_ended = True
             self.queue.put_nowait(_END)
 
-    def _to_session(self, method: str, *args) -> None:
-        def deliver():
+    def _grant_credit(self, seq: int, samples_done: int) -> None:
+        def send():
             if self.session is not None:
-                getattr(self.session, method)(*args)
+                self.session.grant_credit(seq, samples_done)
 
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(deliver)
-            except RuntimeError:
-                pass
+        self.deliver(send)
+
+    def _post_bitplan(self, plan: BitPlan) -> None:
+        def send():
+            if self.session is not None:
+                self.session.post_bitplan(plan)
+
+        self.deliver(send)
 
     @property
     def onnx_path(self) -> Path:
         return self.folder / MODEL_FILE
 
-    def model_meta(self) -> dict:
+    def model_meta(self) -> ModelMeta:
         """MODEL frame meta: how to feed the ONNX graph and what it was trained for."""
-        return {"config": asdict(self.cfg.side), "inputs": input_names(len(self.taps)), "output": "logits",
-                "task": self.cfg.task, "task_type": self.cfg.task_type, "num_labels": self.cfg.num_labels,
-                "run": self.cfg.run, "taps": self.cfg.taps, "metrics": self.summary}
+        return ModelMeta(asdict(self.cfg.side), len(self.taps), self.cfg.task, self.cfg.task_type,
+                         self.cfg.num_labels, self.cfg.run, self.cfg.taps, self.summary)
 
     # ---- training thread ----
 
-    def _train_loop(self) -> None:
-        try:
-            while not self.stopped:
-                if self.phase == "stream":
-                    t0 = time.perf_counter()
-                    item = self.queue.get()
-                    waited = time.perf_counter() - t0
-                    if item is _STOP:
-                        break
-                    if item is _END:
-                        self._end_of_stream()
-                        continue
-                    self._to_session("grant_credit", item.batch.seq, self.stream_trained)
-                    self._train_streamed(item, waited)
-                elif self.phase == "cache":
-                    if self._stop.is_set():
-                        break
-                    self._train_cached()
-                elif self.phase == "export":
-                    self._finalize()
-                else:
+    def train_loop(self) -> None:
+        while not self.stopped:
+            if self.phase == "stream":
+                t0 = time.perf_counter()
+                item = self.queue.get()
+                waited = time.perf_counter() - t0
+                if item is _STOP:
                     break
-        except Exception as exc:  # the run fails; the server and other runs carry on
-            self.error = f"{type(exc).__name__}: {exc}"
-            (self.folder / "error.log").write_text(traceback.format_exc())
-            log.error("run %s failed: %s", self.cfg.run, self.error)
-            self.phase = "failed"
-        finally:
-            if self.phase in ("stream", "cache", "export"):
-                self._save_checkpoint()
-            self._notify()
+                if item is _END:
+                    self._end_of_stream()
+                    continue
+                self._grant_credit(item.batch.seq, self.stream_trained)
+                self._train_streamed(item, waited)
+            elif self.phase == "cache":
+                if self.stop_requested.is_set():
+                    break
+                self._train_cached()
+            elif self.phase == "export":
+                self._finalize()
+            else:
+                break
+
+    def on_exit(self) -> None:
+        if self.phase in ("stream", "cache", "export"):
+            self._save_checkpoint()
 
     def _train_streamed(self, item: Item, waited: float) -> None:
         rows = rows_for_model(item.batch, self.cfg.side.pooling)
@@ -286,7 +211,7 @@ class Run(LoopWaiters):
             self._start_cached_epochs()
         else:
             self.phase = "export"
-        self._notify()
+        self.notify()
 
     def _start_cached_epochs(self) -> None:
         self.phase = "cache" if self.cfg.epochs > 1 and len(self.cache) else "export"
@@ -313,24 +238,17 @@ class Run(LoopWaiters):
 
     def _train_step(self, rows: Rows, source: str, waited: float, tokens: int) -> None:
         t0 = time.perf_counter()
-        model, cfg = self.model, self.cfg
-        model.train()
+        cfg = self.cfg
         want_importance = self.bitplan_every > 0
-        loss, logits, inputs = step_loss(model, rows, self.taps, cfg.task_type, self.device, want_importance)
         lr = cfg.optim.lr * self.schedule.factor(self.samples_trained)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        self.optimizer.step()
+        step = train_step(self.model, self.optimizer, rows, self.taps, cfg.task_type, self.device, lambda _: lr,
+                          cfg.optim.grad_clip, want_importance)
         if want_importance:
             # Per tap: RMS of d loss / d (dequantized activation), a proxy for how much that tap's
             # quantization error matters; the device may spend bits where it is largest.
-            self._importance += torch.stack([t.grad.pow(2).mean().sqrt() for t in inputs]).detach()
+            self._importance += torch.stack([t.grad.pow(2).mean().sqrt() for t in step.inputs]).detach()
             self._importance_steps += 1
-        loss_value, grad_norm = torch.stack([loss.detach(), grad_norm.detach()]).tolist()  # one device sync
+        loss_value, grad_norm, logits = step.loss, step.grad_norm, step.logits
         n = len(rows)
         self.step += 1
         self.samples_trained += n
@@ -349,15 +267,12 @@ class Run(LoopWaiters):
             "queue_depth": self.queue.qsize(), "time": time.time(),
         }
         self._last_step_end = now
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        append_record(self._metrics, record)
         # Which samples this step trained; `first` is their position in the run's order (all epochs back
         # to back), so row i belongs to epoch (first + i) // samples_per_epoch. See read_trained_ids.
-        ids = {"step": self.step, "first": self.samples_trained - n, "ids": rows.sample_ids.tolist()}
-        self._trained_ids.write(json.dumps(ids) + "\n")
-        self._trained_ids.flush()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {self.step}; lower --lr or check the taps")
+        append_record(self._trained_ids, {"step": self.step, "first": self.samples_trained - n,
+                                          "ids": rows.sample_ids.tolist()})
+        check_finite(loss_value, self.step)
 
     def _after_step(self) -> None:
         if self.step % self.checkpoint_every == 0:
@@ -366,8 +281,8 @@ class Run(LoopWaiters):
             importance = (self._importance / self._importance_steps).tolist()
             self._importance.zero_()
             self._importance_steps = 0
-            self._to_session("post_bitplan", importance, self.step)
-        self._notify()
+            self._post_bitplan(BitPlan(importance, self.step))
+        self.notify()
 
     def _finalize(self) -> None:
         """Final checkpoint, ONNX export checked against torch, summary; then `finished`."""
@@ -376,7 +291,7 @@ class Run(LoopWaiters):
         diff = check_onnx(onnx_bytes, self.model)
         atomic_write(self.onnx_path, onnx_bytes)
         self.summary = self._summarize(diff)
-        atomic_write(self.folder / SUMMARY, (json.dumps(self.summary, indent=2) + "\n").encode())
+        write_json(self.folder / SUMMARY, self.summary)
         self.phase = "finished"
         self._save_checkpoint()
         log.info("run %s finished: %s", self.cfg.run, self.summary)
@@ -388,11 +303,7 @@ class Run(LoopWaiters):
         if last["rows"]:
             summary["last_epoch_loss"] = last["loss_sum"] / last["rows"]
             outputs, labels = np.concatenate(last["outputs"]), np.concatenate(last["labels"])
-            preset = tasks.TASKS.get(self.cfg.task)
-            metric = preset.metric if preset and preset.kind == self.cfg.task_type else (
-                "pearson" if self.cfg.task_type == "regression" else "accuracy")
-            task = tasks.Task(self.cfg.task, self.cfg.task_type, self.cfg.num_labels, (), "", metric)
-            summary.update({f"last_epoch_{k}": v for k, v in tasks.score(task, outputs, labels).items()})
+            summary.update(last_epoch_scores(self.cfg.task, self.cfg.task_type, self.cfg.num_labels, outputs, labels))
         return summary
 
     # ---- checkpoints ----
@@ -413,12 +324,7 @@ class Run(LoopWaiters):
         }
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
-        tmp = self.folder / f".{CHECKPOINT}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.folder / CHECKPOINT)
+        write_checkpoint(self.folder, state)
 
     def _last_epoch_state(self) -> dict | None:
         """The last epoch's outputs so far, so a run resumed inside its last epoch reports the same metric."""
@@ -450,23 +356,6 @@ class Run(LoopWaiters):
             self.phase = "export"  # the ONNX file went missing: make it again
 
 
-def open_metrics(path: Path, keep_steps: int | None):
-    """A per-step JSONL log (metrics.jsonl, trained_ids.jsonl) for appending. On resume, steps after
-    the checkpoint (trained again now) are cut, and so is a half-written last line (a killed process)."""
-    if keep_steps is None or not path.is_file():
-        return open(path, "w")
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # torn by a crash mid-write: never a step the checkpoint knows
-        if step <= keep_steps:
-            kept.append(line)
-    atomic_write(path, "".join(line + "\n" for line in kept).encode())
-    return open(path, "a")
-
-
 def read_trained_ids(folder: Path | str) -> dict[int, list[int]]:
     """{epoch: sample ids trained in that epoch, in training order} from a run's trained_ids.jsonl.
 
@@ -488,8 +377,3 @@ def read_trained_ids(folder: Path | str) -> dict[int, list[int]]:
             out.setdefault((record["first"] + i) // per_epoch, []).append(sid)
     return out
 
-
-def load_checkpoint(folder: Path | str, map_location: str = "cpu") -> dict:
-    """A run's checkpoint (tensors only, weights_only). `Run` loads it on the CPU and moves the model
-    and optimizer state to its device as it loads them."""
-    return torch.load(Path(folder) / CHECKPOINT, map_location=map_location, weights_only=True)

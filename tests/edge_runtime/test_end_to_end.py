@@ -15,11 +15,11 @@ from mobillm.edge_runtime import cli  # noqa: E402
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
 from mobillm.edge_runtime.data import load_examples  # noqa: E402
 from mobillm.edge_runtime.predict import JointModel  # noqa: E402
-from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
 from mobillm.kernels import torch_codec  # noqa: E402
 from mobillm.trainer.config import RunConfig, ServerConfig  # noqa: E402
+from mobillm.trainer.core import load_checkpoint  # noqa: E402
 from mobillm.trainer.model import SideNetwork  # noqa: E402
-from mobillm.trainer.run import load_checkpoint  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 
 WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}
@@ -116,7 +116,7 @@ def test_frames_carry_no_text_or_token_ids(tiny_engine, tmp_path, server, link_p
     task = get_task("sst2")
     examples = load_examples(data, task)
     for mode in ("tokens", "pooled"):
-        trainer = EdgeTrainer(bb, examples, task, TrainOptions(server=f"ws://127.0.0.1:{proxy.port}", batch_size=8,
+        trainer = StreamClient(bb, examples, task, TrainOptions(server=f"ws://127.0.0.1:{proxy.port}", batch_size=8,
                                                                mode=mode, run=f"privacy-{mode}", progress=False))
         trainer.run()
         assert trainer.model_bytes

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 from mobillm.common.tasks import get_task  # noqa: E402
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
 from mobillm.edge_runtime.data import load_examples  # noqa: E402
-from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
 from mobillm.trainer.config import ServerConfig  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 
@@ -37,7 +37,7 @@ def test_dropped_links_resume_without_loss(tiny_engine, tmp_path, server, link_p
     proxy = link_proxy(server, rate=400_000)
     task = get_task("sst2")
     examples = load_examples(write_data(tmp_path / "d.tsv", 160), task)
-    trainer = EdgeTrainer(Backbone(tiny_engine), examples, task,
+    trainer = StreamClient(Backbone(tiny_engine), examples, task,
                           TrainOptions(server=f"ws://127.0.0.1:{proxy.port}", batch_size=8, epochs=2, mode="tokens",
                                        run="drops", progress=False))
     cuts = []
@@ -69,7 +69,7 @@ def test_bits_adapt_to_a_throttled_uplink(tiny_engine_factory, tmp_path, server,
     examples = load_examples(write_data(tmp_path / "d.tsv", 256), task)
     opts = TrainOptions(server=f"ws://127.0.0.1:{proxy.port}", batch_size=8, mode="tokens", bits="auto",
                         latency_target_s=0.05, run="adaptive", progress=False, prefetch=1)
-    trainer = EdgeTrainer(Backbone(engine), examples, task, opts)
+    trainer = StreamClient(Backbone(engine), examples, task, opts)
     trainer.planner.every = 2
 
     def throttle():

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 
-SHARED = ["mobillm.common.wire", "mobillm.common.tasks", "mobillm.kernels.codec", "mobillm.common.manifest"]
+SHARED = ["mobillm.common.wire", "mobillm.common.messages", "mobillm.common.tasks", "mobillm.kernels.codec", "mobillm.common.manifest"]
 BLOCKED = ["torch", "transformers", "mobillm.trainer"]
 
 # Runs in the child interpreter; prints one JSON report on its last stdout line.

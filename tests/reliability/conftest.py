@@ -293,7 +293,7 @@ def rows_file(tmp_path):
 
 @pytest.fixture
 def edge_rows(tmp_path):
-    """edge_rows(n) -> (examples, task) for `edge-run`'s EdgeTrainer."""
+    """edge_rows(n) -> (examples, task) for `edge-run`'s StreamClient."""
     from mobillm.common.tasks import get_task
     from mobillm.edge_runtime.data import load_examples
 

@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("torch")
 
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
 from mobillm.trainer.config import ServerConfig  # noqa: E402
 from mobillm.trainer.run import read_trained_ids  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
-from mobillm.trainer.simulate import SimDevice, SyntheticTask  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 

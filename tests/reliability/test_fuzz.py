@@ -1,6 +1,6 @@
 """Hostile input. Random and mutated frames through everything the server runs on a frame before
 training (wire.decode_frame, Hello.from_meta, the token check, wire.Batch.from_body, check_batch,
-and the rows/dequantization the training step reads) raise only WireError or SessionError, never
+and the rows/dequantization the training step reads) raise only WireError or ProtocolError, never
 hang, and never allocate in proportion to a declared size (sizes are checked against the bytes
 actually present before anything is read). Against a live server, fuzzed sessions come and go
 while a healthy device trains, which finishes untouched.
@@ -28,12 +28,13 @@ from websockets.sync.client import connect
 torch = pytest.importorskip("torch")
 
 from mobillm.common import wire  # noqa: E402
+from mobillm.common.messages import Hello, ProtocolError  # noqa: E402
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
 from mobillm.trainer.config import ServerConfig  # noqa: E402
 from mobillm.trainer.data import decode_rows, rows_for_model  # noqa: E402
-from mobillm.trainer.protocol import Hello, SessionError, check_batch  # noqa: E402
+from mobillm.trainer.protocol import check_batch  # noqa: E402
 from mobillm.trainer.run import read_trained_ids  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
-from mobillm.trainer.simulate import SimDevice, SyntheticTask  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 
@@ -140,7 +141,7 @@ def server_parse(data: bytes) -> str:
     try:
         frame = wire.decode_frame(data, MAX_FRAME)
     except wire.WireError as exc:
-        raise SessionError("bad_frame", str(exc)) from None
+        raise ProtocolError("bad_frame", str(exc)) from None
     if frame.type == wire.MsgType.HELLO:
         hello = Hello.from_meta(frame.meta)
         hello.identity()
@@ -150,7 +151,7 @@ def server_parse(data: bytes) -> str:
         try:
             batch = wire.Batch.from_body(frame.body, MAX_ROWS, MAX_TOKENS)
         except wire.WireError as exc:
-            raise SessionError("bad_batch", str(exc)) from None
+            raise ProtocolError("bad_batch", str(exc)) from None
         check_batch(batch, HELLO, HELLO.formats())
         for pooling in ("last", "mean"):
             decode_rows(rows_for_model(batch, pooling), HELLO.taps, torch.device("cpu"))
@@ -167,7 +168,7 @@ def check_one(data: bytes, seen: Counter) -> None:
                 seen[server_parse(data)] += 1
             except wire.WireError:
                 seen["WireError"] += 1
-            except SessionError as exc:
+            except ProtocolError as exc:
                 seen[exc.code] += 1
         grown = tracemalloc.get_traced_memory()[1]
     finally:
@@ -180,7 +181,7 @@ def test_seeds():
     assert [server_parse(s) for s in (SEEDS[0], SEEDS[1], SEEDS[4])] == ["hello", "batch", "DONE"]
     for seed in SEEDS[2:4]:
         wire.Batch.from_body(wire.decode_frame(seed).body)
-        with pytest.raises(SessionError, match="bad_batch"):
+        with pytest.raises(ProtocolError, match="bad_batch"):
             server_parse(seed)
 
 

@@ -1,4 +1,4 @@
-"""A link that keeps dropping: the real device (`EdgeTrainer`) reconnects with back-off through a
+"""A link that keeps dropping: the real device (`StreamClient`) reconnects with back-off through a
 proxy that cuts the connection at random byte offsets, mid-frame in either direction and during
 handshakes, many times in one run. At the end every sample was trained exactly once per epoch
 (from the server's runs/<run>/trained_ids.jsonl), and the captured uplink holds no text."""
@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
-from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
 from mobillm.trainer.config import ServerConfig  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 
@@ -29,7 +29,7 @@ def test_many_random_drops_lose_and_repeat_nothing(tiny_engine, tmp_path, profil
         proxy = fault_proxy(port, drops=drops, mean_up=12288, mean_down=512, capture=True, seed=1)
         opts = TrainOptions(server=f"ws://127.0.0.1:{proxy.port}", batch_size=8, epochs=epochs, mode="tokens",
                             run="flaky", progress=False, max_retries=20, retry_base_s=0.02, retry_max_s=0.5)
-        trainer = EdgeTrainer(Backbone(tiny_engine, threads=1), examples, task, opts)
+        trainer = StreamClient(Backbone(tiny_engine, threads=1), examples, task, opts)
         t0 = time.perf_counter()
         stats = trainer.run()
         wall = time.perf_counter() - t0

@@ -23,9 +23,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mobillm.common import wire  # noqa: E402
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
 from mobillm.trainer.config import SideConfig  # noqa: E402
 from mobillm.trainer.model import build_side_network  # noqa: E402
-from mobillm.trainer.simulate import SimDevice, SyntheticTask  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 

@@ -17,8 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
-from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
-from mobillm.trainer.run import CHECKPOINT, SUMMARY, TRAINED_IDS, load_checkpoint  # noqa: E402
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
+from mobillm.trainer.core import CHECKPOINT, SUMMARY, load_checkpoint  # noqa: E402
+from mobillm.trainer.run import TRAINED_IDS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 
@@ -34,7 +35,7 @@ def steps_logged(run_dir) -> int:
 def device(backbone, examples, task, url, run="crashy"):
     opts = TrainOptions(server=url, batch_size=8, epochs=EPOCHS, mode="tokens", run=run, progress=False,
                         max_retries=60, retry_base_s=0.05, retry_max_s=0.5)
-    return EdgeTrainer(backbone, examples, task, opts)
+    return StreamClient(backbone, examples, task, opts)
 
 
 def test_kill9_and_resume_equals_an_uninterrupted_run(tiny_engine, profile, server_process, fault_proxy, edge_rows,

@@ -13,9 +13,10 @@ pytest.importorskip("torch")
 
 from mobillm.common import wire  # noqa: E402
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
-from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions  # noqa: E402
-from mobillm.trainer.run import TRAINED_IDS, load_checkpoint  # noqa: E402
-from mobillm.trainer.simulate import SimDevice, SyntheticTask  # noqa: E402
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
+from mobillm.trainer.core import load_checkpoint  # noqa: E402
+from mobillm.trainer.run import TRAINED_IDS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 
@@ -38,7 +39,7 @@ def test_sigterm_checkpoints_tells_devices_and_exits_0(tiny_engine, profile, ser
     backbone = Backbone(tiny_engine, threads=1)
     server.wait_ready()
     link = fault_proxy(server.port, rate=150_000)
-    trainer = EdgeTrainer(backbone, examples, task, TrainOptions(
+    trainer = StreamClient(backbone, examples, task, TrainOptions(
         server=f"ws://127.0.0.1:{link.port}", batch_size=8, epochs=EPOCHS, mode="tokens", run="graceful",
         progress=False, max_retries=60, retry_base_s=0.05, retry_max_s=0.5))
     thread = threading.Thread(target=trainer.run, daemon=True)

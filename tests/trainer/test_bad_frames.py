@@ -8,7 +8,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from mobillm.common import wire
-from mobillm.trainer.simulate import SimDevice, SyntheticTask
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 
 MAX_FRAME = 64 * 1024
 

@@ -7,13 +7,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from mobillm.common.messages import TapInfo
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer import cli
 from mobillm.trainer.config import RunConfig, SideConfig
+from mobillm.trainer.core import step_loss
 from mobillm.trainer.data import rows_for_model
 from mobillm.trainer.model import SideNetwork
-from mobillm.trainer.protocol import TapInfo
-from mobillm.trainer.run import step_loss
-from mobillm.trainer.simulate import SimDevice, SyntheticTask
 
 
 def padded(batch, left=False):

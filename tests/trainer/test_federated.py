@@ -13,10 +13,10 @@ import torch
 
 from mobillm.common import wire
 from mobillm.common.tasks import get_task
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer.config import FedConfig, OptimConfig
 from mobillm.trainer.fed_model import slot_of
 from mobillm.trainer.federated import load_aligned
-from mobillm.trainer.simulate import SimDevice, SyntheticTask
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 
@@ -66,7 +66,7 @@ def test_three_backbones_train_one_shared_side_network(tiny_engine_factory, star
     from mobillm.edge_runtime.backbone import Backbone
     from mobillm.edge_runtime.data import load_examples
     from mobillm.edge_runtime.predict import JointModel
-    from mobillm.edge_runtime.stream import EdgeTrainer, TrainOptions
+    from mobillm.edge_runtime.stream import StreamClient, TrainOptions
     from mobillm.kernels import torch_codec
 
     engines = {}
@@ -80,7 +80,7 @@ def test_three_backbones_train_one_shared_side_network(tiny_engine_factory, star
     trainers = {}
     for i, name in enumerate(SHAPES):
         examples = load_examples(write_data(tmp_path / f"{name}.tsv", 96, seed=i), task)
-        trainers[name] = EdgeTrainer(Backbone(engines[name]), examples, task, TrainOptions(
+        trainers[name] = StreamClient(Backbone(engines[name]), examples, task, TrainOptions(
             server=server.url, epochs=6, batch_size=8, device_id=name, progress=False, seed=i))
     threads = [threading.Thread(target=t.run) for t in trainers.values()]
     for t in threads:

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from mobillm.common import wire
+from mobillm.common.messages import TapInfo
+from mobillm.edge_runtime.simulate import SyntheticTask
 from mobillm.trainer.config import SideConfig
+from mobillm.trainer.core import step_loss
 from mobillm.trainer.data import rows_for_model
 from mobillm.trainer.model import build_side_network
-from mobillm.trainer.protocol import TapInfo
-from mobillm.trainer.run import step_loss
-from mobillm.trainer.simulate import SyntheticTask
 
 CPU = torch.device("cpu")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from mobillm.trainer.simulate import SimDevice, SyntheticTask
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 
 
 def weights(server, run) -> dict:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from mobillm.common import wire
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer.config import RunConfig, SideConfig
-from mobillm.trainer.simulate import SimDevice, SyntheticTask
 
 
 def run_folder(server, name) -> Path:

@@ -1,7 +1,8 @@
-"""A simulated device: synthetic activations, quantized with the real codec, streamed over the real protocol.
+"""The reference device: synthetic activations, quantized with the real codec, streamed over the real protocol.
 
-For tests, the benchmark and trying a server without a phone. It follows the device side of
-`docs/protocol.md` (credits, stop_streaming, resume) with numpy and websockets only.
+For tests, the benchmarks and trying a server without a phone. It follows the device side of
+`docs/protocol.md` (credits, stop_streaming, resume) with numpy and websockets only (no torch, no
+backbone), building and reading messages through `mobillm.common.messages` as `edge-run` does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Callable
 import numpy as np
 from websockets.sync.client import connect
 
-from mobillm.common import wire
+from mobillm.common import messages, wire
+from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ModelMeta, StreamDone, TapInfo, \
+    TrainingDone, Welcome
 from mobillm.kernels import codec
 
 SHA = "ab" * 32
@@ -81,6 +84,8 @@ class SyntheticTask:
 
 @dataclass
 class DeviceResult:
+    """What one connection of a SimDevice saw: the messages' metas as received, and its counters."""
+
     welcome: dict = field(default_factory=dict)
     model_meta: dict | None = None
     model: bytes | None = None
@@ -109,19 +114,11 @@ class SimDevice:
         self.frame_source = frame_source or (lambda seq, ids: wire.batch_frame(self.data.batch(seq, ids, self.mode)))
 
     def hello(self) -> dict:
-        meta = {"protocol": wire.VERSION, "manifest_sha256": SHA, "model_id": "synthetic", "task": self.task,
-                "task_type": self.data.task_type, "num_labels": 1 if self.data.task_type == "regression"
-                else self.data.num_labels, "mode": self.mode, "taps": self.data.taps, "device_id": self.device_id,
-                "epochs": self.epochs, "samples_per_epoch": self.data.n_samples}
-        if self.run_name:
-            meta["run"] = self.run_name
-        if self.token is not None:
-            meta["token"] = self.token
-        if self.bits is not None:
-            meta["bits"] = self.bits
-        if self.num_layers is not None:
-            meta["num_layers"] = self.num_layers
-        return meta
+        """The HELLO meta this device sends."""
+        return Hello(SHA, "synthetic", self.task, self.data.task_type,
+                     1 if self.data.task_type == "regression" else self.data.num_labels, self.mode,
+                     tuple(TapInfo(**t) for t in self.data.taps), self.device_id, self.run_name, self.epochs,
+                     self.data.n_samples, self.token, self.bits or "engine", self.num_layers).to_meta()
 
     def run(self, stop_after_batches: int | None = None, send_done: bool = True,
             timeout: float = 120.0) -> DeviceResult:
@@ -138,22 +135,24 @@ class SimDevice:
                 result.error = first.meta
                 return result
             result.welcome = first.meta
-            credits = first.meta["credits"]
-            stop = first.meta.get("stop_streaming", False)
+            welcome = Welcome.from_meta(first.meta)
+            credits, stop = welcome.credits, welcome.stop_streaming
             stream = self.data.stream(self.epochs)
-            pos, seq = first.meta["resume"]["samples_done"], 0
+            pos, seq = welcome.samples_done, 0
 
             def handle(frame: wire.Frame) -> None:
                 nonlocal credits, stop
                 if frame.type == wire.MsgType.CREDIT:
-                    credits += frame.meta["credits"]
+                    credit = Credit.from_meta(frame.meta)
+                    credits += credit.credits
                     result.credits.append(frame.meta)
-                    if frame.meta.get("stop_streaming"):
+                    if credit.stop_streaming:
                         stop = result.stop_streaming = True
                 elif frame.type == wire.MsgType.BITPLAN:
+                    BitPlan.from_meta(frame.meta)
                     result.bitplans.append(frame.meta)
                 elif frame.type == wire.MsgType.ERROR:
-                    raise RuntimeError(f"server error: {frame.meta}")
+                    raise RuntimeError(f"server error: {ErrorReport.from_meta(frame.meta)}")
 
             while pos < len(stream) and not stop:
                 if stop_after_batches is not None and result.batches_sent >= stop_after_batches:
@@ -180,12 +179,13 @@ class SimDevice:
             if not send_done:
                 result.seconds = time.perf_counter() - t0
                 return result
-            ws.send(wire.encode_frame(wire.MsgType.DONE, {}))
+            ws.send(messages.frame(StreamDone(len(stream))))
             while result.done is None:
                 frame = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
                 if frame.type == wire.MsgType.MODEL:
-                    result.model_meta, result.model = frame.meta, bytes(frame.body)
+                    result.model_meta, result.model = ModelMeta.check(frame.meta), bytes(frame.body)
                 elif frame.type == wire.MsgType.DONE:
+                    TrainingDone.from_meta(frame.meta)
                     result.done = frame.meta
                 elif frame.type == wire.MsgType.ERROR:
                     result.error = frame.meta

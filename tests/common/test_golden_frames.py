@@ -1,0 +1,181 @@
+"""Golden frames: the exact bytes of every cross-process message, as each side builds it.
+
+Wire bytes are behaviour (an old device must keep talking to a new server and back), so every
+message is pinned by the sha256 of its whole frame. A failure here means the encoding changed:
+key order, a key's spelling, a default, or the framing itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mobillm.common import messages, wire
+from mobillm.common.messages import (BitPlan, Credit, ErrorReport, FedModel, FedWelcome, ModelMeta, StreamDone,
+                                     TrainingDone, Welcome)
+from mobillm.common.tasks import Task
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions
+from mobillm.kernels import codec
+from mobillm.trainer.config import SideConfig
+
+SHA = "ab" * 32
+TAPS = [{"layer": 2, "hidden": 64, "fmt": "nf4", "block_size": 32},
+        {"layer": 4, "hidden": 64, "fmt": "int8", "block_size": 32}]
+
+
+def device_hello(tmp_path, **opts) -> bytes:
+    """HELLO exactly as `edge-run train` builds it (a stub backbone: the HELLO reads only its manifest)."""
+    (tmp_path / "manifest.json").write_text('{"golden": true}\n')
+    manifest = SimpleNamespace(model_id="facebook/opt-125m", num_layers=4,
+                               taps=[SimpleNamespace(**t) for t in TAPS])
+    client = object.__new__(StreamClient)
+    client.bb = SimpleNamespace(manifest=manifest, folder=tmp_path)
+    client.task = Task("sst2", "class", 2, ("sentence",), "label", "accuracy")
+    client.opts = TrainOptions(**(opts or dict(device_id="phone-1", run="golden", token="s3cret", epochs=2)))
+    client.examples = [None] * 96
+    return wire.encode_frame(wire.MsgType.HELLO, client.hello())
+
+
+def welcome() -> bytes:
+    return messages.frame(Welcome("s1", "golden", 8, 16, True, False, 192))
+
+
+def welcome_federated() -> bytes:
+    return messages.frame(Welcome("s2", "fed-sst2", 8, 0, False, False, 192, FedWelcome("ab12cd34", [1, 3], 4, 2)))
+
+
+def credit() -> bytes:
+    return messages.frame(Credit(1, 5, 48))
+
+
+def credit_stop() -> bytes:
+    return messages.frame(Credit(0, 11, 80, stop_streaming=True))
+
+
+def bitplan() -> bytes:
+    return messages.frame(BitPlan([0.5, 0.125], 20))
+
+
+def model_meta() -> bytes:
+    side = SideConfig(tap_widths=[64, 64], out_dim=2, side_width=64)
+    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "golden", TAPS, {"samples_trained": 192, "steps": 12})
+    return messages.frame(meta, b"onnx-bytes")
+
+
+def model_meta_federated() -> bytes:
+    side = SideConfig(tap_widths=[], out_dim=2, side_width=128)
+    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "fed-sst2", TAPS,
+                     {"samples_trained": 96, "onnx_max_abs_diff": 0.0, "steps": 30, "shared_samples_trained": 192},
+                     FedModel("ab12cd34", [1, 3], 4, 4, 30))
+    return messages.frame(meta, b"onnx-bytes")
+
+
+def done_server() -> bytes:
+    return messages.frame(TrainingDone(192, 12))
+
+
+def done_device() -> bytes:
+    return messages.frame(StreamDone(192))
+
+
+def bye() -> bytes:
+    return wire.encode_frame(wire.MsgType.BYE)
+
+
+def error() -> bytes:
+    return messages.frame(ErrorReport("bad_hello", "task 'x y' must match the name pattern"))
+
+
+def batch(fmt: str, mode: str) -> bytes:
+    rng = np.random.default_rng(7)
+    lengths = np.array([3, 1, 2], np.uint32) if mode == "tokens" else np.ones(3, np.uint32)
+    taps = []
+    for i, hidden in enumerate([64, 96]):
+        enc = codec.encode(rng.standard_normal((int(lengths.sum()), hidden)).astype(np.float32), fmt, 32)
+        taps.append(wire.TapPayload(fmt, 32, hidden, enc.codes, enc.scales, i))
+    labels = np.array([0, 1, 1], np.int64)
+    return wire.batch_frame(wire.Batch(9, np.array([4, 8, 15], np.uint64), labels, lengths, taps, mode))
+
+
+def batch_regression() -> bytes:
+    rng = np.random.default_rng(3)
+    enc = codec.encode(rng.standard_normal((2, 64)).astype(np.float32), "int8", 32)
+    tap = wire.TapPayload("int8", 32, 64, enc.codes, enc.scales, 0)
+    labels = np.array([0.25, -1.5], np.float32)
+    return wire.batch_frame(wire.Batch(1, np.array([1, 2], np.uint64), labels, np.ones(2, np.uint32), [tap], "pooled"))
+
+
+BUILDERS = {
+    "welcome": welcome, "welcome_federated": welcome_federated, "credit": credit, "credit_stop": credit_stop,
+    "bitplan": bitplan, "model_meta": model_meta, "model_meta_federated": model_meta_federated,
+    "done_server": done_server, "done_device": done_device, "bye": bye, "error": error,
+    "batch_regression": batch_regression,
+    **{f"batch_{fmt}_{mode}": (lambda fmt=fmt, mode=mode: batch(fmt, mode))
+       for fmt in codec.FORMATS for mode in wire.MODES},
+}
+
+GOLDEN = {
+    "hello_device": "1431edc06a1873eee88d25e0563817f0871d8c51d4ebb35350315e4a4f297df6",
+    "hello_device_defaults": "a0979508c7dd78cbc6cc01b3f3b19dcbe926b4713b9bb9a60e4d32e27597410c",
+    "batch_fp16_pooled": "0c7b723bbc543faf933a08fc20e5ad671786a84475bc1fd91961a86069c257ed",
+    "batch_fp16_tokens": "ecb586233430214e706f3c50e355b570406c4ad787f0990ba34ba4e235c47ff8",
+    "batch_fp8_pooled": "5dfc1eba8c661ed6ed38844e91adeede27a202d7c67ce0375f824a711bb41747",
+    "batch_fp8_tokens": "f8fb9dbf50526437a2d125b3657c44e0ef83b334c32a03b06c7dee27d889b2d3",
+    "batch_int4_pooled": "5ee35f2c5b7d30959e4f9c96f08e5e22d0fa574fc2fe07c2738837eff25c02a3",
+    "batch_int4_tokens": "c27bfe12303fc37d1f427dc526777274a72986168faf812b802c9b9d5437cc84",
+    "batch_int8_pooled": "93b2d5af0e8c4611f482d896bfac13c50b13a16a0dfa4833af2703d53e69dce8",
+    "batch_int8_tokens": "16d117abc71babc91101f9a35e6b1f0df7df5391493eba44d7af5d055687bddb",
+    "batch_nf4_pooled": "b83c8d29bb41c2466d802e78e1fefd615c90253faf41d1c3244b8e4fce157200",
+    "batch_nf4_tokens": "d29880381e9901e1838b896aa323087a603c5261150bf41eab60051b231b4865",
+    "batch_regression": "3743d0678a9ecf6fdc0cbcd8f78bcbd4f9904cdf503f2987400eff83dacabd11",
+    "bitplan": "7ebe7b0faca8e5606f6261b8af5c374f0dbe1f30844772abfab4bc60e82f263b",
+    "bye": "92a5f68669c1c1cf4ece3999ac307328d9822eb419689e31f0ec3e1bc0082b5e",
+    "credit": "9a78917d13f72ed0af18f2cc2fa35997ac4f2f08af9f4928c36dd40060411fbe",
+    "credit_stop": "7df16fdca222f5ed0baf5921a44090562fcf5379d014c1ed9ec39e72b5e4450b",
+    "done_device": "fa55abe46c7967ac4342783b000c593ee5cc5cc3a63e41b1ba0e7a4f4f129391",
+    "done_server": "b7da4d49cfb36534b311b2c6364bf6247a7410f5cd8e21fb119c6f9ad11d737f",
+    "error": "e79c402a6238f8c4301fa4bb5c8374c2706bdc624c3b853e8dd3e08658aaf760",
+    "model_meta": "0c060563f1544f0e8caf830ef655dbde9a7c81fd316b433dd52638b23fd1c7a4",
+    "model_meta_federated": "5dc35c23490cd8038bc0d3eb55c2736dded5508291dc9f444d9746ccf77f319d",
+    "welcome": "6df0f15344599271744ac74bc15c2303747ad005ba531b53ea2e0ea20eb4de67",
+    "welcome_federated": "0b9272fdda74ddf531a2e0ee2c9f659582f68a18501f702543770235737f031a",
+}
+
+
+def check(name: str, frame: bytes) -> None:
+    got = hashlib.sha256(frame).hexdigest()
+    meta = wire.decode_frame(frame, wire.MAX_MODEL_FRAME).meta
+    assert got == GOLDEN[name], f"{name}: frame bytes changed; meta now {json.dumps(meta)}"
+
+
+def test_device_hello(tmp_path):
+    check("hello_device", device_hello(tmp_path))
+
+
+def test_device_hello_defaults(tmp_path):
+    """No run name and no token travel as JSON nulls; bits "auto" and tokens mode as given."""
+    check("hello_device_defaults", device_hello(tmp_path, mode="tokens", bits="auto"))
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_frame(name):
+    check(name, BUILDERS[name]())
+
+
+def test_typed_messages_read_back():
+    """What one side builds, the other parses to the same values."""
+    for build, cls in ((welcome_federated, Welcome), (credit_stop, Credit), (bitplan, BitPlan),
+                       (done_server, TrainingDone), (error, ErrorReport)):
+        frame = wire.decode_frame(build())
+        assert messages.frame(cls.from_meta(frame.meta)) == build()
+    assert ModelMeta.check(wire.decode_frame(model_meta_federated()).meta)["federated"]["step"] == 30
+
+
+def test_every_message_type_is_pinned():
+    pinned = {wire.decode_frame(f(), wire.MAX_MODEL_FRAME).type for f in BUILDERS.values()}
+    assert pinned | {wire.MsgType.HELLO} == set(wire.MsgType)

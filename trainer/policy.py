@@ -1,0 +1,286 @@
+"""Run policies: which run a session's HELLO feeds, and how that run is opened, resumed and joined.
+
+The server's message loop (`server.py`) is the same for every run kind; a policy object decides
+the rest, as a Flower `Strategy` does for its server:
+
+- `SingleDevicePolicy` (the default, the trivial schedule): one `Run` per (task, engine) or per
+  explicit run name, fed by exactly one device at a time; a reconnect of that device takes over.
+- `FederatedPolicy` (`trainer serve --federated`): one `FedRun` per task (`fed-<task>` or the
+  HELLO's run), fed by many devices and backbones at once; its scheduler picks whose batch trains.
+
+`join` returns a `Membership`: the session's handle on its run (receive a BATCH, finish on DONE,
+leave on close) plus the state the WELCOME reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from mobillm.common import wire
+from mobillm.common.messages import NAME, FedWelcome, Hello, ProtocolError, TrainingDone
+
+from .config import RunConfig, ServerConfig
+from .core import CHECKPOINT, load_checkpoint
+from .federated import Device, FedRun
+from .protocol import accept_batch, trim_batch
+from .run import Item, Run
+
+if TYPE_CHECKING:
+    from .server import Session
+
+log = logging.getLogger("mobillm.trainer")
+
+SHUTTING_DOWN = ("shutting_down", "the server is stopping; reconnect later to resume")
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What the WELCOME tells a device that joined a run."""
+
+    run: str
+    samples_done: int  # resume point in the device's sample order
+    cache: bool
+    stop_streaming: bool
+    total_samples: int
+    federated: FedWelcome | None = None
+
+
+class Membership(Protocol):
+    """One session's handle on the run it feeds."""
+
+    joined: Joined
+
+    def receive(self, frame: wire.Frame, nbytes: int) -> None:
+        """A BATCH from the session: validate, count, queue (raises ProtocolError to end the session)."""
+
+    async def finish(self) -> tuple[dict, bytes, TrainingDone]:
+        """DONE from the device: train what it sent, then the MODEL meta, the ONNX file and the DONE reply."""
+
+    def leave(self) -> None:
+        """The session closed: the run stops counting on it."""
+
+
+class RunPolicy(Protocol):
+    """How sessions map onto runs."""
+
+    async def join(self, session: "Session", hello: Hello) -> Membership:
+        """Open or resume the HELLO's run and attach the session to it (credits set on the session)."""
+
+    def stop(self) -> None:
+        """Stop every run (each checkpoints unfinished work)."""
+
+
+def check_pooling(config: ServerConfig, hello: Hello) -> None:
+    if config.side.pooling == "mean" and hello.mode == "pooled":
+        raise ProtocolError("bad_hello", "pooled mode sends one token per sample, but this server pools "
+                                         "with a masked mean over all tokens; use mode 'tokens'")
+
+
+def check_new_run(folder: Path, config: ServerConfig) -> bool:
+    """True when `folder` holds a checkpoint to resume (only with --resume; otherwise it is refused)."""
+    if not (folder / CHECKPOINT).is_file():
+        return False
+    if not config.resume:
+        raise ProtocolError("run_exists", f"{folder} already holds a checkpoint; restart the server with "
+                                          f"--resume to continue it, or send another run name")
+    return True
+
+
+class RunTable:
+    """The runs a policy opened, by name; opening one is serialised per name."""
+
+    def __init__(self, config: ServerConfig, stopping):
+        self.config, self.stopping = config, stopping  # stopping(): the server is shutting down
+        self.runs: dict = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def stop(self) -> None:
+        for run in list(self.runs.values()):
+            run.stop()
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def open_locked(self, name: str, hello: Hello, create):
+        """The run `name`, made by `create(name, hello)` in an executor (it reads files) and started when new.
+        Call it holding `lock(name)`."""
+        if self.stopping():
+            raise ProtocolError(*SHUTTING_DOWN)
+        run = self.runs.get(name)
+        if run is None:
+            run = await asyncio.get_running_loop().run_in_executor(None, create, name, hello)
+            if self.stopping():
+                run.stop()
+                raise ProtocolError(*SHUTTING_DOWN)
+            self.runs[name] = run
+            run.start(asyncio.get_running_loop())
+        return run
+
+
+# ---- one device per run ----
+
+class SingleMember:
+    """A session feeding a single-device `Run`; it is replaced when the same device connects again."""
+
+    def __init__(self, run: Run, session: "Session", stopping):
+        self.run, self.session, self._stopping = run, session, stopping
+        stop = run.stream_ended or (run.cfg.cache and run.stream_accepted >= run.cfg.samples_per_epoch)
+        session.stop_sent = stop
+        self.joined = Joined(run.cfg.run, run.stream_trained, run.cfg.cache, stop, run.cfg.total_samples)
+
+    def _live_run(self) -> Run:
+        if self.run.session is not self.session:
+            raise ProtocolError("replaced", "a newer connection of this device took over the run")
+        return self.run
+
+    def receive(self, frame: wire.Frame, nbytes: int) -> None:
+        session, cfg = self.session, self.session.server.config
+        if self._stopping():
+            return  # never queued, never acknowledged: the device sends it again after the restart
+        run = self._live_run()
+        if run.phase == "failed":
+            raise ProtocolError("training_failed", run.error or "training failed")
+        batch = accept_batch(frame.body, session.hello, session.formats, session.credits, session.last_seq,
+                             cfg.max_rows, cfg.max_tokens)
+        session.credits -= 1
+        session.last_seq = batch.seq
+        run.bytes_received += nbytes
+        rc = run.cfg
+        limit = rc.samples_per_epoch if rc.cache else rc.total_samples
+        room = limit - run.stream_accepted
+        if run.stream_ended or room <= 0:
+            if rc.cache:
+                return  # sent before the device saw stop_streaming: later epochs come from the cache
+            raise ProtocolError("bad_batch", f"more than epochs x samples_per_epoch = {limit} samples")
+        if len(batch.sample_ids) > room:
+            if not rc.cache:
+                raise ProtocolError("bad_batch", f"more than epochs x samples_per_epoch = {limit} samples")
+            batch = trim_batch(batch, room)
+        run.stream_accepted += len(batch.sample_ids)
+        run.enqueue(Item(batch, nbytes))
+        if rc.cache and run.stream_accepted >= rc.samples_per_epoch and not session.stop_sent:
+            session.stop_streaming(batch.seq, run.stream_trained)
+
+    async def finish(self) -> tuple[dict, bytes, TrainingDone]:
+        run = self._live_run()
+        run.end_stream()
+        await run.wait_until(lambda: run.phase in ("finished", "failed"))
+        if run.phase == "failed":
+            raise ProtocolError("training_failed", run.error or "training failed")
+        if run.phase != "finished":
+            raise ProtocolError(*SHUTTING_DOWN)
+        return run.model_meta().to_meta(), run.onnx_path.read_bytes(), TrainingDone(run.samples_trained, run.step)
+
+    def leave(self) -> None:
+        if self.run.session is self.session:
+            self.run.session = None
+
+
+class SingleDevicePolicy(RunTable):
+    """One `Run` per run name, one device feeding it."""
+
+    async def join(self, session: "Session", hello: Hello) -> SingleMember:
+        """The run for this HELLO (created, resumed or taken over), drained so its counters are exact."""
+        name = hello.run_name
+        async with self.lock(name):
+            known = name in self.runs
+            run: Run = await self.open_locked(name, hello, self._open_run)
+            if known:
+                check_identity(run.cfg, hello)
+            if run.phase == "failed":
+                raise ProtocolError("training_failed", run.error or "training failed")
+            old = run.session
+            if old is not None:  # the same device again (identity matched): the new connection wins
+                run.session = None
+                asyncio.ensure_future(old.fail(ProtocolError("replaced", "a newer connection of this device "
+                                                                         "took over")))
+            # Resume point: everything already received gets trained first.
+            await run.wait_until(lambda: run.phase != "stream" or run.stream_trained >= run.stream_accepted)
+            if run.phase == "failed":
+                raise ProtocolError("training_failed", run.error or "training failed")
+            if run.stopped:
+                raise ProtocolError(*SHUTTING_DOWN)
+            run.stream_accepted = run.stream_trained
+            run.session = session
+            session.credits = run.queue_size
+            return SingleMember(run, session, self.stopping)
+
+    def _open_run(self, name: str, hello: Hello) -> Run:
+        """A new run, or (with --resume) the one in runs/<run>/ (runs in an executor: it may read files)."""
+        cfg = self.config
+        folder = Path(cfg.runs_dir) / name
+        checkpoint = None
+        if check_new_run(folder, cfg):
+            run_cfg = RunConfig.load(folder)
+            check_identity(run_cfg, hello)
+            checkpoint = load_checkpoint(folder)
+        else:
+            if cfg.cache and hello.formats() is None:
+                raise ProtocolError("bad_hello", "this server caches taps (--cache), which needs one format per "
+                                                 "tap; send bits 'engine' or fixed formats instead of 'auto'")
+            check_pooling(cfg, hello)
+            run_cfg = RunConfig(
+                run=name, task=hello.task, task_type=hello.task_type, num_labels=hello.num_labels,
+                model_id=hello.model_id, manifest_sha256=hello.manifest_sha256, device_id=hello.device_id,
+                mode=hello.mode, epochs=hello.epochs, samples_per_epoch=hello.samples_per_epoch,
+                taps=[t.to_meta() for t in hello.taps], cache=cfg.cache, bits=hello.bits,
+                side=cfg.side.for_taps([t.hidden for t in hello.taps], hello.out_dim), optim=cfg.optim)
+            folder.mkdir(parents=True, exist_ok=True)
+            run_cfg.save(folder)
+        return Run(run_cfg, folder, cfg.device, cfg.queue_size, cfg.checkpoint_every, cfg.bitplan_every, checkpoint)
+
+
+def check_identity(cfg: RunConfig, hello: Hello) -> None:
+    """A reconnecting device must repeat the HELLO the run was started with."""
+    saved = {"task": cfg.task, "task_type": cfg.task_type, "num_labels": cfg.num_labels, "model_id": cfg.model_id,
+             "manifest_sha256": cfg.manifest_sha256, "mode": cfg.mode, "taps": cfg.taps, "epochs": cfg.epochs,
+             "samples_per_epoch": cfg.samples_per_epoch, "device_id": cfg.device_id, "bits": cfg.bits}
+    for key, value in hello.identity().items():
+        if saved[key] != value:
+            raise ProtocolError("run_mismatch", f"run {cfg.run!r} was started with {key}={saved[key]!r}, the HELLO "
+                                                f"says {value!r}; send another run name to start a new run")
+
+
+# ---- many devices per run ----
+
+class FedMember:
+    """A session feeding a `FedRun` as one of its devices."""
+
+    def __init__(self, run: FedRun, dev: Device, session: "Session"):
+        self.run, self.dev, self.session = run, dev, session
+        family = run.model.families[dev.family]
+        self.joined = Joined(run.name, dev.trained, False, dev.trained >= dev.total, dev.total, FedWelcome(
+            dev.family, family.slots(run.fed.slots), run.fed.slots, len(run.devices)))
+
+    def receive(self, frame: wire.Frame, nbytes: int) -> None:
+        self.run.receive(self.dev, self.session, frame, nbytes)
+
+    async def finish(self) -> tuple[dict, bytes, TrainingDone]:
+        onnx_bytes, meta = await self.run.finish(self.dev)
+        return meta, onnx_bytes, TrainingDone(self.dev.trained, meta["federated"]["step"])
+
+    def leave(self) -> None:
+        self.run.detach(self.dev, self.session)
+
+
+class FederatedPolicy(RunTable):
+    """One `FedRun` per task for every device that sends it (created on first use)."""
+
+    async def join(self, session: "Session", hello: Hello) -> FedMember:
+        name = hello.run or f"fed-{hello.task}"
+        if not NAME.match(name):
+            raise ProtocolError("bad_hello", f"run {name!r} must match {NAME.pattern}; send a shorter run name")
+        check_pooling(self.config, hello)
+        async with self.lock(name):
+            run: FedRun = await self.open_locked(name, hello, self._create)
+        dev = await run.attach(session, hello)
+        return FedMember(run, dev, session)
+
+    def _create(self, name: str, hello: Hello) -> FedRun:
+        folder = Path(self.config.runs_dir) / name
+        checkpoint = load_checkpoint(folder) if check_new_run(folder, self.config) else None
+        return FedRun(name, folder, self.config, hello, checkpoint)
