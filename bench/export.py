@@ -47,7 +47,7 @@ def batch_inputs(vocab: int):
 
 
 def child_export(model: str, out: str, weights: str) -> dict:
-    from mobillm.export.exporter import export_engine
+    from mobillm.export.pipeline import export_engine
 
     t = time.perf_counter()
     manifest = export_engine(model, Path(out), random_init=True, tokenizer=TOKENIZER, weights=weights,
@@ -84,7 +84,7 @@ def child_ort(engine: str, threads: int, repeats: int) -> dict:
 def child_torch(model: str, threads: int, repeats: int) -> dict:
     import torch
 
-    from mobillm.export.exporter import build_model, load_config, resolve_source
+    from mobillm.export.source import build_model, load_config, resolve_source
 
     torch.set_num_threads(threads)
     source = resolve_source(model, random_init=True)

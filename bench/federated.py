@@ -99,7 +99,7 @@ def export_engines(folder: Path) -> dict[str, Path]:
     for name, (hidden, layers) in FAMILIES.items():
         path = folder / name
         if not (path / "manifest.json").is_file():
-            from mobillm.export.exporter import export_engine
+            from mobillm.export.pipeline import export_engine
 
             tokenizer = SHARED / "tokenizer" / "opt"
             if not (tokenizer / "vocab.json").is_file():  # no ../shared: a tiny BPE stands in for OPT's
@@ -300,7 +300,7 @@ def fedavg_device(spec: dict, conn) -> None:
     from mobillm.common.tasks import get_task
     from mobillm.common.tokenize import EngineTokenizer
     from mobillm.edge_runtime.data import load_examples
-    from mobillm.export.exporter import Source, build_model, config_from_dict
+    from mobillm.export.source import Source, build_model, config_from_dict
     from mobillm.common.manifest import Manifest
 
     torch.set_num_threads(1)

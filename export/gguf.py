@@ -20,14 +20,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import FAMILIES, GGUF_ARCHITECTURES, GGUF_SHORT_NAMES, family_for
 from mobillm.common.manifest import sha256_file
+
+from .families import FAMILIES, GGUF_ARCHITECTURES, GGUF_SHORT_NAMES, family_for
+from .options import ExportError
 
 CHECKPOINT_DONE = ".mobillm-complete"  # written last: a folder without it is an interrupted conversion
 
 
-class GGUFError(ValueError):
-    """Bad GGUF input; exporter.ExportError wraps it (exit 2)."""
+class GGUFError(ExportError):
+    """Bad GGUF input (exit 2, like every ExportError)."""
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mobillm.common.errors import CheckFailed
+from mobillm.common.manifest import Manifest
 from mobillm.kernels import codec
 
-from mobillm.common.manifest import Manifest
+from .families import family_for
+from .gguf import checkpoint_dir, describe
+from .source import Source, build_model, config_from_dict, prepare_source
 
 SENTENCES = [
     "A photo of a cat sitting on a warm windowsill.",
@@ -48,11 +52,12 @@ def backbone_tolerance(compute_dtype: str, weights: str) -> float:
     return 1e-3
 
 
-class VerificationFailed(RuntimeError):
-    """An engine's taps are further from the torch model than the error bound allows."""
+class VerificationFailed(CheckFailed):
+    """An engine's taps are further from the torch model than the error bound allows (exit 1);
+    `report.table()` shows each tap."""
 
-    def __init__(self, report: "VerifyReport"):
-        super().__init__("engine verification failed:\n" + report.table())
+    def __init__(self, report: "VerifyReport", out: Path | str):
+        super().__init__(f"the engine failed verification; nothing was written to {out}")
         self.report = report
 
 
@@ -131,9 +136,6 @@ def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> lis
     through transformers' own forward with the plain 2-D attention mask."""
     import torch
 
-    from .exporter import Source, build_model, config_from_dict, prepare_source
-    from .gguf import checkpoint_dir, describe
-    from .families import family_for
     from .tapped import normalize_tap, tap_norms
 
     config = config_from_dict(manifest.config)

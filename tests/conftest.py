@@ -49,7 +49,7 @@ def tiny_engine_factory(tmp_path_factory, tokenizer_dir):
     """
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from mobillm.export.exporter import export_engine
+    from mobillm.export.pipeline import export_engine
 
     cache: dict[str, Path] = {}
 

@@ -115,3 +115,48 @@ def test_help(capsys):
     for option in ("--out", "--random-init", "--set", "--tokenizer", "--blocks", "--taps", "--quant",
                    "--block-size", "--dtype", "--weights", "--force", "--verify", "--seed"):
         assert option in out
+
+
+def test_verify_of_an_engine_that_does_not_match_its_model_exits_1(tiny_engine, tmp_path, capsys):
+    import shutil
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    data = json.loads((engine / "manifest.json").read_text())
+    data["seed"] = 1  # the torch reference now has other weights than the graph
+    (engine / "manifest.json").write_text(json.dumps(data))
+    assert main(["verify", str(engine)]) == 1
+    assert "verify: FAILED" in capsys.readouterr().out
+
+
+def test_interrupt_exits_130_and_leaves_nothing(tmp_path, tokenizer_dir):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "engine"
+    # Ctrl-C as a terminal delivers it (a background job may have inherited SIGINT ignored).
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from mobillm.export.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", code, "opt-125m", *TINY, "--tokenizer", str(tokenizer_dir),
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "building opt model" in line:  # the temp folder exists: the interrupt must remove it
+            proc.send_signal(signal.SIGINT)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert f"export-backbone: error: interrupted; nothing was written to {out}" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_help_explains_every_flag_with_its_default(help_entries):
+    import sys
+
+    entries = help_entries(lambda argv: sys.exit(main(argv)), [])
+    assert set(entries) >= {"--out", "--set", "--blocks", "--taps", "--quant", "--block-size", "--dtype", "--weights",
+                            "--exporter", "--quant-op", "--tap-norm", "--trt", "--verify", "--quiet", "--seed"}
+    for flag, entry in entries.items():
+        assert len(entry) > len(flag) + 20, entry  # a sentence, not just the flag
+    assert entries["--quant"].endswith("(default: nf4)") and entries["--block-size"].endswith("(default: 64)")
+    assert entries["--weights"].endswith("(default: same as --dtype)")

@@ -9,7 +9,7 @@ pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mobillm.export import families  # noqa: E402
-from mobillm.export.exporter import export_engine  # noqa: E402
+from mobillm.export.pipeline import export_engine  # noqa: E402
 from mobillm.export.verify import verify_engine  # noqa: E402
 
 TINY = {

@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mobillm.export import cli  # noqa: E402
-from mobillm.export.exporter import export_engine  # noqa: E402
+from mobillm.export.pipeline import export_engine  # noqa: E402
 from mobillm.common.manifest import Manifest  # noqa: E402
 from mobillm.export.verify import verify_engine  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""export_engine on tiny random OPTs: real ONNX Runtime sessions, real files, verify against torch."""
+"""export_engine (export/pipeline.py) on tiny random OPTs: real ONNX Runtime sessions, real files,
+verify against torch."""
 
 import json
 
@@ -11,7 +12,10 @@ from mobillm.kernels import codec
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mobillm.export import exporter  # noqa: E402
+from mobillm.export import graph  # noqa: E402
+from mobillm.export.options import ExportOptions  # noqa: E402
+from mobillm.export.pipeline import export_engine, remove_stale_partials  # noqa: E402
+from mobillm.export.source import apply_overrides, build_model, load_config, resolve_source  # noqa: E402
 from mobillm.common.manifest import Manifest  # noqa: E402
 from mobillm.export.verify import verify_engine  # noqa: E402
 
@@ -25,26 +29,6 @@ def run(engine, ids=TOKENS, mask=MASK) -> dict:
     names = [o.name for o in session.get_outputs()]
     ids = np.minimum(ids, manifest.config["vocab_size"] - 1)
     return dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask})))
-
-
-@pytest.mark.parametrize("blocks_in, expected", [
-    (1, [1]), (4, [1, 1, 1, 1]), (6, [2, 1, 1, 1, 1]), (12, [4, 2, 2, 1, 1, 1, 1]),
-    (24, [8, 4, 4, 2, 2, 1, 1, 1, 1]), (32, [8, 8, 4, 4, 2, 2, 1, 1, 1, 1]),
-])
-def test_default_blocks_coarse_at_bottom_fine_at_top(blocks_in, expected):
-    assert exporter.default_blocks(blocks_in) == expected
-
-
-def test_default_blocks_always_sum_to_layers_and_never_grow_upwards():
-    for n in range(1, 97):
-        blocks = exporter.default_blocks(n)
-        assert sum(blocks) == n
-        assert all(a >= b for a, b in zip(blocks, blocks[1:])), (n, blocks)
-
-
-def test_taps_and_blocks_resolve_both_ways():
-    assert exporter.resolve_taps(12, taps=[4, 8]) == ([4, 4, 4], [4, 8, 12])  # final layer added
-    assert exporter.resolve_taps(12, blocks=[6, 6]) == ([6, 6], [6, 12])
 
 
 def test_every_quant_format_runs_in_ort_and_verifies(tiny_engine_factory):
@@ -83,6 +67,28 @@ def test_manifest_describes_the_graph(tiny_engine):
     assert manifest.outputs[0] == {"name": "tap0_codes", "dtype": "uint8", "shape": ["batch", "seq", 32]}
     assert manifest.outputs[1] == {"name": "tap0_scales", "dtype": "float16", "shape": ["batch", "seq", 1]}
     assert manifest.bytes_per_token() == 4 * (32 + 2)
+
+
+def test_manifest_records_the_resolved_export_options(tiny_engine):
+    manifest = Manifest.load(tiny_engine)
+    opts = ExportOptions.from_dict(manifest.export_options)
+    assert (opts.model, opts.random_init, opts.seed, opts.quant) == ("opt-125m", True, 0, "nf4,nf4,nf4,nf4")
+    assert (opts.blocks, opts.taps, opts.weights, opts.tap_norm) == ([1, 1, 1, 1], None, "fp32", "none")
+    assert opts.overrides == manifest.overrides and opts.overrides["hidden_size"] == 64  # typed, as applied
+    assert opts.tap_layers == manifest.tap_layers
+
+
+def test_a_manifest_from_before_export_options_still_loads(tiny_engine, tmp_path):
+    import shutil
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    data = json.loads((engine / "manifest.json").read_text())
+    del data["export_options"]
+    (engine / "manifest.json").write_text(json.dumps(data))
+    manifest = Manifest.load(engine)
+    assert manifest.export_options is None and manifest.tap_layers == [1, 2, 3, 4]
+    assert verify_engine(engine).ok
 
 
 def test_padding_does_not_change_real_tokens(tiny_engine):
@@ -151,16 +157,16 @@ def test_fp16_compute(tiny_engine_factory):
 def test_checkpoint_folder_round_trip(tmp_path, tokenizer_dir):
     import shutil
 
-    source = exporter.resolve_source("opt-125m", random_init=True)
-    config = exporter.load_config(source)
-    exporter.apply_overrides(config, {"hidden_size": 32, "num_hidden_layers": 3, "ffn_dim": 64,
-                                      "num_attention_heads": 2, "word_embed_proj_dim": 32})
+    source = resolve_source("opt-125m", random_init=True)
+    config = load_config(source)
+    apply_overrides(config, {"hidden_size": 32, "num_hidden_layers": 3, "ffn_dim": 64,
+                             "num_attention_heads": 2, "word_embed_proj_dim": 32})
     checkpoint = tmp_path / "checkpoint"
-    exporter.build_model(source, config, seed=7).save_pretrained(checkpoint)
+    build_model(source, config, seed=7).save_pretrained(checkpoint)
     for f in tokenizer_dir.iterdir():  # a checkpoint that ships its tokenizer needs no --tokenizer
         shutil.copy2(f, checkpoint / f.name)
     out = tmp_path / "engine"
-    manifest = exporter.export_engine(str(checkpoint), out, quant="fp8", progress=False)
+    manifest = export_engine(str(checkpoint), out, quant="fp8", progress=False)
     assert manifest.source == "checkpoint" and manifest.model_id == str(checkpoint.resolve())
     assert manifest.seed is None and manifest.tap_layers == [1, 2, 3]
     report = verify_engine(out)  # reloads the weights from the checkpoint folder
@@ -182,10 +188,10 @@ def test_verify_catches_a_different_model(tiny_engine, tmp_path):
 
 def test_fallback_tokenizer_exports(tmp_path, fallback_tokenizer_dir):
     out = tmp_path / "engine"
-    exporter.export_engine("opt-125m", out, random_init=True, tokenizer=fallback_tokenizer_dir, progress=False,
-                           overrides={"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64,
-                                      "num_attention_heads": 2, "word_embed_proj_dim": 32, "vocab_size": 512},
-                           verify=True)
+    export_engine("opt-125m", out, random_init=True, tokenizer=fallback_tokenizer_dir, progress=False,
+                  overrides={"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64,
+                             "num_attention_heads": 2, "word_embed_proj_dim": 32, "vocab_size": 512},
+                  verify=True)
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
@@ -193,12 +199,12 @@ def test_fallback_tokenizer_exports(tmp_path, fallback_tokenizer_dir):
 def test_dynamo_exporter_and_external_data(tmp_path, tokenizer_dir, monkeypatch):
     # Models over 2 GB take this path: the weights file the dynamo exporter streams out is kept
     # and never loaded. A threshold of 0 sends the tiny model down it too.
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "engine"
-    manifest = exporter.export_engine("opt-125m", out, random_init=True, tokenizer=tokenizer_dir, progress=False,
-                                      overrides={"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64,
-                                                 "num_attention_heads": 2, "word_embed_proj_dim": 32},
-                                      quant="int4", exporter="auto")
+    manifest = export_engine("opt-125m", out, random_init=True, tokenizer=tokenizer_dir, progress=False,
+                             overrides={"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 64,
+                                        "num_attention_heads": 2, "word_embed_proj_dim": 32},
+                             quant="int4", exporter="auto")
     assert manifest.exporter["exporter"] == "torch.onnx.export (dynamo)"
     assert manifest.external_data == "backbone.onnx.data"
     assert sorted(p.name for p in out.iterdir()) == ["backbone.onnx", "backbone.onnx.data", "manifest.json",
@@ -229,12 +235,12 @@ def test_streamed_gemm_rewrite_keeps_the_outputs(tiny_engine, tmp_path):
     onnx.save_model(onnx.load(str(tiny_engine / "backbone.onnx")), str(src / "backbone.onnx"),
                     save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
                     size_threshold=1024)
-    graph = onnx.load(str(src / "backbone.onnx"), load_external_data=False)
-    transposed = exporter.gemm_to_matmul(graph, weights_dir=src)
+    model = onnx.load(str(src / "backbone.onnx"), load_external_data=False)
+    transposed = graph.gemm_to_matmul(model, weights_dir=src)
     assert len(transposed) == 8  # fc1 and fc2 of 4 layers
-    exporter.copy_external_data(graph, src, dst, transposed)
-    onnx.save_model(graph, str(dst / "backbone.onnx"))
-    assert not any(n.op_type == "Gemm" for n in graph.graph.node)
+    graph.copy_external_data(model, src, dst, transposed)
+    onnx.save_model(model, str(dst / "backbone.onnx"))
+    assert not any(n.op_type == "Gemm" for n in model.graph.node)
     assert sorted(p.name for p in dst.iterdir()) == ["backbone.onnx", "backbone.onnx.data"]
 
     manifest = Manifest.load(tiny_engine)
@@ -263,7 +269,7 @@ def test_leftovers_of_a_killed_export_are_removed_but_a_live_ones_kept(tmp_path)
         for path in stale + kept:
             path.mkdir()
             (path / "model.onnx").write_bytes(b"x")
-        removed = exporter.remove_stale_partials(out)
+        removed = remove_stale_partials(out)
         assert sorted(removed) == sorted(stale)
         assert all(not p.exists() for p in stale) and all(p.exists() for p in kept)
     finally:

@@ -1,0 +1,334 @@
+"""`export_engine`: a decoder checkpoint -> an engine folder the device runs without torch.
+
+    ENGINE/backbone.onnx (+ backbone.onnx.data over 2 GB)   input_ids, attention_mask -> tap{i}_codes, tap{i}_scales
+    ENGINE/tokenizer/                                        tokenizer.json (+ the source files)
+    ENGINE/manifest.json                                     everything downstream needs, with sha256 of each file
+
+Stages, in order: check every option and what it names (`plan`: cheap, before any model is built)
+-> build the torch model (export/source.py) -> trace `TappedDecoder` to ONNX and splice the codec
+of each tap into the graph (export/graph.py, `kernels/onnx_codec`) -> store the weights in their
+format (export/weights.py) -> tokenizer -> manifest -> optional verify (export/verify.py) ->
+rename the temp folder into place. A failed or interrupted export leaves nothing at `out`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mobillm.common.manifest import Manifest
+from mobillm.kernels import onnx_codec
+
+from . import families, weights
+from .graph import GRAPH_NAME, choose_exporter, codec_node_names, io_specs, tap_specs, trace_to_onnx
+from .options import ExportError, ExportOptions, comma_list
+from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
+                     load_tokenizer, prepare_source, resolve_source, token_rules)
+from .verify import VerificationFailed, verify_engine
+
+
+def export_engine(model: str, out: Path | str, **options) -> Manifest:
+    """Export `model` to the engine folder `out` and return its manifest; the keywords are the
+    other fields of `ExportOptions` (quant, blocks, taps, weights, verify, progress, ...)."""
+    return run_export(ExportOptions(model=model, out=out, **options))
+
+
+def run_export(options: ExportOptions) -> Manifest:
+    """Export as `options` say. Raises ExportError on bad input (before any model is built where it
+    can), VerificationFailed when `options.verify` finds the engine wrong; either way, and on any
+    other failure, nothing is left at `options.out` (an old engine there stays)."""
+    plan = make_plan(options)
+    opts, out = plan.options, plan.options.out
+    step = _Stages(opts.progress, 7 + bool(opts.verify))
+    step(f"{opts.model} ({plan.source.kind}): {sum(opts.blocks)} layers, taps "
+         f"{comma_list(opts.tap_layers)}, quant {opts.quant}, compute {opts.dtype}, weights {opts.weights}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    try:
+        manifest = _export_into(tmp, plan, step)
+        if opts.verify:
+            step("verifying the engine against torch")
+            report = verify_engine(tmp)
+            if opts.progress:
+                print(report.table(), file=sys.stderr)
+            if not report.ok:
+                raise VerificationFailed(report, out)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+@dataclass
+class Plan:
+    """An export checked end to end before any work: the options resolved against the model they name."""
+
+    options: ExportOptions  # resolved: blocks, one format per tap, weights and tap norm explicit; typed --set
+    source: Source
+    config: object  # the transformers config, overrides applied
+    family: families.Family
+    tokenizer: object  # the transformers tokenizer
+    tokenizer_from: Path | str  # the folder (or hub id) its files come from
+
+
+def make_plan(options: ExportOptions) -> Plan:
+    """Check everything that bad input can break, cheapest first; ExportError says what to change."""
+    source = resolve_source(options.model, options.random_init)
+    if options.trt:
+        _require_tensorrt()
+    check_out(options.out, options.force)
+    prepare_source(source, options.progress)
+    config = load_config(source)
+    typed = apply_overrides(config, options.overrides)
+    family = families.family_for(config.model_type)
+    opts = dataclasses.replace(options, overrides=typed).resolved(family, family.num_layers(config))
+    tok, tok_from = load_tokenizer(source, opts.tokenizer)
+    if len(tok) > config.vocab_size:
+        raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}; "
+                          f"use the model's own tokenizer")
+    return Plan(opts, source, config, family, tok, tok_from)
+
+
+def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
+    opts, source, config, family = plan.options, plan.source, plan.config, plan.family
+    step(f"building {family.name} model, {family.num_layers(config)} layers"
+         + (f", random init seed {opts.seed}" if source.kind == "random-init" else ""))
+    torch_model = build_model(source, config, opts.seed, opts.dtype)
+    exporter = choose_exporter(torch_model, opts.exporter)
+
+    step(f"tracing to ONNX (torch.onnx.export, {exporter})")
+    raw = folder / "_raw"
+    raw.mkdir()
+    widths = trace_to_onnx(torch_model, family, opts.tap_layers, opts.dtype, raw / GRAPH_NAME, exporter,
+                           opts.progress, opts.tap_norm)
+    del torch_model
+    gc.collect()
+
+    specs = tap_specs(opts.tap_layers, widths, opts.formats, opts.block_size)
+    inputs, outputs, external, weight_quant = _write_graph(folder, raw, opts, specs, step)
+    op_library = _install_op_library(folder) if opts.quant_op == "custom" else None
+
+    step(f"copying tokenizer from {plan.tokenizer_from}")
+    install_tokenizer(plan.tokenizer, plan.tokenizer_from, folder / TOKENIZER_DIR)
+
+    step("writing manifest.json")
+    tok = plan.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else config.pad_token_id
+    manifest = Manifest(
+        model_id=source.model_id,
+        family=family.name,
+        config=json.loads(config.to_json_string(use_diff=False)),
+        num_layers=family.num_layers(config),
+        blocks=opts.blocks,
+        taps=[{"layer": s_layer, "hidden": s["hidden"], "fmt": s["fmt"], "block_size": opts.block_size,
+               "codes_output": s["codes"], "scales_output": s["scales"]}
+              for s_layer, s in zip(opts.tap_layers, specs)],
+        head_hidden=widths[-1],
+        max_length=family.max_length(config),
+        compute_dtype=opts.dtype,
+        weights=opts.weights,
+        graph=GRAPH_NAME,
+        tokenizer_dir=TOKENIZER_DIR,
+        inputs=inputs,
+        outputs=outputs,
+        opset=onnx_codec.OPSET,
+        quant_op=opts.quant_op,
+        custom_op_library=op_library,
+        pad_token_id=int(pad if pad is not None else 0),
+        tokens=token_rules(family, tok, config),
+        tap_norm=opts.tap_norm,
+        gguf=source.gguf.to_dict() if source.gguf else None,
+        exporter={**exporter_versions(), "exporter": f"torch.onnx.export ({exporter})"},
+        source=source.kind,
+        seed=opts.seed if source.kind == "random-init" else None,
+        overrides=opts.overrides,
+        external_data=external,
+        weight_quant=weight_quant,
+        export_options=opts.to_dict(),
+    )
+    manifest.save(folder)
+    return manifest
+
+
+def _write_graph(folder: Path, raw: Path, opts: ExportOptions, specs: list[dict], step: _Stages):
+    """Splice the codec into the traced graph and write it with its weights in their format:
+    (graph inputs, graph outputs, external-data name, weight_quant settings)."""
+    import onnx
+
+    step(f"adding in-graph quantizers ({opts.quant}, block {opts.block_size})")
+    onnx_model = onnx.load(str(raw / GRAPH_NAME), load_external_data=False)
+    onnx_codec.append_quantizers(onnx_model, specs, op=opts.quant_op)
+    exclude = codec_node_names(onnx_model)
+    inputs, outputs = io_specs(onnx_model)
+
+    step(f"writing {GRAPH_NAME} (weights {opts.weights})")
+    weight_quant = {}
+    if weights.streamed_as_exported(onnx_model, raw, opts.dtype, opts.weights):
+        external = weights.keep_streamed(onnx_model, raw, folder)
+    elif opts.weights in weights.QUANTIZED:
+        stage = folder / "_stage"
+        weights.stage_for_quantization(onnx_model, raw, stage)
+        del onnx_model  # here, in its owner's frame: ORT's quantizer loads its own copy next
+        shutil.rmtree(raw)
+        gc.collect()
+        weight_quant, external = weights.quantize_staged(stage, folder, opts.weights, exclude)
+    else:
+        external = weights.write_float(onnx_model, raw, folder, opts.dtype, opts.weights)
+        del onnx_model
+    shutil.rmtree(raw, ignore_errors=True)
+    gc.collect()
+    return inputs, outputs, external, weight_quant
+
+
+class _Stages:
+    """One line per stage on stderr: [stage/total elapsed] what is starting."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.n = enabled, total, 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        if self.enabled:
+            elapsed = time.perf_counter() - self.t0
+            print(f"[{self.n}/{self.total} {elapsed:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+
+def exporter_versions() -> dict[str, str]:
+    """Versions of the packages that made the engine, for the manifest's `exporter`."""
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mobillm = version("mobillm")
+    except PackageNotFoundError:
+        mobillm = "unknown"
+    return {"mobillm": mobillm, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": sys.version.split()[0]}
+
+
+def check_out(out: Path, force: bool) -> None:
+    """--out must be new (or replaceable with --force) and creatable: its nearest existing parent a
+    writable folder (not a file, not /proc)."""
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; remove it or choose another --out")
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK) or str(parent).startswith(("/proc", "/sys")):
+        raise ExportError(f"--out {out}: cannot write under {parent}; choose another --out")
+
+
+def _install_op_library(folder: Path) -> str:
+    """Copy the com.mobillm custom-op library into the engine; the manifest names it (and its sha256)."""
+    from mobillm.kernels import native
+
+    try:
+        lib = native.ensure_library("ort_ops")
+    except native.NativeUnavailable as exc:
+        raise ExportError(f"--quant-op custom needs the native op library: {exc}") from None
+    shutil.copy2(lib, folder / lib.name)
+    return lib.name
+
+
+def _require_tensorrt() -> None:
+    """--trt: say plainly (exit 2) when TensorRT or a GPU is missing, before any work."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise ExportError("--trt needs TensorRT (pip install tensorrt) and an NVIDIA GPU; neither TensorRT nor "
+                          "its Python bindings are installed here. Without --trt, edge-run --provider tensorrt "
+                          "builds a TensorRT engine on the device through ONNX Runtime's TensorRT provider") from None
+    raise ExportError("--trt: building a TensorRT plan with the BlockQuantize plugin is not implemented yet; "
+                      "use edge-run --provider tensorrt (ONNX Runtime's TensorRT execution provider) on the device")
+
+
+# ----------------------------------------------------------------------------- the folder, atomically
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove what an export killed mid-way (SIGKILL, out of memory, a crash in native code) left
+    beside `out`: `.NAME.partial-PID-*` / `.NAME.old-PID-*` folders whose process is gone. Folders of
+    a live export (same name, another process) are left alone. Returns what was removed."""
+    removed = []
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            m = re.fullmatch(rf"\.{re.escape(out.name)}\.{kind}-(\d+)-.*", path.name)
+            if path.is_dir() and m and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temp folder to `out`, replacing an old engine only at the very end."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------- what was written
+
+def file_sizes(folder: Path, manifest: Manifest) -> dict[str, int]:
+    """Bytes of every file the manifest lists, by relative path."""
+    return {rel: (Path(folder) / rel).stat().st_size for rel in manifest.files}
+
+
+def summary(folder: Path, manifest: Manifest) -> str:
+    """What was written: files and sizes, taps, and wire bytes per token."""
+    folder = Path(folder)
+    sizes = file_sizes(folder, manifest)
+    lines = [f"engine {folder}  ({manifest.model_id}, {manifest.family}, {manifest.num_layers} layers, "
+             f"compute {manifest.compute_dtype}, weights {manifest.weights})"]
+    for rel, size in sizes.items():
+        lines.append(f"  {rel:<40} {_human(size):>10}")
+    lines.append(f"  total {_human(sum(sizes.values())):>45}")
+    lines.append(f"blocks {comma_list(manifest.blocks)}")
+    lines.append("tap  layer  width  format  block  bytes/token  outputs")
+    for i, t in enumerate(manifest.taps):
+        lines.append(f"{i:>3}  {t.layer:>5}  {t.hidden:>5}  {t.fmt:>6}  {t.block_size:>5}  {t.bytes_per_token:>11}  "
+                     f"{t.codes_output}, {t.scales_output}")
+    lines.append(f"wire: {manifest.bytes_per_token()} bytes per sample per token (all taps); "
+                 f"head reads {manifest.head_hidden} wide; max_length {manifest.max_length}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
