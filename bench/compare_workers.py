@@ -25,15 +25,9 @@ import numpy as np
 
 from baselines import adapt  # bench/, this script's folder
 
+from mobillm.common.procfs import peak_rss_mb
+
 WARMUP_STEPS = 3
-
-
-def vmhwm_mb() -> float:
-    """Peak resident set size of this process (VmHWM), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ----------------------------------------------------------------------------- data
@@ -385,7 +379,7 @@ def calibrate_worker(spec: dict) -> dict:
 
 
 def edge_worker(spec: dict) -> dict:
-    """The mobillm device: `edge-run train` (StreamClient) against a `trainer serve` process."""
+    """The mobillm device: `edge-run train`'s streaming client against a `trainer serve` process."""
     from mobillm.common.tasks import get_task
     from mobillm.edge_runtime.backbone import Backbone
     from mobillm.edge_runtime.data import load_examples
@@ -477,7 +471,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     t0 = time.perf_counter()
     result = WORKERS[spec["worker"]](spec)
-    result["peak_rss_mb"] = vmhwm_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     result["process_s"] = time.perf_counter() - t0
     out = Path(spec["out"])
     out.with_suffix(".part").write_text(json.dumps(result))

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mobillm.common.netsim import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizer" / "opt"
@@ -29,10 +30,7 @@ ALL_VARIANTS = ["edge", "ort", "torch-infer", "lora", "bitfit", "full"]
 # Code run inside each measured process. It prints one JSON line with its own VmHWM.
 CHILD = r'''
 import json, sys, time
-def peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+from mobillm.common.procfs import peak_rss_mb
 args = json.loads(sys.argv[1])
 variant, B, T, steps = args["variant"], args["batch"], args["seq"], args["steps"]
 t0 = time.perf_counter()
@@ -78,14 +76,8 @@ else:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-print(json.dumps({"peak_rss_mb": peak(), "seconds": time.perf_counter() - t0}))
+print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - t0}))
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_engine(model: str, weights: str, engines: Path) -> Path:

@@ -18,15 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from mobillm.common.netsim import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizer" / "opt"
 SST2 = ROOT.parent / "shared" / "data" / "glue" / "SST-2" / "train.tsv"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -24,17 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from mobillm.common.procfs import peak_rss_mb
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / ".." / "shared" / "data" / "tokenizer" / "opt"
 BATCH, SEQ = 16, 128
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def batch_inputs(vocab: int):

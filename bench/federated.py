@@ -6,15 +6,13 @@ three tiny random-init OPT backbones (hidden x layers 64x4, 96x6, 128x3) and thr
 Every device is its own local process; everything talks over 127.0.0.1.
 
   fed      `trainer serve --federated` in this process; each device runs `edge-run train`'s
-           StreamClient (ORT forward passes only, no torch) through a rate-limited TCP link into
-           one shared side network, asynchronously. Each device's returned ONNX is scored with
-           ONNX Runtime alone (JointModel).
+           streaming client (ORT forward passes only, no torch) through a rate-limited TCP link
+           (mobillm.common.netsim.LinkProxy, both directions) into one shared side network,
+           asynchronously. Each device's returned ONNX is scored with ONNX Runtime alone (JointModel).
   alone    the same devices, each training its own side network (same server, same model
            family, run `alone-<device>`) on its own data only.
   fedavg   synchronous FedAvg of LoRA (r=8 on q_proj/v_proj, peft) + a linear head, the
-           backbone fine-tuned by backprop on the device (torch). FedAvg needs one model, so
-           devices average within their backbone family; each round waits for the slowest
-           device; update transfers are charged at the device's link speed.
+           backbone fine-tuned by backprop on the device (torch): bench/fedavg.py.
 
 Reported per method: mean dev accuracy over devices, wall-clock to a target accuracy, device
 compute seconds, bytes over the device's link, device peak RSS. The backbones are random-init
@@ -26,7 +24,6 @@ compute seconds, bytes over the device's link, device peak RSS. The backbones ar
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing as mp
 import shutil
@@ -36,11 +33,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fedavg import run_fedavg
+
+from mobillm.common.netsim import LinkProxy
+from mobillm.common.sample import TINY_OPT
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 FAMILIES = {"phone-64x4": (64, 4), "laptop-96x6": (96, 6), "jetson-128x3": (128, 3)}
-TINY_OPT = {"ffn_dim": 128, "num_attention_heads": 4, "max_position_embeddings": 256, "vocab_size": 50272}
 TASK = "sst2"
 
 
@@ -91,7 +91,7 @@ def write_tsv(path: Path, rows: list[tuple[str, int]]) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- engines and links
+# ---------------------------------------------------------------- engines
 
 def export_engines(folder: Path) -> dict[str, Path]:
     """One tiny random OPT engine per family (nf4 taps, default tap layout), cached in `folder`."""
@@ -113,37 +113,6 @@ def export_engines(folder: Path) -> dict[str, Path]:
                           progress=False, seed=0)
         out[name] = path
     return out
-
-
-class Link:
-    """127.0.0.1:port -> target, each direction limited to `rate` bytes/s (a device's link)."""
-
-    def __init__(self, target_port: int, rate: float):
-        self.target_port, self.rate = target_port, rate
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", 0),
-                                                       self.loop).result()
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader, writer):
-        r2, w2 = await asyncio.open_connection("127.0.0.1", self.target_port)
-        await asyncio.gather(self._pipe(reader, w2), self._pipe(r2, writer), return_exceptions=True)
-
-    async def _pipe(self, reader, writer):
-        try:
-            while data := await reader.read(16384):
-                await asyncio.sleep(len(data) / self.rate)  # the link's serialization time
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 # ---------------------------------------------------------------- MobiLLM devices (no torch in these processes)
@@ -214,10 +183,10 @@ def start_devices(args, server, devices: list[dict], runs: dict[str, str], folde
     ctx = mp.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
     folder.mkdir(parents=True, exist_ok=True)
-    links = [Link(server.port, d["link"]) for d in devices]
+    links = [LinkProxy(server.port, rate=d["link"], down_rate=d["link"]) for d in devices]
     procs = []
     for d, link in zip(devices, links):
-        spec = dict(engine=str(d["engine"]), data=str(d["data"]), url=f"ws://127.0.0.1:{link.port}/",
+        spec = dict(engine=str(d["engine"]), data=str(d["data"]), url=f"ws://127.0.0.1:{link.start()}/",
                     epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len, device=d["id"],
                     run=runs[d["id"]], seed=args.seed, pooling=args.pooling, side_out=str(folder / f"{d['id']}.onnx"))
         procs.append(ctx.Process(target=mobillm_device, args=(spec, go, out)))
@@ -236,7 +205,7 @@ def finish_devices(go, out, procs, links, n: int, t0: float) -> dict:
     for p in procs:
         p.join(30)
     for link in links:
-        link.close()
+        link.stop()
     return results
 
 
@@ -289,144 +258,6 @@ def score_onnx(engines: dict[str, Path], devices: list[dict], dev_tsv: Path, fol
     examples = load_examples(dev_tsv, task)
     return {d["id"]: JointModel(Backbone(engines[d["family"]], threads=1), folder / f"{d['id']}.onnx").evaluate(
         examples, task, max_len, batch_size=64, progress=False)["accuracy"] for d in devices}
-
-
-# ---------------------------------------------------------------- FedAvg-LoRA devices (torch + peft, backprop)
-
-def fedavg_device(spec: dict, conn) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from mobillm.common.tasks import get_task
-    from mobillm.common.tokenize import EngineTokenizer
-    from mobillm.edge_runtime.data import load_examples
-    from mobillm.export.source import Source, build_model, config_from_dict
-    from mobillm.common.manifest import Manifest
-
-    torch.set_num_threads(1)
-    engine = Path(spec["engine"])
-    manifest = Manifest.load(engine, verify=False)
-    # The very backbone the engine was exported from (same config and seed), in torch.
-    base = build_model(Source(manifest.source, manifest.model_id), config_from_dict(manifest.config), manifest.seed)
-    lora = get_peft_model(base, LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0,
-                                           target_modules=["q_proj", "v_proj"]))
-    head = torch.nn.Linear(manifest.head_hidden, 2)
-    torch.manual_seed(spec["seed"])
-    tok = EngineTokenizer(engine / manifest.tokenizer_dir, manifest.token_rules)
-    task = get_task(TASK)
-
-    def encode(path):
-        exs = load_examples(path, task)
-        return [np.asarray(tok.encode(e.texts)[:spec["max_len"]]) for e in exs], np.array([e.label for e in exs])
-
-    train_ids, train_y = encode(spec["data"])
-    dev_ids, dev_y = encode(spec["dev"])
-    params = [p for p in lora.parameters() if p.requires_grad] + list(head.parameters())
-
-    def trainable() -> dict:
-        state = {k: v for k, v in lora.state_dict().items() if "lora_" in k}
-        state.update({f"head.{k}": v for k, v in head.state_dict().items()})
-        return {k: v.detach().numpy().copy() for k, v in state.items()}
-
-    def load(state: dict) -> None:
-        lora.load_state_dict({k: torch.from_numpy(v) for k, v in state.items() if not k.startswith("head.")},
-                             strict=False)
-        head.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in state.items() if k.startswith("head.")})
-
-    def logits(batch_ids):
-        lengths = torch.tensor([len(r) for r in batch_ids])
-        ids = torch.full((len(batch_ids), int(lengths.max())), manifest.pad_token_id)
-        for i, r in enumerate(batch_ids):
-            ids[i, :len(r)] = torch.from_numpy(r)
-        mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
-        hidden = lora(input_ids=ids, attention_mask=mask).last_hidden_state
-        if spec["pooling"] == "mean":
-            return head((hidden * mask[..., None]).sum(1) / lengths[:, None])
-        return head(hidden[torch.arange(len(batch_ids)), lengths - 1])
-
-    conn.send(("ready", trainable(), sum(v.nbytes for v in trainable().values())))
-    rnd = 0
-    while True:
-        msg = conn.recv()
-        if msg[0] == "train":
-            state = msg[1]
-            nbytes = sum(v.nbytes for v in state.values())
-            time.sleep(nbytes / spec["link"])  # download the global update over this device's link
-            t0 = time.process_time()
-            load(state)
-            opt = torch.optim.AdamW(params, lr=spec["lr"])
-            order = np.random.default_rng([spec["seed"], rnd]).permutation(len(train_ids))
-            for i in range(0, len(order), spec["batch_size"]):
-                idx = order[i:i + spec["batch_size"]]
-                loss = torch.nn.functional.cross_entropy(logits([train_ids[j] for j in idx]),
-                                                         torch.from_numpy(train_y[idx]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            update = trainable()
-            compute = time.process_time() - t0  # CPU seconds of the local round (both of its threads' work)
-            time.sleep(nbytes / spec["link"])  # upload the local update
-            rnd += 1
-            conn.send(("trained", update, len(train_ids), compute, 2 * nbytes))
-        elif msg[0] == "eval":
-            load(msg[1])
-            with torch.no_grad():
-                pred = torch.cat([logits(dev_ids[i:i + 64]).argmax(-1) for i in range(0, len(dev_ids), 64)])
-            conn.send(("acc", float((pred.numpy() == dev_y).mean())))
-        else:
-            peak = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
-            conn.send(("rss", int(peak.split()[1]) / 1024))
-            return
-
-
-def run_fedavg(args, devices: list[dict], dev_tsv: Path) -> dict:
-    ctx = mp.get_context("spawn")
-    pipes, procs = [], []
-    for d in devices:
-        parent, child = ctx.Pipe()
-        spec = dict(engine=str(d["engine"]), data=str(d["data"]), dev=str(dev_tsv), link=d["link"], seed=args.seed,
-                    lora_r=args.lora_r, lr=args.lora_lr, batch_size=args.batch_size, max_len=args.max_len,
-                    pooling=args.pooling)
-        procs.append(ctx.Process(target=fedavg_device, args=(spec, child)))
-        procs[-1].start()
-        pipes.append(parent)
-    ready = [p.recv() for p in pipes]
-    glob = {}
-    for d, (_, state, _) in zip(devices, ready):
-        glob.setdefault(d["family"], state)  # each family starts from its first device's initialisation
-    t0, eval_s = time.time(), 0.0
-    curve, compute, comm = [], {d["id"]: 0.0 for d in devices}, {d["id"]: 0 for d in devices}
-    for rnd in range(args.epochs):
-        for d, p in zip(devices, pipes):
-            p.send(("train", glob[d["family"]]))
-        updates = {}
-        for d, p in zip(devices, pipes):
-            _, state, n, seconds, nbytes = p.recv()
-            updates.setdefault(d["family"], []).append((state, n))
-            compute[d["id"]] += seconds
-            comm[d["id"]] += nbytes
-        for family, ups in updates.items():
-            total = sum(n for _, n in ups)
-            glob[family] = {k: sum(s[k] * (n / total) for s, n in ups) for k in ups[0][0]}
-        done_at = time.time() - t0 - eval_s
-        e0 = time.time()
-        accs = {}
-        for d, p in zip(devices, pipes):  # score each family's global model once (in its first device)
-            if d["family"] not in accs:
-                p.send(("eval", glob[d["family"]]))
-                accs[d["family"]] = p.recv()[1]
-        eval_s += time.time() - e0
-        curve.append((done_at, float(np.mean([accs[d["family"]] for d in devices]))))
-    rss = {}
-    for d, p in zip(devices, pipes):
-        p.send(("stop",))
-        rss[d["id"]] = p.recv()[1]
-    for p in procs:
-        p.join(30)
-    acc = {d["id"]: accs[d["family"]] for d in devices}
-    return {"curve": curve, "wall_s": curve[-1][0], "devices": {
-        d["id"]: {"accuracy": acc[d["id"]], "compute_s": compute[d["id"]], "bytes": comm[d["id"]],
-                  "peak_rss_mb": rss[d["id"]], "update_bytes": ready[i][2]} for i, d in enumerate(devices)}}
 
 
 # ---------------------------------------------------------------- report
@@ -590,7 +421,7 @@ def main(argv=None) -> None:
     res["fed_acc"] = score_onnx(engines, devices, dev_tsv, work / "fed", args.max_len)
     res["fed_final_acc"] = score_onnx(engines, devices, dev_tsv, work / "fed_final", args.max_len)
     res["alone_acc"] = score_onnx(engines, devices, dev_tsv, work / "alone", args.max_len)
-    res["fedavg"] = run_fedavg(args, devices, dev_tsv)
+    res["fedavg"] = run_fedavg(args, devices, dev_tsv, TASK)
     print(f"fedavg done at {time.time() - t_start:.0f}s", flush=True)
     best = [max(a for _, a in res[k]["curve"]) for k in ("fed", "fedavg") if res[k]["curve"]]
     target = min(best)  # the best accuracy both federated methods reach

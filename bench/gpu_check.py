@@ -39,12 +39,13 @@ def import_kernels():
         (shim / "mobillm").mkdir()
         (shim / "mobillm" / "kernels").symlink_to(ROOT / "kernels")
         sys.path.insert(0, str(shim))
-    from mobillm.kernels import codec
-    return codec
+    from mobillm.kernels import codec, conformance
+    return codec, conformance
 
 
-codec = import_kernels()
-FORMAT_IDS = {f: i for i, f in enumerate(codec.FORMATS)}
+codec, conformance = import_kernels()
+activations, same_bytes = conformance.activations, conformance.same_bytes
+first_difference, zero_nonfinite_blocks = conformance.first_difference, conformance.zero_nonfinite_blocks
 RESULTS: dict = {"checks": [], "bench": [], "skipped": [], "errors": []}
 
 
@@ -72,41 +73,15 @@ def cuda_encode(lib, x: np.ndarray, fmt: str, bs: int):
         codes = np.empty(lead + (codec.code_bytes(fmt, h),), np.uint8)
         scales = np.empty(lead + (codec.n_blocks(h, bs),), np.float16)
     rows = int(np.prod(lead, dtype=np.int64))
-    rc = lib.mobillm_cuda_block_quantize_host(x.ctypes.data, int(x.dtype == np.float16), rows, h, FORMAT_IDS[fmt],
+    rc = lib.mobillm_cuda_block_quantize_host(x.ctypes.data, int(x.dtype == np.float16), rows, h, codec.FORMAT_CODES[fmt],
                                               bs, codes.ctypes.data, scales.ctypes.data)
     if rc != 0:
         raise RuntimeError(lib.mobillm_cuda_last_error().decode())
     return codes, scales
 
 
-def same(a, b) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
-def first_difference(a, b) -> str:
-    a, b = np.ascontiguousarray(a).view(np.uint8).ravel(), np.ascontiguousarray(b).view(np.uint8).ravel()
-    if a.shape != b.shape:
-        return f"sizes {a.size} vs {b.size}"
-    idx = np.flatnonzero(a != b)
-    return f"{idx.size} bytes differ, first at byte {idx[0]}: {a[idx[0]]} vs {b[idx[0]]}"
-
-
 def sample(rng, shape, scale, fp16, zero_blocks, outliers):
-    x = rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
-    if outliers:
-        x[..., rng.integers(0, shape[-1], 3)] *= 300
-    if zero_blocks:
-        x[..., : shape[-1] // 3] = 0
-    return np.clip(x, -6e4, 6e4).astype(np.float16) if fp16 else x
-
-
-def zero_bad_blocks(x, bs):
-    x32 = x.astype(np.float32)
-    for b in range(codec.n_blocks(x.shape[-1], bs)):
-        blk = x32[..., b * bs:(b + 1) * bs]
-        blk[~np.isfinite(blk).all(axis=-1)] = 0
-    return x32.astype(x.dtype)
+    return activations(rng, shape, scale, outliers=outliers, fp16=fp16, zero_blocks=zero_blocks)
 
 
 def check_bit_identity(lib, n_random: int) -> bool:
@@ -128,12 +103,12 @@ def check_bit_identity(lib, n_random: int) -> bool:
         x = sample(rng, shape, scale, fp16, zero_blocks, outliers)
         enc = codec.encode(x, fmt, bs)
         codes, scales = cuda_encode(lib, x, fmt, bs)
-        if same(codes, enc.codes) and same(scales, enc.scales):
+        if same_bytes(codes, enc.codes) and same_bytes(scales, enc.scales):
             ok += 1
         else:
             fails += 1
             if fails <= 10:
-                what = first_difference(codes, enc.codes) if not same(codes, enc.codes) else "scales: " + first_difference(scales, enc.scales)
+                what = first_difference(codes, enc.codes) if not same_bytes(codes, enc.codes) else "scales: " + first_difference(scales, enc.scales)
                 log(f"  MISMATCH {fmt} fp16={fp16} shape={shape} bs={bs} scale={scale}: {what}")
     # Every finite fp16 value, both input types, two block sizes.
     allh = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
@@ -143,7 +118,7 @@ def check_bit_identity(lib, n_random: int) -> bool:
             enc = codec.encode(allh, fmt, bs)
             for dtype in (np.float16, np.float32):
                 codes, scales = cuda_encode(lib, allh.astype(dtype), fmt, bs)
-                if same(codes, enc.codes) and same(scales, enc.scales):
+                if same_bytes(codes, enc.codes) and same_bytes(scales, enc.scales):
                     ok += 1
                 else:
                     fails += 1
@@ -156,10 +131,10 @@ def check_bit_identity(lib, n_random: int) -> bool:
                 x[0, 1, 5], x[1, 2, 150], x[1, 0, 199] = np.nan, np.inf, -np.inf
                 codes, scales = cuda_encode(lib, x, fmt, bs)
                 if fmt == "fp16":
-                    good = same(codes, np.clip(x.astype(np.float32), -codec.FP16_MAX, codec.FP16_MAX).astype(np.float16))
+                    good = same_bytes(codes, np.clip(x.astype(np.float32), -codec.FP16_MAX, codec.FP16_MAX).astype(np.float16))
                 else:
-                    good = (same(scales, codec.block_scales(x, fmt, bs))
-                            and same(codes, codec.encode(zero_bad_blocks(x, bs), fmt, bs).codes))
+                    good = (same_bytes(scales, codec.block_scales(x, fmt, bs))
+                            and same_bytes(codes, codec.encode(zero_nonfinite_blocks(x, bs), fmt, bs).codes))
                 ok, fails = (ok + 1, fails) if good else (ok, fails + 1)
                 if not good:
                     log(f"  MISMATCH non-finite {fmt} fp16={fp16} bs={bs}")
@@ -172,7 +147,7 @@ def bench_row(lib, x: np.ndarray, fmt: str, bs: int, iters: int) -> None:
     ms_q, ms_c = ctypes.c_float(), ctypes.c_float()
     shape = x.shape
     rc = lib.mobillm_cuda_bench(x.ctypes.data, int(x.dtype == np.float16), int(np.prod(shape[:-1])), shape[-1],
-                                FORMAT_IDS[fmt], bs, iters, ctypes.byref(ms_q), ctypes.byref(ms_c))
+                                codec.FORMAT_CODES[fmt], bs, iters, ctypes.byref(ms_q), ctypes.byref(ms_c))
     if rc != 0:
         raise RuntimeError(f"mobillm_cuda_bench failed: {lib.mobillm_cuda_last_error().decode()}")
     gbs_q, gbs_c = x.nbytes / ms_q.value / 1e6, x.nbytes / ms_c.value / 1e6
@@ -223,8 +198,8 @@ def check_torch(iters: int) -> None:
                 codes, scales = torch_codec.encode(torch.from_numpy(x).cuda(), fmt, bs)
                 dec = torch_codec.decode(torch.from_numpy(enc.codes.copy()).cuda(), torch.from_numpy(enc.scales.copy()).cuda(),
                                          fmt, shape[-1], bs)
-                good = (same(codes.cpu().numpy(), enc.codes) and same(scales.cpu().numpy(), enc.scales)
-                        and same(dec.cpu().numpy(), codec.decode(enc)))
+                good = (same_bytes(codes.cpu().numpy(), enc.codes) and same_bytes(scales.cpu().numpy(), enc.scales)
+                        and same_bytes(dec.cpu().numpy(), codec.decode(enc)))
                 ok, fails = (ok + 1, fails) if good else (ok, fails + 1)
                 if not good:
                     log(f"  MISMATCH torch {fmt} fp16={fp16} shape={shape} bs={bs}")
@@ -277,7 +252,7 @@ def check_ort_cuda(lib_dir: Path) -> None:
         x = sample(rng, (4, 9, 300), 3.0, False, True, True)
         codes, scales = sess.run(None, {"x": x})
         enc = codec.encode(x, fmt, 64)
-        good = same(codes, enc.codes) and same(scales, enc.scales)
+        good = same_bytes(codes, enc.codes) and same_bytes(scales, enc.scales)
         ok, fails = (ok + 1, fails) if good else (ok, fails + 1)
     log(f"ORT CUDA custom op vs codec.py: {ok} identical, {fails} mismatched")
     RESULTS["checks"].append({"name": "ort_cuda_custom_op", "identical": ok, "mismatched": fails})

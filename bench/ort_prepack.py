@@ -22,19 +22,16 @@ import json, sys, time
 import numpy as np
 import onnxruntime as ort
 from mobillm.common.manifest import Manifest
+from mobillm.common.procfs import peak_rss_mb, rss_mb
 engine, variant, threads, batches = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 m = Manifest.load(engine, verify=False)
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = threads
 if variant == "no-prepack":
     opts.add_session_config_entry("session.disable_prepacking", "1")
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
 t0 = time.perf_counter()
 s = ort.InferenceSession(f"{engine}/{m.graph}", opts, providers=["CPUExecutionProvider"])
-load_s, load_rss = time.perf_counter() - t0, status("VmRSS")
+load_s, load_rss = time.perf_counter() - t0, rss_mb()
 rng = np.random.default_rng(0)
 times = {128: [], 16: []}
 for i in range(2 + 2 * batches):  # the first two are warm-up
@@ -44,7 +41,7 @@ for i in range(2 + 2 * batches):  # the first two are warm-up
     s.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     if i >= 2:
         times[T].append(time.perf_counter() - t)
-print(json.dumps({"load_s": load_s, "rss_after_load": load_rss, "peak": status("VmHWM"),
+print(json.dumps({"load_s": load_s, "rss_after_load": load_rss, "peak": peak_rss_mb(),
                   "s128": float(np.median(times[128])), "s16": float(np.median(times[16]))}))
 '''
 

@@ -1,12 +1,17 @@
-"""A small built-in sentiment sample (SST-2 layout) for the quickstart when ../shared is absent.
+"""Built-in stand-ins for real data and models: a synthetic sentiment sample (SST-2 layout) for the
+quickstart when ../shared is absent, and the tiny OPT config that tests and benchmarks export.
 
     python -m mobillm.common.sample OUT.tsv ROWS SEED
+
+Every synthetic sentiment row of the project (quickstart, benchmarks, tests) comes from
+`sentences`; its keywords pick the style, so that each caller's rows stay the same as before.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -14,15 +19,38 @@ WORDS = {1: ["good", "great", "lovely", "superb", "fun", "moving", "witty"],
          0: ["bad", "awful", "dull", "boring", "poor", "tedious", "clumsy"]}
 NOUNS = ["movie", "film", "story", "plot", "cast", "script"]
 
+# An OPT small enough to export and verify in a few seconds (hidden 64, 4 layers); the real
+# vocabulary size keeps the real OPT tokenizer usable. Overrides for `export-backbone opt-125m --set`.
+TINY_OPT = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "ffn_dim": 128,
+    "num_attention_heads": 4,
+    "word_embed_proj_dim": 64,
+    "max_position_embeddings": 256,
+    "vocab_size": 50272,
+}
 
-def write_sample(path: Path | str, rows: int, seed: int = 0) -> Path:
-    """Write `rows` labelled sentences (`sentence<TAB>label`, header included)."""
+
+def sentences(rows: int, seed: int = 0, *, adjectives: tuple[int, int] = (1, 3), vocabulary: int = len(WORDS[0]),
+              noun: str | None = None, numbered: bool = False, balanced: bool = True) -> Iterator[tuple[str, int]]:
+    """(sentence, label) pairs: "a <adjective> and <adjective> <noun>", positive or negative words.
+
+    adjectives: how many (min, max) per row; vocabulary: how many words of each WORDS list are used;
+    noun: a fixed noun (None: drawn from NOUNS); numbered: prefix "row <i>: " (distinct texts);
+    balanced: labels alternate 0, 1 (False: each drawn at random)."""
     rng = np.random.default_rng(seed)
-    lines = ["sentence\tlabel"]
     for i in range(rows):
-        label = i % 2
-        adjectives = " and ".join(str(w) for w in rng.choice(WORDS[label], size=int(rng.integers(1, 4))))
-        lines.append(f"a {adjectives} {rng.choice(NOUNS)}\t{label}")
+        label = i % 2 if balanced else int(rng.integers(2))
+        words = [str(w) for w in rng.choice(WORDS[label][:vocabulary], size=int(rng.integers(adjectives[0],
+                                                                                          adjectives[1] + 1)))]
+        what = str(rng.choice(NOUNS)) if noun is None else noun
+        yield f"{'row %d: ' % i if numbered else ''}a {' and '.join(words)} {what}", label
+
+
+def write_sample(path: Path | str, rows: int, seed: int = 0, **style) -> Path:
+    """Write `rows` labelled sentences (`sentence<TAB>label`, header included); `style`: see `sentences`."""
+    lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in sentences(rows, seed, **style)]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path

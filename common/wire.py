@@ -43,7 +43,7 @@ class MsgType(enum.IntEnum):
     BYE = 9  # either way: orderly close
 
 
-FORMAT_IDS = {"int8": 1, "fp8": 2, "int4": 3, "nf4": 4, "fp16": 5}
+FORMAT_IDS = codec.WIRE_FORMAT_IDS  # int8 1, fp8 2, int4 3, nf4 4, fp16 5 (kernels/codec.py)
 FORMAT_NAMES = {v: k for k, v in FORMAT_IDS.items()}
 MODES = {"tokens": 0, "pooled": 1}
 MODE_NAMES = {v: k for k, v in MODES.items()}

@@ -26,6 +26,10 @@ import numpy as np
 from mobillm.common.errors import BadInput
 
 FORMATS = ("int8", "fp8", "int4", "nf4", "fp16")
+# Each format's number, in one order: the C API counts from 0 (enum mobillm_format in
+# kernels/cpp/block_quant.h), the wire from 1 (common/wire.py; 0 is never a valid tap format).
+FORMAT_CODES = {fmt: i for i, fmt in enumerate(FORMATS)}
+WIRE_FORMAT_IDS = {fmt: code + 1 for fmt, code in FORMAT_CODES.items()}
 DEFAULT_BLOCK_SIZE = 64
 FP16_MAX = 65504.0
 

@@ -37,7 +37,6 @@ LIBRARIES = {
 PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "lib"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the repository, in a checkout or editable install
 DEFAULT_BUILD_DIR = SOURCE_ROOT / "build" / "native"
-_FORMAT_IDS = {fmt: i for i, fmt in enumerate(codec.FORMATS)}  # mobillm_format in block_quant.h
 
 
 class NativeUnavailable(RuntimeError):
@@ -220,7 +219,7 @@ def quantize(x: np.ndarray, fmt: str, block_size: int = codec.DEFAULT_BLOCK_SIZE
         codes, scales = out
     rows = int(np.prod(lead, dtype=np.int64))
     status = load_codec().mobillm_block_quantize(_pointer(x), int(x.dtype == np.float16), rows, hidden,
-                                                 _FORMAT_IDS[fmt], block_size, _pointer(codes), _pointer(scales))
+                                                 codec.FORMAT_CODES[fmt], block_size, _pointer(codes), _pointer(scales))
     if status != 0:
         raise RuntimeError(f"mobillm_block_quantize failed with status {status}")
     return codes, scales
@@ -236,7 +235,7 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, fmt: str, hidden: int,
     out = np.empty(lead + (hidden,), np.float32)
     rows = int(np.prod(lead, dtype=np.int64))
     status = load_codec().mobillm_block_dequantize(_pointer(codes), _pointer(scales), rows, hidden,
-                                                   _FORMAT_IDS[fmt], block_size, _pointer(out))
+                                                   codec.FORMAT_CODES[fmt], block_size, _pointer(out))
     if status != 0:
         raise RuntimeError(f"mobillm_block_dequantize failed with status {status}")
     return out

@@ -7,24 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from mobillm.common.sample import TINY_OPT
 from mobillm.export.fallback_tokenizer import build_fallback_tokenizer
 
 # The shared data folder is a sibling of the repository root; tests skip or fall back without it.
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SHARED_TOKENIZER = SHARED_DATA / "tokenizer" / "opt"
-
-# A 4-layer OPT small enough to export and verify in a few seconds; the real vocabulary size
-# keeps the real OPT tokenizer usable.
-TINY_OPT = {
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "ffn_dim": 128,
-    "num_attention_heads": 4,
-    "word_embed_proj_dim": 64,
-    "max_position_embeddings": 256,
-    "vocab_size": 50272,
-}
-
 
 @pytest.fixture(scope="session")
 def fallback_tokenizer_dir(tmp_path_factory) -> Path:

@@ -3,8 +3,8 @@
 The repository maps plain folders into the `mobillm` namespace through setuptools
 `package-dir`, so a package missing from `pyproject.toml` (or a data file missing from
 `package-data`) still imports fine from an editable install and only breaks in a wheel.
-A real wheel build, offline, in about 5-10 s; deliberately not marked `slow`, so that a
-`-m "not slow"` CI run keeps it.
+A real wheel build, offline (5-10 s alone, far more on a busy machine): marked `slow` with the
+other heavy tests; `.ci/run` runs every tier.
 """
 
 import json
@@ -15,6 +15,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 try:
     import tomllib
@@ -46,6 +48,7 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_imports_from_itself(tmp_path):
     src, dist, target = tmp_path / "src", tmp_path / "dist", tmp_path / "site"
     copy_sources(src)

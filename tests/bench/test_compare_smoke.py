@@ -25,7 +25,7 @@ def finite(v) -> bool:
 
 @pytest.mark.slow  # ~12 fresh processes, each importing torch (+ transformers): minutes on a busy 2-core box
 def test_every_method_reports_finite_numbers(tiny_engine_factory, tmp_path):
-    tiny = {"num_hidden_layers": 2}  # and hidden 64 (tests/conftest.py TINY_OPT)
+    tiny = {"num_hidden_layers": 2}  # and hidden 64 (mobillm.common.sample.TINY_OPT)
     engine, engine_int8 = tiny_engine_factory(overrides=tiny), tiny_engine_factory(overrides=tiny, weights="int8")
     cmd = [sys.executable, str(REPO / "bench" / "compare.py"), "--engine", str(engine), "--engine-int8", str(engine_int8),
            "--methods", ",".join(METHODS),

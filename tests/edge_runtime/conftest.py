@@ -1,20 +1,12 @@
 """The `link_proxy` fixture: a throttled / cuttable uplink (mobillm.common.netsim) for link-fault tests."""
 
 import pytest
+from helpers import started_each
 
 from mobillm.common.netsim import LinkProxy
 
 
 @pytest.fixture
 def link_proxy():
-    proxies = []
-
-    def make(target_port, rate=None):
-        p = LinkProxy(target_port, rate)
-        p.start()
-        proxies.append(p)
-        return p
-
-    yield make
-    for p in proxies:
-        p.stop()
+    """link_proxy(target_port, rate=None, capture=False) -> a started LinkProxy; stopped at teardown."""
+    yield from started_each(LinkProxy)

@@ -2,14 +2,15 @@
 then edge-run predict/eval agree with the torch side network on the same inputs."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
+from helpers import write_rows as write_data
 
 torch = pytest.importorskip("torch")
 
 from mobillm.common import wire  # noqa: E402
+from mobillm.common.netsim import free_port  # noqa: E402
 from mobillm.common.tasks import get_task  # noqa: E402
 from mobillm.edge_runtime import cli  # noqa: E402
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
@@ -21,20 +22,6 @@ from mobillm.trainer.config import RunConfig, ServerConfig  # noqa: E402
 from mobillm.trainer.core import load_checkpoint  # noqa: E402
 from mobillm.trainer.model import SideNetwork  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
-
-WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}
-
-
-def write_data(path, n, seed=0):
-    rng = np.random.default_rng(seed)
-    lines = ["sentence\tlabel"]
-    for i in range(n):
-        label = i % 2
-        words = [str(w) for w in rng.choice(WORDS[label], size=rng.integers(2, 9))]
-        lines.append(f"a {' and '.join(words)} movie\t{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
 
 @pytest.fixture
 def server(tmp_path):
@@ -95,22 +82,7 @@ def test_train_then_predict_matches_torch(tiny_engine, tmp_path, server, capsys)
 def test_frames_carry_no_text_or_token_ids(tiny_engine, tmp_path, server, link_proxy):
     """Capture every byte the device sends: neither the text nor any run of its token ids is in it."""
     srv, port = server
-    proxy = link_proxy(port)
-    captured = bytearray()
-    orig = proxy._pipe
-
-    async def capture(reader, writer, up):
-        if not up:
-            return await orig(reader, writer, up)
-        try:
-            while chunk := await reader.read(65536):
-                captured.extend(chunk)
-                writer.write(chunk)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    proxy._pipe = capture
+    proxy = link_proxy(port, capture=True)
     data = write_data(tmp_path / "train.tsv", 24)
     bb = Backbone(tiny_engine)
     task = get_task("sst2")
@@ -120,7 +92,7 @@ def test_frames_carry_no_text_or_token_ids(tiny_engine, tmp_path, server, link_p
                                                                mode=mode, run=f"privacy-{mode}", progress=False))
         trainer.run()
         assert trainer.model_bytes
-    blob = bytes(captured)
+    blob = bytes(proxy.captured)
     assert len(blob) > 10_000
     for ex in examples:
         assert ex.texts[0].encode() not in blob
@@ -133,9 +105,7 @@ def test_frames_carry_no_text_or_token_ids(tiny_engine, tmp_path, server, link_p
 
 @pytest.mark.slow
 def test_unreachable_server_is_a_one_line_error(tiny_engine, tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # free a moment ago: nothing listens there
     data = write_data(tmp_path / "train.tsv", 8)
     rc = cli.main(["train", "--engine", str(tiny_engine), "--data", str(data), "--server", f"ws://127.0.0.1:{port}",
                    "-q", "--batch-size", "4"] + ["--epochs", "1"])

@@ -1,14 +1,19 @@
-"""The numbers printed in docs/formats.md, checked against the reference codec.
+"""The numbers printed in docs/formats.md, read from the doc and checked against the reference codec.
 
-Nothing is parsed from the doc: the same hex strings are written here. If one of these
-fails, the doc (or the codec) changed and the two must be brought back in line.
+The tables and hex strings are parsed from the markdown, so the doc cannot drift from the code:
+if one of these fails, the doc (or the codec) changed and the two must be brought back in line.
 """
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mobillm.common import wire
 from mobillm.kernels import codec
 
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text(encoding="utf-8")
 ROW = np.array([[4.0, -1.0, 0.5, -0.000001, 2.25, -3.0, 0.03, 1.75]], np.float32)
 
 
@@ -17,15 +22,39 @@ def hex_bytes(a: np.ndarray, dtype=None) -> str:
     return a.tobytes().hex(" ")
 
 
-@pytest.mark.parametrize("fmt,codes,scales", [
-    ("int8", "7f e0 10 00 47 a1 01 38", "08 28"),
-    ("fp8", "7e ee 66 00 78 fb 45 74", "92 20"),
-    ("int4", "6f 89 3c b8", "92 38"),
-    ("nf4", "4f 79 1d c7", "00 44"),
-    ("fp16", "00 44 00 bc 00 38 11 80 80 40 00 c2 ae 27 00 3f", ""),
-    ("none", "00 44 00 bc 00 38 11 80 80 40 00 c2 ae 27 00 3f", ""),
-])
-def test_worked_example(fmt, codes, scales):
+def section(title: str) -> str:
+    """The text of the `## N. title` section."""
+    return re.search(r"^## \d+\. " + re.escape(title) + r"\n(.*?)(?=^## |\Z)", DOC, re.S | re.M).group(1)
+
+
+def table_rows(text: str, first: str) -> list[list[str]]:
+    """Cells of the markdown table whose header row starts with `| first |`."""
+    rows = []
+    for line in text[text.index(f"| {first} |"):].splitlines()[2:]:  # after the header and |---| lines
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("`*") for c in line.strip("|").split("|")])
+    return rows
+
+
+def example(label: str) -> tuple[str, str]:
+    """(codes, scales) hex strings printed after the bold `label` of the worked example."""
+    m = re.search(r"\*\*" + re.escape(label) + r"\*\*.*?codes `([0-9a-f ]+)`, (?:scales `([0-9a-f ]+)`|no scales)",
+                  section("Worked example"), re.S)
+    return m.group(1), m.group(2) or ""
+
+
+def test_format_table():
+    rows = {r[0].split()[0].strip("`"): r for r in table_rows(DOC, "format")}
+    assert list(rows) == list(codec.FORMATS)
+    for fmt, (_, _, bits, qmax, _, wire_id) in rows.items():
+        assert int(bits) == codec.BITS[fmt] and int(wire_id) == wire.FORMAT_IDS[fmt]
+        assert qmax == "—" if fmt == "fp16" else int(qmax) == codec.QMAX[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4", "nf4", "fp16", "none"])
+def test_worked_example(fmt):
+    codes, scales = example("fp16" if fmt == "none" else fmt)  # `none` is fp16's alias
     enc = codec.encode(ROW, fmt, 64)
     assert hex_bytes(enc.codes, "<f2" if enc.codes.dtype == np.float16 else None) == codes
     assert hex_bytes(enc.scales, "<f2") == scales
@@ -43,28 +72,26 @@ def test_worked_example_intermediates():
 
 def test_short_last_block_example():
     enc = codec.encode(ROW, "int8", 3)
-    assert hex_bytes(enc.codes) == "7f e0 10 00 5f 81 02 7f"
-    assert hex_bytes(enc.scales, "<f2") == "08 28 0c 26 0e 23"
+    assert (hex_bytes(enc.codes), hex_bytes(enc.scales, "<f2")) == example("Short last block")
     assert enc.scales[0].astype(np.float32).tolist() == [0.031494140625, 0.02362060546875, 0.0137786865234375]
 
 
 def test_odd_row_example():
     enc = codec.encode(ROW[:, :7], "int4", 64)
-    assert hex_bytes(enc.codes) == "6f 89 3c 08"
-    assert hex_bytes(enc.scales, "<f2") == "92 38"
+    assert (hex_bytes(enc.codes), hex_bytes(enc.scales, "<f2")) == example("Odd row")
 
 
 def test_nf4_tables_as_printed():
-    table_bits = ["bf800000", "bf3239b1", "bf066b30", "beca32a0", "be91a24d", "be3d353f", "bdba7871", "00000000",
-                  "3da2faff", "3e24cae3", "3e7c04dd", "3ead033a", "3ee1a4b8", "3f1007ab", "3f3913b3", "3f800000"]
-    threshold_bits = ["bf591cd8", "bf1c5270", "beeb8480", "beadea76", "be703cec", "be0d38bc", "bd3a7871", "3d22faff",
-                      "3df64862", "3e5067e0", "3e9582d4", "3ec753f9", "3f006d04", "3f248daf", "3f5c89da"]
+    text = section("Code mapping per format")
+    table_bits = [r[2].removeprefix("0x") for r in table_rows(text, "code")]
+    threshold_bits = [r[3].removeprefix("0x") for r in table_rows(text, "k")]
     assert [f"{b:08x}" for b in codec.NF4_TABLE.view(np.uint32)] == table_bits
     assert [f"{b:08x}" for b in codec.NF4_THRESHOLDS.view(np.uint32)] == threshold_bits
     # The doc lists the thresholds whose exact midpoint rounded up to the fp32 threshold.
+    listed = re.search(r"for k = ([\d, ]+) and (\d+) the exact midpoint", text)
     exact_mid = (codec.NF4_TABLE[:-1].astype(np.float64) + codec.NF4_TABLE[1:]) / 2
     rounded_up = [k for k in range(15) if codec.NF4_THRESHOLDS[k] > exact_mid[k]]
-    assert rounded_up == [0, 1, 3, 4, 12, 14]
+    assert rounded_up == [int(k) for k in listed.group(1).split(",")] + [int(listed.group(2))]
 
 
 def test_fp8_examples_as_printed():
@@ -73,12 +100,11 @@ def test_fp8_examples_as_printed():
     assert hex_bytes(codec.encode(x, "fp8", 64).codes) == "7e 38 3a 00 02 00"
 
 
-@pytest.mark.parametrize("fmt,per_element", [
-    ("int8", (1.0625, 1.03125, 1.015625)), ("fp8", (1.0625, 1.03125, 1.015625)),
-    ("int4", (0.5625, 0.53125, 0.515625)), ("nf4", (0.5625, 0.53125, 0.515625)), ("fp16", (2.0, 2.0, 2.0)),
-])
-def test_bytes_per_element_table(fmt, per_element):
-    assert tuple(codec.bytes_per_row(fmt, 2048, b) / 2048 for b in (32, 64, 128)) == per_element
+def test_bytes_per_element_table():
+    rows = table_rows(section("Size on the wire"), "format")
+    assert [r[0] for r in rows] == list(codec.FORMATS)
+    for fmt, _, *per_element in rows:
+        assert tuple(codec.bytes_per_row(fmt, 2048, b) / 2048 for b in (32, 64, 128)) == tuple(map(float, per_element))
 
 
 def test_limits_as_printed():

@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper
 
 from mobillm.kernels import codec, native, onnx_codec
+from mobillm.kernels.conformance import activations, same_bytes, zero_nonfinite_blocks
 
 QUANT = ["int8", "fp8", "int4", "nf4"]
 
@@ -65,30 +66,9 @@ def run(x, fmt, bs, op, lib=None, threads=1):
     return session(fmt, bs, x.shape[-1], x.ndim, x.dtype, op, lib, threads).run(None, {"x": x})
 
 
-def same_bytes(a, b):
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
 def sample(seed, shape, scale, outliers, fp16, zero_blocks):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
-    if outliers:
-        x[..., rng.integers(0, shape[-1], 3)] *= 300
-    if zero_blocks:
-        x[..., : shape[-1] // 3] = 0
-    return np.clip(x, -6e4, 6e4).astype(np.float16) if fp16 else x
-
-
-def with_bad_blocks_zeroed(x, bs):
-    """x with every block holding NaN/Inf set to zero: the fused op's codes for such a block
-    are those of a zero block (its scale is NaN instead)."""
-    x32 = x.astype(np.float32)
-    h = x.shape[-1]
-    for b in range(codec.n_blocks(h, bs)):
-        block = x32[..., b * bs:(b + 1) * bs]
-        block[~np.isfinite(block).all(axis=-1)] = 0
-    return x32.astype(x.dtype)
+    return activations(np.random.default_rng(seed), shape, scale, outliers=outliers, fp16=fp16,
+                       zero_blocks=zero_blocks)
 
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=2).flatmap(
@@ -124,7 +104,7 @@ def test_non_finite_blocks_get_nan_scale_and_zero_codes(ort_ops, fmt, h, bs, see
         return
     assert same_bytes(scales, codec.block_scales(x, fmt, bs))
     assert np.isnan(scales).any()
-    assert same_bytes(codes, codec.encode(with_bad_blocks_zeroed(x, bs), fmt, bs).codes)
+    assert same_bytes(codes, codec.encode(zero_nonfinite_blocks(x, bs), fmt, bs).codes)
 
 
 def unpacked(codes, fmt, hidden):

@@ -7,20 +7,21 @@ set to a file, every test appends what it measured there as one JSON line.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import started_each, write_rows
+
+from mobillm.common.netsim import Connection, LinkProxy, free_port
+from mobillm.common.procfs import status_mb
 
 PROFILES = {
     # link: drops to inject; crash: kill -9s in one run; devices/frames: load; fuzz: hypothesis examples
@@ -54,15 +55,9 @@ def report(request):
     return write
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- the link ------------------------------------------------------------------------------------
 
-class FaultProxy:
+class FaultProxy(LinkProxy):
     """127.0.0.1:port -> 127.0.0.1:target, cutting connections at random byte offsets.
 
     Each new connection draws where it dies: during the WebSocket handshake (1 in 10), in the
@@ -74,36 +69,18 @@ class FaultProxy:
 
     def __init__(self, target_port: int, drops: int = 0, mean_up: int = 16384, mean_down: int = 2048,
                  rate: float | None = None, capture: bool = False, seed: int = 0):
-        self.target_port, self.drops_left, self.rate = target_port, drops, rate
+        super().__init__(target_port, rate, capture=capture)
+        self.drops_left = drops
         self.mean_up, self.mean_down = mean_up, mean_down
         self.rng = np.random.default_rng(seed)
         self.drops: Counter = Counter()  # where the cuts landed: handshake / up / down
-        self.connections = 0
-        self.captured = bytearray() if capture else None
-        self.port: int | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-proxy")
-        self._transports: set = set()
 
     @property
     def total_drops(self) -> int:
         return sum(self.drops.values())
 
-    def start(self) -> int:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop).result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    def stop(self) -> None:
-        def close_all():
-            for t in list(self._transports):
-                t.abort()
-            self._server.close()
-        self._loop.call_soon_threadsafe(close_all)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+    def opened(self, conn: Connection) -> None:
+        conn.plan = self._plan()
 
     def _plan(self) -> tuple[str | None, int]:
         if self.drops_left <= 0:
@@ -115,76 +92,27 @@ class FaultProxy:
             return "down", int(self.rng.integers(1, 2 * self.mean_down))
         return "up", int(self.rng.integers(1, 2 * self.mean_up))
 
-    async def _handle(self, reader, writer):
-        self.connections += 1
-        try:
-            r2, w2 = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:  # the server is down (restarting): the device sees a failed handshake
-            writer.transport.abort()
+    def forward(self, conn: Connection, data: bytes, up: bool) -> tuple[bytes, bool]:
+        kind, offset = conn.plan
+        sent = conn.sent_up if up else conn.sent_down
+        cut = (kind == ("up" if up else "down") or (up and kind == "handshake")) and sent + len(data) >= offset
+        return (data[:offset - sent], True) if cut else (data, False)
+
+    def close(self, conn: Connection) -> None:
+        if conn.closed or self.drops_left <= 0:
             return
-        kind, offset = self._plan()
-        conn = {"kind": kind, "offset": offset, "done": False, "writers": (writer, w2)}
-        self._transports |= {writer.transport, w2.transport}
-        await asyncio.gather(self._pipe(reader, w2, conn, up=True), self._pipe(r2, writer, conn, up=False),
-                             return_exceptions=True)
-        self._transports -= {writer.transport, w2.transport}
-
-    async def _pipe(self, reader, writer, conn, up: bool):
-        direction = "up" if up else "down"
-        cut_here = conn["kind"] == direction or (up and conn["kind"] == "handshake")
-        sent = 0
-        try:
-            while data := await reader.read(16384):
-                if conn["done"]:
-                    return
-                if cut_here and sent + len(data) >= conn["offset"]:
-                    data = data[:conn["offset"] - sent]
-                    self._keep(data, up)
-                    writer.write(data)
-                    await writer.drain()
-                    self._cut(conn)
-                    return
-                if up and self.rate:
-                    await asyncio.sleep(len(data) / self.rate)
-                self._keep(data, up)
-                sent += len(data)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if not conn["done"]:
-                writer.close()
-
-    def _keep(self, data: bytes, up: bool) -> None:
-        if up and self.captured is not None:
-            self.captured.extend(data)
-
-    def _cut(self, conn) -> None:
-        if conn["done"] or self.drops_left <= 0:
-            return
-        conn["done"] = True
+        conn.closed = True
         self.drops_left -= 1
-        self.drops[conn["kind"]] += 1
+        self.drops[conn.plan[0]] += 1
         reset = self.rng.random() < 0.5
-        for w in conn["writers"]:
+        for w in conn.writers:
             w.transport.abort() if reset else w.close()
 
 
 @pytest.fixture
 def fault_proxy():
     """fault_proxy(target_port, **FaultProxy options) -> a started FaultProxy; stopped at teardown."""
-    proxies = []
-
-    def make(target_port: int, **kw) -> FaultProxy:
-        proxy = FaultProxy(target_port, **kw)
-        proxy.start()
-        proxies.append(proxy)
-        return proxy
-
-    yield make
-    for p in proxies:
-        p.stop()
+    yield from started_each(FaultProxy)
 
 
 # ---- the server as a process ------------------------------------------------------------------
@@ -243,10 +171,7 @@ class ServerProcess:
 
     def rss_mb(self, field: str = "VmRSS") -> float:
         """Resident memory (VmRSS) or its peak so far (VmHWM) from /proc, in MiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError(f"{field} not in /proc/{self.proc.pid}/status")
+        return status_mb(field, self.proc.pid)
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -271,24 +196,10 @@ def server_process(tmp_path):
 
 # ---- data and checks ----------------------------------------------------------------------------
 
-WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}
-
-
-def write_rows(path: Path, n: int, seed: int = 0) -> Path:
-    """An SST-2-style TSV of `n` rows for the device (distinct texts: row i names its number)."""
-    rng = np.random.default_rng(seed)
-    lines = ["sentence\tlabel"]
-    for i in range(n):
-        words = [str(w) for w in rng.choice(WORDS[i % 2], size=rng.integers(2, 9))]
-        lines.append(f"row {i}: a {' and '.join(words)} movie\t{i % 2}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
 def rows_file(tmp_path):
     """rows_file(n) -> path of an n-row TSV for `edge-run train --data`."""
-    return lambda n, seed=0: write_rows(tmp_path / f"rows-{n}-{seed}.tsv", n, seed)
+    return lambda n, seed=0: write_rows(tmp_path / f"rows-{n}-{seed}.tsv", n, seed, numbered=True)
 
 
 @pytest.fixture
@@ -299,7 +210,7 @@ def edge_rows(tmp_path):
 
     def make(n: int, seed: int = 0):
         task = get_task("sst2")
-        return load_examples(write_rows(tmp_path / f"rows-{n}-{seed}.tsv", n, seed), task), task
+        return load_examples(write_rows(tmp_path / f"rows-{n}-{seed}.tsv", n, seed, numbered=True), task), task
 
     return make
 

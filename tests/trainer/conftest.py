@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import started_each
 
 from mobillm.trainer.config import ServerConfig
 from mobillm.trainer.server import TrainerServer
@@ -26,17 +27,7 @@ def taps():
 @pytest.fixture
 def start_server(tmp_path):
     """start_server(**ServerConfig overrides) -> a started TrainerServer; all are stopped at teardown."""
-    servers = []
-
-    def start(**overrides):
-        # MOBILLM_TEST_DEVICE=cuda runs the same tests with decode + training on the GPU.
-        device = os.environ.get("MOBILLM_TEST_DEVICE", "cpu")
-        options = {"port": 0, "runs_dir": str(tmp_path / "runs"), "threads": 1, "device": device, **overrides}
-        server = TrainerServer(ServerConfig(**options))
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    # MOBILLM_TEST_DEVICE=cuda runs the same tests with decode + training on the GPU.
+    defaults = {"port": 0, "runs_dir": str(tmp_path / "runs"), "threads": 1,
+                "device": os.environ.get("MOBILLM_TEST_DEVICE", "cpu")}
+    yield from started_each(lambda **overrides: TrainerServer(ServerConfig(**{**defaults, **overrides})))

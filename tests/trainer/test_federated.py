@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_rows
 
 from mobillm.common import wire
 from mobillm.common.tasks import get_task
@@ -20,20 +21,12 @@ from mobillm.trainer.federated import load_aligned
 
 pytestmark = pytest.mark.slow  # real servers, processes or builds: the `-m "not slow"` loop skips them
 
-WORDS = {1: ["good", "great", "lovely", "superb", "fun"], 0: ["bad", "awful", "dull", "boring", "poor"]}
 # Three backbone families: (hidden size, layers). Default taps: 4 layers -> 1,2,3,4; 6 -> 2..6; 3 -> 1,2,3.
 SHAPES = {"phone": (64, 4), "laptop": (96, 6), "jetson": (128, 3)}
 
 
 def write_data(path: Path, n: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    lines = ["sentence\tlabel"]
-    for i in range(n):
-        label = int(rng.integers(2))
-        words = [str(w) for w in rng.choice(WORDS[label], size=rng.integers(2, 6))]
-        lines.append(f"a {' and '.join(words)} movie\t{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_rows(path, n, seed, adjectives=(2, 5), balanced=False)
 
 
 def metrics(server, run: str) -> list[dict]:

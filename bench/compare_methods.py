@@ -1,0 +1,174 @@
+"""How bench/compare.py runs each kind of method: on-device methods as worker processes, the
+mobillm methods as a device worker against a `trainer serve` process, and the evaluation of
+every side network they produced.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from compare_config import METHODS, Settings
+from compare_curves import dedupe_by_step
+from compare_harness import CheckpointWatcher, Harness, TrainerProcess, log
+
+from mobillm.common.netsim import LinkProxy
+
+
+def local_jobs(h: Harness, method: str) -> list[tuple[str, dict]]:
+    """The worker processes of one on-device method: (name, spec fields)."""
+    lr = getattr(h.s, METHODS[method].lr)
+    if method == "mobillm-local":
+        return [(method, {"worker": "side-local", "lr": lr, "snap_dir": str(h.work / "snaps" / method)})]
+    jobs = [(method, {"worker": "torch", "method": method, "config": h.config, "lr": lr, "cut": h.s.split_layer,
+                      "link_bytes_per_s": h.s.link_mbps * 1e6 / 8})]
+    if method == "split":
+        # Device memory and compute from a process that holds only the device half.
+        jobs.append(("split-device", {"worker": "split-device", "config": h.config, "lr": lr, "cut": h.s.split_layer,
+                                      "steps": h.s.split_device_steps}))
+    return jobs
+
+
+def merge_split(results: dict) -> None:
+    """split's device numbers come from the split-device process."""
+    device = results.pop("split-device", None)
+    split = results.get("split")
+    if split is None or device is None:
+        return
+    split["device_process"] = device
+    if "error" in device:
+        split.setdefault("error", f"split-device: {device['error']}")
+    elif "error" not in split:
+        split["peak_rss_mb"] = device["peak_rss_mb"]
+        split["device_s_per_iter"] = device["device_s_per_iter"]
+        split["device_cpu_s_per_iter"] = device.get("device_cpu_s_per_iter")
+
+
+def run_edge(h: Harness, method: str, server: TrainerProcess, epochs: int) -> dict:
+    """One mobillm method: the device worker streaming to `server` (through a throttled link if the
+    method says so), the server's checkpoints kept as they are written."""
+    spec = METHODS[method].server
+    proxy = None
+    url = server.url
+    if spec.throttled:
+        proxy = LinkProxy(server.port, rate=h.s.link_mbps * 1e6 / 8)
+        url = f"ws://127.0.0.1:{proxy.start()}/"
+    watcher = CheckpointWatcher(server.runs / method, h.work / "snaps" / method)
+    watcher.start()
+    try:
+        result = h.run(method, worker="edge", server=url, mode=spec.mode, epochs=epochs, run=method,
+                       engine=str(h.engines[spec.weights]),
+                       train_file=h.data["train_file"], side_out=str(h.work / "side" / f"{method}.onnx"))
+    finally:
+        watcher.stop()
+        if proxy is not None:
+            proxy.stop()
+    if proxy is not None:
+        result["proxy_bytes_up"] = proxy.bytes_up
+    result["snapshots"] = watcher.snapshots
+    result["epochs"] = epochs
+    if (server.runs / method / "config.json").is_file():
+        init = h.work / "snaps" / method / "init"
+        init.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(server.runs / method / "config.json", init / "config.json")
+        result["init_folder"] = str(init)
+    return result
+
+
+def warm_up(h: Harness, server: TrainerProcess) -> None:
+    """One tiny run on a fresh server, untimed: a server in service is warm (torch kernels, the
+    lazy ONNX exporter import); without this the first variant on each server pays for it."""
+    rows = Path(h.data["train_file"]).read_text(encoding="utf-8").splitlines()
+    head = 1 if h.data["header"] else 0
+    warm = h.work / "warmup.tsv"
+    warm.write_text("\n".join(rows[: head + h.s.batch_size]) + "\n", encoding="utf-8")
+    r = h.run(f"warmup-{server.name}", worker="edge", server=server.url, mode="pooled", epochs=1,
+              run="warmup", train_file=str(warm), side_out=str(h.work / "side" / f"warmup-{server.name}.onnx"))
+    if "error" in r:
+        raise RuntimeError(f"warm-up run on trainer serve ({server.name}) failed: {r['error']}")
+
+
+def evaluate_side_networks(h: "Harness", results: dict) -> None:
+    """Score every side-network snapshot of every side-network method in one evaluator process
+    (the dev forward passes are shared: the backbone is frozen)."""
+    items, where = [], []
+    for method, r in results.items():
+        if "error" in r and not r.get("snapshots"):
+            continue
+        if method == "mobillm-local":
+            for k, point in enumerate(r["curve"]):
+                items.append({"folder": point["snapshot"], "engine": str(h.engines["fp32"])})
+                where.append((method, "curve", k))
+        elif METHODS[method].server and "t0" in r:  # (a device that failed has no clock to place points on)
+            engine = str(h.engines[METHODS[method].server.weights])
+            if r.get("init_folder") and not h.s.no_zero_eval:
+                items.append({"folder": r["init_folder"], "init": True, "engine": engine})
+                where.append((method, "init", None))
+            for k, snap in enumerate(r["snapshots"]):
+                items.append({"folder": snap["folder"], "engine": engine})
+                where.append((method, "snapshot", k))
+            if r.get("side"):
+                items.append({"onnx": r["side"], "engine": engine})
+                where.append((method, "final", None))
+    if not items:
+        return
+    log(f"evaluating {len(items)} side networks on the dev rows (JointModel)")
+    out = h.run("evaluate", worker="evaluate", items=items, dev_file=h.data["dev_file"])
+    if "error" in out:
+        for method, *_ in where:
+            results[method].setdefault("error", f"evaluate: {out['error']}")
+        return
+    for (method, kind, k), metric, step in zip(where, out["metrics"], out["steps"]):
+        r = results[method]
+        if kind == "curve":
+            r["curve"][k]["metric"] = metric
+        elif kind == "init":
+            r.setdefault("server_curve", []).append({"t": 0.0, "metric": metric, "step": 0})
+        elif kind == "snapshot":
+            snap = r["snapshots"][k]
+            r.setdefault("server_curve", []).append({"t": snap["mtime"] - r["t0"], "metric": metric, "step": step,
+                                                      "source": "server checkpoint"})
+        else:
+            r.setdefault("server_curve", []).append({"t": r["t_model"] - r["t0"], "metric": metric,
+                                                      "step": r["stats"]["server_metrics"].get("steps"),
+                                                      "source": "returned model"})
+    for method in (m for m, spec in METHODS.items() if spec.server):
+        r = results.get(method)
+        if r and "server_curve" in r:
+            r["curve"] = dedupe_by_step(r.pop("server_curve"))
+
+
+def size_mobillm_runs(h: Harness, results: dict) -> Settings:
+    """The settings with the mobillm runs' epochs: enough samples to fill `--fill` of the budget at the
+    device's measured forward rate (the server's training overlaps with it), which is kept too
+    (start_servers spaces the checkpoints by it)."""
+    s = h.s
+    if s.mobillm_epochs:
+        return s
+    per_row = (results.get("mobillm-local") or {}).get("forward_s_per_row")
+    if not per_row:
+        per_row = h.run("calibrate", worker="calibrate", steps=4).get("forward_s_per_row")
+    epochs = int(max(1, min(s.max_epochs, round(s.fill * s.budget_s / per_row / h.data["train_rows"])))) if per_row else 1
+    if "mobillm-cache" in s.methods and epochs < 2:
+        log("mobillm runs: 2 epochs, not 1, so that the --cache server has epochs to train from its "
+            "cache; runs that pass the budget are cut at it")
+        epochs = 2
+    return replace(s, mobillm_epochs=epochs, forward_s_per_row=per_row or None)
+
+
+def start_servers(s: Settings, work: Path, remote: list[str], servers: dict, train_rows: int) -> None:
+    """One `trainer serve` per server flavour (plain, --cache); checkpoints ~`--evals` times within the
+    budget (a slow device, long rows: the run's steps can outlast the budget, and a checkpoint only
+    after it would leave the budget's curve with nothing but t = 0)."""
+    steps = s.mobillm_epochs * math.ceil(train_rows / s.batch_size)
+    if s.forward_s_per_row:
+        steps = min(steps, max(1, int(s.budget_s / (s.forward_s_per_row * s.batch_size))))
+    every = max(1, math.ceil(steps / max(1, s.evals)))
+    for m in remote:
+        key = METHODS[m].server.key
+        if key not in servers:
+            log(f"trainer serve ({key}): {s.mobillm_epochs} epochs x {train_rows} rows per run, "
+                f"checkpoint every {every} steps")
+            servers[key] = TrainerProcess(s, work, key, METHODS[m].server.cache, every)

@@ -1,0 +1,79 @@
+"""The simulated link (common/netsim.py) and the one synthetic sentiment generator (common/sample.py)."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+
+from mobillm.common.netsim import LinkProxy, free_port
+from mobillm.common.sample import sentences, write_sample
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+def echo_server():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", free_port()), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += s.recv(65536)
+    return got
+
+
+def test_proxy_forwards_counts_and_captures_the_uplink():
+    server = echo_server()
+    try:
+        with LinkProxy(server.server_address[1], rate=10e6, down_rate=10e6, capture=True) as proxy:
+            payload = bytes(range(256)) * 200
+            assert roundtrip(proxy.port, payload) == payload
+            assert proxy.bytes_up == len(payload) and bytes(proxy.captured) == payload
+            assert proxy.connections == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Truncating(LinkProxy):
+    """Cuts every connection after its first 10 uplink bytes (the hook a fault injector uses)."""
+
+    def forward(self, conn, data, up):
+        if up and conn.sent_up + len(data) >= 10:
+            return data[:10 - conn.sent_up], True
+        return data, False
+
+
+def test_forward_hook_cuts_a_connection():
+    server = echo_server()
+    try:
+        with Truncating(server.server_address[1]) as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                s.sendall(b"x" * 100)
+                got = b""
+                while chunk := s.recv(65536):
+                    got += chunk
+            # The connection ended (recv returned b""): the server got exactly 10 bytes, and at
+            # most their echo came back before the cut closed the client's side.
+            assert proxy.bytes_up == 10 and got in (b"x" * k for k in range(11))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sentence_styles(tmp_path):
+    rows = list(sentences(40, seed=3, adjectives=(2, 8), vocabulary=5, noun="movie", numbered=True))
+    assert [label for _, label in rows] == [i % 2 for i in range(40)]
+    assert all(text.startswith(f"row {i}: a ") and text.endswith(" movie") for i, (text, _) in enumerate(rows))
+    assert all(2 <= len(text.split(": a ")[1].split(" and ")) <= 8 for text, _ in rows)
+    lines = write_sample(tmp_path / "s.tsv", 10, 1).read_text().splitlines()
+    assert lines[0] == "sentence\tlabel" and len(lines) == 11
