@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 from compare_config import Settings
 from compare_report import brief
 
-from mobillm.common.netsim import free_port
+from mobillm.common.netsim import free_port, wait_listening
 from mobillm.common.procfs import peak_rss_mb
 
 WORKER = Path(__file__).resolve().parent / "compare_workers.py"
@@ -128,24 +127,9 @@ class TrainerProcess:
     def wait_ready(self) -> None:
         """Block until the server listens (it fails fast if the process exits)."""
         if not self.ready:
-            self._wait_listening(120)
+            wait_listening(int(self.port), self.proc, 120, what="trainer serve (see its log)")
             self.ready = True
 
-    def _wait_listening(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"trainer serve exited with {self.proc.returncode}; see its log")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                pass
-            try:  # waiting on the process is the poll interval, and notices an early exit
-                self.proc.wait(0.2)
-            except subprocess.TimeoutExpired:
-                pass
-        raise RuntimeError(f"trainer serve did not listen on port {self.port} within {timeout:.0f} s")
 
     @property
     def url(self) -> str:

@@ -11,14 +11,13 @@ in another process. The ratio of the two rows/s figures is the overlap efficienc
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from mobillm.common.netsim import free_port
+from mobillm.common.netsim import free_port, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizer" / "opt"
@@ -59,12 +58,7 @@ def main() -> None:
                                    "--runs", str(tmp / "runs"), "--threads", "1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.5).close()
-                    break
-                except OSError:
-                    time.sleep(0.2)
+            wait_listening(port, server, 60, what="trainer serve")
             bb = Backbone(engine, threads=a.threads)
             rows = []
             for mode in ("pooled", "tokens"):

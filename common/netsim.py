@@ -29,6 +29,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(port: int, proc=None, timeout: float = 120.0, what: str = "the server") -> float:
+    """Block until something accepts TCP connections on 127.0.0.1:port; returns the seconds waited.
+
+    With `proc` (a subprocess.Popen), an early exit of that process fails at once instead of
+    waiting out the timeout."""
+    import subprocess
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on port {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return time.monotonic() - t0
+        except OSError:
+            pass
+        if proc is None:
+            time.sleep(0.2)
+        else:
+            try:  # waiting on the process is the poll interval, and notices an early exit
+                proc.wait(0.2)
+            except subprocess.TimeoutExpired:
+                pass
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+
+
 @dataclass
 class Connection:
     """One proxied client connection: its two stream writers and the bytes forwarded each way."""

@@ -77,3 +77,20 @@ def test_sentence_styles(tmp_path):
     assert all(2 <= len(text.split(": a ")[1].split(" and ")) <= 8 for text, _ in rows)
     lines = write_sample(tmp_path / "s.tsv", 10, 1).read_text().splitlines()
     assert lines[0] == "sentence\tlabel" and len(lines) == 11
+
+
+def test_wait_listening_returns_once_a_port_accepts_and_fails_fast_on_exit():
+    import socket
+    import subprocess
+    import sys
+
+    from mobillm.common.netsim import wait_listening
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert wait_listening(s.getsockname()[1], timeout=5) < 5
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        wait_listening(port, proc, timeout=30)
