@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
@@ -60,6 +61,7 @@ def test_cached_run_from_main_resumes_in_its_cached_epochs(start_server, taps, t
                     torch.load(DATA / "straight-cached.pt", weights_only=True))
 
 
+@pytest.mark.slow  # federated, like test_federated.py
 def test_federated_run_from_main_resumes_every_device(start_server, tmp_path):
     runs = copy_runs(tmp_path, "fed")
     saved = checkpoint(runs / "fed-sst2")["devices"]
