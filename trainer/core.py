@@ -1,21 +1,18 @@
-"""The training core both run kinds share: one optimizer step, the metric of the last epoch, the
-checkpoint writer, the per-step logs, and the typed link back to a device's session.
+"""The training core's units: one optimizer step, the metric of the last epoch, the checkpoint
+writer, the per-step logs, and the typed link back to a device's session.
 
-`Run` (`run.py`, one device) and `FedRun` (`federated.py`, many devices, one shared body) differ
-only in what they schedule and what they save; everything a step does is here. A run's training
-thread never calls a session directly: it hands `deliver` a closure that runs on the server's
-event loop, against the `Link` interface a session implements.
+The one training loop that uses them is `training.TrainingRun`; its strategies (`run.SingleDevice`,
+`federated.Federated`) differ only in what they schedule, train and save. A run's training thread
+never calls a session directly: it hands `deliver` a closure that runs on the server's event loop,
+against the `Link` interface a session implements.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import os
-import threading
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -156,75 +153,3 @@ def append_record(log_file, record: dict) -> None:
     """One JSONL line, flushed: a crash loses at most the step in progress."""
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
-
-
-class TrainingThread:
-    """A run's training thread and the coroutines on the server's event loop that wait for it.
-
-    The thread calls `notify()` after any change and `deliver()` to reach a session; waiters
-    re-check their predicate. `phase` "failed" and `stopped` end every wait."""
-
-    def __init__(self, name: str, folder: Path):
-        self.folder = Path(folder)
-        self.phase = ""
-        self.error: str | None = None
-        self.stopped = False  # the thread has ended and the run's files are closed
-        self.stop_requested = threading.Event()  # the server is stopping: checkpoint and end the thread
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: list[asyncio.Future] = []
-        self._thread = threading.Thread(target=self._guarded_loop, name=name, daemon=True)
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._thread.start()
-
-    def join(self) -> None:
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def train_loop(self) -> None:
-        """The subclass's training loop (runs in the thread)."""
-        raise NotImplementedError
-
-    def on_exit(self) -> None:
-        """Called in the thread after the loop ends, failed or not (final checkpoint, summary)."""
-
-    def _guarded_loop(self) -> None:
-        try:
-            self.train_loop()
-        except Exception as exc:  # the run fails; the server and other runs carry on
-            self.error = f"{type(exc).__name__}: {exc}"
-            (self.folder / "error.log").write_text(traceback.format_exc())
-            log.error("run %s failed: %s", self.folder.name, self.error)
-            self.phase = "failed"
-        finally:
-            self.on_exit()
-            self.notify()
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (on the loop) until the training thread makes `predicate` true, or the run stops or fails."""
-        while not (predicate() or self.stopped or self.phase == "failed"):
-            fut = self.loop.create_future()
-            self._waiters.append(fut)
-            if predicate() or self.stopped or self.phase == "failed":
-                break
-            await fut
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    def notify(self) -> None:
-        """Thread-safe: wake every waiter on the loop."""
-        self.deliver(self._wake)
-
-    def deliver(self, call: Callable[[], None]) -> None:
-        """Thread-safe: run `call` on the event loop (dropped once the loop has closed)."""
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(call)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-

@@ -1,12 +1,14 @@
 """Run policies: which run a session's HELLO feeds, and how that run is opened, resumed and joined.
 
-The server's message loop (`server.py`) is the same for every run kind; a policy object decides
-the rest, as a Flower `Strategy` does for its server:
+The server's message loop (`server.py`) is the same for every run kind, and so is the training
+loop (`training.TrainingRun`); a policy decides which run a HELLO feeds and opens it with its
+strategy, as a Flower server is started with its `Strategy`:
 
-- `SingleDevicePolicy` (the default, the trivial schedule): one `Run` per (task, engine) or per
-  explicit run name, fed by exactly one device at a time; a reconnect of that device takes over.
-- `FederatedPolicy` (`trainer serve --federated`): one `FedRun` per task (`fed-<task>` or the
-  HELLO's run), fed by many devices and backbones at once; its scheduler picks whose batch trains.
+- `SingleDevicePolicy` (the default): one run per (task, engine) or per explicit run name, fed by
+  exactly one device at a time, with the trivial strategy `run.SingleDevice`; a reconnect of that
+  device takes over.
+- `FederatedPolicy` (`trainer serve --federated`): one run per task (`fed-<task>` or the HELLO's
+  run), fed by many devices and backbones at once, with the strategy `federated.Federated`.
 
 `join` returns a `Membership`: the session's handle on its run (receive a BATCH, finish on DONE,
 leave on close) plus the state the WELCOME reports.
@@ -25,17 +27,14 @@ from mobillm.common.messages import NAME, FedWelcome, Hello, ProtocolError, Trai
 
 from .config import RunConfig, ServerConfig
 from .core import CHECKPOINT, load_checkpoint
-from .federated import Device, FedRun
-from .protocol import accept_batch, trim_batch
-from .run import Item, Run
+from .federated import Device, Federated
+from .run import SingleDevice
+from .training import SHUTTING_DOWN, TrainingRun
 
 if TYPE_CHECKING:
     from .server import Session
 
 log = logging.getLogger("mobillm.trainer")
-
-SHUTTING_DOWN = ("shutting_down", "the server is stopping; reconnect later to resume")
-
 
 @dataclass(frozen=True)
 class Joined:
@@ -99,7 +98,10 @@ class RunTable:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def stop(self) -> None:
-        for run in list(self.runs.values()):
+        runs = list(self.runs.values())
+        for run in runs:  # every run refuses batches at once; then each drains its queue and checkpoints
+            run.request_stop()
+        for run in runs:
             run.stop()
 
     def lock(self, name: str) -> asyncio.Lock:
@@ -124,92 +126,52 @@ class RunTable:
 # ---- one device per run ----
 
 class SingleMember:
-    """A session feeding a single-device `Run`; it is replaced when the same device connects again."""
+    """A session feeding a single-device run; it is replaced when the same device connects again."""
 
-    def __init__(self, run: Run, session: "Session", stopping):
-        self.run, self.session, self._stopping = run, session, stopping
-        stop = run.stream_ended or (run.cfg.cache and run.stream_accepted >= run.cfg.samples_per_epoch)
-        session.stop_sent = stop
-        self.joined = Joined(run.cfg.run, run.stream_trained, run.cfg.cache, stop, run.cfg.total_samples)
-
-    def _live_run(self) -> Run:
-        if self.run.session is not self.session:
-            raise ProtocolError("replaced", "a newer connection of this device took over the run")
-        return self.run
+    def __init__(self, run: TrainingRun, session: "Session"):
+        self.run, self.session = run, session
+        self.strategy: SingleDevice = run.strategy
+        member = self.strategy.member
+        session.stop_sent = member.done or member.accepted >= member.limit
+        cfg = self.strategy.cfg
+        self.joined = Joined(cfg.run, member.trained, cfg.cache, session.stop_sent, cfg.total_samples)
 
     def receive(self, frame: wire.Frame, nbytes: int) -> None:
-        session, cfg = self.session, self.session.server.config
-        if self._stopping():
-            return  # never queued, never acknowledged: the device sends it again after the restart
-        run = self._live_run()
-        if run.phase == "failed":
-            raise ProtocolError("training_failed", run.error or "training failed")
-        batch = accept_batch(frame.body, session.hello, session.formats, session.credits, session.last_seq,
-                             cfg.max_rows, cfg.max_tokens)
-        session.credits -= 1
-        session.last_seq = batch.seq
-        run.bytes_received += nbytes
-        rc = run.cfg
-        limit = rc.samples_per_epoch if rc.cache else rc.total_samples
-        room = limit - run.stream_accepted
-        if run.stream_ended or room <= 0:
-            if rc.cache:
-                return  # sent before the device saw stop_streaming: later epochs come from the cache
-            raise ProtocolError("bad_batch", f"more than epochs x samples_per_epoch = {limit} samples")
-        if len(batch.sample_ids) > room:
-            if not rc.cache:
-                raise ProtocolError("bad_batch", f"more than epochs x samples_per_epoch = {limit} samples")
-            batch = trim_batch(batch, room)
-        run.stream_accepted += len(batch.sample_ids)
-        run.enqueue(Item(batch, nbytes))
-        if rc.cache and run.stream_accepted >= rc.samples_per_epoch and not session.stop_sent:
-            session.stop_streaming(batch.seq, run.stream_trained)
+        self.run.receive(self.strategy.member, self.session, frame, nbytes)
 
     async def finish(self) -> tuple[dict, bytes, TrainingDone]:
-        run = self._live_run()
-        run.end_stream()
+        run = self.run
+        if self.strategy.member.session is not self.session:
+            raise ProtocolError("replaced", "a newer connection of this device took over the run")
+        run.end_stream(self.strategy.member)
         await run.wait_until(lambda: run.phase in ("finished", "failed"))
         if run.phase == "failed":
             raise ProtocolError("training_failed", run.error or "training failed")
         if run.phase != "finished":
             raise ProtocolError(*SHUTTING_DOWN)
-        return run.model_meta().to_meta(), run.onnx_path.read_bytes(), TrainingDone(run.samples_trained, run.step)
+        done = TrainingDone(run.samples_trained, run.step)
+        return self.strategy.model_meta().to_meta(), self.strategy.onnx_path.read_bytes(), done
 
     def leave(self) -> None:
-        if self.run.session is self.session:
-            self.run.session = None
+        self.run.detach(self.strategy.member, self.session)
 
 
 class SingleDevicePolicy(RunTable):
-    """One `Run` per run name, one device feeding it."""
+    """One run per run name, one device feeding it (`run.SingleDevice`)."""
 
     async def join(self, session: "Session", hello: Hello) -> SingleMember:
-        """The run for this HELLO (created, resumed or taken over), drained so its counters are exact."""
+        """The run for this HELLO (created, resumed or taken over), drained so its resume point is exact."""
         name = hello.run_name
         async with self.lock(name):
             known = name in self.runs
-            run: Run = await self.open_locked(name, hello, self._open_run)
+            run: TrainingRun = await self.open_locked(name, hello, self._open_run)
             if known:
-                check_identity(run.cfg, hello)
-            if run.phase == "failed":
-                raise ProtocolError("training_failed", run.error or "training failed")
-            old = run.session
-            if old is not None:  # the same device again (identity matched): the new connection wins
-                run.session = None
-                asyncio.ensure_future(old.fail(ProtocolError("replaced", "a newer connection of this device "
-                                                                         "took over")))
-            # Resume point: everything already received gets trained first.
-            await run.wait_until(lambda: run.phase != "stream" or run.stream_trained >= run.stream_accepted)
-            if run.phase == "failed":
-                raise ProtocolError("training_failed", run.error or "training failed")
-            if run.stopped:
-                raise ProtocolError(*SHUTTING_DOWN)
-            run.stream_accepted = run.stream_trained
-            run.session = session
-            session.credits = run.queue_size
-            return SingleMember(run, session, self.stopping)
+                check_identity(run.strategy.cfg, hello)
+            run.check_alive()
+            await run.attach(run.strategy.member, session)
+            return SingleMember(run, session)
 
-    def _open_run(self, name: str, hello: Hello) -> Run:
+    def _open_run(self, name: str, hello: Hello) -> TrainingRun:
         """A new run, or (with --resume) the one in runs/<run>/ (runs in an executor: it may read files)."""
         cfg = self.config
         folder = Path(cfg.runs_dir) / name
@@ -231,7 +193,8 @@ class SingleDevicePolicy(RunTable):
                 side=cfg.side.for_taps([t.hidden for t in hello.taps], hello.out_dim), optim=cfg.optim)
             folder.mkdir(parents=True, exist_ok=True)
             run_cfg.save(folder)
-        return Run(run_cfg, folder, cfg.device, cfg.queue_size, cfg.checkpoint_every, cfg.bitplan_every, checkpoint)
+        strategy = SingleDevice(run_cfg, folder, cfg.device, cfg.bitplan_every, checkpoint)
+        return TrainingRun(name, folder, strategy, cfg.queue_size, cfg.checkpoint_every, checkpoint)
 
 
 def check_identity(cfg: RunConfig, hello: Hello) -> None:
@@ -248,19 +211,28 @@ def check_identity(cfg: RunConfig, hello: Hello) -> None:
 # ---- many devices per run ----
 
 class FedMember:
-    """A session feeding a `FedRun` as one of its devices."""
+    """A session feeding a federated run as one of its devices."""
 
-    def __init__(self, run: FedRun, dev: Device, session: "Session"):
+    def __init__(self, run: TrainingRun, dev: Device, session: "Session"):
         self.run, self.dev, self.session = run, dev, session
-        family = run.model.families[dev.family]
-        self.joined = Joined(run.name, dev.trained, False, dev.trained >= dev.total, dev.total, FedWelcome(
-            dev.family, family.slots(run.fed.slots), run.fed.slots, len(run.devices)))
+        self.strategy: Federated = run.strategy
+        family = self.strategy.model.families[dev.family]
+        slots = self.strategy.fed.slots
+        session.stop_sent = dev.done or dev.accepted >= dev.limit
+        self.joined = Joined(run.name, dev.trained, False, session.stop_sent, dev.limit, FedWelcome(
+            dev.family, family.slots(slots), slots, len(run.members)))
 
     def receive(self, frame: wire.Frame, nbytes: int) -> None:
         self.run.receive(self.dev, self.session, frame, nbytes)
 
     async def finish(self) -> tuple[dict, bytes, TrainingDone]:
-        onnx_bytes, meta = await self.run.finish(self.dev)
+        """DONE: train the device's FIFO, then export the shared body + its alignment for it."""
+        run = self.run
+        run.end_stream(self.dev)
+        await run.wait_until(self.dev.drained)
+        run.check_alive()
+        onnx_bytes, meta = await asyncio.get_running_loop().run_in_executor(None, self.strategy.export_for,
+                                                                            self.dev, run)
         return meta, onnx_bytes, TrainingDone(self.dev.trained, meta["federated"]["step"])
 
     def leave(self) -> None:
@@ -268,7 +240,7 @@ class FedMember:
 
 
 class FederatedPolicy(RunTable):
-    """One `FedRun` per task for every device that sends it (created on first use)."""
+    """One federated run per task for every device that sends it (created on first use)."""
 
     async def join(self, session: "Session", hello: Hello) -> FedMember:
         name = hello.run or f"fed-{hello.task}"
@@ -276,11 +248,13 @@ class FederatedPolicy(RunTable):
             raise ProtocolError("bad_hello", f"run {name!r} must match {NAME.pattern}; send a shorter run name")
         check_pooling(self.config, hello)
         async with self.lock(name):
-            run: FedRun = await self.open_locked(name, hello, self._create)
-        dev = await run.attach(session, hello)
+            run: TrainingRun = await self.open_locked(name, hello, self._create)
+        dev = await run.strategy.join(run, session, hello)
         return FedMember(run, dev, session)
 
-    def _create(self, name: str, hello: Hello) -> FedRun:
-        folder = Path(self.config.runs_dir) / name
-        checkpoint = load_checkpoint(folder) if check_new_run(folder, self.config) else None
-        return FedRun(name, folder, self.config, hello, checkpoint)
+    def _create(self, name: str, hello: Hello) -> TrainingRun:
+        cfg = self.config
+        folder = Path(cfg.runs_dir) / name
+        checkpoint = load_checkpoint(folder) if check_new_run(folder, cfg) else None
+        strategy = Federated(name, folder, cfg, hello, checkpoint)
+        return TrainingRun(name, folder, strategy, cfg.queue_size, cfg.checkpoint_every, checkpoint)

@@ -1,10 +1,10 @@
 """The trainer server: WebSocket sessions in, side networks out.
 
-One asyncio loop (its own thread) receives and validates frames and puts batches on each run's
-bounded queue; each run's training thread consumes its queue (see `run.py`), so receiving and
-training overlap and the device never waits for a gradient. The message loop and the WELCOME
-are here, for every run kind; which run a HELLO feeds, and how it is opened, is the policy's
-(`policy.py`: one device per run, or federated). `docs/protocol.md` is the message contract.
+One asyncio loop (its own thread) receives and validates frames and puts batches in each run's
+bounded per-device queues; each run's training thread consumes them (`training.TrainingRun`), so
+receiving and training overlap and the device never waits for a gradient. The message loop and
+the WELCOME are here, for every run kind; which run a HELLO feeds, and with which strategy it is
+opened, is the policy's (`policy.py`: one device per run, or federated). `docs/protocol.md` is the message contract.
 
     server = TrainerServer(ServerConfig(port=0, runs_dir="runs"))
     port = server.start()   # bound port; the server runs in a background thread

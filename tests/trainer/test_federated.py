@@ -180,7 +180,7 @@ def test_reconnect_resume_and_restart(start_server, tmp_path):
     devices = [SimDevice(server.url, SyntheticTask(t, n_samples=64, seed=i), task="sst2", epochs=2, batch_size=16,
                          device_id=f"d{i}", num_layers=layers) for i, (t, layers) in enumerate(FAMILIES)]
     assert devices[0].run(stop_after_batches=2).error is None
-    again = devices[0].run(stop_after_batches=2)  # same server: untrained batches are dropped and resent
+    again = devices[0].run(stop_after_batches=2)  # same server: what it had queued is trained first
     assert again.error is None and again.welcome["resume"]["samples_done"] in (0, 16, 32)
     assert devices[1].run(send_done=False).error is None
     server.stop()

@@ -1,0 +1,384 @@
+"""The one training loop every run shares; a `Strategy` object decides what differs between run kinds.
+
+As a Flower server loop asks its `Strategy` which clients train next (`configure_fit`) and folds
+their results in (`aggregate_fit`), a `TrainingRun` owns the mechanics and asks its strategy:
+
+- the run (here): the members (devices feeding it) and their FIFOs of received batches, batch
+  admission, credits, the wait for work, stop (batches already queued are trained, then a
+  checkpoint) and failure, when checkpoints are written, the metrics.jsonl record;
+- the strategy: which member's head batch trains next (`pick`), work of its own when none is due
+  (`idle_work`: a cached epoch's rows, or `END`: training is complete), what one step trains at
+  which learning rate (`fit`), what the step changes and logs besides the common fields
+  (`aggregate`), the checkpoint's contents (`state_dict`) and the run's end (`finish`).
+
+`run.SingleDevice` is the trivial strategy: one member, its cached epochs, `WarmupLinear`, export
+at the end. `federated.Federated` schedules many members under a share cap, with sqrt decay, and
+exports a snapshot for each member on its DONE.
+
+Threads. The server's asyncio loop calls `attach`, `receive`, `end_stream` and `detach`; the
+run's training thread runs the loop and reports back with `deliver` / `notify`; `cond` guards the
+members, their FIFOs and the counters the loop side reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from mobillm.common import wire
+from mobillm.common.messages import BitPlan, ProtocolError
+
+from .core import METRICS, Link, Step, append_record, check_finite, open_metrics, write_checkpoint
+from .data import Rows
+from .protocol import accept_batch, trim_batch
+
+log = logging.getLogger("mobillm.trainer")
+
+SHUTTING_DOWN = ("shutting_down", "the server is stopping; reconnect later to resume")
+END = object()  # `Strategy.idle_work`: training is complete; `finish` ends the run
+
+
+@dataclass
+class Item:
+    """A validated batch in its member's FIFO."""
+
+    batch: wire.Batch
+    nbytes: int
+    session: Link  # the session that sent it: its credit goes back there
+    arrived_step: int  # optimizer step when it arrived (staleness = steps it waited)
+
+
+@dataclass
+class Member:
+    """One device feeding a run. FIFO and counters are guarded by the run's `cond`."""
+
+    device_id: str
+    limit: int  # samples the device streams: every epoch, or the first one when the server caches
+    cached: bool = False  # later epochs come from the server's cache: samples past `limit` are dropped
+    session: Link | None = None
+    queue: deque = field(default_factory=deque)
+    accepted: int = 0  # samples received (queued or trained) from the device's stream
+    trained: int = 0  # samples of the device's stream trained: its resume point
+    in_step: bool = False
+    done: bool = False  # the stream is over (DONE, or the run left its streaming phase)
+    bytes_received: int = 0
+
+    @property
+    def streaming(self) -> bool:
+        """Connected and still owes batches: a schedule may wait for it."""
+        return self.session is not None and not self.done and self.accepted < self.limit
+
+    def drained(self) -> bool:
+        return not self.queue and not self.in_step
+
+
+@dataclass
+class Work:
+    """What one optimizer step trains: a member's queued batch, or rows the strategy supplies."""
+
+    member: Member | None = None
+    item: Item | None = None
+    rows: Rows | None = None  # set by the strategy for its own work (a cached epoch's rows)
+    source: str = "stream"
+
+
+@dataclass
+class Fit:
+    """What `Strategy.fit` trained: the step, its rows, and its learning rate(s) as metric fields."""
+
+    step: Step
+    rows: Rows
+    lr: dict
+
+
+class Strategy(Protocol):
+    """What a `TrainingRun` asks its scheduling policy. `pick`, `idle_work` and `aggregate` are called
+    with the run's `cond` held; the rest on the training thread without it."""
+
+    phase: str
+
+    def members(self) -> list[Member]:
+        """The members the run starts with (restored from a checkpoint or known in advance)."""
+
+    def pick(self, members: list[Member]) -> Member | None:
+        """The member whose head batch trains next; None: no batch is due now."""
+
+    def idle_work(self, run: "TrainingRun") -> Work | object | None:
+        """No batch is due: the strategy's own `Work`, `END` (training is complete), or None (wait)."""
+
+    def fit(self, work: Work, run: "TrainingRun") -> Fit:
+        """One optimizer step on the work's rows."""
+
+    def aggregate(self, work: Work, fit: Fit, run: "TrainingRun") -> dict:
+        """Fold a step in (the run's counters already count it); its metric fields beyond the common ones."""
+
+    def bitplan(self, step: int) -> BitPlan | None:
+        """A BITPLAN for the members after this step, if one is due."""
+
+    def state_dict(self, progress: dict, run: "TrainingRun") -> dict:
+        """The checkpoint; `progress` (step, samples_trained) goes in as its "progress" entry."""
+
+    def finish(self, run: "TrainingRun") -> None:
+        """Training is complete (after `END`): final checkpoint, export, summary."""
+
+    def close(self, run: "TrainingRun") -> None:
+        """The run stopped (its thread has ended): write what is left, close files."""
+
+
+class TrainingRun:
+    """One run: its members, the thread that trains it and the coroutines on the server's loop that
+    wait for it. Waits end on `failed` and `stopped` too."""
+
+    def __init__(self, name: str, folder: Path, strategy: Strategy, queue_size: int, checkpoint_every: int,
+                 checkpoint: dict | None = None):
+        self.name, self.folder, self.strategy = name, Path(folder), strategy
+        self.queue_size, self.checkpoint_every = queue_size, checkpoint_every
+        self.cond = threading.Condition()
+        self.members: dict[str, Member] = {m.device_id: m for m in strategy.members()}
+        self.step = 0
+        self.samples_trained = 0
+        self.bytes_received = 0
+        if checkpoint is not None:
+            self.step = int(checkpoint["progress"]["step"])
+            self.samples_trained = int(checkpoint["progress"]["samples_trained"])
+            for tmp in self.folder.glob(".*.tmp"):  # a crash mid-write leaves its temp file; the real file is whole
+                tmp.unlink()
+        self.error: str | None = None
+        self.failed = False
+        self.stopped = False  # the thread has ended and the run's files are closed
+        self.stop_requested = threading.Event()  # the server is stopping: train what is queued, checkpoint, end
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future] = []
+        self._thread = threading.Thread(target=self._guarded_loop, name=f"train-{name}", daemon=True)
+        self._wait_s = 0.0
+        self._t0 = time.perf_counter()
+        self._metrics = open_metrics(self.folder / METRICS, self.step if checkpoint is not None else None)
+
+    @property
+    def phase(self) -> str:
+        return "failed" if self.failed else self.strategy.phase
+
+    def idle_frac(self) -> float:
+        """Share of the run's time the training thread waited for a batch."""
+        return self._wait_s / max(time.perf_counter() - self._t0, 1e-9)
+
+    # ---- lifecycle (server) ----
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        """From now on batches are refused; the thread trains those already queued, checkpoints and ends."""
+        with self.cond:
+            self.stop_requested.set()
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        """Stop (`request_stop`) and join the thread, then close the run's files. Safe to call twice."""
+        self.request_stop()
+        if self._thread.is_alive():
+            self._thread.join()
+        if not self.stopped:
+            self.stopped = True
+            self._metrics.close()
+            self.strategy.close(self)
+        self.notify()
+
+    def check_alive(self) -> None:
+        """Raise the ProtocolError a session gets when the run failed or is stopping."""
+        if self.failed:
+            raise ProtocolError("training_failed", self.error or "training failed")
+        if self.stopped or self.stop_requested.is_set():
+            raise ProtocolError(*SHUTTING_DOWN)
+
+    # ---- loop side: members ----
+
+    async def attach(self, member: Member, session: Link) -> None:
+        """`session` feeds `member` from now on. An older connection of the same device is told it was
+        replaced; the batches it queued are trained first, so the resume point (`member.trained`) is exact."""
+        with self.cond:
+            self.members.setdefault(member.device_id, member)
+            old, member.session = member.session, None
+            self.cond.notify_all()
+        if old is not None and old is not session:
+            asyncio.ensure_future(old.fail(ProtocolError("replaced", "a newer connection of this device took over")))
+        await self.wait_until(member.drained)
+        self.check_alive()
+        with self.cond:
+            member.accepted = member.trained
+            member.session = session
+            self.cond.notify_all()
+        session.credits = self.queue_size
+
+    def detach(self, member: Member, session: Link) -> None:
+        """The session closed: the run stops counting on it (its queued batches still train)."""
+        with self.cond:
+            if member.session is session:
+                member.session = None
+            self.cond.notify_all()
+
+    def receive(self, member: Member, session, frame: wire.Frame, nbytes: int) -> None:
+        """A BATCH from `session`: validated against its HELLO, its credit taken, counted, queued."""
+        if member.session is not session:
+            raise ProtocolError("replaced", "a newer connection of this device took over the run")
+        self.check_alive()
+        config = session.server.config
+        batch = accept_batch(frame.body, session.hello, session.formats, session.credits, session.last_seq,
+                             config.max_rows, config.max_tokens)
+        session.credits -= 1
+        session.last_seq = batch.seq
+        member.bytes_received += nbytes
+        self.bytes_received += nbytes
+        room = member.limit - member.accepted
+        if member.done or room < len(batch.sample_ids):
+            if not member.cached:
+                raise ProtocolError("bad_batch", f"more than epochs x samples_per_epoch = {member.limit} samples")
+            if member.done or room <= 0:
+                return  # sent before the device saw stop_streaming: later epochs come from the cache
+            batch = trim_batch(batch, room)
+        with self.cond:
+            member.accepted += len(batch.sample_ids)
+            member.queue.append(Item(batch, nbytes, session, self.step))
+            self.cond.notify_all()
+        if member.cached and member.accepted >= member.limit and not session.stop_sent:
+            session.stop_streaming(batch.seq, member.trained)
+
+    def end_stream(self, member: Member) -> None:
+        """DONE from the member's device: it sends no more batches."""
+        with self.cond:
+            member.done = True
+            self.cond.notify_all()
+
+    # ---- training thread ----
+
+    def _guarded_loop(self) -> None:
+        try:
+            self._train_loop()
+        except Exception as exc:  # the run fails; the server and other runs carry on
+            self.error = f"{type(exc).__name__}: {exc}"
+            (self.folder / "error.log").write_text(traceback.format_exc())
+            log.error("run %s failed: %s", self.name, self.error)
+            self.failed = True
+        finally:
+            if not self.failed and self.strategy.phase != "finished":
+                self.save_checkpoint()
+            self.notify()
+
+    def _train_loop(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            work = self._next_work()
+            if work is None:
+                return
+            if work is END:
+                self.strategy.finish(self)
+                return
+            waited = time.perf_counter() - t0
+            self._wait_s += waited
+            if work.item is not None:
+                self._credit(work.member, work.item, work.member.trained)
+            try:
+                self._train(work, waited)
+            finally:
+                if work.member is not None:
+                    with self.cond:
+                        work.member.in_step = False
+                        self.cond.notify_all()
+            if self.step % self.checkpoint_every == 0:
+                self.save_checkpoint()
+            plan = self.strategy.bitplan(self.step)
+            if plan is not None:
+                for member in list(self.members.values()):
+                    self._tell(member, lambda session: session.post_bitplan(plan))
+            self.notify()
+
+    def _next_work(self) -> Work | object | None:
+        """The next step's work (waiting for it), `END`, or None when a stop leaves nothing queued to train."""
+        with self.cond:
+            while True:
+                member = self.strategy.pick(list(self.members.values()))
+                if member is not None:
+                    member.in_step = True
+                    return Work(member, member.queue.popleft())
+                if self.stop_requested.is_set():
+                    return None
+                work = self.strategy.idle_work(self)
+                if work is not None:
+                    return work
+                self.cond.wait()
+
+    def _train(self, work: Work, waited: float) -> None:
+        t0 = time.perf_counter()
+        fit = self.strategy.fit(work, self)
+        n = len(fit.rows)
+        with self.cond:
+            self.step += 1
+            self.samples_trained += n
+            if work.item is not None:
+                work.member.trained += n
+            fields = self.strategy.aggregate(work, fit, self)
+            queued = sum(len(m.queue) for m in self.members.values())
+        tokens = work.item.batch.n_tokens if work.item is not None else int(fit.rows.lengths.sum())
+        record = {"step": self.step, "time": time.time(), "samples": self.samples_trained, "rows": n,
+                  "tokens": tokens, "loss": fit.step.loss, **fit.lr, "grad_norm": fit.step.grad_norm,
+                  "wait_s": waited, "step_s": time.perf_counter() - t0, "idle_frac": self.idle_frac(),
+                  "bytes_received": self.bytes_received, "queue_depth": queued, **fields}
+        append_record(self._metrics, record)
+        check_finite(fit.step.loss, self.step, f" (device {work.member.device_id})" if work.member else "")
+
+    def save_checkpoint(self) -> None:
+        """The strategy's checkpoint, written atomically (called by the training thread only)."""
+        progress = {"step": self.step, "samples_trained": self.samples_trained}
+        write_checkpoint(self.folder, self.strategy.state_dict(progress, self))
+
+    # ---- reaching the server's loop ----
+
+    def _credit(self, member: Member, item: Item, samples_done: int) -> None:
+        """The item left the queue: its credit goes back to the session that sent it, if it still feeds the run."""
+        def send():
+            if member.session is item.session:
+                item.session.grant_credit(item.batch.seq, samples_done)
+
+        self.deliver(send)
+
+    def _tell(self, member: Member, call: Callable[[Link], None]) -> None:
+        def send():
+            if member.session is not None:
+                call(member.session)
+
+        self.deliver(send)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (on the loop) until the training thread makes `predicate` true, or the run stops or fails."""
+        while not (predicate() or self.stopped or self.failed):
+            fut = self.loop.create_future()
+            self._waiters.append(fut)
+            if predicate() or self.stopped or self.failed:
+                break
+            await fut
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def notify(self) -> None:
+        """Thread-safe: wake every waiter on the loop."""
+        self.deliver(self._wake)
+
+    def deliver(self, call: Callable[[], None]) -> None:
+        """Thread-safe: run `call` on the event loop (dropped once the loop has closed)."""
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(call)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
