@@ -6,6 +6,8 @@ import socket
 import socketserver
 import threading
 
+import pytest
+
 from mobillm.common.netsim import LinkProxy, free_port
 from mobillm.common.sample import sentences, write_sample
 
@@ -16,8 +18,15 @@ class Echo(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
+class EchoServer(socketserver.ThreadingTCPServer):
+    # A handler may still sit in recv() on a connection the proxy closes a moment later: never
+    # join it on server_close (that join is what hung this file now and then).
+    daemon_threads = True
+    block_on_close = False
+
+
 def echo_server():
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", free_port()), Echo)
+    server = EchoServer(("127.0.0.1", free_port()), Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -26,8 +35,8 @@ def roundtrip(port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(payload)
         got = b""
-        while len(got) < len(payload):
-            got += s.recv(65536)
+        while len(got) < len(payload) and (chunk := s.recv(65536)):
+            got += chunk
     return got
 
 
