@@ -211,8 +211,6 @@ def finish_devices(go, out, procs, links, n: int, t0: float) -> dict:
 
 def run_mobillm(label: str, args, server, devices: list[dict], devset: DevSet, work: Path) -> dict:
     """Stream every device at once into run `fed-<task>` (fed) or its own run `alone-<device>` (alone)."""
-    import copy
-
     runs = {d["id"]: d["run"] if label == "fed" else f"alone-{d['id']}" for d in devices}
     go, out, procs, links = start_devices(args, server, devices, runs, work / label)
     t0 = time.time()
@@ -223,12 +221,9 @@ def run_mobillm(label: str, args, server, devices: list[dict], devset: DevSet, w
         while not stop.wait(args.eval_every):
             accs = []
             for d in devices:
-                run = server.fed.runs.get(runs[d["id"]])
-                dev = run.devices.get(d["id"]) if run else None
-                if dev is None:
+                view = server.policy.snapshot(runs[d["id"]], d["id"])
+                if view is None:
                     continue
-                with run.model_lock:
-                    view = copy.deepcopy(run.views[dev.family]).eval()
                 accs.append(devset.accuracy(view, d["family"]))
             if len(accs) == len(devices):
                 curve.append((time.time() - t0, float(np.mean(accs))))

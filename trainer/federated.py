@@ -156,6 +156,12 @@ class Federated:
                  family.key, family.model_id, family.num_layers, [t[0] for t in family.taps],
                  family.slots(self.fed.slots))
 
+    def snapshot(self, dev: Device) -> AlignedSide:
+        """A detached copy of what `dev` would get back now (the shared network + its family's
+        alignment), for scoring while training goes on."""
+        with self.model_lock:
+            return copy.deepcopy(self.views[dev.family]).eval()
+
     def export_for(self, dev: Device, run: TrainingRun) -> tuple[bytes, dict]:
         """ONNX of the current shared body + the device's alignment, checked against torch; the exact
         weights go to runs/<run>/devices/<device>/ next to the graph."""

@@ -252,6 +252,13 @@ class FederatedPolicy(RunTable):
         dev = await run.strategy.join(run, session, hello)
         return FedMember(run, dev, session)
 
+    def snapshot(self, run: str, device_id: str):
+        """The model `device_id` of federated run `run` would get back now (see Federated.snapshot),
+        or None when either is not there yet."""
+        training = self.runs.get(run)
+        dev = None if training is None else training.members.get(device_id)
+        return None if dev is None else training.strategy.snapshot(dev)
+
     def _create(self, name: str, hello: Hello) -> TrainingRun:
         cfg = self.config
         folder = Path(cfg.runs_dir) / name
