@@ -126,8 +126,8 @@ def ensure_library(name: str = "ort_ops", build_dir: Path | str = DEFAULT_BUILD_
     """The library `name`: brought up to date first (incremental CMake build, once per process)
     in a source checkout, else as found.
 
-    Raises NativeUnavailable when it is neither buildable nor built, e.g. the custom-op
-    library without ONNX Runtime's headers (see kernels/cpp/fetch_ort_headers.sh).
+    Raises NativeUnavailable when it is neither buildable nor built (no cmake or compiler here,
+    or a CMake run with -DMOBILLM_ORT=OFF for the custom-op library).
     """
     key = (name, Path(build_dir))
     if key in _ENSURED:
@@ -140,8 +140,7 @@ def ensure_library(name: str = "ort_ops", build_dir: Path | str = DEFAULT_BUILD_
             return lib
     found = find_library(name)
     if found is None:
-        hint = (" (ONNX Runtime's C API headers were not found: run `sh kernels/cpp/fetch_ort_headers.sh` "
-                "or pass -DORT_INCLUDE_DIR)") if name.startswith("ort_ops") else ""
+        hint = " (building it needs cmake and a C++ compiler)" if name.startswith("ort_ops") else ""
         raise NativeUnavailable(f"{LIBRARIES[name]} is not built{hint}; see docs/native.md")
     return found
 

@@ -65,6 +65,9 @@ def test_wheel_installs_and_imports_from_itself(tmp_path):
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
          "--target", str(target), str(wheel)])
     assert (target / CONFIG).is_file()
+    native_built = shutil.which("cmake") and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if native_built:  # the vendored ORT headers need nothing else: the op library is always in the wheel
+        assert {"mobillm/kernels/lib/libmobillm_codec.so", "mobillm/kernels/lib/libmobillm_ort_ops.so"} <= set(names)
 
     # -S: no site module, so no .pth files and no editable-install finder pointing at the repo.
     # PYTHONPATH: the installed wheel first, then the dependencies' site-packages (numpy, onnxruntime...).
@@ -77,3 +80,8 @@ def test_wheel_installs_and_imports_from_itself(tmp_path):
     files = json.loads(proc.stdout.strip().splitlines()[-1])
     for module, file in files.items():
         assert Path(file).resolve().is_relative_to(target.resolve()), f"{module} imported from {file}, not the wheel"
+    if native_built:  # the device finds the installed op library and reads its op set version
+        code = ("from mobillm.kernels import native; p = native.find_library('ort_ops'); "
+                "print(p, native.op_library_version(p) == native.OP_VERSION)")
+        path, ok = run([sys.executable, "-S", "-s", "-c", code], cwd=tmp_path, env=env).stdout.split()
+        assert Path(path).resolve().is_relative_to(target.resolve()) and ok == "True"
