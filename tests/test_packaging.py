@@ -3,7 +3,8 @@
 The repository maps plain folders into the `mobillm` namespace through setuptools
 `package-dir`, so a package missing from `pyproject.toml` (or a data file missing from
 `package-data`) still imports fine from an editable install and only breaks in a wheel.
-A real wheel build, offline (5-10 s alone, far more on a busy machine): marked `slow` with the
+A real wheel build, offline, with the native libraries when cmake and a compiler are here
+(about 30 s alone, far more on a busy machine): marked `slow` with the
 other heavy tests; `.ci/run` runs every tier.
 """
 
@@ -33,7 +34,7 @@ def copy_sources(dest: Path) -> None:
     no build/ or egg-info behind in the working tree."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     dest.mkdir()
-    for name in ["pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py", "MANIFEST.in"]:
+    for name in ["pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py", "MANIFEST.in", "CMakeLists.txt"]:
         if (REPO / name).exists():
             shutil.copy2(REPO / name, dest / name)
     folders = {p.split("/")[0] for p in pyproject["tool"]["setuptools"]["package-dir"].values()}
