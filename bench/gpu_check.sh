@@ -10,9 +10,8 @@
 #   bash bench/gpu_check.sh
 #
 # Needs bash, python3 with numpy, cmake >= 3.18 and nvcc; torch, onnxruntime(-gpu) and
-# TensorRT are optional. ONNX Runtime's headers (build/_deps/onnxruntime, from
-# kernels/cpp/fetch_ort_headers.sh) are optional too: without them the custom-op libraries
-# are skipped. A prebuilt build/gpu-prebuilt/lib is used if the build here fails.
+# TensorRT are optional. ONNX Runtime's headers are vendored (kernels/cpp/third_party), so
+# the custom-op libraries are always built. A prebuilt build/gpu-prebuilt/lib is used if the build here fails.
 set -u
 set -x
 cd "$(dirname "$0")/.." || exit 1

@@ -55,8 +55,14 @@ class Manifest:
     inputs: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
     opset: int = 18
-    quant_op: str = "onnx"  # "onnx": standard-op subgraph; "custom": com.mobillm BlockQuantize
+    quant_op: str = "onnx"  # "onnx": standard-op quantizers only; "custom": also `fused_graph`
+    # Engines from before fused_graph existed: `graph` itself holds the com.mobillm nodes and this
+    # is the export machine's copy of the op library (the device prefers its own; edge_runtime/session.py).
     custom_op_library: str | None = None
+    # The graph again with one com.mobillm node per tap quantizer instead of the standard ops,
+    # sharing `graph`'s weights file (external_data); the device picks one at load time.
+    fused_graph: str | None = None
+    custom_op: dict | None = None  # {"domain": "com.mobillm", "version": N}: the op set those nodes use
     pad_token_id: int = 1
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     exporter: dict[str, str] = field(default_factory=dict)
@@ -106,6 +112,8 @@ class Manifest:
                 raise ManifestError(f"tap layer {tap.layer} outside 1..{self.num_layers}")
         if self.taps[-1].layer != self.num_layers:
             raise ManifestError("the final layer must be tapped (the head reads it)")
+        if self.fused_graph and not (isinstance(self.custom_op, dict) and {"domain", "version"} <= self.custom_op.keys()):
+            raise ManifestError("the manifest names a fused_graph but not its custom_op domain and version; re-export")
 
     @property
     def tap_layers(self) -> list[int]:

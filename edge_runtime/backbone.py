@@ -17,6 +17,8 @@ from mobillm.common.options import option
 from mobillm.common.tokenize import EngineTokenizer, TokenizerFilesMissing
 from mobillm.kernels import codec
 
+from .session import QUANTIZERS, open_session
+
 log = logging.getLogger("mobillm.edge")
 
 PROVIDERS = {
@@ -36,10 +38,13 @@ class EngineOptions:
     threads: int | None = option(None, "ORT intra-op threads (default: all cores)")
     prepack: bool = option(False, "let ORT keep pre-packed copies of the weights: up to ~10 percent faster on some "
                                   "CPUs, ~30 percent more peak memory (memory is the device's scarcest resource)")
+    quantizer: str = option("auto", "tap quantizer: fused (the engine's com.mobillm graph with this device's op "
+                                    "library), standard (standard ONNX ops, runs anywhere), auto = fused where it "
+                                    "loads, else standard with a one-line notice", choices=QUANTIZERS)
 
     def open(self) -> Backbone:
         """The engine's ORT session with these options."""
-        return Backbone(self.engine, self.provider, self.threads, prepack=self.prepack)
+        return Backbone(self.engine, self.provider, self.threads, prepack=self.prepack, quantizer=self.quantizer)
 
 
 @dataclass
@@ -73,8 +78,9 @@ class Backbone:
     """ORT session over an engine folder; `forward` returns the quantized taps of a batch."""
 
     def __init__(self, engine: Path | str, provider: str = "cpu", threads: int | None = None, verify: bool = True,
-                 prepack: bool = False):
-        """`prepack=False` (the default) turns off ORT's weight pre-packing: on CPU it keeps a
+                 prepack: bool = False, quantizer: str = "auto", op_library: Path | str | None = None):
+        """`quantizer` and `op_library`: which graph runs, see edge_runtime/session.py.
+        `prepack=False` (the default) turns off ORT's weight pre-packing: on CPU it keeps a
         second, re-laid-out copy of every MatMul weight, ~30 % of the session's peak memory
         (docs/benchmarks.md, "ORT weight pre-packing"), for a speed gain we measured at 0-10 %."""
         self.folder = Path(engine)
@@ -87,10 +93,9 @@ class Backbone:
             opts.intra_op_num_threads = threads
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
-        if self.manifest.custom_op_library:
-            opts.register_custom_ops_library(str(self.folder / self.manifest.custom_op_library))
-        self.session = ort.InferenceSession(str(self.folder / self.manifest.graph), opts,
-                                            providers=choose_providers(provider, self.folder))
+        self.engine_session = open_session(self.folder, self.manifest, opts, choose_providers(provider, self.folder),
+                                           quantizer, op_library)
+        self.session = self.engine_session.session
         try:
             self.tokenizer = EngineTokenizer(self.folder / self.manifest.tokenizer_dir, self.manifest.token_rules)
         except TokenizerFilesMissing as exc:

@@ -80,8 +80,10 @@ class ExportOptions:
     exporter: str = option("auto", "torch exporter: torchscript (fast, peak memory ~4x the weights), dynamo (slower, "
                                    "streams weights to disk), auto = dynamo once fp32 weights pass 2 GB",
                            choices=EXPORTERS)
-    quant_op: str = option("onnx", "onnx: quantize taps with standard ONNX ops (runs everywhere); custom: one fused "
-                                   "com.mobillm::BlockQuantize node per tap (C++ op library copied into the engine)",
+    quant_op: str = option("onnx", "onnx: tap quantizers made of standard ONNX ops (runs everywhere); custom: also "
+                                   "write backbone.fused.onnx, the same graph with one fused com.mobillm::BlockQuantize "
+                                   "node per tap, which the device runs with its own op library where that loads "
+                                   "(else the standard graph, with a notice); works with every --weights",
                            choices=QUANT_OPS)
     tap_norm: str | None = option(None, "none: taps carry the residual stream; rms: divided by its RMS over the "
                                         "hidden dim; layer: passed through the next layer's own input norm (default: "
@@ -112,9 +114,6 @@ class ExportOptions:
             raise ExportError(f"--exporter {self.exporter!r} unknown; choose one of {', '.join(EXPORTERS)}")
         if self.quant_op not in QUANT_OPS:
             raise ExportError(f"--quant-op {self.quant_op!r} unknown; choose onnx or custom")
-        if self.quant_op == "custom" and self.weight_format in ("int8", "int4"):
-            raise ExportError("--quant-op custom with --weights int8/int4 is not supported yet (ORT's weight "
-                              "quantizers do not load graphs with custom ops); use --quant-op onnx")
         if self.tap_norm is not None and self.tap_norm not in TAP_NORMS:
             raise ExportError(f"--tap-norm {self.tap_norm!r} unknown; choose one of {', '.join(TAP_NORMS)}")
         if self.blocks is not None and self.taps is not None:

@@ -29,7 +29,8 @@ from mobillm.common.manifest import Manifest
 from mobillm.kernels import onnx_codec
 
 from . import families, weights
-from .graph import GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs, tap_specs, trace_to_onnx
+from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs,
+                    tap_specs, trace_to_onnx)
 from .options import ExportError, ExportOptions, comma_list
 from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
                      load_tokenizer, prepare_source, resolve_source, token_rules)
@@ -48,7 +49,7 @@ def run_export(options: ExportOptions) -> Manifest:
     other failure, nothing is left at `options.out` (an old engine there stays)."""
     plan = make_plan(options)
     opts, out = plan.options, plan.options.out
-    step = _Stages(opts.progress, 7 + bool(opts.verify))
+    step = _Stages(opts.progress, 7 + (opts.quant_op == "custom") + bool(opts.verify))
     step(f"{opts.model} ({plan.source.kind}): {sum(opts.blocks)} layers, taps "
          f"{comma_list(opts.tap_layers)}, quant {opts.quant}, compute {opts.dtype}, weights {opts.weights}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,10 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
 
     specs = tap_specs(opts.tap_layers, widths, opts.formats, opts.block_size)
     inputs, outputs, external, weight_quant = _write_graph(folder, raw, opts, specs, step)
-    op_library = _install_op_library(folder) if opts.quant_op == "custom" else None
+    fused = None
+    if opts.quant_op == "custom":
+        step(f"writing {FUSED_GRAPH_NAME} (com.mobillm quantizers, weights shared with {GRAPH_NAME})")
+        fused, external = _write_fused_graph(folder, specs), EXTERNAL_DATA_NAME
 
     step(f"copying tokenizer from {plan.tokenizer_from}")
     install_tokenizer(plan.tokenizer, plan.tokenizer_from, folder / TOKENIZER_DIR)
@@ -144,7 +148,8 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         outputs=outputs,
         opset=onnx_codec.OPSET,
         quant_op=opts.quant_op,
-        custom_op_library=op_library,
+        fused_graph=fused,
+        custom_op={"domain": onnx_codec.CUSTOM_DOMAIN, "version": onnx_codec.CUSTOM_OPSET} if fused else None,
         pad_token_id=int(pad if pad is not None else 0),
         tokens=token_rules(family, tok, config),
         tap_norm=opts.tap_norm,
@@ -169,7 +174,8 @@ def _write_graph(folder: Path, raw: Path, opts: ExportOptions, specs: list[dict]
 
     step(f"adding in-graph quantizers ({opts.quant}, block {opts.block_size})")
     onnx_model = onnx.load(str(raw / GRAPH_NAME), load_external_data=False)
-    onnx_codec.append_quantizers(onnx_model, specs, op=opts.quant_op, rows=ROW_INPUT if opts.tap_rows else None)
+    # Standard ops; --quant-op custom derives the fused graph from the finished graph later.
+    onnx_codec.append_quantizers(onnx_model, specs, rows=ROW_INPUT if opts.tap_rows else None)
     exclude = codec_node_names(onnx_model)
     inputs, outputs = io_specs(onnx_model)
 
@@ -240,16 +246,22 @@ def check_out(out: Path, force: bool) -> None:
         raise ExportError(f"--out {out}: cannot write under {parent}; choose another --out")
 
 
-def _install_op_library(folder: Path) -> str:
-    """Copy the com.mobillm custom-op library into the engine; the manifest names it (and its sha256)."""
-    from mobillm.kernels import native
+FUSED_GRAPH_NAME = "backbone.fused.onnx"
 
-    try:
-        lib = native.ensure_library("ort_ops")
-    except native.NativeUnavailable as exc:
-        raise ExportError(f"--quant-op custom needs the native op library: {exc}") from None
-    shutil.copy2(lib, folder / lib.name)
-    return lib.name
+
+def _write_fused_graph(folder: Path, specs: list[dict]) -> str:
+    """Write FUSED_GRAPH_NAME: the finished graph (weights already in their format) with each tap's
+    standard-op quantizer replaced by one com.mobillm node. Both graphs read one weights file, so
+    weights held inside the graph file move out to it first. No op library is needed to export."""
+    import onnx
+
+    model = onnx.load(str(folder / GRAPH_NAME), load_external_data=False)
+    if not (folder / EXTERNAL_DATA_NAME).exists():
+        onnx.save_model(model, str(folder / GRAPH_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
+    onnx_codec.fuse_quantizers(model, specs)
+    onnx.save_model(model, str(folder / FUSED_GRAPH_NAME))
+    return FUSED_GRAPH_NAME
 
 
 def _require_tensorrt() -> None:

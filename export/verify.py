@@ -83,6 +83,7 @@ class VerifyReport:
     sentences: int
     tokens: int
     tolerance: float
+    fused_note: str = ""  # engines with a fused graph: whether it gave the standard graph's bytes
 
     @property
     def ok(self) -> bool:
@@ -96,6 +97,8 @@ class VerifyReport:
             lines.append(f"{c.tap:>3}  {c.layer:>5}  {c.width:>5}  {c.fmt:>6}  {c.codec_err:>9.2e}  "
                          f"{c.engine_err:>10.2e}  {c.limit:>8.2e}  {'ok' if c.ok else 'FAIL'}"
                          + (f"  {c.note}" if c.note else ""))
+        if self.fused_note:
+            lines.append(f"verify: {self.fused_note}")
         lines.append("verify: " + ("all taps within bounds" if self.ok else "FAILED"))
         return "\n".join(lines)
 
@@ -115,26 +118,48 @@ def tokenize(folder: Path, manifest: Manifest, sentences: list[str]) -> tuple[np
     return ids, mask
 
 
-def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """Each tap's real tokens decoded with the reference codec, fp32 [tokens, width] in row-major
-    order, from one ORT forward (an engine with a row input is fed the real tokens' positions)."""
+def run_graph(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray,
+              quantizer: str = "standard") -> list[np.ndarray]:
+    """The raw tap outputs (codes, scales, codes, ...) of one ORT forward of the graph the device
+    would open with `quantizer` (edge_runtime/session.py). An engine with a row input is fed the
+    real tokens' positions, so its outputs hold the real tokens only, row-major."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if manifest.custom_op_library:  # engines exported with --quant-op custom carry their op library
-        opts.register_custom_ops_library(str(Path(folder) / manifest.custom_op_library))
-    session = ort.InferenceSession(str(Path(folder) / manifest.graph), opts, providers=["CPUExecutionProvider"])
+    from mobillm.edge_runtime.session import open_session
+
+    engine = open_session(folder, manifest, ort.SessionOptions(), ["CPUExecutionProvider"],
+                          "auto" if manifest.custom_op_library else quantizer)
     names = [n for t in manifest.taps for n in (t.codes_output, t.scales_output)]
-    real = mask.astype(bool)
     feeds = {"input_ids": ids, "attention_mask": mask}
     if manifest.row_input:
-        feeds[manifest.row_input] = np.flatnonzero(real).astype(np.int64)
-    arrays = session.run(names, feeds)
-    del session
+        feeds[manifest.row_input] = np.flatnonzero(mask.astype(bool)).astype(np.int64)
+    return engine.session.run(names, feeds)
+
+
+def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """Each tap's real tokens decoded with the reference codec, fp32 [tokens, width] in row-major
+    order, from one ORT forward."""
+    arrays = run_graph(folder, manifest, ids, mask)
     if not manifest.row_input:
+        real = mask.astype(bool)
         arrays = [a[real] for a in arrays]
     return [codec.decode_arrays(arrays[2 * i], arrays[2 * i + 1], t.fmt, t.hidden, t.block_size)
             for i, t in enumerate(manifest.taps)]
+
+
+def fused_mismatches(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> tuple[list[int], str]:
+    """(taps whose bytes differ between the fused and the standard graph, note). The fused graph
+    only runs where this machine's op library loads; the note says when it could not be checked."""
+    from mobillm.edge_runtime.session import QuantizerUnavailable
+
+    try:
+        fused = run_graph(folder, manifest, ids, mask, "fused")
+    except QuantizerUnavailable as exc:
+        return [], f"fused graph not checked: {exc}"
+    standard = run_graph(folder, manifest, ids, mask)
+    bad = [i for i in range(len(manifest.taps))
+           if any(fused[k].tobytes() != standard[k].tobytes() for k in (2 * i, 2 * i + 1))]
+    return bad, "fused graph: same bytes as the standard graph" if not bad else ""
 
 
 def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
@@ -184,4 +209,9 @@ def verify_engine(folder: Path | str, sentences: list[str] | None = None) -> Ver
         codec_err = codec.relative_rms_error(ref_rows, tap.fmt, tap.block_size)
         engine_err = relative_rms(got_rows - ref_rows, ref_rows)
         checks.append(TapCheck(i, tap.layer, tap.hidden, tap.fmt, codec_err, engine_err, MARGIN * codec_err + tol))
-    return VerifyReport(checks, len(ids), int(real.sum()), tol)
+    report = VerifyReport(checks, len(ids), int(real.sum()), tol)
+    if manifest.fused_graph:
+        bad, report.fused_note = fused_mismatches(folder, manifest, ids, mask)
+        for i in bad:
+            checks[i].engine_err, checks[i].note = math.inf, "fused graph bytes differ from the standard graph"
+    return report

@@ -9,8 +9,11 @@ Libraries (built by the root CMakeLists.txt, see docs/native.md):
   trt_plugin    libmobillm_trt_plugin.so    TensorRT IPluginV3 plugins BlockQuantize(Fp16)
 
 Searched in order: $MOBILLM_NATIVE_DIR, the installed package (`pip install .` builds them
-into mobillm/kernels/lib when cmake and the ONNX Runtime headers are there), then the build
-folders of a source checkout (build/native/lib, build/lib).
+into mobillm/kernels/lib when cmake and a compiler are there), then the build folders of a
+source checkout (build/native/lib, build/lib).
+
+An engine names the op set it needs (OP_DOMAIN, version); the device registers its own
+library for it (`register_op_library`), never a binary from the export machine.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ LIBRARIES = {
     "cuda_codec": "libmobillm_cuda_codec.so",
     "trt_plugin": "libmobillm_trt_plugin.so",
 }
+# The com.mobillm op set this mobillm writes into engines and can run (kernels/cpp/ort_op.cpp
+# kOpsetVersion); an engine naming a version outside KNOWN_OP_VERSIONS needs a newer mobillm.
+OP_DOMAIN = "com.mobillm"
+OP_VERSION = 1
+KNOWN_OP_VERSIONS = (1,)
 PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "lib"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the repository, in a checkout or editable install
 DEFAULT_BUILD_DIR = SOURCE_ROOT / "build" / "native"
@@ -41,6 +49,11 @@ DEFAULT_BUILD_DIR = SOURCE_ROOT / "build" / "native"
 
 class NativeUnavailable(RuntimeError):
     """A native library is neither built nor buildable here (no cmake, compiler or headers)."""
+
+
+class OpLibraryUnusable(RuntimeError):
+    """The custom-op library cannot serve an engine here; the message says why (missing, built for
+    another platform, too old an op set, refused by this onnxruntime)."""
 
 
 class NativeBuildError(RuntimeError):
@@ -113,8 +126,8 @@ def ensure_library(name: str = "ort_ops", build_dir: Path | str = DEFAULT_BUILD_
     """The library `name`: brought up to date first (incremental CMake build, once per process)
     in a source checkout, else as found.
 
-    Raises NativeUnavailable when it is neither buildable nor built, e.g. the custom-op
-    library without ONNX Runtime's headers (see kernels/cpp/fetch_ort_headers.sh).
+    Raises NativeUnavailable when it is neither buildable nor built (no cmake or compiler here,
+    or a CMake run with -DMOBILLM_ORT=OFF for the custom-op library).
     """
     key = (name, Path(build_dir))
     if key in _ENSURED:
@@ -127,8 +140,7 @@ def ensure_library(name: str = "ort_ops", build_dir: Path | str = DEFAULT_BUILD_
             return lib
     found = find_library(name)
     if found is None:
-        hint = (" (ONNX Runtime's C API headers were not found: run `sh kernels/cpp/fetch_ort_headers.sh` "
-                "or pass -DORT_INCLUDE_DIR)") if name.startswith("ort_ops") else ""
+        hint = " (building it needs cmake and a C++ compiler)" if name.startswith("ort_ops") else ""
         raise NativeUnavailable(f"{LIBRARIES[name]} is not built{hint}; see docs/native.md")
     return found
 
@@ -157,6 +169,49 @@ def register(session_options, path: Path | str | None = None) -> Path:
         path = find_library("ort_ops") or ensure_library("ort_ops")
     session_options.register_custom_ops_library(str(path))
     return Path(path)
+
+
+def op_library_version(path: Path | str) -> int:
+    """The com.mobillm op set version a custom-op library implements, read without ONNX Runtime.
+
+    Raises OpLibraryUnusable when the file does not load here (another platform or architecture,
+    missing dependencies) or predates op set versions."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise OpLibraryUnusable(f"{path} does not load on this machine ({exc}); it was built for another "
+                                f"platform: rebuild it here (docs/native.md)") from None
+    try:
+        version = lib.mobillm_ort_ops_opset_version
+    except AttributeError:
+        raise OpLibraryUnusable(f"{path} predates versioned op sets; rebuild it (docs/native.md)") from None
+    version.restype = ctypes.c_int
+    return int(version())
+
+
+def register_op_library(session_options, version: int = OP_VERSION, path: Path | str | None = None) -> Path:
+    """Register this machine's custom-op library for com.mobillm op set `version` with a
+    SessionOptions; return its path. Only looks (see `search_dirs`), never builds.
+
+    Raises OpLibraryUnusable saying why it cannot: not installed, another platform's binary, an
+    older op set, or an onnxruntime that refuses it (older than the library's API, 1.21)."""
+    path = Path(path) if path is not None else find_library("ort_ops")
+    if path is None or not path.is_file():
+        where = path if path is not None else ", ".join(str(d) for d in search_dirs())
+        raise OpLibraryUnusable(f"{LIBRARIES['ort_ops']} is not installed here (looked in {where}); "
+                                f"`pip install .` or a CMake build makes it (docs/native.md)")
+    have = op_library_version(path)
+    if have < version:
+        raise OpLibraryUnusable(f"{path} implements {OP_DOMAIN} op set {have}, the engine needs {version}; "
+                                f"rebuild it from this mobillm")
+    try:
+        session_options.register_custom_ops_library(str(path))
+    except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
+        import onnxruntime
+
+        raise OpLibraryUnusable(f"onnxruntime {onnxruntime.__version__} refused {path}: "
+                                f"{str(exc).strip().splitlines()[-1]}") from None
+    return path
 
 
 # --- the fused CPU kernel through ctypes --------------------------------------------------

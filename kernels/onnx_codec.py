@@ -16,13 +16,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import codec
+from .native import OP_DOMAIN as CUSTOM_DOMAIN, OP_VERSION as CUSTOM_OPSET
 
 OPSET = 18
 
 # The fused native op (kernels/cpp/ort_op.cpp, kernels/cuda, kernels/trt; docs/native.md).
 QUANT_OPS = ("onnx", "custom")
-CUSTOM_DOMAIN = "com.mobillm"
-CUSTOM_OPSET = 1
 
 
 @dataclass
@@ -235,7 +234,8 @@ def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx"
         dtype = out.type.tensor_type.elem_type
         x, lead = tap["output"], _leading_dims(out)
         if rows is not None:
-            x, lead = _gather_rows(graph, x, rows, tap["hidden"], tap["codes"]), [ROWS_DIM]
+            # Named after the tap, not its codes: fuse_quantizers takes every "<codes>/" node as quantizer.
+            x, lead = _gather_rows(graph, x, rows, tap["hidden"], tap["output"] + "/rows"), [ROWS_DIM]
         if op == "custom":
             graph.node.append(custom_quantize_node(x, tap["fmt"], tap["block_size"], tap["codes"], tap["scales"]))
         else:
@@ -271,6 +271,39 @@ def _gather_rows(graph, x: str, rows: str, hidden: int, prefix: str) -> str:
     graph.node.extend([helper.make_node("Reshape", [x, shape], [flat], name=flat),
                        helper.make_node("Gather", [flat, rows], [picked], name=picked, axis=0)])
     return picked
+
+
+def fuse_quantizers(model: onnx.ModelProto, taps: list[dict]) -> onnx.ModelProto:
+    """Replace each tap's standard-op quantizer in a finished graph by one com.mobillm node, in place.
+
+    The graph may have been rewritten since `append_quantizers` (weights quantized by ORT, rows
+    gathered before the quantizer): the subgraph is found by its node names (prefix
+    `tap["codes"]`/...), and its one non-constant input is what the fused node quantizes. Weights
+    are untouched, so the result can share the standard graph's external-data file.
+    """
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    fused, all_prefixes = [], ()
+    for tap in taps:
+        prefixes = (tap["codes"] + "/", tap["scales"] + "/")
+        all_prefixes += prefixes
+        sub = [n for n in graph.node if n.name.startswith(prefixes)]
+        made = {o for n in sub for o in n.output}
+        sources = {i for n in sub for i in n.input if i and i not in made and i not in initializers}
+        if len(sources) != 1:
+            raise ValueError(f"tap {tap['codes']}: expected one input into its quantizer, found {sorted(sources)}")
+        for node in sub:
+            graph.node.remove(node)
+        fused.append(custom_quantize_node(sources.pop(), tap["fmt"], tap["block_size"], tap["codes"], tap["scales"]))
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used and i.name.startswith(all_prefixes)]:
+        graph.initializer.remove(init)
+    for info in [v for v in graph.value_info if v.name not in used and v.name.startswith(all_prefixes)]:
+        graph.value_info.remove(info)
+    graph.node.extend(fused)
+    if not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
+    return model
 
 
 def custom_op_type(fmt: str) -> str:

@@ -3,7 +3,8 @@
 The repository maps plain folders into the `mobillm` namespace through setuptools
 `package-dir`, so a package missing from `pyproject.toml` (or a data file missing from
 `package-data`) still imports fine from an editable install and only breaks in a wheel.
-A real wheel build, offline (5-10 s alone, far more on a busy machine): marked `slow` with the
+A real wheel build, offline, with the native libraries when cmake and a compiler are here
+(about 30 s alone, far more on a busy machine): marked `slow` with the
 other heavy tests; `.ci/run` runs every tier.
 """
 
@@ -33,7 +34,7 @@ def copy_sources(dest: Path) -> None:
     no build/ or egg-info behind in the working tree."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     dest.mkdir()
-    for name in ["pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py", "MANIFEST.in"]:
+    for name in ["pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py", "MANIFEST.in", "CMakeLists.txt"]:
         if (REPO / name).exists():
             shutil.copy2(REPO / name, dest / name)
     folders = {p.split("/")[0] for p in pyproject["tool"]["setuptools"]["package-dir"].values()}
@@ -65,6 +66,9 @@ def test_wheel_installs_and_imports_from_itself(tmp_path):
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
          "--target", str(target), str(wheel)])
     assert (target / CONFIG).is_file()
+    native_built = shutil.which("cmake") and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if native_built:  # the vendored ORT headers need nothing else: the op library is always in the wheel
+        assert {"mobillm/kernels/lib/libmobillm_codec.so", "mobillm/kernels/lib/libmobillm_ort_ops.so"} <= set(names)
 
     # -S: no site module, so no .pth files and no editable-install finder pointing at the repo.
     # PYTHONPATH: the installed wheel first, then the dependencies' site-packages (numpy, onnxruntime...).
@@ -77,3 +81,8 @@ def test_wheel_installs_and_imports_from_itself(tmp_path):
     files = json.loads(proc.stdout.strip().splitlines()[-1])
     for module, file in files.items():
         assert Path(file).resolve().is_relative_to(target.resolve()), f"{module} imported from {file}, not the wheel"
+    if native_built:  # the device finds the installed op library and reads its op set version
+        code = ("from mobillm.kernels import native; p = native.find_library('ort_ops'); "
+                "print(p, native.op_library_version(p) == native.OP_VERSION)")
+        path, ok = run([sys.executable, "-S", "-s", "-c", code], cwd=tmp_path, env=env).stdout.split()
+        assert Path(path).resolve().is_relative_to(target.resolve()) and ok == "True"

@@ -29,6 +29,9 @@
 namespace {
 
 constexpr const char* kDomain = "com.mobillm";
+// The op set version engines record (manifest custom_op.version, the model's opset import).
+// Bump it when the ops' semantics change; kernels/native.py OP_VERSION must match.
+constexpr int kOpsetVersion = 1;
 constexpr int64_t kDefaultBlockSize = 64;
 // Rows are split into pieces of about this many elements for ORT's intra-op thread pool.
 constexpr int64_t kElementsPerTask = 1 << 16;
@@ -147,7 +150,10 @@ struct Kernel {
 // One registration of an op type for one input element type and execution provider.
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   Op(bool fp16_op, ONNXTensorElementDataType input_type, const char* provider)
-      : fp16_op_(fp16_op), input_type_(input_type), provider_(provider) {}
+      : fp16_op_(fp16_op), input_type_(input_type), provider_(provider) {
+    start_ver_ = 1;
+    end_ver_ = kOpsetVersion;  // a model importing a newer com.mobillm opset finds no kernel here
+  }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     Attrs attrs;
@@ -221,6 +227,9 @@ void keep_domain(Ort::CustomOpDomain&& domain) {
 }
 
 }  // namespace
+
+// Read by kernels/native.py (ctypes, before any session) to check an engine's op version.
+extern "C" MOBILLM_API int mobillm_ort_ops_opset_version(void) { return kOpsetVersion; }
 
 extern "C" MOBILLM_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);

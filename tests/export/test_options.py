@@ -39,7 +39,7 @@ def test_taps_and_blocks_resolve_both_ways():
     ({"dtype": "bf16"}, "--dtype 'bf16' unknown"),
     ({"block_size": 0}, "--block-size 0: must be >= 1"),
     ({"exporter": "jit"}, "--exporter 'jit' unknown"),
-    ({"quant_op": "custom", "weights": "int4"}, "--quant-op custom with --weights int8/int4"),
+    ({"quant_op": "fused"}, "--quant-op .fused. unknown"),
     ({"tap_norm": "max"}, "--tap-norm 'max' unknown"),
     ({"blocks": [2, 2], "taps": [2]}, "give either --blocks or --taps"),
     ({"quant": "nf4,int3"}, "unknown quant format 'int3'"),

@@ -1,8 +1,8 @@
 """The native kernels against the reference: the fused C++ op through ONNX Runtime, the same
 kernel through its C API on every instruction set, and custom-op graphs against standard-op
 graphs. The libraries are built here with CMake (CPU only, cached under build/native); the
-tests skip when this machine cannot build them (no cmake or compiler, or no ONNX Runtime
-headers for the custom op: kernels/cpp/fetch_ort_headers.sh)."""
+tests skip when this machine cannot build them (no cmake or C++ compiler; ONNX Runtime's
+headers are vendored in kernels/cpp/third_party)."""
 
 import hashlib
 
