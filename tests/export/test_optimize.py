@@ -87,3 +87,10 @@ def test_int8_in_chunks_gives_the_same_graph_as_one_call(tiny_engine, tmp_path):
     assert counts[0] == 1 and counts[1] > 4
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_no_ort_fusions_flag_reaches_the_options():
+    from mobillm.export import cli
+
+    assert cli.build_parser().parse_args(["opt-125m", "--out", "x", "--no-ort-fusions"]).ort_fusions is False
+    assert cli.build_parser().parse_args(["opt-125m", "--out", "x"]).ort_fusions is True
