@@ -75,6 +75,9 @@ class Manifest:
     overrides: dict = field(default_factory=dict)  # --set key=value applied to the config
     external_data: str | None = None  # "backbone.onnx.data" when the weights live outside the graph file
     weight_quant: dict = field(default_factory=dict)  # ORT weight-only quantization settings, if any
+    # ONNX Runtime transformer fusions applied at export (export/optimize.py): tool, onnxruntime
+    # version, model_type, fused op counts. None: none ran (or an engine made before they existed).
+    ort_fusions: dict | None = None
     # How the device frames a row's ids (the family's rules, see export/families.py TokenRules):
     # {"bos_id": int | None, "bos_each_segment": bool, "eos_id": int | None}. Empty in engines made
     # before it existed: then BOS = config["bos_token_id"] before every segment (OPT's rule).

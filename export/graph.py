@@ -84,11 +84,13 @@ def tap_specs(layers, widths, formats, block_size) -> list[dict]:
 
 def initializer_bytes(model) -> int:
     """Bytes of all initializers, without serializing (ByteSize fails past 2 GiB)."""
-    total = 0
-    for init in model.graph.initializer:
-        n = int(np.prod(init.dims)) if len(init.dims) else 1
-        total += n * _ELEM_SIZE.get(init.data_type, 4)
-    return total
+    return sum(initializer_bytes_of(init) for init in model.graph.initializer)
+
+
+def initializer_bytes_of(tensor) -> int:
+    """Bytes of one initializer's values, loaded or not."""
+    n = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    return n * _ELEM_SIZE.get(tensor.data_type, 4)
 
 
 _ELEM_SIZE = {1: 4, 2: 1, 3: 1, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 21: 1, 22: 1}

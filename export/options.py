@@ -85,6 +85,9 @@ class ExportOptions:
                                    "node per tap, which the device runs with its own op library where that loads "
                                    "(else the standard graph, with a notice); works with every --weights",
                            choices=QUANT_OPS)
+    ort_fusions: bool = option(True, "apply ONNX Runtime's transformer fusions (onnxruntime.transformers optimizer: "
+                                     "RMSNorm, RMSNorm + residual, GELU-tanh, attention) where they match the family's "
+                                     "graph (Gemma 3; none match OPT's); --no-ort-fusions keeps the graph as traced")
     tap_norm: str | None = option(None, "none: taps carry the residual stream; rms: divided by its RMS over the "
                                         "hidden dim; layer: passed through the next layer's own input norm (default: "
                                         "the family's choice, rms for Gemma 3 whose residual stream passes fp16's "

@@ -28,7 +28,7 @@ from pathlib import Path
 from mobillm.common.manifest import Manifest
 from mobillm.kernels import onnx_codec
 
-from . import families, weights
+from . import families, optimize, weights
 from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs,
                     tap_specs, trace_to_onnx)
 from .options import ExportError, ExportOptions, comma_list
@@ -117,7 +117,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     gc.collect()
 
     specs = tap_specs(opts.tap_layers, widths, opts.formats, opts.block_size)
-    inputs, outputs, external, weight_quant = _write_graph(folder, raw, opts, specs, step)
+    inputs, outputs, external, weight_quant, fusions = _write_graph(folder, raw, plan, specs, step)
     fused = None
     if opts.quant_op == "custom":
         step(f"writing {FUSED_GRAPH_NAME} (com.mobillm quantizers, weights shared with {GRAPH_NAME})")
@@ -160,6 +160,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         overrides=opts.overrides,
         external_data=external,
         weight_quant=weight_quant,
+        ort_fusions=fusions,
         export_options=opts.to_dict(),
         row_input=ROW_INPUT if opts.tap_rows else None,
     )
@@ -167,13 +168,17 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     return manifest
 
 
-def _write_graph(folder: Path, raw: Path, opts: ExportOptions, specs: list[dict], step: _Stages):
-    """Splice the codec into the traced graph and write it with its weights in their format:
-    (graph inputs, graph outputs, external-data name, weight_quant settings)."""
+def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _Stages):
+    """Fuse, splice the codec into the traced graph and write it with its weights in their format:
+    (graph inputs, graph outputs, external-data name, weight_quant settings, ort_fusions record)."""
     import onnx
 
-    step(f"adding in-graph quantizers ({opts.quant}, block {opts.block_size})")
+    opts = plan.options
     onnx_model = onnx.load(str(raw / GRAPH_NAME), load_external_data=False)
+    # Before the codec is spliced in, so the optimizer never sees (or rewrites) the quantizers.
+    onnx_model, fusions = optimize.fuse(onnx_model, plan.family, plan.config, opts.ort_fusions, opts.progress)
+    step(f"adding in-graph quantizers ({opts.quant}, block {opts.block_size})"
+         + (f"; ORT fusions {_counts(fusions['fused'])}" if fusions else ""))
     # Standard ops; --quant-op custom derives the fused graph from the finished graph later.
     onnx_codec.append_quantizers(onnx_model, specs, rows=ROW_INPUT if opts.tap_rows else None)
     exclude = codec_node_names(onnx_model)
@@ -195,7 +200,11 @@ def _write_graph(folder: Path, raw: Path, opts: ExportOptions, specs: list[dict]
         del onnx_model
     shutil.rmtree(raw, ignore_errors=True)
     gc.collect()
-    return inputs, outputs, external, weight_quant
+    return inputs, outputs, external, weight_quant, fusions
+
+
+def _counts(fused: dict) -> str:
+    return ", ".join(f"{op} x{n}" for op, n in fused.items()) or "none matched"
 
 
 class _Stages:

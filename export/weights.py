@@ -67,6 +67,7 @@ def stage_for_quantization(model, raw: Path, stage: Path) -> None:
 
 def quantize_staged(stage: Path, folder: Path, weights: str, exclude: list[str]) -> tuple[dict, str | None]:
     """(settings for the manifest's weight_quant, external-data name) after quantizing the staged graph."""
+    release_freed_memory()  # the traced model and the exporter's buffers: ORT's quantizer needs ~3x the weights
     weight_quant = quantize_weights(stage / GRAPH_NAME, folder / GRAPH_NAME, weights, exclude)
     shutil.rmtree(stage)
     external = EXTERNAL_DATA_NAME if (folder / EXTERNAL_DATA_NAME).exists() else None
@@ -128,14 +129,9 @@ def quantize_weights(src: Path, dst: Path, weights: str, exclude: list[str]) -> 
     op_types = ["MatMul", "Gather"]
     with _quiet_ort_quantization():
         if weights == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            large = _size_of(src) > graph_ops.EXTERNAL_DATA_THRESHOLD
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
-                             nodes_to_exclude=exclude, per_channel=False, use_external_data_format=large,
-                             extra_options={"MatMulConstBOnly": True})
+            chunks = quantize_dynamic_in_chunks(src, dst, op_types, exclude)
             return {"tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-                    "op_types": op_types, "per_channel": False}
+                    "op_types": op_types, "per_channel": False, "chunks": chunks}
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
@@ -145,6 +141,99 @@ def quantize_weights(src: Path, dst: Path, weights: str, exclude: list[str]) -> 
     return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
             "block_size": INT4_BLOCK_SIZE, "is_symmetric": True, "op_types": op_types}
 
+
+CHUNK_BYTES = 512 * 2**20  # fp32 weights per quantize_dynamic call; its peak is ~3x what it is given
+
+
+def quantize_dynamic_in_chunks(src: Path, dst: Path, op_types: list[str], exclude: list[str],
+                               chunk_bytes: int = CHUNK_BYTES) -> int:
+    """ORT's `quantize_dynamic` (QInt8 weights, per-tensor), run on sub-graphs of at most `chunk_bytes`
+    of weights and spliced back; returns the number of calls.
+
+    `quantize_dynamic` deep-copies and reloads the whole model for shape inference, so it peaks at
+    about 3x the fp32 weights: 15 GB for opt-1.3b. Each sub-graph holds only some weighted nodes
+    (the MatMuls reading one activation stay together, so they share one DynamicQuantizeLinear),
+    their weights and their activation inputs; the graph itself stays on disk until the end.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    groups: dict[str, list] = {}  # activation input -> weighted nodes reading it
+    for node in graph.node:
+        weight = node.input[0] if node.op_type == "Gather" else (node.input[1] if len(node.input) > 1 else None)
+        if (node.op_type in op_types and node.name not in exclude and weight in inits
+                and inits[weight].data_type == TensorProto.FLOAT):
+            groups.setdefault(node.input[1] if node.op_type == "Gather" else node.input[0], []).append(node)
+    chunks, size = [[]], 0
+    for nodes in groups.values():
+        nbytes = sum(graph_ops.initializer_bytes_of(inits[n.input[0] if n.op_type == "Gather" else n.input[1]])
+                     for n in nodes)
+        if chunks[-1] and size + nbytes > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].extend(nodes)
+        size += nbytes
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.value_info]}
+    quantized_weights, new_nodes, added, produced = set(), [], set(), set()
+    work = dst.parent / "_chunks"
+    for k, nodes in enumerate(c for c in chunks if c):
+        weights_of = {n.input[0] if n.op_type == "Gather" else n.input[1] for n in nodes}
+        sub_inits = []
+        for name in weights_of:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[name])
+            if graph_ops.stored_externally(tensor):
+                load_external_data_for_tensor(tensor, str(src.parent))
+            sub_inits.append(tensor)
+        activations = sorted({i for n in nodes for i in n.input if i and i not in weights_of})
+        sub = helper.make_graph(
+            list(nodes), f"chunk{k}",
+            [helper.make_tensor_value_info(a, types.get(a, TensorProto.FLOAT), None) for a in activations],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for n in nodes for o in n.output],
+            initializer=sub_inits)
+        sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        del sub_inits, sub
+        work.mkdir(exist_ok=True)
+        onnx.save_model(sub_model, str(work / "in.onnx"), save_as_external_data=True, location="in.onnx.data")
+        del sub_model
+        quantize_dynamic(str(work / "in.onnx"), str(work / "out.onnx"), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=op_types, per_channel=False, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+        out = onnx.load(str(work / "out.onnx"))
+        shutil.rmtree(work)
+        # A node another chunk already added (the same activation's quantizer) is kept once.
+        new_nodes.extend(n for n in out.graph.node if not set(n.output) <= produced)
+        produced.update(o for n in out.graph.node for o in n.output)
+        graph.initializer.extend(i for i in out.graph.initializer if i.name not in inits and i.name not in added)
+        added.update(i.name for i in out.graph.initializer)
+        quantized_weights |= weights_of
+        _merge_opsets(model, out)
+        release_freed_memory()
+    replaced = {id(n) for c in chunks for n in c}
+    kept = [n for n in graph.node if id(n) not in replaced]
+    del graph.node[:]
+    graph.node.extend(kept + new_nodes)
+    for name in quantized_weights:
+        graph.initializer.remove(inits[name])
+    load_external_data_for_model(model, str(src.parent))  # what is left: biases, norms (small)
+    ONNXModel(model).topological_sort()
+    graph_ops.save_onnx(model, dst)
+    return sum(1 for c in chunks if c)
+
+
+def _merge_opsets(model, other) -> None:
+    have = {o.domain: o for o in model.opset_import}
+    for o in other.opset_import:
+        if o.domain not in have:
+            model.opset_import.append(o)
+        elif have[o.domain].version < o.version:
+            have[o.domain].version = o.version
 
 
 @contextlib.contextmanager
@@ -157,6 +246,17 @@ def _quiet_ort_quantization():
             yield
 
 
-def _size_of(path: Path) -> int:
-    """Bytes of a graph file and the files beside it (its external data)."""
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS (glibc keeps it otherwise).
+
+    After a dynamo export of opt-1.3b the process still held several GB of freed heap, and
+    `quantize_dynamic` then needs about 3x the fp32 weights (it deep-copies the model and
+    reloads it for shape inference): together they passed 18 GB. A no-op where libc has no malloc_trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
