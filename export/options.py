@@ -87,7 +87,9 @@ class ExportOptions:
                                         "hidden dim; layer: passed through the next layer's own input norm (default: "
                                         "the family's choice, rms for Gemma 3 whose residual stream passes fp16's "
                                         "range)", choices=TAP_NORMS)
-    trt: bool = option(False, "also build a TensorRT engine plan (needs TensorRT and a GPU; exits 2 when absent)")
+    trt: bool = option(False, "also build a TensorRT engine plan, ENGINE/backbone.plan, with TensorRT's Python "
+                              "builder (needs TensorRT and an NVIDIA GPU, and --weights fp32 or fp16; exits 2 "
+                              "without them; docs/gpu.md)")
     verify: bool = option(False, "after export, compare every tap with the torch model on a few sentences; on "
                                  "failure nothing is written")
     progress: bool = option(True, "one line per stage on stderr (export-backbone --quiet turns it off)")

@@ -141,7 +141,7 @@ def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> lis
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     output_hidden_states=True, use_cache=False)
-        norms = tap_norms(model, family_for(config.model_type), manifest.tap_layers, manifest.tap_norm)
+        norms = tap_norms(model, family_for(model.config.model_type), manifest.tap_layers, manifest.tap_norm)
         return [normalize_tap(out.hidden_states[t.layer], manifest.tap_norm, norm).float().numpy()
                 for t, norm in zip(manifest.taps, norms)]
 
