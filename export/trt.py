@@ -28,10 +28,20 @@ TRT_WEIGHTS = ("fp32", "fp16")
 
 def check(opts: ExportOptions) -> None:
     """--trt's checks before any model is built: weights TensorRT can parse, TensorRT importable."""
-    if opts.weight_format not in TRT_WEIGHTS:
-        raise ExportError(f"--trt with --weights {opts.weight_format}: ORT's weight-only quantized ops are not "
-                          f"in TensorRT's ONNX parser; use --weights fp32 or fp16 (TensorRT builds fp16 kernels "
-                          f"either way)")
+    check_weights(opts.weight_format)
+    require_tensorrt()
+
+
+def check_weights(weights: str) -> None:
+    """ExportError unless TensorRT's ONNX parser can read an engine with `weights`."""
+    if weights not in TRT_WEIGHTS:
+        raise ExportError(f"--trt: an engine with --weights {weights} holds ORT's weight-only quantized ops, which "
+                          f"TensorRT's ONNX parser lacks; export with --weights fp32 or fp16 (TensorRT builds fp16 "
+                          f"kernels either way)")
+
+
+def require_tensorrt() -> None:
+    """ExportError (exit 2, one line) when TensorRT's Python bindings do not import."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -39,6 +49,20 @@ def check(opts: ExportOptions) -> None:
                           "NVIDIA GPU; TensorRT's Python bindings are not installed here. Without --trt, edge-run "
                           "--provider tensorrt builds a TensorRT engine on the device through ONNX Runtime's "
                           "TensorRT provider") from None
+
+
+def add_plan(engine: Path | str) -> dict:
+    """`export-backbone trt ENGINE`: build the plan of an existing engine folder where it will run
+    (no torch needed) and record it in the manifest; returns the manifest's `tensorrt` record."""
+    from mobillm.common.manifest import Manifest
+
+    engine = Path(engine)
+    manifest = Manifest.load(engine)
+    check_weights(manifest.weights)
+    require_tensorrt()
+    manifest.tensorrt = build_plan(engine, manifest.graph, manifest.quant_op, manifest.max_length)
+    manifest.save(engine)  # the plan's sha256 joins the others
+    return manifest.tensorrt
 
 
 def profile_shapes(rank: int, name: str, max_length: int) -> tuple[tuple[int, ...], ...]:

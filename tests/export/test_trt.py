@@ -20,8 +20,26 @@ needs_tensorrt = pytest.mark.skipif(tensorrt is None, reason="TensorRT's Python 
 def test_trt_with_quantized_weights_is_a_clear_exit_2(tmp_path, capsys, weights):
     rc = main(["opt-125m", "--random-init", "--out", str(tmp_path / "e"), "--trt", "--weights", weights, "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and f"--trt with --weights {weights}" in err[0] and "fp16" in err[0]
+    assert rc == 2 and len(err) == 1 and f"--weights {weights}" in err[0] and "fp16" in err[0]
     assert not (tmp_path / "e").exists()
+
+
+def test_trt_subcommand_checks_the_engine_before_tensorrt(tiny_engine_factory, tmp_path, capsys):
+    engine = tiny_engine_factory(weights="int4")
+    before = (engine / "manifest.json").read_text()
+    assert main(["trt", str(engine)]) == 2
+    assert "--weights int4" in capsys.readouterr().err
+    assert main(["trt", str(tmp_path / "missing")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert (engine / "manifest.json").read_text() == before and not (engine / trt_plan.PLAN_NAME).exists()
+
+
+@pytest.mark.skipif(tensorrt is not None, reason="TensorRT is installed here")
+def test_trt_subcommand_without_tensorrt_is_a_clear_exit_2(tiny_engine, capsys):
+    assert main(["trt", str(tiny_engine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trt needs TensorRT" in err[0]
+    assert Manifest.load(tiny_engine).tensorrt is None
 
 
 def test_profile_covers_batch_seq_inputs_and_token_positions():
@@ -59,3 +77,12 @@ def test_trt_plan_is_built_recorded_and_deserializes(tmp_path, tokenizer_dir, qu
     assert engine is not None
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
     assert {o for t in manifest.taps for o in (t.codes_output, t.scales_output)} <= names
+
+
+@needs_tensorrt
+@pytest.mark.slow
+def test_trt_subcommand_adds_a_plan_to_an_existing_engine(tiny_engine_factory):
+    engine = tiny_engine_factory(seed=3)  # its own engine: the subcommand rewrites the manifest
+    assert main(["trt", str(engine)]) == 0
+    manifest = Manifest.load(engine)
+    assert manifest.tensorrt["plan"] == trt_plan.PLAN_NAME and trt_plan.PLAN_NAME in manifest.files
