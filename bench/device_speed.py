@@ -170,9 +170,13 @@ def ensure_engine(model: str, v: Variant, a, known: set[str]) -> tuple[Path | No
     print(f"exporting {model} for {v.name} into {out}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        return None, f"export failed (exit {proc.returncode}): {last[:160]}"
+        return None, f"export failed (exit {proc.returncode}): {last_line(proc)}"
     return out, ""
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    """What a failed process said last (its error line), shortened for a table cell."""
+    return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:240]
 
 
 def measure(engine: Path, v: Variant, a) -> dict:
@@ -182,7 +186,7 @@ def measure(engine: Path, v: Variant, a) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:160]}
+        return {"error": last_line(proc)}
     return json.loads(lines[-1])
 
 
@@ -192,8 +196,9 @@ def run(a) -> dict:
     known = exporter_flags()
     table: list[dict] = []
     for model in a.models:
-        # torch eager rebuilds the weights of an engine: the first engine row's, else the default one's
-        ref = next((v for v in rows if not v.torch), Variant("default"))
+        # torch eager rebuilds the weights recorded in an engine's manifest (any engine of the model will
+        # do): the first row this exporter can build, else the default engine
+        ref = next((v for v in rows if not v.torch and not unknown_flags(v.flags, known)), Variant("default"))
         for v in rows:
             engine, note = ensure_engine(model, ref if v.torch else v, a, known)
             table.append({"model": model, "variant": v.name, "flags": list(v.flags), "session": v.session,
@@ -230,7 +235,7 @@ def summarize(row: dict, a) -> None:
     row["seconds_per_batch"] = min(r["seconds"] for r in good) if good else None
     row["tokens_per_s"] = a.batch * a.seq / row["seconds_per_batch"] if good else None
     row["peak_rss_mib"] = max(r["peak_rss_mb"] for r in good) if good else None
-    row["status"] = "ok" if good else "skipped"
+    row["status"] = "ok" if good else ("failed" if row["engine"] else "skipped")
 
 
 def tap_costs(table: list[dict], rows: list[Variant], models: list[str]) -> list[dict]:
