@@ -59,6 +59,7 @@ VARIANTS = [
     # the exporter's defaults, whatever they are: the path a new user gets
     Variant("default"),
     Variant("default-fp16taps", FP16_TAPS),
+    Variant("default-notaprows", ("--no-tap-rows",)),  # every token quantized, as engines before tap_rows
     Variant("int4", ("--weights", "int4")),
     Variant("int4-fp16taps", ("--weights", "int4", *FP16_TAPS)),
     # every weight format x tap quantizer x ORT transformer optimizer (the exporter's default, on, off)
@@ -97,7 +98,7 @@ else:
     vocab = int(bb.manifest.config["vocab_size"])
     rows = list(rng.integers(4, min(vocab, 50000), (B, T)))
     def run():
-        bb.forward(rows)
+        bb.forward(rows, keep=a["keep"])
 load_s = time.perf_counter() - t0
 run()  # warm-up: first-run allocations and kernel choices
 times = []
@@ -182,7 +183,7 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
 def measure(engine: Path, v: Variant, a) -> dict:
     """One fresh process: its best batch time and its own peak RSS, or an error line."""
     args = {"engine": str(engine), "torch": v.torch, "session": v.session, "threads": a.threads,
-            "batch": a.batch, "seq": a.seq, "iters": a.iters}
+            "batch": a.batch, "seq": a.seq, "iters": a.iters, "keep": a.keep}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -256,7 +257,7 @@ def render(result: dict) -> str:
     """The markdown tables: speed and memory per row, then the tap quantization cost."""
     s = result["settings"]
     load = result["load_average_1min"]
-    lines = [f"batch {s['batch']} x {s['seq']} tokens, {s['threads']} threads, best of {s['rounds']} rounds x "
+    lines = [f"batch {s['batch']} x {s['seq']} tokens, taps kept: {s['keep']}, {s['threads']} threads, best of {s['rounds']} rounds x "
              f"{s['iters']} batches, ratio vs {s['baseline']}; load average (1 min) during the run: "
              f"{load['min']:.2f}-{load['max']:.2f} (mean {load['mean']:.2f}) on {load['cores']} cores",
              "", "| model | variant | tokens/s | x baseline | peak RSS MiB | note |", "|---|---|---|---|---|---|"]
@@ -289,6 +290,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="rows per batch")
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads and torch threads")
+    p.add_argument("--keep", default="pooled", choices=("pooled", "tokens", "all"),
+                   help="tap rows the engine returns (Backbone.forward keep=): pooled, edge-run's default, is each "
+                        "row's last token")
     p.add_argument("--heavy", action="store_true", help="allow opt-1.3b (export needs ~20 GB; see --wrap)")
     p.add_argument("--wrap", type=shlex.split, default=[],
                    help="command prefix for exports, e.g. '/work/shared/tools/memcap 20000' (default: none)")

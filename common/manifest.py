@@ -81,6 +81,9 @@ class Manifest:
     # The resolved export options the engine was made with (export/options.py ExportOptions.to_dict();
     # exporting with them again gives the same engine). None in engines made before it existed.
     export_options: dict | None = None
+    # Name of the graph input of flat row indices (int64 [rows], into batch x seq) when the engine
+    # quantizes only the rows fed there (tap outputs [rows, ...]); None: every token ([batch, seq, ...]).
+    row_input: str | None = None
 
     @property
     def token_rules(self) -> dict:

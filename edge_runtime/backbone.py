@@ -44,11 +44,29 @@ class EngineOptions:
 
 @dataclass
 class TapOutput:
-    """One tap of a padded batch as the graph returned it."""
+    """One tap of a batch as the graph returned it: every position of the padded batch
+    (`keep="all"`: codes [B, T, code_bytes], scales [B, T, n_blocks]) or only the kept rows
+    (`"pooled"`, `"tokens"`: [rows, code_bytes], [rows, n_blocks], in `row_indices` order)."""
 
     spec: TapSpec
-    codes: np.ndarray  # [B, T, code_bytes] uint8 (fp16 format: float16 [B, T, H])
-    scales: np.ndarray  # [B, T, n_blocks] float16
+    codes: np.ndarray  # uint8 (fp16 format: float16 [..., H])
+    scales: np.ndarray  # float16
+
+
+KEEP = ("all", "pooled", "tokens")
+
+
+def row_indices(lengths: np.ndarray, width: int, keep: str) -> np.ndarray:
+    """Flat int64 indices into batch x width of the rows `keep` selects: each row's last real token
+    (pooled), every real token row by row (tokens), or every position (all)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if keep == "pooled":
+        return np.arange(len(lengths), dtype=np.int64) * width + lengths - 1
+    if keep == "tokens":
+        return np.flatnonzero(np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    if keep == "all":
+        return np.arange(len(lengths) * width, dtype=np.int64)
+    raise ValueError(f"unknown row selection {keep!r}; choose one of {', '.join(KEEP)}")
 
 
 class Backbone:
@@ -89,8 +107,10 @@ class Backbone:
         limit = min(max_len, self.max_length)
         return np.asarray(ids[:limit], dtype=np.int64), len(ids) > limit
 
-    def forward(self, rows: list[np.ndarray]) -> tuple[list[TapOutput], np.ndarray]:
-        """Run one right-padded batch; returns the taps and the real length of each row."""
+    def forward(self, rows: list[np.ndarray], keep: str = "all") -> tuple[list[TapOutput], np.ndarray]:
+        """Run one right-padded batch; returns the taps (the rows `keep` selects, see `TapOutput`)
+        and the real length of each row. Engines with a row input (manifest `row_input`) quantize
+        only the kept rows in the graph; older engines quantize every token and are sliced here."""
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         width = int(lengths.max())
         ids = np.full((len(rows), width), self.manifest.pad_token_id, dtype=np.int64)
@@ -98,28 +118,40 @@ class Backbone:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
-        arrays = self.session.run(self._outputs, {"input_ids": ids, "attention_mask": mask})
+        index = row_indices(lengths, width, keep)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.manifest.row_input:
+            feeds[self.manifest.row_input] = index
+        arrays = self.session.run(self._outputs, feeds)
         taps = []
         for k, spec in enumerate(self.manifest.taps):
             codes, scales = arrays[2 * k], arrays[2 * k + 1]
+            if self.manifest.row_input and keep == "all":
+                codes, scales = codes.reshape(len(rows), width, -1), scales.reshape(len(rows), width, -1)
+            elif not self.manifest.row_input and keep != "all":
+                codes = codes.reshape((len(rows) * width,) + codes.shape[2:])[index]
+                scales = scales.reshape((len(rows) * width,) + scales.shape[2:])[index]
             taps.append(TapOutput(spec, codes, scales))
-        check_finite(taps, lengths)
+        check_finite(taps, lengths, index, width)
         return taps, lengths
 
 
-def check_finite(taps: list[TapOutput], lengths: np.ndarray) -> None:
-    """A NaN scale marks a block that held NaN/Inf: never send it; name the tap instead."""
+def check_finite(taps: list[TapOutput], lengths: np.ndarray, index: np.ndarray, width: int) -> None:
+    """A NaN scale marks a block that held NaN/Inf: never send it; name the tap instead.
+    `index` are the taps' rows as flat positions in batch x width; padding is not checked."""
+    row, tok = np.divmod(index, width)
+    real = tok < lengths[row]
     for k, tap in enumerate(taps):
         if tap.spec.fmt == "fp16":
-            valid = np.isfinite(tap.codes)
+            valid = np.isfinite(tap.codes.reshape(len(index), -1))
         else:
-            valid = ~np.isnan(tap.scales)
-        real = np.arange(valid.shape[1])[None, :] < lengths[:, None]
+            valid = ~np.isnan(tap.scales.reshape(len(index), -1))
         bad = ~valid.all(axis=-1) & real
         if bad.any():
-            row, tok = (int(v) for v in np.argwhere(bad)[0])
-            raise codec.NonFiniteActivation(f"tap {k} (layer {tap.spec.layer}): non-finite activation at row {row}, "
-                                            f"token {tok}; the backbone produced NaN/Inf, nothing was sent")
+            i = int(np.argmax(bad))
+            raise codec.NonFiniteActivation(f"tap {k} (layer {tap.spec.layer}): non-finite activation at row "
+                                            f"{int(row[i])}, token {int(tok[i])}; the backbone produced NaN/Inf, "
+                                            f"nothing was sent")
 
 
 def choose_providers(provider: str, folder: Path) -> list:

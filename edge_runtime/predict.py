@@ -39,21 +39,23 @@ class JointModel:
 
     def logits(self, rows: list[np.ndarray]) -> np.ndarray:
         """Head outputs [len(rows), out_dim] for token-id rows."""
-        taps, lengths = self.bb.forward(rows)
+        # Only the rows the side network reads are quantized: each row's last real token, or
+        # (mean pooling) every real token, put back in place in a zero-padded batch under the mask.
+        taps, lengths = self.bb.forward(rows, keep="pooled" if self.pooling == "last" else "tokens")
         feeds = {}
         if self.pooling == "last":
-            idx = np.arange(len(rows))
             for name, tap in zip(self.inputs, taps):
                 s = tap.spec
-                values = codec.decode_arrays(tap.codes[idx, lengths - 1], tap.scales[idx, lengths - 1],
-                                             s.fmt, s.hidden, s.block_size)
-                feeds[name] = values[:, None, :]
+                feeds[name] = codec.decode_arrays(tap.codes, tap.scales, s.fmt, s.hidden, s.block_size)[:, None, :]
             feeds[SIDE_MASK] = np.ones((len(rows), 1), np.float32)
         else:
+            real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
             for name, tap in zip(self.inputs, taps):
                 s = tap.spec
-                feeds[name] = codec.decode_arrays(tap.codes, tap.scales, s.fmt, s.hidden, s.block_size)
-            feeds[SIDE_MASK] = (np.arange(taps[0].codes.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
+                values = np.zeros(real.shape + (s.hidden,), np.float32)
+                values[real] = codec.decode_arrays(tap.codes, tap.scales, s.fmt, s.hidden, s.block_size)
+                feeds[name] = values
+            feeds[SIDE_MASK] = real.astype(np.float32)
         return self.session.run([SIDE_OUTPUT], feeds)[0]
 
     def predict(self, examples: list[Example], max_len: int, batch_size: int = 16, progress: bool = True) -> np.ndarray:

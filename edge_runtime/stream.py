@@ -138,20 +138,12 @@ def plan_batches(lengths: np.ndarray, batch_size: int, epochs: int, seed: int) -
     return batches
 
 
-def select_rows(tap: TapOutput, lengths: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Only real tokens leave: all of them (tokens) or each row's last one (pooled)."""
-    if mode == "pooled":
-        rows = np.arange(len(lengths))
-        return tap.codes[rows, lengths - 1], tap.scales[rows, lengths - 1]
-    real = np.arange(tap.codes.shape[1])[None, :] < lengths[:, None]
-    return tap.codes[real], tap.scales[real]
-
-
 def build_batch(seq: int, ids: np.ndarray, labels: np.ndarray, taps: list[TapOutput], lengths: np.ndarray,
                 mode: str, plan: list[str] | None) -> wire.Batch:
+    """The wire batch of taps already cut to the rows `mode` sends (`Backbone.forward(rows, keep=mode)`)."""
     payloads = []
     for k, tap in enumerate(taps):
-        codes, scales = select_rows(tap, lengths, mode)
+        codes, scales = tap.codes, tap.scales
         spec = tap.spec
         fmt = spec.fmt
         if plan is not None and plan[k] != spec.fmt:
@@ -225,7 +217,7 @@ class StreamClient:
                     return
                 idx = self.batches[b]
                 t0 = time.perf_counter()
-                taps, lengths = self.bb.forward([self.rows[i] for i in idx])
+                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.opts.mode)
                 tokens = len(idx) if self.opts.mode == "pooled" else int(lengths.sum())
                 plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
                 batch = build_batch(b, idx, self.labels[idx], taps, lengths, self.opts.mode, plan)

@@ -72,6 +72,9 @@ def trace_to_onnx(model, family, layers: list[int], dtype: str, path: Path, expo
     return widths
 
 
+ROW_INPUT = "tap_rows"  # the graph input of the rows to quantize (export --tap-rows, the default)
+
+
 def tap_specs(layers, widths, formats, block_size) -> list[dict]:
     """What `onnx_codec.append_quantizers` needs per tap: the traced output and the codec outputs' names."""
     return [{"output": f"hidden_{layer}", "fmt": fmt, "block_size": block_size, "hidden": width,

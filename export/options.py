@@ -87,6 +87,9 @@ class ExportOptions:
                                         "hidden dim; layer: passed through the next layer's own input norm (default: "
                                         "the family's choice, rms for Gemma 3 whose residual stream passes fp16's "
                                         "range)", choices=TAP_NORMS)
+    tap_rows: bool = option(True, "give the graph a tap_rows input (flat indices into batch x seq) and quantize only "
+                                  "those rows, the ones the device sends; --no-tap-rows quantizes every token "
+                                  "(the layout of engines made before this option)")
     trt: bool = option(False, "also build a TensorRT engine plan, ENGINE/backbone.plan, with TensorRT's Python "
                               "builder (needs TensorRT and an NVIDIA GPU, and --weights fp32 or fp16; exits 2 "
                               "without them; docs/gpu.md)")

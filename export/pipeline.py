@@ -30,7 +30,7 @@ from mobillm.kernels import onnx_codec
 
 from . import families, weights
 from . import trt as trt_plan
-from .graph import GRAPH_NAME, choose_exporter, codec_node_names, io_specs, tap_specs, trace_to_onnx
+from .graph import GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs, tap_specs, trace_to_onnx
 from .options import ExportError, ExportOptions, comma_list
 from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
                      load_tokenizer, prepare_source, resolve_source, token_rules)
@@ -162,6 +162,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         weight_quant=weight_quant,
         tensorrt=tensorrt,
         export_options=opts.to_dict(),
+        row_input=ROW_INPUT if opts.tap_rows else None,
     )
     manifest.save(folder)
     return manifest
@@ -174,7 +175,7 @@ def _write_graph(folder: Path, raw: Path, opts: ExportOptions, specs: list[dict]
 
     step(f"adding in-graph quantizers ({opts.quant}, block {opts.block_size})")
     onnx_model = onnx.load(str(raw / GRAPH_NAME), load_external_data=False)
-    onnx_codec.append_quantizers(onnx_model, specs, op=opts.quant_op)
+    onnx_codec.append_quantizers(onnx_model, specs, op=opts.quant_op, rows=ROW_INPUT if opts.tap_rows else None)
     exclude = codec_node_names(onnx_model)
     inputs, outputs = io_specs(onnx_model)
 

@@ -115,7 +115,8 @@ def tokenize(folder: Path, manifest: Manifest, sentences: list[str]) -> tuple[np
 
 
 def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """Each tap decoded with the reference codec, fp32 [B, T, width], from one ORT forward."""
+    """Each tap's real tokens decoded with the reference codec, fp32 [tokens, width] in row-major
+    order, from one ORT forward (an engine with a row input is fed the real tokens' positions)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -123,8 +124,14 @@ def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarr
         opts.register_custom_ops_library(str(Path(folder) / manifest.custom_op_library))
     session = ort.InferenceSession(str(Path(folder) / manifest.graph), opts, providers=["CPUExecutionProvider"])
     names = [n for t in manifest.taps for n in (t.codes_output, t.scales_output)]
-    arrays = session.run(names, {"input_ids": ids, "attention_mask": mask})
+    real = mask.astype(bool)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if manifest.row_input:
+        feeds[manifest.row_input] = np.flatnonzero(real).astype(np.int64)
+    arrays = session.run(names, feeds)
     del session
+    if not manifest.row_input:
+        arrays = [a[real] for a in arrays]
     return [codec.decode_arrays(arrays[2 * i], arrays[2 * i + 1], t.fmt, t.hidden, t.block_size)
             for i, t in enumerate(manifest.taps)]
 
@@ -162,11 +169,11 @@ def verify_engine(folder: Path | str, sentences: list[str] | None = None) -> Ver
     tol = backbone_tolerance(manifest.compute_dtype, manifest.weights)
     checks = []
     for i, (tap, got, ref) in enumerate(zip(manifest.taps, engine, reference)):
-        if got.shape != ref.shape:
+        ref_rows, got_rows = ref[real], got
+        if got_rows.shape != ref_rows.shape:
             checks.append(TapCheck(i, tap.layer, tap.hidden, tap.fmt, math.nan, math.inf, 0.0,
-                                   f"shape {got.shape} != torch {ref.shape}"))
+                                   f"shape {got_rows.shape} != torch {ref_rows.shape}"))
             continue
-        ref_rows, got_rows = ref[real], got[real]
         codec_err = codec.relative_rms_error(ref_rows, tap.fmt, tap.block_size)
         engine_err = relative_rms(got_rows - ref_rows, ref_rows)
         checks.append(TapCheck(i, tap.layer, tap.hidden, tap.fmt, codec_err, engine_err, MARGIN * codec_err + tol))

@@ -56,23 +56,27 @@ class _Builder:
         return out
 
 
-def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: str) -> Subgraph:
-    """Nodes that turn tap `x` [..., hidden] (fp32/fp16) into `codes` (uint8) and `scales` (fp16).
+def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: str,
+                      dtype: int = TensorProto.FLOAT) -> Subgraph:
+    """Nodes that turn tap `x` [..., hidden] (fp32/fp16, `dtype`) into `codes` (uint8) and `scales` (fp16).
 
     For `fp16` the codes output is the tap cast to float16 and scales is empty [..., 0].
+    Per-element work is kept to ops ONNX Runtime's CPU provider runs fast: no element-wise
+    Where (its broadcasting kernel costs ~50x an Add) and no search Gathers; the per-block
+    corrections (NaN scale, zero scale) are done on the scales, 1/block_size of the data.
     """
     fmt = codec.check_format(fmt)
     b = _Builder(prefix)
     lead = b.op("Shape", [x], "lead_shape", end=-1)
-    xf = b.op("Cast", [x], "x_f32", to=TensorProto.FLOAT)
     if fmt == "fp16":
-        sat = b.op("Clip", [xf, b.const(-codec.FP16_MAX), b.const(codec.FP16_MAX)], "saturated")
-        b.sub.codes = b.op("Cast", [sat], "codes", to=TensorProto.FLOAT16)
+        sat = b.op("Clip", [x, b.const(-codec.FP16_MAX, _NP[dtype]), b.const(codec.FP16_MAX, _NP[dtype])], "saturated")
+        b.sub.codes = sat if dtype == TensorProto.FLOAT16 else b.op("Cast", [sat], "codes", to=TensorProto.FLOAT16)
         empty_shape = b.op("Concat", [lead, b.const([0], np.int64)], "empty_shape", axis=0)
         b.sub.scales = b.op("ConstantOfShape", [empty_shape], "scales",
                             value=helper.make_tensor("v", TensorProto.FLOAT16, [1], [0]))
         return b.sub
 
+    xf = x if dtype == TensorProto.FLOAT else b.op("Cast", [x], "x_f32", to=TensorProto.FLOAT)
     nb = codec.n_blocks(hidden, block_size)
     pad = nb * block_size - hidden
     qmax = codec.QMAX[fmt]
@@ -82,61 +86,93 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     xb = b.op("Reshape", [x2, b.const([-1, nb, block_size], np.int64)], "blocks")
     axis = b.const([-1], np.int64, "axis")
 
-    # Steps 1-2: fp16 scale of each block; NaN where the block holds a non-finite value.
+    # Steps 1-2: fp16 scale of each block. x * 0 is 0 for finite x and NaN for NaN/Inf, so the
+    # block sum `poison` is 0 or NaN; adding it marks non-finite blocks, Abs makes the NaN positive
+    # (fp16 0x7E00, as codec.block_scales).
     absmax = b.op("ReduceMax", [b.op("Abs", [xb]), axis], "absmax", keepdims=1)
+    poison = b.op("ReduceSum", [b.op("Mul", [xb, b.const(0.0)]), axis], "poison", keepdims=1)
     scale32 = b.op("Min", [b.op("Div", [absmax, b.const(qmax)]), b.const(codec.FP16_MAX)], "scale32")
-    scale16 = b.op("Cast", [scale32], "scale16", to=TensorProto.FLOAT16)
-    nonfinite = b.op("IsNaN", [b.op("Sub", [xb, xb])], "nonfinite")  # NaN exactly where x is NaN/Inf
-    any_bad = b.op("ReduceMax", [b.op("Cast", [nonfinite], to=TensorProto.FLOAT), axis], "any_bad", keepdims=1)
-    bad = b.op("Cast", [any_bad], "bad", to=TensorProto.BOOL)
-    scales_blocks = b.op("Where", [bad, b.const(np.nan, np.float16), scale16], "scales_nan")
+    marked = b.op("Cast", [b.op("Abs", [b.op("Add", [scale32, poison])])], "scale16", to=TensorProto.FLOAT16)
     scales_shape = b.op("Concat", [lead, b.const([nb], np.int64)], "scales_shape", axis=0)
-    b.sub.scales = b.op("Reshape", [scales_blocks, scales_shape], "scales")
+    b.sub.scales = b.op("Reshape", [marked, scales_shape], "scales")
 
-    # Step 3: y = x / scale (0 where scale == 0), clamped to [-qmax, qmax].
-    sf = b.op("Cast", [scale16], "scale_f32", to=TensorProto.FLOAT)
-    is_zero = b.op("Equal", [sf, b.const(0.0)], "scale_is_zero")
-    safe = b.op("Where", [is_zero, b.const(1.0), sf], "safe_scale")
-    y = b.op("Where", [is_zero, b.const(0.0), b.op("Div", [xb, safe])], "y")
-    y = b.op("Clip", [y, b.const(-qmax), b.const(qmax)], "y_clamped")
-    # NaN elements (their block's scale is already NaN) become 0 so no code or index goes wild.
-    y = b.op("Where", [b.op("IsNaN", [y]), b.const(0.0), y], "y_finite")
+    # Step 3: y = x / scale, clamped to [-qmax, qmax]. A zero scale divides by 2^100 instead,
+    # which sends the block's (tiny) values to codes of exactly 0 in every format. y uses the
+    # unmarked scale, so in a non-finite block only the NaN elements' own codes are lost.
+    sf = b.op("Cast", [b.op("Cast", [scale32], to=TensorProto.FLOAT16)], "scale_f32", to=TensorProto.FLOAT)
+    zero = b.op("Cast", [b.op("Equal", [sf, b.const(0.0)])], "scale_is_zero", to=TensorProto.FLOAT)
+    safe = b.op("Add", [sf, b.op("Mul", [zero, b.const(2.0**100)])], "safe_scale")
+    y = b.op("Clip", [b.op("Div", [xb, safe]), b.const(-qmax), b.const(qmax)], "y_clamped")
     y = b.op("Reshape", [y, b.const([-1, nb * block_size], np.int64)], "y_rows")
     if pad:
         y = b.op("Slice", [y, b.const([0], np.int64), b.const([hidden], np.int64), axis], "y_trim")
 
-    # Step 4: codes as exact small floats, packed, then cast to uint8 once.
+    # Step 4: codes as uint8 (4-bit ones as exact floats, then packed two to a byte).
     codes = {"int8": _int8_codes, "int4": _int4_codes, "nf4": _nf4_codes, "fp8": _fp8_codes}[fmt](b, y)
     if codec.BITS[fmt] == 4:
         codes = _pack_nibbles(b, codes, hidden)
-    codes_u8 = b.op("Cast", [codes], "codes_u8", to=TensorProto.UINT8)
     codes_shape = b.op("Concat", [lead, b.const([codec.code_bytes(fmt, hidden)], np.int64)], "codes_shape", axis=0)
-    b.sub.codes = b.op("Reshape", [codes_u8, codes_shape], "codes")
+    b.sub.codes = b.op("Reshape", [codes, codes_shape], "codes")
     return b.sub
 
 
+_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
 def _int8_codes(b: _Builder, y: str) -> str:
-    r = b.op("Round", [y])  # round half to even, as np.rint
-    return b.op("Where", [b.op("Less", [r, b.const(0.0)]), b.op("Add", [r, b.const(256.0)]), r], "int8_twos")
+    # QuantizeLinear with scale 1 rounds half to even (as np.rint) and saturates; y is already
+    # within +-127. A NaN (non-finite block) gives some code in range; its scale says NaN.
+    q = b.op("QuantizeLinear", [y, b.const(1.0), b.const(0, np.int8)], "int8_code")
+    return b.op("Cast", [q], "int8_twos", to=TensorProto.UINT8)  # two's complement bits
 
 
 def _int4_codes(b: _Builder, y: str) -> str:
-    return b.op("Add", [b.op("Round", [y]), b.const(8.0)], "int4_nibble")
+    # As int8; the nibble code + 8 comes back as an exact float for packing.
+    q = b.op("QuantizeLinear", [y, b.const(1.0), b.const(8, np.uint8)], "int4_nibble")
+    return b.op("Cast", [q], "int4_f32", to=TensorProto.FLOAT)
+
+
+# nf4 by bucket: [-1, 1] cut into 2 * _NF4_K equal buckets, each holding at most one threshold,
+# none closer to a bucket edge than the rounding error of (y + 1) * K. A value's bucket gives the
+# number of thresholds below the bucket (`base`) and the one inside it (`inner`, +inf if none);
+# code = base + (y > inner) is then exact even when y lands in the neighbouring bucket.
+_NF4_K = 64
+
+
+def _nf4_tables(k: int = _NF4_K) -> tuple[np.ndarray, np.ndarray]:
+    edges = np.arange(2 * k + 1, dtype=np.float64) / k - 1
+    thresholds = codec.NF4_THRESHOLDS.astype(np.float64)
+    base = np.array([np.sum(thresholds < lo) for lo in edges[:-1]], np.float32)
+    inner = np.full(2 * k, np.inf, np.float32)
+    for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        inside = codec.NF4_THRESHOLDS[(thresholds >= lo) & (thresholds < hi)]
+        if len(inside) > 1:
+            raise ValueError(f"nf4 bucket {j} holds {len(inside)} thresholds; use more buckets")
+        if len(inside):
+            inner[j] = inside[0]
+    margin = np.min(np.abs(thresholds[:, None] - edges[None, :]))
+    if margin <= 2.0**-22:  # (y + 1) rounds by <= 2^-24; keep a wide safety factor
+        raise ValueError(f"an nf4 threshold lies {margin:g} from a bucket edge; choose another bucket count")
+    return base, inner
 
 
 def _nf4_codes(b: _Builder, y: str) -> str:
-    # Branchless binary search: code = number of thresholds strictly below y.
-    thresholds = b.const(np.append(codec.NF4_THRESHOLDS, np.float32(np.inf)), hint="nf4_thresholds")
-    lo = None
-    for step in (8, 4, 2, 1):
-        idx = b.const(step - 1, np.int64) if lo is None else b.op("Add", [lo, b.const(step - 1, np.int64)])
-        above = b.op("Greater", [y, b.op("Gather", [thresholds, idx], axis=0)])
-        inc = b.op("Mul", [b.op("Cast", [above], to=TensorProto.INT64), b.const(step, np.int64)])
-        lo = inc if lo is None else b.op("Add", [lo, inc])
-    return b.op("Cast", [lo], "nf4_code", to=TensorProto.FLOAT)
+    base, inner = _nf4_tables()
+    pos = b.op("Mul", [b.op("Add", [y, b.const(1.0)]), b.const(float(_NF4_K))], "nf4_pos")  # y in [-1, 1]
+    # Truncation is floor here (pos >= 0); a NaN (non-finite block) casts to some integer, which
+    # the integer Clip brings back into the table, so the session never fails on it.
+    idx = b.op("Clip", [b.op("Cast", [pos], to=TensorProto.INT64), b.const(0, np.int64),
+                        b.const(2 * _NF4_K - 1, np.int64)], "nf4_bucket")
+    above = b.op("Greater", [y, b.op("Gather", [b.const(inner, hint="nf4_inner"), idx], axis=0)])
+    code = b.op("Add", [b.op("Gather", [b.const(base, hint="nf4_base"), idx], axis=0),
+                        b.op("Cast", [above], to=TensorProto.FLOAT)], "nf4_code")
+    return code
 
 
 def _fp8_codes(b: _Builder, y: str) -> str:
+    # NaN elements (their block's scale is already NaN) become 0: the exponent Gathers below need
+    # an index in range. fp8 is the one format that needs this element-wise Where.
+    y = b.op("Where", [b.op("IsNaN", [y]), b.const(0.0), y], "y_finite")
     # Powers of two by table lookup keep every step exact; entry i holds 2**(i - 12).
     pow2 = b.const([2.0**k for k in range(-12, 11)], hint="pow2")
 
@@ -159,19 +195,23 @@ def _fp8_codes(b: _Builder, y: str) -> str:
     mant = b.op("Div", [r, two_to(b.op("Sub", [er, b.const(3.0)]))])
     bits = b.op("Add", [b.op("Mul", [b.op("Add", [er, b.const(6.0)]), b.const(8.0)]), mant], "fp8_mag")
     negative = b.op("And", [b.op("Less", [y, b.const(0.0)]), b.op("Greater", [r, b.const(0.0)])])
-    sign = b.op("Where", [negative, b.const(128.0), b.const(0.0)])
-    return b.op("Add", [bits, sign], "fp8_bits")
+    sign = b.op("Mul", [b.op("Cast", [negative], to=TensorProto.FLOAT), b.const(128.0)])
+    return b.op("Cast", [b.op("Add", [bits, sign])], "fp8_bits", to=TensorProto.UINT8)
 
 
 def _pack_nibbles(b: _Builder, codes: str, hidden: int) -> str:
+    # Codes 0..15 as exact floats: element 2i + 16 * element 2i+1, one Cast to uint8. (uint8
+    # BitShift/BitwiseAnd with a broadcast constant are ~40x slower than this in ORT 1.32's CPU provider.)
     if hidden % 2:
         codes = b.op("Pad", [codes, b.const([0, 1], np.int64), b.const(0.0), b.const([-1], np.int64)], "pad_odd")
     pairs = b.op("Reshape", [codes, b.const([-1, (hidden + 1) // 2, 2], np.int64)], "pairs")
-    weighted = b.op("Mul", [pairs, b.const([1.0, 16.0])])
-    return b.op("ReduceSum", [weighted, b.const([-1], np.int64)], "packed", keepdims=0)
+    packed = b.op("ReduceSum", [b.op("Mul", [pairs, b.const([1.0, 16.0])]), b.const([-1], np.int64)], "packed",
+                  keepdims=0)
+    return b.op("Cast", [packed], "packed_u8", to=TensorProto.UINT8)
 
 
-def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx") -> onnx.ModelProto:
+def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx",
+                      rows: str | None = None) -> onnx.ModelProto:
     """Replace each tap output of `model` by its quantized pair (codes, scales), in place.
 
     `taps` items: {"output": graph output name, "fmt", "block_size", "hidden",
@@ -180,25 +220,32 @@ def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx"
     `op="custom"` inserts one fused com.mobillm node per tap (`custom_quantize_node`), which
     needs the native library registered with the session (`mobillm.kernels.native.register`).
     Both produce the same bytes.
+    `rows`: the name of a new graph input, int64 [rows], of flat indices into the taps' leading
+    dims (batch * seq); each tap is gathered to those rows before it is quantized, so only the
+    rows that leave the device are quantized, and codes/scales come out [rows, ...].
     """
     if op not in QUANT_OPS:
         raise ValueError(f"unknown quantizer op {op!r}; choose one of {', '.join(QUANT_OPS)}")
     graph = model.graph
     by_name = {o.name: o for o in graph.output}
+    if rows is not None:
+        graph.input.append(helper.make_tensor_value_info(rows, TensorProto.INT64, [ROWS_DIM]))
     for tap in taps:
         out = by_name[tap["output"]]
+        dtype = out.type.tensor_type.elem_type
+        x, lead = tap["output"], _leading_dims(out)
+        if rows is not None:
+            x, lead = _gather_rows(graph, x, rows, tap["hidden"], tap["codes"]), [ROWS_DIM]
         if op == "custom":
-            graph.node.append(custom_quantize_node(tap["output"], tap["fmt"], tap["block_size"],
-                                                   tap["codes"], tap["scales"]))
+            graph.node.append(custom_quantize_node(x, tap["fmt"], tap["block_size"], tap["codes"], tap["scales"]))
         else:
-            sub = quantize_subgraph(tap["output"], tap["fmt"], tap["block_size"], tap["hidden"], prefix=tap["codes"])
+            sub = quantize_subgraph(x, tap["fmt"], tap["block_size"], tap["hidden"], prefix=tap["codes"], dtype=dtype)
             graph.node.extend(sub.nodes)
             graph.initializer.extend(sub.initializers)
             graph.node.extend([
                 helper.make_node("Identity", [sub.codes], [tap["codes"]], name=tap["codes"] + "/out"),
                 helper.make_node("Identity", [sub.scales], [tap["scales"]], name=tap["scales"] + "/out"),
             ])
-        lead = _leading_dims(out)
         fmt = codec.check_format(tap["fmt"])
         codes_type = TensorProto.FLOAT16 if fmt == "fp16" else TensorProto.UINT8
         width = tap["hidden"] if fmt == "fp16" else codec.code_bytes(fmt, tap["hidden"])
@@ -211,6 +258,19 @@ def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx"
     if op == "custom" and taps and not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
     return model
+
+
+ROWS_DIM = "rows"
+
+
+def _gather_rows(graph, x: str, rows: str, hidden: int, prefix: str) -> str:
+    """x [..., hidden] -> x.reshape(-1, hidden)[rows]: the rows that leave, before any quantizer."""
+    shape = f"{prefix}/rows_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, hidden], np.int64), shape))
+    flat, picked = f"{prefix}/flat", f"{prefix}/picked"
+    graph.node.extend([helper.make_node("Reshape", [x, shape], [flat], name=flat),
+                       helper.make_node("Gather", [flat, rows], [picked], name=picked, axis=0)])
+    return picked
 
 
 def custom_op_type(fmt: str) -> str:
@@ -234,10 +294,10 @@ def _leading_dims(value_info) -> list:
 
 
 def standalone_model(fmt: str, block_size: int, hidden: int, rank: int = 3,
-                     input_dtype: int = TensorProto.FLOAT, op: str = "onnx") -> onnx.ModelProto:
+                     input_dtype: int = TensorProto.FLOAT, op: str = "onnx", rows: str | None = None) -> onnx.ModelProto:
     """A model holding only the quantize subgraph: input `x` [..., hidden] -> `codes`, `scales`.
 
-    `op` as in `append_quantizers`.
+    `op` and `rows` (an extra int64 input of flat row indices) as in `append_quantizers`.
     """
     lead = [f"d{i}" for i in range(rank - 1)]
     x = helper.make_tensor_value_info("x", input_dtype, lead + [hidden])
@@ -245,6 +305,6 @@ def standalone_model(fmt: str, block_size: int, hidden: int, rank: int = 3,
                               [helper.make_tensor_value_info("tap", input_dtype, lead + [hidden])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     append_quantizers(model, [{"output": "tap", "fmt": fmt, "block_size": block_size, "hidden": hidden,
-                               "codes": "codes", "scales": "scales"}], op=op)
+                               "codes": "codes", "scales": "scales"}], op=op, rows=rows)
     onnx.checker.check_model(model)
     return model

@@ -28,7 +28,11 @@ def run(engine, ids=TOKENS, mask=MASK) -> dict:
     session = ort.InferenceSession(str(engine / manifest.graph), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     ids = np.minimum(ids, manifest.config["vocab_size"] - 1)
-    return dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask})))
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if manifest.row_input:  # every position, in batch x seq order: the outputs reshape to [batch, seq, ...]
+        feeds[manifest.row_input] = np.arange(ids.size, dtype=np.int64)
+    return {name: out.reshape(ids.shape + out.shape[1:]) if manifest.row_input else out
+            for name, out in zip(names, session.run(None, feeds))}
 
 
 def test_every_quant_format_runs_in_ort_and_verifies(tiny_engine_factory):
@@ -60,12 +64,13 @@ def test_manifest_describes_the_graph(tiny_engine):
     assert set(manifest.files) >= {"backbone.onnx", "tokenizer/tokenizer.json"}
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(manifest.exporter)
     assert manifest.inputs == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-                               {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]}]
+                               {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]},
+                               {"name": "tap_rows", "dtype": "int64", "shape": ["rows"]}]
     session = ort.InferenceSession(str(tiny_engine / manifest.graph), providers=["CPUExecutionProvider"])
     graph_outputs = [{"name": o.name, "shape": o.shape} for o in session.get_outputs()]
     assert graph_outputs == [{"name": o["name"], "shape": o["shape"]} for o in manifest.outputs]
-    assert manifest.outputs[0] == {"name": "tap0_codes", "dtype": "uint8", "shape": ["batch", "seq", 32]}
-    assert manifest.outputs[1] == {"name": "tap0_scales", "dtype": "float16", "shape": ["batch", "seq", 1]}
+    assert manifest.outputs[0] == {"name": "tap0_codes", "dtype": "uint8", "shape": ["rows", 32]}
+    assert manifest.outputs[1] == {"name": "tap0_scales", "dtype": "float16", "shape": ["rows", 1]}
     assert manifest.bytes_per_token() == 4 * (32 + 2)
 
 
@@ -244,7 +249,7 @@ def test_streamed_gemm_rewrite_keeps_the_outputs(tiny_engine, tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["backbone.onnx", "backbone.onnx.data"]
 
     manifest = Manifest.load(tiny_engine)
-    feed = {"input_ids": TOKENS, "attention_mask": MASK}
+    feed = {"input_ids": TOKENS, "attention_mask": MASK, manifest.row_input: np.flatnonzero(MASK)}
     before = ort.InferenceSession(str(tiny_engine / "backbone.onnx")).run(None, feed)
     after = ort.InferenceSession(str(dst / "backbone.onnx")).run(None, feed)
     for i, tap in enumerate(manifest.taps):
