@@ -84,6 +84,9 @@ class Manifest:
     tokens: dict = field(default_factory=dict)
     tap_norm: str = "none"  # "rms": the hidden state divided by its RMS; "layer": through the next layer's input norm
     gguf: dict | None = None  # the GGUF the weights were converted from: file, sha256, architecture
+    # export-backbone --trt: the TensorRT plan beside the graph (plan file, TensorRT version, plugin
+    # library, fp16, optimization profile per input). None: no plan (and in engines made before it existed).
+    tensorrt: dict | None = None
     # The resolved export options the engine was made with (export/options.py ExportOptions.to_dict();
     # exporting with them again gives the same engine). None in engines made before it existed.
     export_options: dict | None = None

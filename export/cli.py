@@ -2,6 +2,7 @@
 
     export-backbone MODEL --out DIR [options]   export (MODEL: opt-125m .. opt-6.7b, an HF id or a checkpoint folder)
     export-backbone verify DIR                  re-check an engine against the torch model it came from
+    export-backbone trt DIR                     build its TensorRT plan on the device (no torch; docs/gpu.md)
 
 Exit status: 0 ok, 1 verification failed, 2 bad input (one line on stderr says what to do), 130 interrupted.
 """
@@ -69,6 +70,15 @@ def build_verify_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_trt_parser() -> argparse.ArgumentParser:
+    """The parser of `export-backbone trt DIR`."""
+    p = _Parser(prog=f"{PROG} trt", description="Build the TensorRT plan (ENGINE/backbone.plan) of an existing "
+                                                "engine on the machine that will run it, and record it in the "
+                                                "manifest; needs TensorRT and an NVIDIA GPU, not torch.")
+    p.add_argument("engine", type=Path, help="engine folder written by export-backbone (weights fp32 or fp16)")
+    return p
+
+
 def main(argv=None) -> int:
     """Entry point of `export-backbone`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -76,6 +86,9 @@ def main(argv=None) -> int:
         if argv[:1] == ["verify"]:
             args = build_verify_parser().parse_args(argv[1:])
             return run_command(PROG, lambda: _verify(args.engine))
+        if argv[:1] == ["trt"]:
+            args = build_trt_parser().parse_args(argv[1:])
+            return run_command(PROG, lambda: _trt(args.engine))
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
@@ -105,3 +118,11 @@ def _verify(engine: Path) -> int:
     report = verify_engine(engine)
     print(report.table())
     return 0 if report.ok else 1
+
+
+def _trt(engine: Path) -> int:
+    from .trt import add_plan
+
+    record = add_plan(engine)
+    print(f"{engine / record['plan']}: TensorRT {record['tensorrt']}, fp16, profile {record['profile']}")
+    return 0

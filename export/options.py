@@ -95,7 +95,9 @@ class ExportOptions:
     tap_rows: bool = option(True, "give the graph a tap_rows input (flat indices into batch x seq) and quantize only "
                                   "those rows, the ones the device sends; --no-tap-rows quantizes every token "
                                   "(the layout of engines made before this option)")
-    trt: bool = option(False, "also build a TensorRT engine plan (needs TensorRT and a GPU; exits 2 when absent)")
+    trt: bool = option(False, "also build a TensorRT engine plan, ENGINE/backbone.plan, with TensorRT's Python "
+                              "builder (needs TensorRT and an NVIDIA GPU, and --weights fp32 or fp16; exits 2 "
+                              "without them; docs/gpu.md)")
     verify: bool = option(False, "after export, compare every tap with the torch model on a few sentences; on "
                                  "failure nothing is written")
     progress: bool = option(True, "one line per stage on stderr (export-backbone --quiet turns it off)")

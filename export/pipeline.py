@@ -29,6 +29,7 @@ from mobillm.common.manifest import Manifest
 from mobillm.kernels import onnx_codec
 
 from . import families, optimize, weights
+from . import trt as trt_plan
 from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs,
                     tap_specs, trace_to_onnx)
 from .options import ExportError, ExportOptions, comma_list
@@ -49,7 +50,7 @@ def run_export(options: ExportOptions) -> Manifest:
     other failure, nothing is left at `options.out` (an old engine there stays)."""
     plan = make_plan(options)
     opts, out = plan.options, plan.options.out
-    step = _Stages(opts.progress, 7 + (opts.quant_op == "custom") + bool(opts.verify))
+    step = _Stages(opts.progress, 7 + (opts.quant_op == "custom") + bool(opts.trt) + bool(opts.verify))
     step(f"{opts.model} ({plan.source.kind}): {sum(opts.blocks)} layers, taps "
          f"{comma_list(opts.tap_layers)}, quant {opts.quant}, compute {opts.dtype}, weights {opts.weights}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ def make_plan(options: ExportOptions) -> Plan:
     """Check everything that bad input can break, cheapest first; ExportError says what to change."""
     source = resolve_source(options.model, options.random_init)
     if options.trt:
-        _require_tensorrt()
+        trt_plan.check(options)
     check_out(options.out, options.force)
     prepare_source(source, options.progress)
     config = load_config(source)
@@ -122,6 +123,10 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     if opts.quant_op == "custom":
         step(f"writing {FUSED_GRAPH_NAME} (com.mobillm quantizers, weights shared with {GRAPH_NAME})")
         fused, external = _write_fused_graph(folder, specs), EXTERNAL_DATA_NAME
+    tensorrt = None
+    if opts.trt:
+        step(f"building the TensorRT plan {trt_plan.PLAN_NAME} (ONNX parser, fp16 builder)")
+        tensorrt = trt_plan.build_plan(folder, fused or GRAPH_NAME, opts.quant_op, family.max_length(config))
 
     step(f"copying tokenizer from {plan.tokenizer_from}")
     install_tokenizer(plan.tokenizer, plan.tokenizer_from, folder / TOKENIZER_DIR)
@@ -161,6 +166,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         external_data=external,
         weight_quant=weight_quant,
         ort_fusions=fusions,
+        tensorrt=tensorrt,
         export_options=opts.to_dict(),
         row_input=ROW_INPUT if opts.tap_rows else None,
     )
@@ -271,18 +277,6 @@ def _write_fused_graph(folder: Path, specs: list[dict]) -> str:
     onnx_codec.fuse_quantizers(model, specs)
     onnx.save_model(model, str(folder / FUSED_GRAPH_NAME))
     return FUSED_GRAPH_NAME
-
-
-def _require_tensorrt() -> None:
-    """--trt: say plainly (exit 2) when TensorRT or a GPU is missing, before any work."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        raise ExportError("--trt needs TensorRT (pip install tensorrt) and an NVIDIA GPU; neither TensorRT nor "
-                          "its Python bindings are installed here. Without --trt, edge-run --provider tensorrt "
-                          "builds a TensorRT engine on the device through ONNX Runtime's TensorRT provider") from None
-    raise ExportError("--trt: building a TensorRT plan with the BlockQuantize plugin is not implemented yet; "
-                      "use edge-run --provider tensorrt (ONNX Runtime's TensorRT execution provider) on the device")
 
 
 # ----------------------------------------------------------------------------- the folder, atomically

@@ -148,6 +148,19 @@ def _typed_value(key: str, value, current):
                           f"like the current value {current!r}") from None
 
 
+def model_from_manifest(manifest, dtype: str = "fp32"):
+    """The torch model an engine was exported from, rebuilt from its manifest: random init from its
+    seed, a checkpoint from its folder, a GGUF from the file's cached conversion (converted again
+    if the cache is gone)."""
+    config = config_from_dict(manifest.config)
+    source = Source(manifest.source, manifest.model_id)
+    if manifest.gguf:
+        source.gguf = gguf_source.describe(Path(manifest.gguf["file"]), manifest.gguf.get("short_name"))
+        source.model_id = str(gguf_source.checkpoint_dir(source.gguf))
+        prepare_source(source, progress=False)
+    return build_model(source, config, manifest.seed, dtype)
+
+
 def build_model(source: Source, config, seed: int | None, dtype: str = "fp32"):
     """The base decoder (`AutoModel`, no LM head) in eval mode, eager attention, in `dtype`."""
     import torch

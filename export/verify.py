@@ -24,8 +24,7 @@ from mobillm.common.manifest import Manifest
 from mobillm.kernels import codec
 
 from .families import family_for
-from .gguf import checkpoint_dir, describe
-from .source import Source, build_model, config_from_dict, prepare_source
+from .source import model_from_manifest
 
 SENTENCES = [
     "A photo of a cat sitting on a warm windowsill.",
@@ -170,17 +169,11 @@ def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> lis
 
     from .tapped import normalize_tap, tap_norms
 
-    config = config_from_dict(manifest.config)
-    source = Source(manifest.source, manifest.model_id)
-    if manifest.gguf:
-        source.gguf = describe(Path(manifest.gguf["file"]), manifest.gguf.get("short_name"))
-        source.model_id = str(checkpoint_dir(source.gguf))
-        prepare_source(source, progress=False)
-    model = build_model(source, config, manifest.seed, "fp32")
+    model = model_from_manifest(manifest, "fp32")
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     output_hidden_states=True, use_cache=False)
-        norms = tap_norms(model, family_for(config.model_type), manifest.tap_layers, manifest.tap_norm)
+        norms = tap_norms(model, family_for(model.config.model_type), manifest.tap_layers, manifest.tap_norm)
         return [normalize_tap(out.hidden_states[t.layer], manifest.tap_norm, norm).float().numpy()
                 for t, norm in zip(manifest.taps, norms)]
 
