@@ -51,7 +51,7 @@ class Variant:
 
 WEIGHTS = ("fp32", "fp16", "int8", "int4")
 QUANTIZERS = {"std": ("--quant-op", "onnx"), "fused": ("--quant-op", "custom")}
-OPTIMIZED = {"opt": ("--optimize",), "noopt": ("--no-optimize",)}
+OPTIMIZED = {"opt": ("--ort-fusions",), "noopt": ("--no-ort-fusions",)}
 FP16_TAPS = ("--quant", "fp16")
 
 VARIANTS = [
