@@ -413,10 +413,10 @@ class MemoBackbone:
     def __getattr__(self, name):
         return getattr(self._bb, name)
 
-    def forward(self, rows):
-        key = b"|".join(np.asarray(r, np.int64).tobytes() for r in rows)
+    def forward(self, rows, keep: str = "all"):
+        key = (keep, b"|".join(np.asarray(r, np.int64).tobytes() for r in rows))
         if key not in self._memo:
-            self._memo[key] = self._bb.forward(rows)
+            self._memo[key] = self._bb.forward(rows, keep=keep)
         return self._memo[key]
 
 
