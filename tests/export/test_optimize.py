@@ -41,6 +41,7 @@ def test_gemma_gets_ort_fusions_by_default_and_still_verifies(tmp_path, fallback
     assert report.ok, report.table()
 
 
+@pytest.mark.slow  # seconds: two exports
 def test_no_ort_fusions_keeps_the_graph_as_traced_with_the_same_codec(tmp_path, fallback_tokenizer_dir):
     fused_dir, _, fused = _gemma(tmp_path / "a", fallback_tokenizer_dir)
     plain_dir, manifest, plain = _gemma(tmp_path / "b", fallback_tokenizer_dir, ort_fusions=False)
@@ -65,6 +66,7 @@ def _outputs(path, feeds):
     return session.run(None, feeds)
 
 
+@pytest.mark.slow  # seconds: quantizes a tiny engine twice
 def test_int8_in_chunks_gives_the_same_graph_as_one_call(tiny_engine, tmp_path):
     model = onnx.load(str(tiny_engine / "backbone.onnx"))
     exclude = codec_node_names(model)
