@@ -18,11 +18,10 @@ from pathlib import Path
 from mobillm.common.errors import BadInput, run_command
 from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, read_token_file
 from mobillm.common.tasks import Task
-from mobillm.kernels import codec
 
 from .backbone import EngineOptions
 from .data import DataError, DataOptions, Example, load_examples
-from .stream import StreamClient, TrainOptions, stats_dict
+from .stream import StreamClient, TrainOptions, fixed_formats, stats_dict
 
 # predict and eval batch rows with training's two fields (and their defaults); the rest are train-only.
 BATCH_FIELDS = ("max_len", "batch_size")
@@ -67,20 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_bits(bits: str, n_taps: int) -> None:
-    """Refuse a --bits value the engine cannot send before any row is tokenized (engine | auto | formats)."""
-    if bits in ("engine", "auto"):
-        return
-    fmts = bits.split(",")
-    try:
-        for fmt in fmts:
-            codec.check_format(fmt)
-    except ValueError as exc:
-        raise BadInput(f"--bits {bits}: {exc}") from None
-    if len(fmts) not in (1, n_taps):
-        raise BadInput(f"--bits {bits}: {len(fmts)} formats for an engine with {n_taps} taps (give 1 or {n_taps})")
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` via a temporary file and a rename, so no half-written file is left behind."""
     tmp = path.with_suffix(path.suffix + ".part")
@@ -97,7 +82,7 @@ def cmd_train(args) -> int:
     bb = from_args(EngineOptions, args).open()
     opts = from_args(TrainOptions, args, progress=not args.quiet,
                      token=read_token_file(args.token_file) if args.token_file else None)
-    check_bits(opts.bits, len(bb.manifest.taps))
+    fixed_formats(opts.bits, len(bb.manifest.taps))  # refuse a bad --bits before any data is read
     examples = load_examples(args.data, task, limit=data.limit)
     trainer = StreamClient(bb, examples, task, opts)
     print(f"edge-run: {len(examples)} rows x {opts.epochs} epoch(s), {len(trainer.batches)} batches -> {opts.server} "

@@ -28,7 +28,7 @@ import numpy as np
 import websockets
 
 from mobillm.common import messages, wire
-from mobillm.common.errors import MobillmError
+from mobillm.common.errors import BadInput, MobillmError
 from mobillm.common.manifest import manifest_digest
 from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ModelMeta, StreamDone, TapInfo, Welcome
 from mobillm.common.options import option
@@ -156,6 +156,21 @@ def build_batch(seq: int, ids: np.ndarray, labels: np.ndarray, taps: list[TapOut
     return wire.Batch(seq, ids.astype(np.uint64), labels, out_lengths, payloads, mode)
 
 
+def fixed_formats(bits: str, n_taps: int) -> list[str] | None:
+    """The per-tap formats a fixed `--bits` asks for (one format for every tap, or one per tap);
+    None for `engine` and `auto`. A value the engine cannot send is BadInput."""
+    if bits in ("engine", "auto"):
+        return None
+    fmts = bits.split(",")
+    try:
+        fmts = [codec.check_format(f) for f in fmts]
+    except ValueError as exc:
+        raise BadInput(f"--bits {bits}: {exc}") from None
+    if len(fmts) not in (1, n_taps):
+        raise BadInput(f"--bits {bits}: {len(fmts)} formats for an engine with {n_taps} taps (give 1 or {n_taps})")
+    return fmts * n_taps if len(fmts) == 1 else fmts
+
+
 class StreamClient:
     """One device's side of a training run: forward passes here, taps streamed to the server that trains."""
 
@@ -174,11 +189,8 @@ class StreamClient:
         self.planner = None
         if opts.bits == "auto":
             self.planner = BitPlanner([t.hidden for t in specs], specs[0].block_size, opts.latency_target_s)
-        elif opts.bits != "engine":
-            fmts = [codec.check_format(f) for f in opts.bits.split(",")]
-            self.fixed_plan = fmts * len(specs) if len(fmts) == 1 else fmts
-            if len(self.fixed_plan) != len(specs):
-                raise ValueError(f"--bits lists {len(fmts)} formats for {len(specs)} taps")
+        else:
+            self.fixed_plan = fixed_formats(opts.bits, len(specs))
         self.model_bytes: bytes | None = None
         self.model_meta: dict = {}
         self._unacked: deque[_Sent] = deque()

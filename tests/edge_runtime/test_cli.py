@@ -132,9 +132,12 @@ def test_data_options_resolve_task():
         DataOptions(task="nope").resolve_task()
 
 
-def test_check_bits():
+def test_fixed_formats():
+    from mobillm.edge_runtime.stream import fixed_formats
+
     for ok in ("engine", "auto", "nf4", "none", "nf4,int8,fp8,fp16"):
-        cli.check_bits(ok, 4)
+        fixed_formats(ok, 4)
+    assert fixed_formats("nf4", 4) == ["nf4"] * 4 and fixed_formats("auto", 4) is None
     for bad in ("nf5", "nf4,int8", "nf4,,int8,fp8"):
         with pytest.raises(cli.BadInput):
-            cli.check_bits(bad, 4)
+            fixed_formats(bad, 4)
