@@ -1,0 +1,75 @@
+"""TensorBoard event files in each run's folder, next to metrics.jsonl (which stays the machine-readable record).
+
+A `RunBoard` watches one `training.TrainingRun`: every step record becomes scalars (loss, lr,
+samples/s, bytes in, queue depth, step time; in federated runs each device's throughput too), and
+the run's summary.json (the last epoch's metric) is added when its training thread ends, so
+`tensorboard --logdir runs/` shows every run with no extra step. Needs the `tensorboard` package
+(`pip install mobillm[observability]`); without it the server logs one notice and writes none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .core import SUMMARY
+
+log = logging.getLogger("mobillm.trainer")
+
+# metrics.jsonl field -> TensorBoard tag.
+SCALARS = {"loss": "train/loss", "lr": "train/lr", "align_lr": "train/align_lr", "grad_norm": "train/grad_norm",
+           "samples_per_s": "throughput/samples_per_s", "bytes_received": "link/bytes_in",
+           "queue_depth": "link/queue_depth", "step_s": "time/step_s", "wait_s": "time/wait_s",
+           "idle_frac": "time/idle_frac", "epoch": "train/epoch", "staleness": "federated/staleness",
+           "share": "federated/share"}
+FLUSH_SECS = 2  # TensorBoard sees a step within about this long
+
+
+def board_factory():
+    """`make(run) -> RunBoard` when tensorboard is installed, else None (after one notice in the log)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        log.warning("TensorBoard event files off: %s (pip install 'mobillm[observability]')", exc)
+        return None
+    return lambda run: RunBoard(SummaryWriter(str(run.folder), flush_secs=FLUSH_SECS))
+
+
+class RunBoard:
+    """One run's event file: `step` for each metrics.jsonl record, `end` when its training thread ends."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self._device_last: dict[str, tuple[float, int]] = {}  # device -> (time, its samples trained) at its last step
+
+    def step(self, run, record: dict) -> None:
+        step = record["step"]
+        for key, tag in SCALARS.items():
+            value = record.get(key)
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(tag, value, step, walltime=record["time"])
+        device = record.get("device")
+        if device is not None:  # federated: this device's samples per second since its previous step
+            last = self._device_last.get(device)
+            now, done = record["time"], record["device_samples"]
+            if last is not None and now > last[0]:
+                self.writer.add_scalar(f"devices/{device}/samples_per_s", (done - last[1]) / (now - last[0]), step,
+                                       walltime=now)
+            self._device_last[device] = (now, done)
+
+    def end(self, run) -> None:
+        """The run's training thread ended: its summary's numbers (last-epoch loss and metric) join, then close."""
+        for key, value in read_summary(run.folder).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"eval/{key}", value, run.step)
+        self.writer.close()
+
+
+def read_summary(folder: Path) -> dict:
+    """summary.json of a run folder ({} when there is none yet)."""
+    path = Path(folder) / SUMMARY
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
