@@ -262,3 +262,10 @@ def test_status_page_shows_runs_and_their_progress_live(start_server, taps, brow
     for thread, out in streams:
         thread.join(120)
         assert out["result"].error is None
+
+
+def test_metrics_port_out_of_range_is_refused():
+    from mobillm.trainer.config import ConfigError, ServerConfig
+
+    with pytest.raises(ConfigError, match="metrics_port"):
+        ServerConfig(metrics_port=70000).validate()
