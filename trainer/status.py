@@ -86,6 +86,7 @@ class StatusEndpoints:
             self.metrics.refused.labels(reason).inc()
 
     def start(self) -> None:
+        quiet_served_pages()
         port = self.server.config.metrics_port
         if port is not None and self.metrics is not None:
             self.metrics_port = self.metrics.serve_port(self.server.config.host, port)
@@ -135,6 +136,20 @@ class StatusEndpoints:
             return text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "prometheus_client is not installed on the "
                                  "server: pip install 'mobillm[observability]'\n")
         return response(http.HTTPStatus.OK, *self.metrics.exposition())
+
+
+class ServedPageFilter(logging.Filter):
+    """Drops websockets' INFO line for each answered GET below 400: a page polling every second and a
+    scraper would otherwise fill the log. Refusals (401, 404) are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "HTTP response sent (%d %s)" and record.args and record.args[0] < 400)
+
+
+def quiet_served_pages() -> None:
+    ws_log = logging.getLogger("websockets.server")
+    if not any(isinstance(f, ServedPageFilter) for f in ws_log.filters):
+        ws_log.addFilter(ServedPageFilter())
 
 
 def response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:

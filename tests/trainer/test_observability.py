@@ -8,6 +8,7 @@ screenshot.
 """
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -269,3 +270,12 @@ def test_metrics_port_out_of_range_is_refused():
 
     with pytest.raises(ConfigError, match="metrics_port"):
         ServerConfig(metrics_port=70000).validate()
+
+
+def test_answered_pages_stay_out_of_the_log_but_refusals_do_not(start_server, caplog):
+    server = start_server(token=TOKEN)
+    with caplog.at_level(logging.INFO, logger="websockets.server"):
+        assert get(server, "/status.json", TOKEN)[0] == 200
+        assert get(server, "/status.json")[0] == 401
+    sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP response sent")]
+    assert sent == ["HTTP response sent (401 Unauthorized)"]
