@@ -184,14 +184,15 @@ def observer_step_us(n: int = 2000) -> dict:
 
 
 def observe_table(args) -> list[dict]:
-    """Each case as variants off / tensorboard / scraped, interleaved over rounds; the best round of each."""
+    """Each case as variants off / tensorboard / scraped, interleaved over rounds (their order rotating);
+    the best and the median round of each."""
     best: dict[tuple, dict] = {}
     rates: dict[tuple, list[float]] = {}
     for case in args.cases.split(","):
         mode, pooling = case.split("/")
         bodies = make_bodies(mode, args.rows, args.tokens, args.pool)
-        for _ in range(args.observe_rounds):
-            for variant in OBSERVE_VARIANTS:
+        for r in range(args.observe_rounds):  # each round starts with the next variant: no fixed position
+            for variant in OBSERVE_VARIANTS[r % 3:] + OBSERVE_VARIANTS[:r % 3]:
                 row = bench_case(mode, pooling, args, variant, bodies)
                 key = (mode, pooling, variant)
                 rates.setdefault(key, []).append(row["samples_per_s"])
@@ -201,15 +202,15 @@ def observe_table(args) -> list[dict]:
     print(f"best of {args.observe_rounds} interleaved rounds; device={args.device} rows/batch={args.rows} "
           f"samples/run={args.samples} threads={args.threads}")
     print("| mode | pooling | variant | best samples/s | vs off | median samples/s | vs off | scrapes in the best run "
-          "| server ms per scrape |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| server ms per scrape | loop waiting (best run) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         key, off_key = (r["mode"], r["pooling"], r["variant"]), (r["mode"], r["pooling"], "off")
         off, median, off_median = best[off_key]["samples_per_s"], np.median(rates[key]), np.median(rates[off_key])
         serve = f"{r['serve_ms']:.2f}" if r["serve_ms"] is not None else "-"
         print(f"| {r['mode']} | {r['pooling']} | {r['variant']} | {r['samples_per_s']:.1f} | "
               f"{100 * (r['samples_per_s'] / off - 1):+.1f}% | {median:.1f} | {100 * (median / off_median - 1):+.1f}% | "
-              f"{r['scrapes']} | {serve} |")
+              f"{r['scrapes']} | {serve} | {100 * r['wait_frac']:.0f}% |")
     costs = observer_step_us()
     print("training thread, per step: " + ", ".join(f"{k} {v:.0f} us" for k, v in costs.items()))
     return rows
