@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from mobillm.common import messages, wire
 from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ProtocolError, Welcome
 
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .core import make_optimizer
 from .policy import FederatedPolicy, Membership, RunPolicy, SingleDevicePolicy
 
@@ -269,7 +269,12 @@ class TrainerServer:
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.config.certfile, self.config.keyfile)
+        try:
+            ctx.load_cert_chain(self.config.certfile, self.config.keyfile)
+        except (ssl.SSLError, OSError) as exc:  # not PEM, a key that does not match, unreadable
+            keyfile = self.config.keyfile or "(none: the key inside --certfile)"
+            raise ConfigError(f"--certfile {self.config.certfile} --keyfile {keyfile}: not a PEM certificate chain "
+                              f"and its private key ({exc})") from None
         return ctx
 
     async def _handle(self, ws: ServerConnection) -> None:
