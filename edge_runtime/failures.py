@@ -1,7 +1,7 @@
 """Why a connection to the trainer failed, and whether trying again can help.
 
-Transient failures (refused, reset, a cut mid-frame or mid-handshake, a timeout, HTTP 5xx, ERROR
-`shutting_down`) are retried by `StreamClient` with back-off. Everything else ends the run at
+Transient failures (refused, reset, a cut mid-frame or mid-handshake, a timeout, HTTP 5xx and 429,
+ERROR `shutting_down`) are retried by `StreamClient` with back-off. Everything else ends the run at
 once with one `ServerError` that says the likely cause and what to do: a TLS mismatch (found by
 one probe of the address, only while no connection to it has opened yet), an unknown host, an
 HTTP 4xx, the server's own refusals (`unauthorized`, `run_exists`, `bad_path`, ...), a close with
@@ -86,8 +86,8 @@ async def final_error(exc: BaseException, url: str, probe: bool) -> ServerError 
         return ServerError(f"cannot resolve the host name {host!r} ({exc.strerror}); check the --server URL", "dns")
     if isinstance(exc, websockets.InvalidStatus):
         status = exc.response.status_code
-        if status >= 500:
-            return None  # e.g. 503 from a server that is stopping
+        if status >= 500 or status == 429:
+            return None  # e.g. 503 from a server that is stopping, 429 from one that limits new connections
         return ServerError(f"the server refused the WebSocket handshake with HTTP {status}; "
                            f"{_http_hint(status)}", f"http_{status}")
     if isinstance(exc, websockets.ConnectionClosed):

@@ -304,7 +304,7 @@ class StreamClient:
             attempt = 1 if self._progressed else attempt + 1
             if attempt > self.opts.max_retries:
                 raise ServerError(f"cannot reach the server at {self.opts.server} after "
-                                  f"{self.opts.max_retries} retries ({detail})")
+                                  f"{self.opts.max_retries} retries ({detail})", "unreachable")
             delay = min(self.opts.retry_base_s * 2 ** (attempt - 1), self.opts.retry_max_s) * self._rng.uniform(0.5, 1)
             log.warning("connection lost (%s); reconnecting in %.2fs", reason, delay)
             self.stats.reconnects += 1

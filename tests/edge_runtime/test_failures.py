@@ -175,6 +175,7 @@ def test_refused_connections_keep_the_back_off(backbone):
     with pytest.raises(ServerError, match="after 2 retries"):
         trainer.run()
     assert trainer.stats.reconnect_reasons == ["ConnectionRefusedError"] * 2
+    assert trainer.stats.error["code"] == "unreachable"
 
 
 def test_a_server_that_resets_connections_is_retried(backbone):
@@ -197,19 +198,20 @@ def test_a_server_that_resets_connections_is_retried(backbone):
         trainer = client(backbone, f"ws://127.0.0.1:{listener.getsockname()[1]}")
         with pytest.raises(ServerError, match="after 2 retries"):
             trainer.run()
-        assert trainer.stats.reconnects == 2 and trainer.stats.error["code"] == "server"
+        assert trainer.stats.reconnects == 2 and trainer.stats.error["code"] == "unreachable"
     finally:
         stop.set()
         thread.join()
         listener.close()
 
 
-def test_http_503_keeps_the_back_off(backbone, ws_server):
-    url = ws_server(lambda ws: None, process_request=lambda conn, req: conn.respond(http.HTTPStatus(503), "later\n"))
+@pytest.mark.parametrize("status", [503, 429])
+def test_http_503_and_429_keep_the_back_off(backbone, ws_server, status):
+    url = ws_server(lambda ws: None, process_request=lambda conn, req: conn.respond(http.HTTPStatus(status), "later\n"))
     trainer = client(backbone, url)
     with pytest.raises(ServerError, match="after 2 retries"):
         trainer.run()
-    assert trainer.stats.reconnect_reasons == ["HTTP 503"] * 2
+    assert trainer.stats.reconnect_reasons == [f"HTTP {status}"] * 2
 
 
 def test_run_exists_through_the_cli_writes_stats_and_says_how_to_resume(tiny_engine, ws_server, tmp_path, capsys):
