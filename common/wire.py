@@ -75,15 +75,23 @@ def encode_frame(msg_type: MsgType, meta: dict | None = None, body: bytes | memo
     return b"".join([header, meta_bytes, body])
 
 
-def decode_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
-    """Parse and validate one message; raises WireError on any inconsistency."""
+def decode_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_model_frame: int | None = None) -> Frame:
+    """Parse and validate one message; raises WireError on any inconsistency.
+
+    `max_model_frame`: the larger limit a MODEL frame may have (the device passes MAX_MODEL_FRAME);
+    None: MODEL frames get `max_frame` like every other type (the server, which never receives one)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("text frames are not part of the protocol; send binary frames")
-    if len(data) > max_frame:
-        raise WireError(f"frame of {len(data)} bytes exceeds the limit of {max_frame}")
+    largest = max(max_frame, max_model_frame or 0)
+    if len(data) > largest:
+        raise WireError(f"frame of {len(data)} bytes exceeds the limit of {largest}")
     if len(data) < HEADER.size:
         raise WireError(f"truncated frame: {len(data)} bytes, header needs {HEADER.size}")
     magic, version, msg_type, flags, meta_len, body_len = HEADER.unpack_from(data, 0)
+    limit = max_model_frame if max_model_frame and msg_type == MsgType.MODEL else max_frame
+    if len(data) > limit:
+        raise WireError(f"frame of {len(data)} bytes exceeds the limit of {limit}")
     if magic != MAGIC:
         raise WireError("bad magic: not a mobillm frame")
     if version != VERSION:

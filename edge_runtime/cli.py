@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mobillm.common.errors import BadInput, run_command
+from mobillm.common.errors import BadInput, MobillmError, run_command
 from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, read_token_file
 from mobillm.common.tasks import Task
 
@@ -79,15 +79,21 @@ def write_atomic(path: Path, text: str) -> None:
 def cmd_train(args) -> int:
     data = from_args(DataOptions, args)
     task = data.resolve_task()
-    bb = from_args(EngineOptions, args).open()
     opts = from_args(TrainOptions, args, progress=not args.quiet,
                      token=read_token_file(args.token_file) if args.token_file else None)
+    opts.check()  # a bad --server, --device-id or --run before the engine and data are read
+    bb = from_args(EngineOptions, args).open()
     fixed_formats(opts.bits, len(bb.manifest.taps))  # refuse a bad --bits before any data is read
     examples = load_examples(args.data, task, limit=data.limit)
     trainer = StreamClient(bb, examples, task, opts)
     print(f"edge-run: {len(examples)} rows x {opts.epochs} epoch(s), {len(trainer.batches)} batches -> {opts.server} "
           f"({opts.mode} mode, {bb.manifest.bytes_per_token()} B/token on the wire)", file=sys.stderr)
-    stats = trainer.run()
+    try:
+        stats = trainer.run()
+    except MobillmError:  # the run ended without a side network: the statistics say how far it got, and why
+        if args.stats_out:
+            write_atomic(args.stats_out, json.dumps(stats_dict(trainer.stats), indent=2))
+        raise
     side = trainer.save_model(Path(opts.side_out) if opts.side_out else bb.folder / f"side_{task.name}.onnx")
     if args.stats_out:
         write_atomic(args.stats_out, json.dumps(stats_dict(stats), indent=2))

@@ -214,10 +214,27 @@ class ServerConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{name} {path} does not exist")
+        if self.certfile is not None:
+            tls_context(self.certfile, self.keyfile)  # a bad PEM is refused here, not once the server starts
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         self.side.validate()
         self.optim.validate()
+
+
+def tls_context(certfile: str, keyfile: str | None):
+    """The server's TLS context (TLS 1.2 or newer) for wss://; ConfigError when the files are not a
+    PEM certificate chain and its private key."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:  # not PEM, a key that does not match, unreadable
+        raise ConfigError(f"--certfile {certfile} --keyfile {keyfile or '(none: the key inside --certfile)'}: "
+                          f"not a PEM certificate chain and its private key ({exc})") from None
+    return ctx
 
 
 def atomic_write(path: Path, data: bytes) -> None:
