@@ -1,6 +1,8 @@
 """`--profile paper` on both sides (explicit flags win), the CPU fallback from fp16, and the
 mixed-precision training step (bf16 autocast on the CPU; loss scaling leaves a step unchanged)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,9 @@ import torch
 from mobillm.common.messages import TapInfo
 from mobillm.common.profiles import PROFILES, parse_with_profile
 from mobillm.edge_runtime import cli as edge_cli
-from mobillm.edge_runtime.simulate import SyntheticTask
+from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer import cli
-from mobillm.trainer.config import ServerConfig, SideConfig
+from mobillm.trainer.config import OptimConfig, RunConfig, ServerConfig, SideConfig
 from mobillm.trainer.core import MixedPrecision, make_optimizer, resolve_precision, train_step
 from mobillm.trainer.data import rows_for_model
 from mobillm.trainer.model import build_side_network
@@ -102,3 +104,12 @@ def test_loss_scaling_leaves_the_step_unchanged(taps):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-9)
     assert amp.save_to({})["scaler"]["scale"] == 1024.0  # fp16 checkpoints keep the loss scale
     assert "scaler" not in MixedPrecision("fp32", CPU).save_to({})  # fp32 checkpoints keep their layout
+
+
+def test_a_bf16_run_trains_to_the_end_and_records_its_precision(start_server, taps):
+    server = start_server(optim=OptimConfig(precision="bf16"))
+    result = SimDevice(server.url, SyntheticTask(taps, n_samples=32), epochs=2, batch_size=16).run()
+    assert result.error is None and result.done == {"samples_trained": 64, "steps": 4}
+    folder = Path(server.config.runs_dir) / result.welcome["run"]
+    assert RunConfig.load(folder).optim.precision == "bf16"
+    assert result.model_meta["metrics"]["onnx_max_abs_diff"] < 1e-4  # exported in fp32 as always
