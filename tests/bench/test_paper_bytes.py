@@ -1,7 +1,6 @@
 """bench/paper_bytes.py: the paper's scheme reproduces its Table V (~400 MB per iteration for
 OPT-1.3B), and the earlier 9-tap baseline and saving ratios of docs/benchmarks.md come out of it."""
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,17 +8,11 @@ from types import SimpleNamespace
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))  # bench/ scripts import each other by name, as when run from there
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("paper_bytes", REPO / "bench" / "paper_bytes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-pb = load_bench()
+import compare_config  # noqa: E402
+import compare_report  # noqa: E402
+import paper_bytes as pb  # noqa: E402
 
 
 def test_paper_scheme_reproduces_table_v():
@@ -49,12 +42,9 @@ def test_rows_reproduce_the_figures_the_doc_measured():
 
 
 def test_frame_bytes_extrapolate_exactly():
-    sys.path.insert(0, str(REPO / "bench"))
-    from compare_report import wire_bytes_per_sample
-
     bb = pb.Backbone.from_config("opt-125m")
     taps = [SimpleNamespace(fmt="nf4", hidden=w, block_size=64) for _, w in bb.taps]
-    assert pb.taps_bytes(bb, 3, "tokens", "nf4") == wire_bytes_per_sample(taps, 3, "tokens", rows=16)
+    assert pb.taps_bytes(bb, 3, "tokens", "nf4") == compare_report.wire_bytes_per_sample(taps, 3, "tokens", rows=16)
 
 
 def test_markdown_names_every_backbone():
@@ -63,10 +53,6 @@ def test_markdown_names_every_backbone():
 
 
 def test_compare_report_quotes_the_every_layer_scheme():
-    sys.path.insert(0, str(REPO / "bench"))
-    import compare_config
-    import compare_report
-
     taps = [SimpleNamespace(fmt="nf4", hidden=1024, block_size=64, layer=layer) for layer in (8, 12, 16, 18, 20, 21,
                                                                                                 22, 23)]
     manifest = SimpleNamespace(taps=taps + [SimpleNamespace(fmt="nf4", hidden=512, block_size=64, layer=24)],
