@@ -133,8 +133,8 @@ def train_step(model: SideNetwork, optimizer: torch.optim.Optimizer, rows: Rows,
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(loss).backward()
     if input_grads and amp.scaler.is_enabled():  # unscale_ unscales the parameters' grads only
-        for t in inputs:
-            t.grad.mul_(1.0 / amp.scaler.get_scale())
+        for t in inputs:  # an overflowing step (skipped below) adds nothing to the per-tap importance
+            torch.nan_to_num_(t.grad.mul_(1.0 / amp.scaler.get_scale()), nan=0.0, posinf=0.0, neginf=0.0)
     amp.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     amp.scaler.step(optimizer)

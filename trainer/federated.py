@@ -38,7 +38,8 @@ import torch
 from mobillm.common.messages import FedModel, Hello, ModelMeta, ProtocolError
 
 from .config import ServerConfig, atomic_write
-from .core import MODEL_FILE, SUMMARY, MixedPrecision, last_epoch_scores, make_optimizer, train_step, write_checkpoint, write_json
+from .core import MODEL_FILE, SUMMARY, MixedPrecision, last_epoch_scores, make_optimizer, train_step, \
+    write_checkpoint, write_json
 from .data import rows_for_model
 from .export import check_onnx, export_onnx
 from .fed_model import AlignedSide, Alignment, Family, FedSideModel, SharedSide

@@ -23,8 +23,8 @@ from mobillm.common import wire
 from mobillm.common.messages import BitPlan, ModelMeta, TapInfo, allowed_formats
 
 from .config import RunConfig, atomic_write
-from .core import MODEL_FILE, SUMMARY, MixedPrecision, append_record, last_epoch_scores, make_optimizer, open_metrics, train_step, \
-    write_json
+from .core import MODEL_FILE, SUMMARY, MixedPrecision, append_record, last_epoch_scores, make_optimizer, open_metrics, \
+    train_step, write_json
 from .data import TapCache, rows_for_model
 from .export import check_onnx, export_onnx
 from .model import build_side_network

@@ -21,7 +21,8 @@ WIDTHS = [16, 16, 24]  # the last tap is wider than the side width: it gets a pr
 
 
 def reference_logits(taps, mask, w, adapter_per_tap, pooling, eps=1e-5):
-    """s_{l+1} = LN(A(s_l + b_{l+1}) + s_l + b_{l+1}), s_0 = 0 (adapter_per_tap) or s_1 = b_1; logits = head(pool(b_M + s_M))."""
+    """s_{l+1} = LN(A(s_l + b_{l+1}) + s_l + b_{l+1}) from s_0 = 0 (adapter_per_tap) or s_1 = b_1;
+    logits = head(pool(b_M + s_M))."""
     out = []
     for i in range(mask.shape[0]):
         real = [t for t in range(mask.shape[1]) if mask[i, t] > 0]
@@ -34,7 +35,8 @@ def reference_logits(taps, mask, w, adapter_per_tap, pooling, eps=1e-5):
                 x = s + b_next
                 a = torch.relu(x @ w[f"adapters.{l}.down.weight"].T + w[f"adapters.{l}.down.bias"])
                 h = a @ w[f"adapters.{l}.up.weight"].T + w[f"adapters.{l}.up.bias"] + x
-                s = (h - h.mean()) / torch.sqrt(h.var(unbiased=False) + eps) * w[f"norms.{l}.weight"] + w[f"norms.{l}.bias"]
+                s = (h - h.mean()) / torch.sqrt(((h - h.mean()) ** 2).mean() + eps) * w[f"norms.{l}.weight"] \
+                    + w[f"norms.{l}.bias"]
             feats.append(b[-1] + s)
         out.append(torch.stack(feats).mean(0) @ w["head.weight"].T + w["head.bias"])
     return torch.stack(out)
