@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -63,13 +62,13 @@ def bitplan() -> bytes:
 
 def model_meta() -> bytes:
     side = SideConfig(tap_widths=[64, 64], out_dim=2, side_width=64)
-    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "golden", TAPS, {"samples_trained": 192, "steps": 12})
+    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "golden", TAPS, {"samples_trained": 192, "steps": 12})
     return messages.frame(meta, b"onnx-bytes")
 
 
 def model_meta_federated() -> bytes:
     side = SideConfig(tap_widths=[], out_dim=2, side_width=128)
-    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "fed-sst2", TAPS,
+    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "fed-sst2", TAPS,
                      {"samples_trained": 96, "onnx_max_abs_diff": 0.0, "steps": 30, "shared_samples_trained": 192},
                      FedModel("ab12cd34", [1, 3], 4, 4, 30))
     return messages.frame(meta, b"onnx-bytes")
