@@ -13,7 +13,7 @@ Encoding a block, identically in every implementation:
 2. `scale = fp16(min(absmax / QMAX, 65504))` with fp32 division and round-to-nearest-even.
 3. `y = x / float32(scale)` (fp32 division), or `y = 0` where `scale == 0`;
    then `y` is clamped to [-QMAX, QMAX].
-4. `y` is mapped to a code by the format's rule (`int8`, `int4`, `fp8`, `nf4`).
+4. `y` is mapped to a code by the format's rule (`int8`, `int4`, `fp8`, `nf4`, `fp4`).
 A block holding NaN or +-Inf gets `scale = NaN`; `encode` raises instead of returning it.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from mobillm.common.errors import BadInput
 
-FORMATS = ("int8", "fp8", "int4", "nf4", "fp16")
+FORMATS = ("int8", "fp8", "int4", "nf4", "fp16", "fp4")  # new formats go at the end: ids never move
 # Each format's number, in one order: the C API counts from 0 (enum mobillm_format in
 # kernels/cpp/block_quant.h), the wire from 1 (common/wire.py; 0 is never a valid tap format).
 FORMAT_CODES = {fmt: i for i, fmt in enumerate(FORMATS)}
@@ -75,9 +75,18 @@ def _e4m3_table() -> np.ndarray:
 FP8_TABLE = _e4m3_table()
 INT4_TABLE = np.arange(-8, 8, dtype=np.float32)  # nibble n decodes to n - 8 (n = 0 unused)
 
+# FP4 E2M1 (our reading of the MobiLLM paper's Eq. 2; docs/formats.md): bit 3 the sign, bits 0-2
+# the magnitude, one of eight values. Nibble 8 (-0) is never produced; it decodes to -0.0.
+FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+FP4_TABLE = np.concatenate([FP4_MAGNITUDES, -FP4_MAGNITUDES])
+# Midpoints between neighbouring magnitudes (exact in fp32). A |y| equal to a midpoint takes the
+# neighbour with the even code (round half to even, as IEEE): the upper one at odd indices.
+FP4_MIDPOINTS = ((FP4_MAGNITUDES[:-1] + FP4_MAGNITUDES[1:]) / 2).astype(np.float32)
+FP4_TIE_UP = np.arange(len(FP4_MIDPOINTS)) % 2 == 1
+
 # Largest |y| each format represents: the block absmax maps onto it.
-QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0, "nf4": 1.0}
-BITS = {"int8": 8, "fp8": 8, "int4": 4, "nf4": 4, "fp16": 16}
+QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0, "nf4": 1.0, "fp4": 6.0}
+BITS = {"int8": 8, "fp8": 8, "int4": 4, "nf4": 4, "fp16": 16, "fp4": 4}
 
 
 class NonFiniteActivation(BadInput, ValueError):
@@ -161,6 +170,14 @@ def _fp8_bits(y: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint8)
 
 
+def _fp4_codes(y: np.ndarray) -> np.ndarray:
+    """E2M1 nibble of y (|y| <= 6): the magnitude code counts the midpoints |y| passes (at a
+    midpoint: passes it where FP4_TIE_UP); the sign bit only for a nonzero code (zero is 0x0)."""
+    a = np.abs(y)[..., None]
+    mag = np.where(FP4_TIE_UP, a >= FP4_MIDPOINTS, a > FP4_MIDPOINTS).sum(axis=-1)
+    return (mag + np.where((y < 0) & (mag > 0), 8, 0)).astype(np.uint8)
+
+
 def quantize_codes(y: np.ndarray, fmt: str) -> np.ndarray:
     """Unpacked code per element of the scaled, clamped y (step 4): uint8 0..255 or 0..15."""
     if fmt == "int8":
@@ -171,6 +188,8 @@ def quantize_codes(y: np.ndarray, fmt: str) -> np.ndarray:
         return (y[..., None] > NF4_THRESHOLDS).sum(axis=-1).astype(np.uint8)
     if fmt == "fp8":
         return _fp8_bits(y)
+    if fmt == "fp4":
+        return _fp4_codes(y)
     raise ValueError(f"no codes for format {fmt!r}")
 
 
@@ -225,7 +244,7 @@ def code_values(fmt: str) -> np.ndarray:
     fmt = check_format(fmt)
     if fmt == "int8":
         return np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)
-    return {"int4": INT4_TABLE, "nf4": NF4_TABLE, "fp8": FP8_TABLE}[fmt]
+    return {"int4": INT4_TABLE, "nf4": NF4_TABLE, "fp8": FP8_TABLE, "fp4": FP4_TABLE}[fmt]
 
 
 def decode(enc: Encoded) -> np.ndarray:

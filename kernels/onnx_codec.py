@@ -107,7 +107,8 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
         y = b.op("Slice", [y, b.const([0], np.int64), b.const([hidden], np.int64), axis], "y_trim")
 
     # Step 4: codes as uint8 (4-bit ones as exact floats, then packed two to a byte).
-    codes = {"int8": _int8_codes, "int4": _int4_codes, "nf4": _nf4_codes, "fp8": _fp8_codes}[fmt](b, y)
+    codes = {"int8": _int8_codes, "int4": _int4_codes, "nf4": _nf4_codes, "fp8": _fp8_codes,
+             "fp4": _fp4_codes}[fmt](b, y)
     if codec.BITS[fmt] == 4:
         codes = _pack_nibbles(b, codes, hidden)
     codes_shape = b.op("Concat", [lead, b.const([codec.code_bytes(fmt, hidden)], np.int64)], "codes_shape", axis=0)
@@ -170,7 +171,7 @@ def _nf4_codes(b: _Builder, y: str) -> str:
 
 def _fp8_codes(b: _Builder, y: str) -> str:
     # NaN elements (their block's scale is already NaN) become 0: the exponent Gathers below need
-    # an index in range. fp8 is the one format that needs this element-wise Where.
+    # an index in range. fp8 and fp4 are the formats that need this element-wise Where.
     y = b.op("Where", [b.op("IsNaN", [y]), b.const(0.0), y], "y_finite")
     # Powers of two by table lookup keep every step exact; entry i holds 2**(i - 12).
     pow2 = b.const([2.0**k for k in range(-12, 11)], hint="pow2")
@@ -196,6 +197,24 @@ def _fp8_codes(b: _Builder, y: str) -> str:
     negative = b.op("And", [b.op("Less", [y, b.const(0.0)]), b.op("Greater", [r, b.const(0.0)])])
     sign = b.op("Mul", [b.op("Cast", [negative], to=TensorProto.FLOAT), b.const(128.0)])
     return b.op("Cast", [b.op("Add", [bits, sign])], "fp8_bits", to=TensorProto.UINT8)
+
+
+def _fp4_codes(b: _Builder, y: str) -> str:
+    # codec._fp4_codes by segments of equal spacing: |y| in [0, 2) steps 0.5 (codes 0-4), [2, 4)
+    # steps 1 (codes 4-6), [4, 6] steps 2 (codes 6-7). code = offset + Round((a - base) / step):
+    # a - base and the division by a power of two are exact, and Round's half-to-even gives the
+    # even code at every midpoint because each segment's offset is even. NaN elements become 0
+    # first, or they would spoil the other nibble of their byte.
+    y = b.op("Where", [b.op("IsNaN", [y]), b.const(0.0), y], "y_finite")
+    a = b.op("Abs", [y], "a")
+    ge2 = b.op("Cast", [b.op("GreaterOrEqual", [a, b.const(2.0)])], to=TensorProto.FLOAT)
+    ge4 = b.op("Cast", [b.op("GreaterOrEqual", [a, b.const(4.0)])], to=TensorProto.FLOAT)
+    base = b.op("Mul", [b.op("Add", [ge2, ge4]), b.const(2.0)], "fp4_base")  # 0, 2, 4
+    inv_step = b.op("Sub", [b.op("Sub", [b.const(2.0), ge2]), b.op("Mul", [ge4, b.const(0.5)])], "fp4_inv_step")
+    offset = b.op("Add", [b.op("Mul", [ge2, b.const(4.0)]), b.op("Mul", [ge4, b.const(2.0)])], "fp4_offset")
+    mag = b.op("Add", [offset, b.op("Round", [b.op("Mul", [b.op("Sub", [a, base]), inv_step])])], "fp4_mag")
+    negative = b.op("And", [b.op("Less", [y, b.const(0.0)]), b.op("Greater", [mag, b.const(0.0)])])
+    return b.op("Add", [mag, b.op("Mul", [b.op("Cast", [negative], to=TensorProto.FLOAT), b.const(8.0)])], "fp4_code")
 
 
 def _pack_nibbles(b: _Builder, codes: str, hidden: int) -> str:

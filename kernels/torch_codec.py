@@ -78,6 +78,8 @@ def _codes(y: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "nf4":
         thresholds = torch.from_numpy(codec.NF4_THRESHOLDS.copy()).to(y.device)
         return torch.bucketize(y.contiguous(), thresholds, right=False).to(torch.int16)  # count of thresholds < y
+    if fmt == "fp4":
+        return _fp4_codes(y)
     a = y.abs()
     e = torch.floor(torch.log2(a.clamp_min(2.0**-10))).to(torch.int32)
     one = torch.ones_like(a)
@@ -90,3 +92,12 @@ def _codes(y: torch.Tensor, fmt: str) -> torch.Tensor:
     bits = 8 * (er + 6) + (r / torch.ldexp(one, er - 3)).to(torch.int32)
     bits = bits + torch.where((y < 0) & (r > 0), 128, 0)
     return bits.to(torch.int16)
+
+
+def _fp4_codes(y: torch.Tensor) -> torch.Tensor:
+    """codec._fp4_codes: midpoints passed (ties where FP4_TIE_UP), sign bit for nonzero codes."""
+    mid = torch.from_numpy(codec.FP4_MIDPOINTS.copy()).to(y.device)
+    tie_up = torch.from_numpy(codec.FP4_TIE_UP.copy()).to(y.device)
+    a = y.abs().unsqueeze(-1)
+    mag = torch.where(tie_up, a >= mid, a > mid).sum(dim=-1).to(torch.int16)
+    return mag + torch.where((y < 0) & (mag > 0), 8, 0).to(torch.int16)

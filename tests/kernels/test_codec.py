@@ -150,5 +150,5 @@ def test_decode_is_within_half_a_step(fmt, h, bs, seed, fp16, outliers):
         return
     scale = np.repeat(enc.scales.astype(np.float32), bs, axis=-1)[..., :h]
     # Largest gap between neighbouring grid values, times the scale, bounds twice the error.
-    gap = {"int8": 1.0, "int4": 1.0, "nf4": 0.33, "fp8": 32.0}[fmt]
+    gap = {"int8": 1.0, "int4": 1.0, "nf4": 0.33, "fp8": 32.0, "fp4": 2.0}[fmt]
     assert np.all(np.abs(dec - x32) <= gap * scale / 2 + 1e-3 * np.abs(x32) + 1e-30)

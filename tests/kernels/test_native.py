@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from mobillm.kernels import codec, native, onnx_codec
 from mobillm.kernels.conformance import activations, same_bytes, zero_nonfinite_blocks
 
-QUANT = ["int8", "fp8", "int4", "nf4"]
+QUANT = ["int8", "fp8", "int4", "nf4", "fp4"]
 
 
 def library_or_skip(name: str):

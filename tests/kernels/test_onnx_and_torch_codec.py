@@ -68,7 +68,7 @@ def test_torch_matches_reference(fmt, shape, bs, seed, scale, outliers, fp16):
 def test_onnx_marks_non_finite_blocks_with_nan_scale():
     x = np.ones((1, 2, 128), np.float32)
     x[0, 1, 70] = np.inf
-    for fmt in ("int8", "nf4", "fp8", "int4"):
+    for fmt in ("int8", "nf4", "fp8", "int4", "fp4"):
         _, scales = ort_encode(x, fmt, 64)
         assert np.isnan(scales[0, 1, 1]) and np.isfinite(scales[0, 1, 0]) and np.isfinite(scales[0, 0]).all()
 
@@ -88,7 +88,7 @@ def test_onnx_nan_block_keeps_other_rows_and_nibbles_intact():
     # neighbouring nibble of a 4-bit byte: only its own block's scale says "non-finite".
     x = np.random.default_rng(7).standard_normal((1, 3, 130)).astype(np.float32)
     x[0, 1, 3] = np.nan
-    for fmt in ("int8", "fp8", "int4", "nf4"):
+    for fmt in ("int8", "fp8", "int4", "nf4", "fp4"):
         codes, scales = ort_encode(x, fmt, 64)
         assert np.isnan(scales[0, 1, 0]) and not np.isnan(scales[0, 1, 1:]).any()
         for row in (0, 2):
@@ -100,3 +100,33 @@ def test_onnx_nan_block_keeps_other_rows_and_nibbles_intact():
         got = codes[:, 1].view(np.uint8)
         if codec.BITS[fmt] == 4:
             assert got[0, 1] & 0x0F == ref[0, 1] & 0x0F  # element 2 shares a byte with element 3
+
+
+def fp4_edge_rows() -> np.ndarray:
+    """Rows whose absmax is 6, so y = x exactly: every fp4 value, every midpoint (ties), values a
+    hair either side of them, zeros of both signs, and a short last block (hidden 67, block 64)."""
+    mags = np.concatenate([codec.FP4_MAGNITUDES, codec.FP4_MIDPOINTS])
+    near = np.concatenate([np.nextafter(mags, np.float32(0)), np.nextafter(mags, np.float32(7))])
+    vals = np.concatenate([mags, near, [0.0, -0.0, 0.1, -0.1, 0.24, -0.26]]).astype(np.float32)
+    vals = np.clip(vals, -6, 6)
+    row = np.zeros(67, np.float32)
+    row[:64] = np.resize(vals, 64)
+    row[0], row[64:] = 6.0, [-5.0, -2.5, 6.0]  # short last block: absmax 6, a tie at 5 and at 2.5
+    return np.stack([row, -row, row * np.float32(0.5)])[None]
+
+
+def test_fp4_edge_values_match_across_numpy_onnx_torch():
+    x = fp4_edge_rows()
+    enc = codec.encode(x, "fp4", 64)
+    codes = codec.unpack_nibbles(enc.codes, 67)
+    # Ties go to the even code: 0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4.
+    y = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, -0.25, -0.0, 6.0, -6.0], np.float32)
+    assert codec.FP4_TABLE[codec.quantize_codes(y, "fp4")].tolist() == [0, 1, 1, 2, 2, 4, 4, -4, 0, 0, 6, -6]
+    assert codec.quantize_codes(np.float32([-0.25, -0.0]), "fp4").tolist() == [0, 0]  # never -0 (code 8)
+    assert 8 not in codes
+    ort_codes, ort_scales = ort_encode(x, "fp4", 64)
+    assert same_bytes(ort_codes, enc.codes) and same_bytes(ort_scales, enc.scales)
+    t_codes, t_scales = torch_codec.encode(torch.from_numpy(x), "fp4", 64)
+    assert same_bytes(t_codes.numpy(), enc.codes) and same_bytes(t_scales.numpy(), enc.scales)
+    dec = torch_codec.decode(torch.from_numpy(enc.codes.copy()), torch.from_numpy(enc.scales.copy()), "fp4", 67, 64)
+    assert same_bytes(dec.numpy(), codec.decode(enc))
