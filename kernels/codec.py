@@ -15,6 +15,11 @@ Encoding a block, identically in every implementation:
    then `y` is clamped to [-QMAX, QMAX].
 4. `y` is mapped to a code by the format's rule (`int8`, `int4`, `fp8`, `nf4`, `fp4`).
 A block holding NaN or +-Inf gets `scale = NaN`; `encode` raises instead of returning it.
+
+Per-tensor scaling (`block_size == PER_TENSOR`, i.e. 0; the MobiLLM paper's scheme): the whole
+tensor is one block. Steps 1-3 run once over every element; each row then holds one scale,
+the tensor's (scales [..., 1], all equal), so rows can still be sliced and cached one by one;
+the wire carries that scale once per tap (common/wire.py).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ FORMATS = ("int8", "fp8", "int4", "nf4", "fp16", "fp4")  # new formats go at the
 FORMAT_CODES = {fmt: i for i, fmt in enumerate(FORMATS)}
 WIRE_FORMAT_IDS = {fmt: code + 1 for fmt, code in FORMAT_CODES.items()}
 DEFAULT_BLOCK_SIZE = 64
+PER_TENSOR = 0  # block_size meaning "one scale for the whole tensor"
 FP16_MAX = 65504.0
 
 # QLoRA's NormalFloat4 table (Dettmers et al. 2023), as fp32.
@@ -105,7 +111,9 @@ class Encoded:
 
     @property
     def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.scales.nbytes)
+        """Bytes sent: a per-tensor scale travels once (2 bytes), not once per row."""
+        per_tensor = self.block_size == PER_TENSOR and self.scales.size
+        return int(self.codes.nbytes + (2 if per_tensor else self.scales.nbytes))
 
 
 def check_format(fmt: str) -> str:
@@ -117,8 +125,13 @@ def check_format(fmt: str) -> str:
 
 
 def n_blocks(hidden: int, block_size: int) -> int:
-    """Number of scale blocks in a row of `hidden` elements."""
-    return -(-hidden // block_size)
+    """Number of scales each row of `hidden` elements holds (per-tensor: 1, the tensor's)."""
+    return 1 if block_size == PER_TENSOR else -(-hidden // block_size)
+
+
+def row_block_size(hidden: int, block_size: int) -> int:
+    """The block length within a row: `block_size`, or the whole row for per-tensor scaling."""
+    return hidden if block_size == PER_TENSOR else block_size
 
 
 def code_bytes(fmt: str, hidden: int) -> int:
@@ -128,9 +141,10 @@ def code_bytes(fmt: str, hidden: int) -> int:
 
 
 def bytes_per_row(fmt: str, hidden: int, block_size: int) -> int:
-    """Bytes on the wire for one row (token) of one tap, scales included."""
+    """Bytes on the wire for one row (token) of one tap, scales included (a per-tensor scale is
+    2 bytes per tap per batch, not per row, and is left out)."""
     fmt = check_format(fmt)
-    scale_bytes = 0 if fmt == "fp16" else 2 * n_blocks(hidden, block_size)
+    scale_bytes = 0 if fmt == "fp16" or block_size == PER_TENSOR else 2 * n_blocks(hidden, block_size)
     return code_bytes(fmt, hidden) + scale_bytes
 
 
@@ -145,12 +159,15 @@ def _blocked(x: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def block_scales(x: np.ndarray, fmt: str, block_size: int) -> np.ndarray:
-    """fp16 scale per block (NaN for a block with a non-finite value); steps 1-2 above."""
-    xb = _blocked(np.asarray(x, dtype=np.float32), block_size)
-    finite = np.isfinite(xb).all(axis=-1)
-    absmax = np.abs(np.where(np.isfinite(xb), xb, 0)).max(axis=-1)
+    """fp16 scale per block (NaN for a block with a non-finite value); steps 1-2 above.
+    Per-tensor: [..., 1], every row holding the tensor's one scale."""
+    x = np.asarray(x, dtype=np.float32)
+    xb = _blocked(x, row_block_size(x.shape[-1], block_size))
+    axes = tuple(range(xb.ndim)) if block_size == PER_TENSOR else -1
+    finite = np.isfinite(xb).all(axis=axes, keepdims=True)[..., 0]
+    absmax = np.abs(np.where(np.isfinite(xb), xb, 0)).max(axis=axes, keepdims=True)[..., 0]
     scale = np.minimum(absmax / np.float32(QMAX[fmt]), np.float32(FP16_MAX)).astype(np.float16)
-    return np.where(finite, scale, np.float16(np.nan))
+    return np.broadcast_to(np.where(finite, scale, np.float16(np.nan)), xb.shape[:-1]).copy()
 
 
 def _fp8_bits(y: np.ndarray) -> np.ndarray:
@@ -209,10 +226,11 @@ def unpack_nibbles(packed: np.ndarray, hidden: int) -> np.ndarray:
 
 
 def encode(x: np.ndarray, fmt: str, block_size: int = DEFAULT_BLOCK_SIZE, name: str = "tensor") -> Encoded:
-    """Quantize x [..., H] (fp32 or fp16). Raises NonFiniteActivation naming `name` on NaN/Inf."""
+    """Quantize x [..., H] (fp32 or fp16); `block_size` PER_TENSOR (0): one scale for all of x.
+    Raises NonFiniteActivation naming `name` on NaN/Inf."""
     fmt = check_format(fmt)
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if block_size < 0:
+        raise ValueError(f"block_size must be >= 1, or 0 for one scale per tensor; got {block_size}")
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float16):
         raise TypeError(f"{name}: expected float32 or float16, got {x.dtype}")
@@ -228,7 +246,7 @@ def encode(x: np.ndarray, fmt: str, block_size: int = DEFAULT_BLOCK_SIZE, name: 
     x32 = x.astype(np.float32)
     scales = block_scales(x32, fmt, block_size)
     s = scales.astype(np.float32)[..., None]
-    xb = _blocked(x32, block_size)
+    xb = _blocked(x32, row_block_size(hidden, block_size))
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.where(s == 0, np.float32(0), xb / np.where(s == 0, np.float32(1), s))
     qmax = np.float32(QMAX[fmt])
@@ -261,7 +279,7 @@ def decode_arrays(codes: np.ndarray, scales: np.ndarray, fmt: str, hidden: int, 
     if BITS[fmt] == 4:
         codes = unpack_nibbles(codes, hidden)
     values = code_values(fmt)[codes]
-    scale = np.repeat(np.asarray(scales).astype(np.float32), block_size, axis=-1)[..., :hidden]
+    scale = np.repeat(np.asarray(scales).astype(np.float32), row_block_size(hidden, block_size), axis=-1)[..., :hidden]
     return values * scale
 
 

@@ -63,6 +63,7 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     Per-element work is kept to ops ONNX Runtime's CPU provider runs fast: no element-wise
     Where (its broadcasting kernel costs ~50x an Add) and no search Gathers; the per-block
     corrections (NaN scale, zero scale) are done on the scales, 1/block_size of the data.
+    `block_size` codec.PER_TENSOR (0): one block of the whole tensor, its scale repeated per row.
     """
     fmt = codec.check_format(fmt)
     b = _Builder(prefix)
@@ -76,23 +77,26 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
         return b.sub
 
     xf = x if dtype == TensorProto.FLOAT else b.op("Cast", [x], "x_f32", to=TensorProto.FLOAT)
-    nb = codec.n_blocks(hidden, block_size)
+    per_tensor = block_size == codec.PER_TENSOR
+    nb, block_size = codec.n_blocks(hidden, block_size), codec.row_block_size(hidden, block_size)
     pad = nb * block_size - hidden
     qmax = codec.QMAX[fmt]
     x2 = b.op("Reshape", [xf, b.const([-1, hidden], np.int64)], "rows")
     if pad:
         x2 = b.op("Pad", [x2, b.const([0, pad], np.int64), b.const(0.0), b.const([-1], np.int64)], "padded")
     xb = b.op("Reshape", [x2, b.const([-1, nb, block_size], np.int64)], "blocks")
-    axis = b.const([-1], np.int64, "axis")
+    block_axes = b.const([0, 1, 2] if per_tensor else [-1], np.int64, "block_axes")  # what one scale covers
 
     # Steps 1-2: fp16 scale of each block. x * 0 is 0 for finite x and NaN for NaN/Inf, so the
     # block sum `poison` is 0 or NaN; adding it marks non-finite blocks, Abs makes the NaN positive
     # (fp16 0x7E00, as codec.block_scales).
-    absmax = b.op("ReduceMax", [b.op("Abs", [xb]), axis], "absmax", keepdims=1)
-    poison = b.op("ReduceSum", [b.op("Mul", [xb, b.const(0.0)]), axis], "poison", keepdims=1)
+    absmax = b.op("ReduceMax", [b.op("Abs", [xb]), block_axes], "absmax", keepdims=1)
+    poison = b.op("ReduceSum", [b.op("Mul", [xb, b.const(0.0)]), block_axes], "poison", keepdims=1)
     scale32 = b.op("Min", [b.op("Div", [absmax, b.const(qmax)]), b.const(codec.FP16_MAX)], "scale32")
     marked = b.op("Cast", [b.op("Abs", [b.op("Add", [scale32, poison])])], "scale16", to=TensorProto.FLOAT16)
     scales_shape = b.op("Concat", [lead, b.const([nb], np.int64)], "scales_shape", axis=0)
+    if per_tensor:  # [1, 1, 1] -> one copy per row (Expand broadcasts it to [1, rows..., 1])
+        marked = b.op("Expand", [marked, scales_shape], "scale_per_row")
     b.sub.scales = b.op("Reshape", [marked, scales_shape], "scales")
 
     # Step 3: y = x / scale, clamped to [-qmax, qmax]. A zero scale divides by 2^100 instead,
@@ -104,7 +108,7 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     y = b.op("Clip", [b.op("Div", [xb, safe]), b.const(-qmax), b.const(qmax)], "y_clamped")
     y = b.op("Reshape", [y, b.const([-1, nb * block_size], np.int64)], "y_rows")
     if pad:
-        y = b.op("Slice", [y, b.const([0], np.int64), b.const([hidden], np.int64), axis], "y_trim")
+        y = b.op("Slice", [y, b.const([0], np.int64), b.const([hidden], np.int64), b.const([-1], np.int64)], "y_trim")
 
     # Step 4: codes as uint8 (4-bit ones as exact floats, then packed two to a byte).
     codes = {"int8": _int8_codes, "int4": _int4_codes, "nf4": _nf4_codes, "fp8": _fp8_codes,

@@ -38,7 +38,7 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, fmt: str, hidden: int, blo
     else:
         idx = codes.long()
     values = code_table(fmt, codes.device)[idx]
-    scale = scales.float().repeat_interleave(block_size, dim=-1)[..., :hidden]
+    scale = scales.float().repeat_interleave(codec.row_block_size(hidden, block_size), dim=-1)[..., :hidden]
     return values * scale
 
 
@@ -52,10 +52,14 @@ def encode(x: torch.Tensor, fmt: str, block_size: int = codec.DEFAULT_BLOCK_SIZE
     xf = x.float()
     if fmt == "fp16":
         return xf.clamp(-codec.FP16_MAX, codec.FP16_MAX).half(), xf.new_zeros(x.shape[:-1] + (0,), dtype=torch.float16)
-    nb = codec.n_blocks(hidden, block_size)
+    per_tensor = block_size == codec.PER_TENSOR
+    nb, block_size = codec.n_blocks(hidden, block_size), codec.row_block_size(hidden, block_size)
     xb = torch.nn.functional.pad(xf, (0, nb * block_size - hidden)).unflatten(-1, (nb, block_size))
+    dims = tuple(range(xb.ndim)) if per_tensor else (-1,)
     finite = torch.isfinite(xb).all(dim=-1)
-    absmax = torch.where(torch.isfinite(xb), xb, 0).abs().amax(dim=-1)
+    absmax = torch.where(torch.isfinite(xb), xb, 0).abs().amax(dim=dims, keepdim=True)[..., 0].expand(xb.shape[:-1])
+    if per_tensor:
+        finite = finite.all().expand(xb.shape[:-1])
     qmax = codec.QMAX[fmt]
     scale16 = torch.clamp_max(absmax / qmax, codec.FP16_MAX).half()
     scales = torch.where(finite, scale16, torch.full_like(scale16, float("nan")))

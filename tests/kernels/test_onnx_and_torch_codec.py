@@ -38,7 +38,7 @@ def sample(seed, shape, scale, outliers, fp16):
 
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 200))
-params = dict(fmt=st.sampled_from(codec.FORMATS), shape=shapes, bs=st.sampled_from([1, 4, 7, 32, 64, 128]),
+params = dict(fmt=st.sampled_from(codec.FORMATS), shape=shapes, bs=st.sampled_from([codec.PER_TENSOR, 1, 4, 7, 32, 64, 128]),
               seed=st.integers(0, 10_000), scale=st.sampled_from([1e-3, 1.0, 40.0, 3000.0]),
               outliers=st.booleans(), fp16=st.booleans())
 
@@ -130,3 +130,21 @@ def test_fp4_edge_values_match_across_numpy_onnx_torch():
     assert same_bytes(t_codes.numpy(), enc.codes) and same_bytes(t_scales.numpy(), enc.scales)
     dec = torch_codec.decode(torch.from_numpy(enc.codes.copy()), torch.from_numpy(enc.scales.copy()), "fp4", 67, 64)
     assert same_bytes(dec.numpy(), codec.decode(enc))
+
+
+def test_per_tensor_scale_is_one_scale_for_the_whole_tensor():
+    x = sample(3, (2, 5, 70), 2.0, True, False)
+    top = np.float32(np.abs(x).max() * 2)
+    x[1, 4, 9] = top  # the tensor's absmax, in one row only
+    for fmt in ("int8", "fp4", "nf4"):
+        enc = codec.encode(x, fmt, codec.PER_TENSOR)
+        assert enc.scales.shape == (2, 5, 1)
+        assert (enc.scales == np.float16(top / np.float32(codec.QMAX[fmt]))).all()
+        assert enc.nbytes == enc.codes.nbytes + 2
+        codes, scales = ort_encode(x, fmt, codec.PER_TENSOR)
+        assert same_bytes(codes, enc.codes) and same_bytes(scales, enc.scales)
+    x[0, 0, 0] = np.inf  # one non-finite element poisons the tensor's scale, in every row
+    _, scales = ort_encode(x, "fp4", codec.PER_TENSOR)
+    assert np.isnan(scales).all()
+    _, t_scales = torch_codec.encode(torch.from_numpy(x), "fp4", codec.PER_TENSOR)
+    assert np.isnan(t_scales.numpy()).all()
