@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from onnx import TensorProto
 
 from mobillm.kernels import codec, onnx_codec
+from mobillm.kernels.conformance import rounding_edges
 
 torch = pytest.importorskip("torch")
 from mobillm.kernels import torch_codec  # noqa: E402
@@ -113,6 +114,17 @@ def fp4_edge_rows() -> np.ndarray:
     row[:64] = np.resize(vals, 64)
     row[0], row[64:] = 6.0, [-5.0, -2.5, 6.0]  # short last block: absmax 6, a tie at 5 and at 2.5
     return np.stack([row, -row, row * np.float32(0.5)])[None]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4", "nf4", "fp4"])
+def test_rounding_edges_match_across_numpy_onnx_torch(fmt):
+    x = rounding_edges(fmt)  # scale exactly 1: every tie of the format's grid and its neighbours
+    enc = codec.encode(x, fmt, x.shape[-1])
+    assert enc.scales[0, 0] == 1.0
+    codes, scales = ort_encode(x, fmt, x.shape[-1])
+    assert same_bytes(codes, enc.codes) and same_bytes(scales, enc.scales)
+    t_codes, t_scales = torch_codec.encode(torch.from_numpy(x), fmt, x.shape[-1])
+    assert same_bytes(t_codes.numpy(), enc.codes) and same_bytes(t_scales.numpy(), enc.scales)
 
 
 def test_fp4_edge_values_match_across_numpy_onnx_torch():
