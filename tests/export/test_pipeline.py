@@ -38,7 +38,8 @@ def run(engine, ids=TOKENS, mask=MASK) -> dict:
 def test_every_quant_format_runs_in_ort_and_verifies(tiny_engine_factory):
     # One engine, one format per tap (one layer per format -> one tap each), keeps the suite fast.
     n = len(codec.FORMATS)
-    engine = tiny_engine_factory(",".join(codec.FORMATS), overrides={"num_hidden_layers": n})
+    engine = tiny_engine_factory(",".join(codec.FORMATS), overrides={"num_hidden_layers": n},
+                                 taps=list(range(1, n + 1)))
     manifest = Manifest.load(engine)
     assert [t.fmt for t in manifest.taps] == list(codec.FORMATS)
     outputs = run(engine)
