@@ -109,8 +109,9 @@ class TapInfo:
         if values["fmt"] not in codec.FORMATS:
             raise ProtocolError("bad_hello", f"taps[{index}].fmt must be one of {codec.FORMATS}, "
                                              f"got {values['fmt']!r}")
-        if not 0 < values["hidden"] <= 65536 or not 0 < values["block_size"] <= 65535 or values["layer"] < 0:
-            raise ProtocolError("bad_hello", f"taps[{index}]: hidden must be 1..65536, block_size 1..65535, "
+        if not 0 < values["hidden"] <= 65536 or not 0 <= values["block_size"] <= 65535 or values["layer"] < 0:
+            raise ProtocolError("bad_hello", f"taps[{index}]: hidden must be 1..65536, block_size 0..65535 (0: "
+                                             f"one scale per tensor), "
                                              f"layer >= 0")
         return cls(**values)
 

@@ -55,7 +55,7 @@ class TrainOptions:
     max_len: int = option(128, "truncate rows to this many tokens")
     mode: str = option("pooled", "pooled: only the row the head reads (exact for last-token heads); "
                                  "tokens: every real token", flag="send", choices=tuple(sorted(wire.MODES)))
-    bits: str = option("engine", "engine (formats in the graph), a format (nf4, int4, fp8, int8, fp16) or a comma "
+    bits: str = option("engine", f"engine (formats in the graph), a format ({', '.join(codec.FORMATS)}) or a comma "
                                  "list per tap, or auto (adapt to measured uplink; best with an engine exported "
                                  "with --quant fp16)")
     latency_target_s: float = option(0.5, "auto bits: seconds one batch may take to send", flag="latency-target",
