@@ -201,6 +201,9 @@ class ServerConfig:
     certfile: str | None = option(None, "PEM certificate (chain): serve wss:// (TLS 1.2+); devices verify it with "
                                         "--ca (default: plain ws://)")
     keyfile: str | None = option(None, "PEM private key for --certfile (default: inside --certfile)")
+    metrics_port: int | None = option(None, "also serve Prometheus /metrics alone on this port, without the "
+                                             "token (default: only on --port, where the token applies)")
+    tensorboard: bool = option(True, "write TensorBoard event files to each run folder (needs tensorboard)")
     side: SideConfig = field(default_factory=SideConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     federated: bool = option(False, "one shared side network per task for every device and backbone "
@@ -221,6 +224,8 @@ class ServerConfig:
             raise ConfigError(f"bitplan_every must be >= 0, got {self.bitplan_every}")
         if self.max_frame < 1024:
             raise ConfigError(f"max_frame must be >= 1024 bytes, got {self.max_frame}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.keyfile is not None and self.certfile is None:

@@ -96,6 +96,7 @@ class RunTable:
         self.config, self.stopping = config, stopping  # stopping(): the server is shutting down
         self.runs: dict = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.observers: list = []  # `make(run) -> observer` for each new run (training.TrainingRun.observers)
 
     def stop(self) -> None:
         runs = list(self.runs.values())
@@ -119,6 +120,7 @@ class RunTable:
                 run.stop()
                 raise ProtocolError(*SHUTTING_DOWN)
             self.runs[name] = run
+            run.observers.extend(make(run) for make in self.observers)
             run.start(asyncio.get_running_loop())
         return run
 

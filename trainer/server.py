@@ -20,6 +20,7 @@ import hmac
 import itertools
 import logging
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -29,9 +30,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from mobillm.common import messages, wire
 from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ProtocolError, Welcome
 
+from .board import board_factory
 from .config import ServerConfig, tls_context
 from .core import make_optimizer
 from .policy import FederatedPolicy, Membership, RunPolicy, SingleDevicePolicy
+from .status import StatusEndpoints
 
 log = logging.getLogger("mobillm.trainer")
 
@@ -50,6 +53,8 @@ class Session:
         self.stop_sent = False
         self.failed = False
         self._sends: set[asyncio.Task] = set()
+        self.connected_at = self.last_seen = time.time()  # for the status page
+        self.bytes_in = 0
 
     # Called on the loop for the run's training thread.
     def grant_credit(self, seq: int, samples_done: int) -> None:
@@ -100,6 +105,7 @@ class Session:
             log.info("session %s: device %s on run %s%s, resume at %d", self.id, self.hello.device_id, j.run,
                      f" (family {j.federated.family})" if j.federated else "", j.samples_done)
             async for message in self.ws:
+                self.last_seen, self.bytes_in = time.time(), self.bytes_in + len(message)
                 frame = self._decode(message)
                 if frame.type == wire.MsgType.BATCH:
                     member.receive(frame, len(message))
@@ -138,6 +144,7 @@ class Session:
         if self.failed:
             return
         self.failed = True
+        self.server.http.refused(error.code)
         log.warning("session %s: %s", self.id, error)
         try:
             await self.ws.send(messages.frame(ErrorReport(error.code, error.message)))
@@ -162,6 +169,15 @@ class TrainerServer:
         self._ws_server = None
         self._sessions: set[Session] = set()
         self.port: int | None = None
+        self.http = StatusEndpoints(self)  # GET /, /status.json, /metrics (status.py)
+        self.policy.observers.extend(self.http.observers())
+        make_board = board_factory() if config.tensorboard else None
+        if make_board is not None:
+            self.policy.observers.append(make_board)
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
 
     @property
     def url(self) -> str:
@@ -187,6 +203,7 @@ class TrainerServer:
                                         daemon=True)
         self._thread.start()
         self.port = ready.result(timeout=30)
+        self.http.start()
         log.info("trainer serving on %s (runs in %s, device %s)", self.url, self.config.runs_dir, self.config.device)
         return self.port
 
@@ -202,6 +219,7 @@ class TrainerServer:
         self._on_loop(self._goodbye)
         self._loop.call_soon_threadsafe(self._shutdown.set)
         self._thread.join(timeout=60)
+        self.http.stop()
 
     def _on_loop(self, coro_fn, timeout: float = 30.0) -> None:
         try:
@@ -251,7 +269,8 @@ class TrainerServer:
         try:
             # No permessage-deflate: the payload is already quantized and deflate would cost CPU on both sides.
             async with serve(self._handle, self.config.host, self.config.port, max_size=self.config.max_frame,
-                             compression=None, max_queue=4, ssl=self._ssl_context()) as ws_server:
+                             compression=None, max_queue=4, ssl=self._ssl_context(),
+                             process_request=self.http.process_request) as ws_server:
                 self._ws_server = ws_server
                 ready.set_result(ws_server.sockets[0].getsockname()[1])
                 await self._shutdown.wait()

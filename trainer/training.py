@@ -160,6 +160,9 @@ class TrainingRun:
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
         self._metrics = open_metrics(self.folder / METRICS, self.step if checkpoint is not None else None)
+        # Watchers of the run (TensorBoard, /metrics, the status page), called on the training thread:
+        # `step(run, record)` after each metrics.jsonl record, `end(run)` when the thread ends.
+        self.observers: list = []
 
     @property
     def phase(self) -> str:
@@ -270,6 +273,7 @@ class TrainingRun:
         finally:
             if not self.failed and self.strategy.phase != "finished":
                 self.save_checkpoint()
+            self._observe("end")
             self.notify()
 
     def _train_loop(self) -> None:
@@ -332,7 +336,18 @@ class TrainingRun:
                   "wait_s": waited, "step_s": time.perf_counter() - t0, "idle_frac": self.idle_frac(),
                   "bytes_received": self.bytes_received, "queue_depth": queued, **fields}
         append_record(self._metrics, record)
+        self._observe("step", record)
         check_finite(fit.step.loss, self.step, f" (device {work.member.device_id})" if work.member else "")
+
+    def _observe(self, event: str, *args) -> None:
+        """Tell every observer; one that raises is dropped (with a warning), never the run."""
+        for observer in list(self.observers):
+            try:
+                getattr(observer, event)(self, *args)
+            except Exception as exc:
+                log.warning("run %s: %s observer dropped: %s: %s", self.name, type(observer).__name__,
+                            type(exc).__name__, exc)
+                self.observers.remove(observer)
 
     def save_checkpoint(self) -> None:
         """The strategy's checkpoint, written atomically (called by the training thread only)."""
