@@ -103,7 +103,7 @@ def allowed_formats(engine_fmts: list[str], bits: str) -> list[str] | None:
     """Per-tap BATCH formats for a HELLO `bits` value (see `Hello.formats`); None: any format."""
     if bits == "engine":
         return list(engine_fmts)
-    if bits == "auto":
+    if bits == "auto" or bits.startswith("auto:"):  # the device adapts (edge_runtime/bitplan.py RULES)
         return None
     fmts = [codec.check_format(f.strip()) for f in bits.split(",")]
     return fmts * len(engine_fmts) if len(fmts) == 1 else fmts

@@ -76,8 +76,9 @@ def allocate(hidden: list[int], tokens: int, importance: list[float], budget_byt
             cur, nxt = ladder[level[m]], ladder[level[m] + 1]
             extra = _cost(nxt, h, block_size, tokens) - _cost(cur, h, block_size, tokens)
             gain = max(float(importance[m]), 1e-12) * (eps[m][cur] - eps[m][nxt])
-            if cost + extra <= budget_bytes and gain / extra > best_ratio:
-                best, best_ratio, best_extra = m, gain / extra, extra
+            ratio = gain / extra if extra > 0 else (float("inf") if gain > 0 else 0.0)  # free steps first
+            if cost + extra <= budget_bytes and ratio > best_ratio:
+                best, best_ratio, best_extra = m, ratio, extra
         if best is None:
             return [ladder[i] for i in level]
         level[best] += 1
