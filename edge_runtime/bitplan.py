@@ -57,17 +57,23 @@ def _cost(fmt: str, hidden: int, block_size: int, tokens: int) -> int:
     return codec.bytes_per_row(fmt, hidden, block_size) * tokens
 
 
+def _start(hidden, tokens, importance, block_size, ladder, eps) -> tuple[list[dict[str, float]], list[int], int]:
+    """Both rules' starting point: eps (Gaussian if not given), every tap at rung 0, and its bytes."""
+    if len(importance) != len(hidden):
+        raise ValueError(f"{len(importance)} importance values for {len(hidden)} taps")
+    eps = eps or gaussian_table(len(hidden), block_size, ladder)
+    level = [0] * len(hidden)
+    cost = sum(_cost(ladder[0], h, block_size, tokens) for h in hidden)
+    return eps, level, cost
+
+
 def allocate(hidden: list[int], tokens: int, importance: list[float], budget_bytes: float,
              block_size: int = codec.DEFAULT_BLOCK_SIZE, ladder: tuple[str, ...] = UTILITY_LADDER,
              eps: list[dict[str, float]] | None = None) -> list[str]:
     """The utility rule: format per tap for one iteration carrying `tokens` rows per tap within
     `budget_bytes`. `eps[m][fmt]`: distortion per tap (default: Gaussian). If even the cheapest
     plan exceeds the budget, the cheapest plan is returned."""
-    if len(importance) != len(hidden):
-        raise ValueError(f"{len(importance)} importance values for {len(hidden)} taps")
-    eps = eps or gaussian_table(len(hidden), block_size, ladder)
-    level = [0] * len(hidden)
-    cost = sum(_cost(ladder[0], h, block_size, tokens) for h in hidden)
+    eps, level, cost = _start(hidden, tokens, importance, block_size, ladder, eps)
     while True:
         best, best_ratio, best_extra = None, 0.0, 0.0
         for m, h in enumerate(hidden):
@@ -92,11 +98,7 @@ def allocate_paper(hidden: list[int], tokens: int, importance: list[float], budg
     dU = [eps(Q) - eps(Q+1)] * I(m) (ties: the lowest tap index) while it fits `budget_bytes`; the
     first upgrade that does not fit ends the allocation. `trace`, if given, receives
     (tap, from, to, dU, bytes after) per upgrade taken and finally ("stop", tap or None, ...)."""
-    if len(importance) != len(hidden):
-        raise ValueError(f"{len(importance)} importance values for {len(hidden)} taps")
-    eps = eps or gaussian_table(len(hidden), block_size, ladder)
-    level = [0] * len(hidden)
-    cost = sum(_cost(ladder[0], h, block_size, tokens) for h in hidden)
+    eps, level, cost = _start(hidden, tokens, importance, block_size, ladder, eps)
     while True:
         best, best_gain = None, None
         for m in range(len(hidden)):
