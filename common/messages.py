@@ -140,8 +140,8 @@ class Hello:
     def formats(self) -> list[str] | None:
         """The format each tap's BATCH payloads must use, or None when they may change batch to batch.
 
-        `bits`: "engine" (default) the HELLO's `fmt` per tap; "auto" any format (the device adapts
-        to its uplink, guided by BITPLAN); "<fmt>" every tap in that format; "<f0>,<f1>,..." one per tap."""
+        `bits`: "engine" (default) the HELLO's `fmt` per tap; "auto" or "auto:<rule>" any format (the
+        device adapts to its uplink, guided by BITPLAN); "<fmt>" every tap in that format; "<f0>,<f1>,..." one per tap."""
         return allowed_formats([t.fmt for t in self.taps], self.bits)
 
     def identity(self) -> dict:
