@@ -16,8 +16,8 @@ import numpy as np
 
 from mobillm.kernels import codec
 
-FORMATS = ("int8", "fp8", "int4", "nf4", "fp16")
-BLOCK_SIZES = (32, 64, 128)
+FORMATS = codec.FORMATS
+BLOCK_SIZES = (32, 64, 128, codec.PER_TENSOR)  # 0: one scale for the whole [rows, hidden] tensor
 OUTLIER_FRACTION = 0.005
 OUTLIER_GAIN = 50.0
 
@@ -43,6 +43,10 @@ def outlier_channels(rng: np.random.Generator, rows: int, hidden: int) -> tuple[
     return x, channels
 
 
+def column(block_size: int) -> str:
+    return "tensor" if block_size == codec.PER_TENSOR else f"B={block_size}"
+
+
 def table(title: str, columns: list[str], cells: dict[str, list[str]]) -> str:
     """A markdown table: one row per format."""
     lines = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
@@ -57,13 +61,13 @@ def relative_rms(err: np.ndarray, x: np.ndarray) -> float:
 
 def bytes_table(hidden: int) -> str:
     """Bytes per element, scales included, per format and block size."""
-    return table("format", [f"B={b}" for b in BLOCK_SIZES], {
+    return table("format", [column(b) for b in BLOCK_SIZES], {
         fmt: [f"{codec.bytes_per_row(fmt, hidden, b) / hidden:.6f}" for b in BLOCK_SIZES] for fmt in FORMATS})
 
 
 def error_table(title: str, x: np.ndarray) -> str:
     """codec.relative_rms_error per format and block size."""
-    return table(title, [f"B={b}" for b in BLOCK_SIZES], {
+    return table(title, [column(b) for b in BLOCK_SIZES], {
         fmt: [f"{codec.relative_rms_error(x, fmt, b):.3e}" for b in BLOCK_SIZES] for fmt in FORMATS})
 
 
@@ -75,7 +79,7 @@ def ordinary_channel_table(x: np.ndarray, outliers: np.ndarray) -> str:
     def err(fmt: str, b: int) -> float:
         return relative_rms((codec.decode(codec.encode(x, fmt, b)) - x)[:, keep], x[:, keep])
 
-    return table("ordinary channels only", [f"B={b}" for b in BLOCK_SIZES], {
+    return table("ordinary channels only", [column(b) for b in BLOCK_SIZES], {
         fmt: [f"{err(fmt, b):.3e}" for b in BLOCK_SIZES] for fmt in FORMATS})
 
 

@@ -123,6 +123,16 @@ def check_bit_identity(lib, n_random: int) -> bool:
                 else:
                     fails += 1
                     log(f"  MISMATCH all-fp16-values {fmt} bs={bs} {np.dtype(dtype).name}: {first_difference(codes, enc.codes)}")
+    # Every tie of each format's grid and one ulp either side (scale exactly 1).
+    for fmt in codec.QMAX:
+        x = conformance.rounding_edges(fmt)
+        enc = codec.encode(x, fmt, x.shape[-1])
+        codes, scales = cuda_encode(lib, x, fmt, x.shape[-1])
+        if same_bytes(codes, enc.codes) and same_bytes(scales, enc.scales):
+            ok += 1
+        else:
+            fails += 1
+            log(f"  MISMATCH rounding edges {fmt}: {first_difference(codes, enc.codes)}")
     # Non-finite blocks: NaN scale, zero codes (those of a zero block), the rest untouched.
     for fmt in codec.FORMATS:
         for fp16 in (False, True):

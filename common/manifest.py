@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +37,49 @@ class TapSpec:
     codes_output: str
     scales_output: str
 
+    def __post_init__(self):
+        check_field_types(self, "taps[]")
+        if self.hidden < 1 or self.block_size < 1:
+            raise ManifestError(f"tap at layer {self.layer}: hidden {self.hidden} and block_size {self.block_size} "
+                                f"must be >= 1")
+
     @property
     def bytes_per_token(self) -> int:
         return codec.bytes_per_row(self.fmt, self.hidden, self.block_size)
+
+
+def _has_type(value, tp) -> bool:
+    """isinstance for the annotations manifest fields use: int, str, bool, float, dict, None, unions, list[X]."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if origin is not None:
+        return isinstance(value, origin)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_field_types(obj, where: str = "") -> None:
+    """ManifestError naming the first field of dataclass `obj` whose value does not have its declared
+    type (a hand-edited manifest with "hidden": "lots" fails here, not deep inside the device)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _has_type(value, hints[f.name]):
+            name = f"{where}.{f.name}" if where else f.name
+            raise ManifestError(f"manifest field {name} must be {_type_name(hints[f.name])}, got {value!r:.60}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 @dataclass
@@ -123,7 +165,10 @@ class Manifest:
         return {"bos_id": self.config.get("bos_token_id"), "bos_each_segment": True, "eos_id": None}
 
     def __post_init__(self):
+        if not isinstance(self.taps, list) or not all(isinstance(t, (TapSpec, dict)) for t in self.taps):
+            raise ManifestError("manifest field taps must be a list of objects")
         self.taps = [t if isinstance(t, TapSpec) else TapSpec(**t) for t in self.taps]
+        check_field_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -192,6 +237,8 @@ class Manifest:
             manifest = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:
             raise ManifestError(f"{path}: malformed manifest ({exc})") from None
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None
         if verify:
             manifest.verify_files(folder)
         return manifest

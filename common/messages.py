@@ -20,8 +20,12 @@ from mobillm.common import wire
 from mobillm.common.errors import BadInput
 from mobillm.kernels import codec
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Run, device and task names name folders on the server: ASCII letters and digits, then also . _ -.
+# Always checked with `is_name` (re.fullmatch): `$` would accept a trailing newline.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1..128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_MODEL_ID = 512  # a Hugging Face id or the export machine's checkpoint folder
 MAX_TAPS = 256
 MAX_EPOCHS = 10_000
 MAX_SAMPLES = 1 << 40
@@ -30,6 +34,18 @@ MAX_SAMPLES = 1 << 40
 # mask float32 [batch, tokens] (1 = real token); output logits float32 [batch, out_dim].
 SIDE_MASK = "mask"
 SIDE_OUTPUT = "logits"
+
+
+def is_name(value) -> bool:
+    """True when `value` is a valid run, device or task name (the whole string, see NAME)."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
+
+
+def is_model_id(value) -> bool:
+    """True for a model id a HELLO may carry: 1..MAX_MODEL_ID printable characters (no newline or
+    control character), not starting or ending with a space. It names no folder on the server."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_MODEL_ID and value.isprintable()
+            and value == value.strip())
 
 
 def side_tap_name(index: int) -> str:
@@ -93,8 +109,9 @@ class TapInfo:
         if values["fmt"] not in codec.FORMATS:
             raise ProtocolError("bad_hello", f"taps[{index}].fmt must be one of {codec.FORMATS}, "
                                              f"got {values['fmt']!r}")
-        if not 0 < values["hidden"] <= 65536 or not 0 < values["block_size"] <= 65535 or values["layer"] < 0:
-            raise ProtocolError("bad_hello", f"taps[{index}]: hidden must be 1..65536, block_size 1..65535, "
+        if not 0 < values["hidden"] <= 65536 or not 0 <= values["block_size"] <= 65535 or values["layer"] < 0:
+            raise ProtocolError("bad_hello", f"taps[{index}]: hidden must be 1..65536, block_size 0..65535 (0: "
+                                             f"one scale per tensor), "
                                              f"layer >= 0")
         return cls(**values)
 
@@ -169,11 +186,11 @@ class Hello:
             return _get(meta, name, kind, "bad_hello", "HELLO")
 
         sha = field("manifest_sha256", str)
-        if not SHA256.match(sha):
+        if not SHA256.fullmatch(sha):
             raise ProtocolError("bad_hello", "manifest_sha256 must be 64 lowercase hex digits")
         task = field("task", str)
-        if not NAME.match(task):
-            raise ProtocolError("bad_hello", f"task {task!r} must match {NAME.pattern}")
+        if not is_name(task):
+            raise ProtocolError("bad_hello", f"task {task!r}: a task name is {NAME_RULE}")
         task_type = field("task_type", str)
         if task_type not in wire.LABEL_KINDS:
             raise ProtocolError("bad_hello", f"task_type must be one of {list(wire.LABEL_KINDS)}, got {task_type!r}")
@@ -190,11 +207,15 @@ class Hello:
             raise ProtocolError("bad_hello", f"taps must list 1..{MAX_TAPS} taps, got {len(raw_taps)}")
         taps = tuple(TapInfo.from_meta(t, i) for i, t in enumerate(raw_taps))
         device_id = field("device_id", str)
-        if not NAME.match(device_id):
-            raise ProtocolError("bad_hello", f"device_id {device_id!r} must match {NAME.pattern}")
+        if not is_name(device_id):
+            raise ProtocolError("bad_hello", f"device_id {device_id!r}: a device id is {NAME_RULE}")
         run = meta.get("run") or None
-        if run is not None and (not isinstance(run, str) or not NAME.match(run)):
-            raise ProtocolError("bad_hello", f"run {run!r} must match {NAME.pattern} (it names a folder)")
+        if run is not None and not is_name(run):
+            raise ProtocolError("bad_hello", f"run {run!r}: a run name is {NAME_RULE} (it names a folder)")
+        model_id = field("model_id", str)
+        if not is_model_id(model_id):
+            raise ProtocolError("bad_hello", f"model_id {model_id[:80]!r} must be 1..{MAX_MODEL_ID} printable "
+                                             f"characters without leading or trailing spaces")
         epochs = field("epochs", int)
         samples = field("samples_per_epoch", int)
         if not 1 <= epochs <= MAX_EPOCHS or not 1 <= samples <= MAX_SAMPLES:
@@ -212,7 +233,7 @@ class Hello:
             if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not deepest <= num_layers <= 65536:
                 raise ProtocolError("bad_hello", f"num_layers must be an integer {deepest}..65536 (at least the "
                                                  f"deepest tap layer), got {num_layers!r}")
-        hello = cls(sha, field("model_id", str), task, task_type, num_labels, mode, taps, device_id, run,
+        hello = cls(sha, model_id, task, task_type, num_labels, mode, taps, device_id, run,
                     epochs, samples, token, bits, num_layers)
         try:
             fmts = hello.formats()

@@ -52,6 +52,7 @@ LABEL_DTYPES = {0: np.dtype("<i8"), 1: np.dtype("<f4")}
 
 BATCH_HEADER = struct.Struct("<QIHBB")  # seq, n_rows, n_taps, mode, label_kind
 TAP_HEADER = struct.Struct("<BBHIQI")  # fmt, tap index, block_size, hidden, codes_nbytes, scales_nbytes
+# block_size 0 (codec.PER_TENSOR): one scale for the tap's whole tensor, sent once (scales_nbytes 2).
 
 
 class WireError(ValueError):
@@ -75,15 +76,23 @@ def encode_frame(msg_type: MsgType, meta: dict | None = None, body: bytes | memo
     return b"".join([header, meta_bytes, body])
 
 
-def decode_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
-    """Parse and validate one message; raises WireError on any inconsistency."""
+def decode_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_model_frame: int | None = None) -> Frame:
+    """Parse and validate one message; raises WireError on any inconsistency.
+
+    `max_model_frame`: the larger limit a MODEL frame may have (the device passes MAX_MODEL_FRAME);
+    None: MODEL frames get `max_frame` like every other type (the server, which never receives one)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("text frames are not part of the protocol; send binary frames")
-    if len(data) > max_frame:
-        raise WireError(f"frame of {len(data)} bytes exceeds the limit of {max_frame}")
+    largest = max(max_frame, max_model_frame or 0)
+    if len(data) > largest:
+        raise WireError(f"frame of {len(data)} bytes exceeds the limit of {largest}")
     if len(data) < HEADER.size:
         raise WireError(f"truncated frame: {len(data)} bytes, header needs {HEADER.size}")
     magic, version, msg_type, flags, meta_len, body_len = HEADER.unpack_from(data, 0)
+    limit = max_model_frame if max_model_frame and msg_type == MsgType.MODEL else max_frame
+    if len(data) > limit:
+        raise WireError(f"frame of {len(data)} bytes exceeds the limit of {limit}")
     if magic != MAGIC:
         raise WireError("bad magic: not a mobillm frame")
     if version != VERSION:
@@ -110,7 +119,8 @@ def decode_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -
 
 @dataclass
 class TapPayload:
-    """One tap of one batch: codes [tokens, code_bytes] (uint8; fp16 format: float16) and scales [tokens, nb]."""
+    """One tap of one batch: codes [tokens, code_bytes] (uint8; fp16 format: float16) and scales [tokens, nb]
+    (per-tensor, block_size 0: [tokens, 1], every row holding the tensor's scale; sent once)."""
 
     fmt: str
     block_size: int
@@ -151,6 +161,8 @@ class Batch:
         for i, tap in enumerate(self.taps):
             codes = np.ascontiguousarray(tap.codes)
             scales = np.ascontiguousarray(tap.scales, dtype="<f2")
+            if tap.block_size == codec.PER_TENSOR and tap.fmt != "fp16":
+                scales = _tensor_scale(scales, i)
             parts.append(TAP_HEADER.pack(FORMAT_IDS[codec.check_format(tap.fmt)], tap.index if tap.index else i,
                                          tap.block_size, tap.hidden, codes.nbytes, scales.nbytes))
             parts += [codes.tobytes(), scales.tobytes()]
@@ -188,20 +200,32 @@ class Batch:
             if fmt_id not in FORMAT_NAMES:
                 raise WireError(f"unknown quant format id {fmt_id}")
             fmt = FORMAT_NAMES[fmt_id]
-            if not 0 < hidden <= 65536 or not 0 < block_size:
-                raise WireError(f"tap {index}: bad hidden {hidden} or block size {block_size}")
+            if not 0 < hidden <= 65536:
+                raise WireError(f"tap {index}: bad hidden {hidden}")
             width = codec.code_bytes(fmt, hidden)
             nb = 0 if fmt == "fp16" else codec.n_blocks(hidden, block_size)
-            if codes_nbytes != tokens * width or scales_nbytes != tokens * nb * 2:
+            per_tensor = block_size == codec.PER_TENSOR and fmt != "fp16"
+            sent_scales = 1 if per_tensor else tokens * nb
+            if codes_nbytes != tokens * width or scales_nbytes != sent_scales * 2:
                 raise WireError(f"tap {index}: payload sizes ({codes_nbytes}, {scales_nbytes}) do not match "
                                 f"{tokens} tokens of {fmt} hidden {hidden} block {block_size}")
             codes_dtype = "<f2" if fmt == "fp16" else np.uint8
             codes = r.array(codes_dtype, tokens * (hidden if fmt == "fp16" else width)).reshape(tokens, -1)
-            scales = r.array("<f2", tokens * nb).reshape(tokens, nb)
+            scales = r.array("<f2", sent_scales)
+            scales = np.repeat(scales, tokens) if per_tensor else scales
+            scales = scales.reshape(tokens, nb)
             taps.append(TapPayload(fmt, block_size, hidden, codes, scales, index))
         if r.remaining:
             raise WireError(f"{r.remaining} trailing bytes after the last tap")
         return cls(int(seq), sample_ids, labels, lengths, taps, MODE_NAMES[mode])
+
+
+def _tensor_scale(scales: np.ndarray, index: int) -> np.ndarray:
+    """The one scale of a per-tensor tap, from its per-row copies (which must all agree)."""
+    flat = scales.reshape(-1)
+    if flat.size == 0 or not (flat.view("<u2") == flat.view("<u2")[0]).all():
+        raise WireError(f"tap {index}: per-tensor (block size 0) rows must all carry the same scale")
+    return flat[:1]
 
 
 class _Reader:

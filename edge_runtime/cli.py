@@ -3,6 +3,7 @@
   edge-run train   --engine DIR --data FILE --task sst2 --server ws://HOST:8765
   edge-run predict --engine DIR --side SIDE.onnx "a gripping, funny film"
   edge-run eval    --engine DIR --side SIDE.onnx --data dev.tsv --task sst2
+  edge-run train   --profile paper ...   the paper's batch 16, max-len 256, 20 epochs (flags given win)
 
 Exit status: 0 done, 2 bad input (flags, engine, data, a refused or unreachable server), 130 interrupted.
 """
@@ -15,8 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-from mobillm.common.errors import BadInput, run_command
+from mobillm.common.errors import BadInput, MobillmError, run_command
 from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, read_token_file
+from mobillm.common.profiles import add_profile_flag, parse_with_profile
 from mobillm.common.tasks import Task
 
 from .backbone import EngineOptions
@@ -27,23 +29,27 @@ from .stream import StreamClient, TrainOptions, fixed_formats, stats_dict
 BATCH_FIELDS = ("max_len", "batch_size")
 
 
-def _subcommand(sub, name: str, help: str, train: bool) -> argparse.ArgumentParser:
-    """A subcommand with the engine, data and batching flags every subcommand shares."""
+def _subcommand(sub, name: str, help: str, train: bool, defaults: dict) -> argparse.ArgumentParser:
+    """A subcommand with the engine, data, batching and --profile flags every subcommand shares."""
     p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     add_options(p.add_argument_group("engine"), EngineOptions)
     add_options(p.add_argument_group("data"), DataOptions)
-    add_options(p.add_argument_group("training" if train else "batching"), TrainOptions,
-                skip=() if train else all_but(TrainOptions, *BATCH_FIELDS))
+    group = p.add_argument_group("training" if train else "batching")
+    add_options(group, TrainOptions, skip=() if train else all_but(TrainOptions, *BATCH_FIELDS), defaults=defaults)
+    add_profile_flag(group)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The `edge-run` parser; `defaults` (a --profile's device values) replace the training flags' defaults."""
     parser = argparse.ArgumentParser(prog="edge-run", description=__doc__,
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = defaults or {}
 
-    t = _subcommand(sub, "train", "stream quantized activations of local data to a trainer server", train=True)
+    t = _subcommand(sub, "train", "stream quantized activations of local data to a trainer server", train=True,
+                    defaults=defaults)
     t.add_argument("--data", required=True, type=Path,
                    help="training data: .tsv (GLUE), .csv, .jsonl or datasets folder")
     t.add_argument("--token-file", type=Path, default=None,
@@ -52,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write run statistics as JSON here (default: not written)")
     t.set_defaults(handler=cmd_train)
 
-    p = _subcommand(sub, "predict", "predict with the joint model (backbone + side network), locally", train=False)
+    p = _subcommand(sub, "predict", "predict with the joint model (backbone + side network), locally", train=False,
+                    defaults=defaults)
     p.add_argument("--side", required=True, type=Path, help="side network ONNX returned by training")
     p.add_argument("--data", type=Path, default=None, help="data file (default: the texts given)")
     p.add_argument("texts", nargs="*", help="texts to classify (or use --data)")
     p.add_argument("--out", type=Path, default=None, help="write predictions as JSONL here (default: stdout)")
     p.set_defaults(handler=cmd_predict)
 
-    e = _subcommand(sub, "eval", "score the joint model on labelled data with the task's metric", train=False)
+    e = _subcommand(sub, "eval", "score the joint model on labelled data with the task's metric", train=False,
+                    defaults=defaults)
     e.add_argument("--side", required=True, type=Path, help="side network ONNX returned by training")
     e.add_argument("--data", required=True, type=Path, help="labelled data file")
     e.set_defaults(handler=cmd_eval)
@@ -79,15 +87,21 @@ def write_atomic(path: Path, text: str) -> None:
 def cmd_train(args) -> int:
     data = from_args(DataOptions, args)
     task = data.resolve_task()
-    bb = from_args(EngineOptions, args).open()
     opts = from_args(TrainOptions, args, progress=not args.quiet,
                      token=read_token_file(args.token_file) if args.token_file else None)
+    opts.check()  # a bad --server, --device-id or --run before the engine and data are read
+    bb = from_args(EngineOptions, args).open()
     fixed_formats(opts.bits, len(bb.manifest.taps))  # refuse a bad --bits before any data is read
     examples = load_examples(args.data, task, limit=data.limit)
     trainer = StreamClient(bb, examples, task, opts)
     print(f"edge-run: {len(examples)} rows x {opts.epochs} epoch(s), {len(trainer.batches)} batches -> {opts.server} "
           f"({opts.mode} mode, {bb.manifest.bytes_per_token()} B/token on the wire)", file=sys.stderr)
-    stats = trainer.run()
+    try:
+        stats = trainer.run()
+    except MobillmError:  # the run ended without a side network: the statistics say how far it got, and why
+        if args.stats_out:
+            write_atomic(args.stats_out, json.dumps(stats_dict(trainer.stats), indent=2))
+        raise
     side = trainer.save_model(Path(opts.side_out) if opts.side_out else bb.folder / f"side_{task.name}.onnx")
     if args.stats_out:
         write_atomic(args.stats_out, json.dumps(stats_dict(stats), indent=2))
@@ -138,7 +152,7 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_profile(build_parser, argv, "device")
     logging.basicConfig(level=logging.WARNING, format="edge-run: %(message)s")
     return run_command("edge-run", lambda: args.handler(args))
 

@@ -8,7 +8,8 @@ The device never waits for a gradient: only a full prefetch queue (no credits fo
 pauses the producer. Dropped connections (mid-frame or mid-handshake), a restarting server and
 ERROR `shutting_down` are retried with jittered exponential back-off; acknowledged samples are
 never sent again, unacknowledged ones are re-sent from memory, and if the server resumed from a
-checkpoint older than its acknowledgements the producer computes those batches again.
+checkpoint older than its acknowledgements the producer computes those batches again. Failures
+no retry can fix end the run at once with the likely cause (failures.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import asyncio
 import json
 import logging
 import random
-import ssl
 import threading
 import time
 from collections import deque
@@ -30,7 +30,8 @@ import websockets
 from mobillm.common import messages, wire
 from mobillm.common.errors import BadInput, MobillmError
 from mobillm.common.manifest import manifest_digest
-from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ModelMeta, StreamDone, TapInfo, Welcome
+from mobillm.common.messages import (NAME_RULE, BitPlan, Credit, ErrorReport, Hello, ModelMeta, StreamDone, TapInfo,
+                                     Welcome, is_name)
 from mobillm.common.options import option
 from mobillm.common.procfs import peak_rss_mb
 from mobillm.common.tasks import Task
@@ -40,24 +41,9 @@ from .backbone import Backbone, TapOutput
 from .bitplan import AUTO_CHOICES, auto_rule
 from .data import Example
 from .distortion import make_planner
+from .failures import RETRYABLE, ServerError, check_server_url, final_error, refusal, retry_reason
 
 log = logging.getLogger("mobillm.edge")
-
-
-class ServerError(MobillmError, RuntimeError):
-    """The server refused the session or reported an error; the message is the server's."""
-
-
-RETRY_CODES = {"shutting_down"}  # ERROR codes meaning "come back later": retried like a dropped link
-
-
-class _Reconnect(Exception):
-    """The server asked this device to reconnect later (an ERROR code in RETRY_CODES)."""
-
-
-# A lost link raises OSError (refused, reset), ConnectionClosed, a timeout, or InvalidMessage when it
-# drops during the opening handshake; all of them are worth another attempt.
-_RETRYABLE = (OSError, websockets.ConnectionClosed, asyncio.TimeoutError, websockets.InvalidMessage, _Reconnect)
 
 
 @dataclass
@@ -70,7 +56,7 @@ class TrainOptions:
     max_len: int = option(128, "truncate rows to this many tokens")
     mode: str = option("pooled", "pooled: only the row the head reads (exact for last-token heads); "
                                  "tokens: every real token", flag="send", choices=tuple(sorted(wire.MODES)))
-    bits: str = option("engine", "engine (formats in the graph), a format (nf4, int4, fp8, int8, fp16) or a comma "
+    bits: str = option("engine", f"engine (formats in the graph), a format ({', '.join(codec.FORMATS)}) or a comma "
                                  "list per tap, or auto[:RULE] to adapt to the measured uplink: auto = auto:utility "
                                  "(importance x distortion gain per byte, nf4/int8/fp16), auto:paper (MobiLLM "
                                  "Algorithm 2, int4/nf4/fp8/int8/fp16); best with an engine exported with "
@@ -94,6 +80,13 @@ class TrainOptions:
     side_out: str | None = option(None, "where to save the returned side network (default: ENGINE/side_TASK.onnx)")
     progress: bool = option(True, "progress bars (edge-run: off with -q)", cli=False)
 
+    def check(self) -> None:
+        """BadInput for a --server that is no WebSocket URL or a --device-id / --run the server would refuse."""
+        check_server_url(self.server)
+        for flag, value in (("--device-id", self.device_id), ("--run", self.run)):
+            if value is not None and not is_name(value):
+                raise BadInput(f"{flag} {value!r}: a name is {NAME_RULE}")
+
 
 @dataclass
 class TrainStats:
@@ -111,6 +104,7 @@ class TrainStats:
     peak_rss_mb: float = 0.0
     bit_plans: list = field(default_factory=list)
     server_metrics: dict = field(default_factory=dict)
+    error: dict | None = None  # why the run ended without a side network: {"code", "message"}
 
 
 @dataclass
@@ -179,6 +173,7 @@ class StreamClient:
     def __init__(self, backbone: Backbone, examples: list[Example], task: Task, opts: TrainOptions):
         if opts.mode not in wire.MODES:
             raise ValueError(f"unknown send mode {opts.mode!r}; choose pooled or tokens")
+        opts.check()
         self.bb, self.examples, self.task, self.opts = backbone, examples, task, opts
         self.stats = TrainStats()
         self.rows, self.stats.truncated_rows = self._tokenize()
@@ -197,6 +192,7 @@ class StreamClient:
         self._next_sample = 0  # position of the first sample of the next batch the sender takes from the queue
         self._acked = 0  # the furthest samples_done the server has reported
         self._progressed = False  # this connection got a new acknowledgement (resets the retry count)
+        self._opened = False  # a WebSocket to the server has opened (so its scheme, ws or wss, is right)
         self._stop = threading.Event()
         self._rng = random.Random()
 
@@ -267,6 +263,9 @@ class StreamClient:
         self._t0 = t0 = time.perf_counter()
         try:
             asyncio.run(self._run())
+        except MobillmError as exc:
+            self.stats.error = {"code": getattr(exc, "code", type(exc).__name__), "message": str(exc)}
+            raise
         finally:
             self._stop.set()
             self.stats.wall_s = time.perf_counter() - t0
@@ -295,22 +294,18 @@ class StreamClient:
                 if await self._session(state):
                     return
                 reason = "closed before DONE"
-            except ssl.SSLCertVerificationError as exc:  # an OSError, but never worth retrying
-                raise ServerError(f"the server's TLS certificate could not be verified ({exc.verify_message}); "
-                                  f"pass --ca with the certificate of the CA that signed it") from None
-            except websockets.InvalidStatus as exc:
-                if exc.response.status_code < 500:
-                    raise ServerError(f"the server refused the WebSocket handshake: {exc}") from None
-                reason = detail = f"HTTP {exc.response.status_code}"  # e.g. 503 from a server that is stopping
-            except _RETRYABLE as exc:
-                reason = str(exc) if isinstance(exc, _Reconnect) else exc.__class__.__name__
+            except (*RETRYABLE, websockets.InvalidStatus, wire.WireError) as exc:
+                final = await final_error(exc, self.opts.server, probe=not self._opened)
+                if final is not None:
+                    raise final from None
+                reason = retry_reason(exc)
                 detail = f"{exc.__class__.__name__}: {exc}"
             else:
                 detail = reason
             attempt = 1 if self._progressed else attempt + 1
             if attempt > self.opts.max_retries:
                 raise ServerError(f"cannot reach the server at {self.opts.server} after "
-                                  f"{self.opts.max_retries} retries ({detail})")
+                                  f"{self.opts.max_retries} retries ({detail})", "unreachable")
             delay = min(self.opts.retry_base_s * 2 ** (attempt - 1), self.opts.retry_max_s) * self._rng.uniform(0.5, 1)
             log.warning("connection lost (%s); reconnecting in %.2fs", reason, delay)
             self.stats.reconnects += 1
@@ -322,20 +317,23 @@ class StreamClient:
             return None
         import ssl
 
-        ctx = ssl.create_default_context(cafile=self.opts.ca)  # always verifies; --ca adds a trust root
-        return ctx
+        try:
+            return ssl.create_default_context(cafile=self.opts.ca)  # always verifies; --ca adds a trust root
+        except (OSError, ssl.SSLError) as exc:
+            raise BadInput(f"--ca {self.opts.ca}: not a readable PEM certificate ({exc})") from None
 
     async def _session(self, state: dict) -> bool:
         """One connection. Returns True when the run is complete (model received)."""
         async with websockets.connect(self.opts.server, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
                                       open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
-            await ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
-            first = wire.decode_frame(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
+            self._opened = True
+            try:
+                await ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
+            except websockets.ConnectionClosed:
+                pass  # the server refused before reading HELLO (e.g. bad_path): its ERROR frame is still to read
+            first = self._decode(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
             if first.type == wire.MsgType.ERROR:
-                error = ErrorReport.from_meta(first.meta)
-                if error.code in RETRY_CODES:
-                    raise _Reconnect(error.code)
-                raise ServerError(f"server refused the session: {error.message}")
+                raise refusal(ErrorReport.from_meta(first.meta))
             if first.type != wire.MsgType.WELCOME:
                 raise ServerError(f"expected WELCOME, got {first.type.name}")
             welcome = Welcome.from_meta(first.meta)
@@ -439,7 +437,7 @@ class StreamClient:
 
     async def _receive(self, ws, credits: asyncio.Semaphore, finished: asyncio.Event, stop_streaming: asyncio.Event):
         async for data in ws:
-            frame = wire.decode_frame(data)
+            frame = self._decode(data)
             if frame.type == wire.MsgType.CREDIT:
                 credit = Credit.from_meta(frame.meta)
                 self._progressed = True
@@ -457,15 +455,17 @@ class StreamClient:
                 self.model_meta = ModelMeta.check(frame.meta)
                 self.stats.server_metrics = frame.meta.get("metrics", {})
             elif frame.type == wire.MsgType.ERROR:
-                error = ErrorReport.from_meta(frame.meta)
-                if error.code in RETRY_CODES:
-                    raise _Reconnect(error.code)
-                raise ServerError(f"server error: {error.message}")
+                raise refusal(ErrorReport.from_meta(frame.meta))
             elif frame.type == wire.MsgType.DONE:
                 if self.model_bytes is None:
                     raise ServerError("server finished without sending the side network")
                 finished.set()
                 return
+
+    @staticmethod
+    def _decode(data) -> wire.Frame:
+        """A frame from the server: MODEL may be up to the protocol's MAX_MODEL_FRAME, the rest DEFAULT_MAX_FRAME."""
+        return wire.decode_frame(data, wire.DEFAULT_MAX_FRAME, max_model_frame=wire.MAX_MODEL_FRAME)
 
     def save_model(self, path: Path | str) -> Path:
         """Write the returned side network (ONNX) and its metadata (JSON beside it), atomically."""

@@ -72,7 +72,9 @@ class ExportOptions:
                                           "added)", metavar="L,L,...", parse=_int_list)
     quant: str = option("nf4", f"in-graph tap format, one for all taps or one per tap: {', '.join(codec.FORMATS)}",
                         metavar="FMT[,FMT...]")
-    block_size: int = option(codec.DEFAULT_BLOCK_SIZE, "elements per fp16 scale in each tap row")
+    block_size: int = option(codec.DEFAULT_BLOCK_SIZE, "elements per fp16 scale in each tap row; 0 = one scale "
+                                                       "per tap tensor (per-tensor absmax, the MobiLLM paper's "
+                                                       "scheme; standard-op quantizers only, docs/formats.md)")
     dtype: str = option("fp32", "compute precision of the graph", choices=COMPUTE_DTYPES)
     weights: str | None = option(None, "weight storage: fp32/fp16, or ORT weight-only int8 (quantize_dynamic) / "
                                        "int4 (MatMulNBits); int8 and int4 need --dtype fp32 (default: same as "
@@ -117,8 +119,10 @@ class ExportOptions:
     def validate(self) -> None:
         """Every check that needs no model; ExportError says what to change."""
         resolve_weights(self.dtype, self.weights)
-        if self.block_size < 1:
-            raise ExportError(f"--block-size {self.block_size}: must be >= 1")
+        if self.block_size < 0:
+            raise ExportError(f"--block-size {self.block_size}: must be >= 1, or 0 for one scale per tap tensor")
+        if self.block_size == codec.PER_TENSOR and self.quant_op == "custom":
+            raise ExportError("--block-size 0 (one scale per tap tensor) has no fused quantizer; use --quant-op onnx")
         if self.exporter not in EXPORTERS:
             raise ExportError(f"--exporter {self.exporter!r} unknown; choose one of {', '.join(EXPORTERS)}")
         if self.quant_op not in QUANT_OPS:

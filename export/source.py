@@ -41,7 +41,7 @@ class Source:
         return path if path.is_absolute() and path.is_dir() else None
 
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HF_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", re.ASCII)  # org/name, checked whole (fullmatch)
 
 
 def resolve_source(model: str, random_init: bool) -> Source:
@@ -67,7 +67,7 @@ def resolve_source(model: str, random_init: bool) -> Source:
                               f"save_pretrained()")
         path = path.resolve()
         return Source(kind or "checkpoint", str(path), path / "config.json" if random_init else None)
-    if _HF_ID.match(model) and not path.exists():
+    if _HF_ID.fullmatch(model) and not path.exists():
         return Source(kind or "hub", model)
     names = [*shorts, *families.GGUF_SHORT_NAMES]
     raise ExportError(f"unknown model {model!r}; use one of {', '.join(names)}, a .gguf file, a Hugging Face id "

@@ -13,8 +13,13 @@ Encoding a block, identically in every implementation:
 2. `scale = fp16(min(absmax / QMAX, 65504))` with fp32 division and round-to-nearest-even.
 3. `y = x / float32(scale)` (fp32 division), or `y = 0` where `scale == 0`;
    then `y` is clamped to [-QMAX, QMAX].
-4. `y` is mapped to a code by the format's rule (`int8`, `int4`, `fp8`, `nf4`).
+4. `y` is mapped to a code by the format's rule (`int8`, `int4`, `fp8`, `nf4`, `fp4`).
 A block holding NaN or +-Inf gets `scale = NaN`; `encode` raises instead of returning it.
+
+Per-tensor scaling (`block_size == PER_TENSOR`, i.e. 0; the MobiLLM paper's scheme): the whole
+tensor is one block. Steps 1-3 run once over every element; each row then holds one scale,
+the tensor's (scales [..., 1], all equal), so rows can still be sliced and cached one by one;
+the wire carries that scale once per tap (common/wire.py).
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import numpy as np
 
 from mobillm.common.errors import BadInput
 
-FORMATS = ("int8", "fp8", "int4", "nf4", "fp16")
+FORMATS = ("int8", "fp8", "int4", "nf4", "fp16", "fp4")  # new formats go at the end: ids never move
 # Each format's number, in one order: the C API counts from 0 (enum mobillm_format in
 # kernels/cpp/block_quant.h), the wire from 1 (common/wire.py; 0 is never a valid tap format).
 FORMAT_CODES = {fmt: i for i, fmt in enumerate(FORMATS)}
 WIRE_FORMAT_IDS = {fmt: code + 1 for fmt, code in FORMAT_CODES.items()}
 DEFAULT_BLOCK_SIZE = 64
+PER_TENSOR = 0  # block_size meaning "one scale for the whole tensor"
 FP16_MAX = 65504.0
 
 # QLoRA's NormalFloat4 table (Dettmers et al. 2023), as fp32.
@@ -75,9 +81,18 @@ def _e4m3_table() -> np.ndarray:
 FP8_TABLE = _e4m3_table()
 INT4_TABLE = np.arange(-8, 8, dtype=np.float32)  # nibble n decodes to n - 8 (n = 0 unused)
 
+# FP4 E2M1 (our reading of the MobiLLM paper's Eq. 2; docs/formats.md): bit 3 the sign, bits 0-2
+# the magnitude, one of eight values. Nibble 8 (-0) is never produced; it decodes to -0.0.
+FP4_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+FP4_TABLE = np.concatenate([FP4_MAGNITUDES, -FP4_MAGNITUDES])
+# Midpoints between neighbouring magnitudes (exact in fp32). A |y| equal to a midpoint takes the
+# neighbour with the even code (round half to even, as IEEE): the upper one at odd indices.
+FP4_MIDPOINTS = ((FP4_MAGNITUDES[:-1] + FP4_MAGNITUDES[1:]) / 2).astype(np.float32)
+FP4_TIE_UP = np.arange(len(FP4_MIDPOINTS)) % 2 == 1
+
 # Largest |y| each format represents: the block absmax maps onto it.
-QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0, "nf4": 1.0}
-BITS = {"int8": 8, "fp8": 8, "int4": 4, "nf4": 4, "fp16": 16}
+QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0, "nf4": 1.0, "fp4": 6.0}
+BITS = {"int8": 8, "fp8": 8, "int4": 4, "nf4": 4, "fp16": 16, "fp4": 4}
 
 
 class NonFiniteActivation(BadInput, ValueError):
@@ -96,7 +111,9 @@ class Encoded:
 
     @property
     def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.scales.nbytes)
+        """Bytes sent: a per-tensor scale travels once (2 bytes), not once per row."""
+        per_tensor = self.block_size == PER_TENSOR and self.scales.size
+        return int(self.codes.nbytes + (2 if per_tensor else self.scales.nbytes))
 
 
 def check_format(fmt: str) -> str:
@@ -108,8 +125,13 @@ def check_format(fmt: str) -> str:
 
 
 def n_blocks(hidden: int, block_size: int) -> int:
-    """Number of scale blocks in a row of `hidden` elements."""
-    return -(-hidden // block_size)
+    """Number of scales each row of `hidden` elements holds (per-tensor: 1, the tensor's)."""
+    return 1 if block_size == PER_TENSOR else -(-hidden // block_size)
+
+
+def row_block_size(hidden: int, block_size: int) -> int:
+    """The block length within a row: `block_size`, or the whole row for per-tensor scaling."""
+    return hidden if block_size == PER_TENSOR else block_size
 
 
 def code_bytes(fmt: str, hidden: int) -> int:
@@ -119,9 +141,10 @@ def code_bytes(fmt: str, hidden: int) -> int:
 
 
 def bytes_per_row(fmt: str, hidden: int, block_size: int) -> int:
-    """Bytes on the wire for one row (token) of one tap, scales included."""
+    """Bytes on the wire for one row (token) of one tap, scales included (a per-tensor scale is
+    2 bytes per tap per batch, not per row, and is left out)."""
     fmt = check_format(fmt)
-    scale_bytes = 0 if fmt == "fp16" else 2 * n_blocks(hidden, block_size)
+    scale_bytes = 0 if fmt == "fp16" or block_size == PER_TENSOR else 2 * n_blocks(hidden, block_size)
     return code_bytes(fmt, hidden) + scale_bytes
 
 
@@ -136,12 +159,15 @@ def _blocked(x: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def block_scales(x: np.ndarray, fmt: str, block_size: int) -> np.ndarray:
-    """fp16 scale per block (NaN for a block with a non-finite value); steps 1-2 above."""
-    xb = _blocked(np.asarray(x, dtype=np.float32), block_size)
-    finite = np.isfinite(xb).all(axis=-1)
-    absmax = np.abs(np.where(np.isfinite(xb), xb, 0)).max(axis=-1)
+    """fp16 scale per block (NaN for a block with a non-finite value); steps 1-2 above.
+    Per-tensor: [..., 1], every row holding the tensor's one scale."""
+    x = np.asarray(x, dtype=np.float32)
+    xb = _blocked(x, row_block_size(x.shape[-1], block_size))
+    axes = tuple(range(xb.ndim)) if block_size == PER_TENSOR else -1
+    finite = np.isfinite(xb).all(axis=axes, keepdims=True)[..., 0]
+    absmax = np.abs(np.where(np.isfinite(xb), xb, 0)).max(axis=axes, keepdims=True)[..., 0]
     scale = np.minimum(absmax / np.float32(QMAX[fmt]), np.float32(FP16_MAX)).astype(np.float16)
-    return np.where(finite, scale, np.float16(np.nan))
+    return np.broadcast_to(np.where(finite, scale, np.float16(np.nan)), xb.shape[:-1]).copy()
 
 
 def _fp8_bits(y: np.ndarray) -> np.ndarray:
@@ -161,6 +187,14 @@ def _fp8_bits(y: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint8)
 
 
+def _fp4_codes(y: np.ndarray) -> np.ndarray:
+    """E2M1 nibble of y (|y| <= 6): the magnitude code counts the midpoints |y| passes (at a
+    midpoint: passes it where FP4_TIE_UP); the sign bit only for a nonzero code (zero is 0x0)."""
+    a = np.abs(y)[..., None]
+    mag = np.where(FP4_TIE_UP, a >= FP4_MIDPOINTS, a > FP4_MIDPOINTS).sum(axis=-1)
+    return (mag + np.where((y < 0) & (mag > 0), 8, 0)).astype(np.uint8)
+
+
 def quantize_codes(y: np.ndarray, fmt: str) -> np.ndarray:
     """Unpacked code per element of the scaled, clamped y (step 4): uint8 0..255 or 0..15."""
     if fmt == "int8":
@@ -171,6 +205,8 @@ def quantize_codes(y: np.ndarray, fmt: str) -> np.ndarray:
         return (y[..., None] > NF4_THRESHOLDS).sum(axis=-1).astype(np.uint8)
     if fmt == "fp8":
         return _fp8_bits(y)
+    if fmt == "fp4":
+        return _fp4_codes(y)
     raise ValueError(f"no codes for format {fmt!r}")
 
 
@@ -190,10 +226,11 @@ def unpack_nibbles(packed: np.ndarray, hidden: int) -> np.ndarray:
 
 
 def encode(x: np.ndarray, fmt: str, block_size: int = DEFAULT_BLOCK_SIZE, name: str = "tensor") -> Encoded:
-    """Quantize x [..., H] (fp32 or fp16). Raises NonFiniteActivation naming `name` on NaN/Inf."""
+    """Quantize x [..., H] (fp32 or fp16); `block_size` PER_TENSOR (0): one scale for all of x.
+    Raises NonFiniteActivation naming `name` on NaN/Inf."""
     fmt = check_format(fmt)
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if block_size < 0:
+        raise ValueError(f"block_size must be >= 1, or 0 for one scale per tensor; got {block_size}")
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float16):
         raise TypeError(f"{name}: expected float32 or float16, got {x.dtype}")
@@ -209,7 +246,7 @@ def encode(x: np.ndarray, fmt: str, block_size: int = DEFAULT_BLOCK_SIZE, name: 
     x32 = x.astype(np.float32)
     scales = block_scales(x32, fmt, block_size)
     s = scales.astype(np.float32)[..., None]
-    xb = _blocked(x32, block_size)
+    xb = _blocked(x32, row_block_size(hidden, block_size))
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.where(s == 0, np.float32(0), xb / np.where(s == 0, np.float32(1), s))
     qmax = np.float32(QMAX[fmt])
@@ -225,7 +262,7 @@ def code_values(fmt: str) -> np.ndarray:
     fmt = check_format(fmt)
     if fmt == "int8":
         return np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)
-    return {"int4": INT4_TABLE, "nf4": NF4_TABLE, "fp8": FP8_TABLE}[fmt]
+    return {"int4": INT4_TABLE, "nf4": NF4_TABLE, "fp8": FP8_TABLE, "fp4": FP4_TABLE}[fmt]
 
 
 def decode(enc: Encoded) -> np.ndarray:
@@ -242,7 +279,7 @@ def decode_arrays(codes: np.ndarray, scales: np.ndarray, fmt: str, hidden: int, 
     if BITS[fmt] == 4:
         codes = unpack_nibbles(codes, hidden)
     values = code_values(fmt)[codes]
-    scale = np.repeat(np.asarray(scales).astype(np.float32), block_size, axis=-1)[..., :hidden]
+    scale = np.repeat(np.asarray(scales).astype(np.float32), row_block_size(hidden, block_size), axis=-1)[..., :hidden]
     return values * scale
 
 

@@ -39,6 +39,29 @@ def activations(rng: np.random.Generator, shape, scale: float, *, outliers: bool
     return np.clip(x, -6e4, 6e4).astype(np.float16) if fp16 else x
 
 
+def boundary_values(grid: np.ndarray) -> np.ndarray:
+    """Every value of a sorted grid, the midpoints between neighbours, and one fp32 ulp either side."""
+    grid = np.unique(grid.astype(np.float32))
+    mids = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)
+    pts = np.concatenate([grid, mids])
+    return np.unique(np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, np.float32(-np.inf))]))
+
+
+def rounding_edges(fmt: str) -> np.ndarray:
+    """One fp32 row [1, n] for a block-scaled format whose absmax is QMAX, so the scale is exactly 1
+    and y == x: every grid value, every tie between neighbours and one ulp either side of each,
+    +-0 and the smallest subnormals. Encode it with block_size = n (one block)."""
+    qmax = np.float32(codec.QMAX[fmt])
+    if fmt in ("int8", "int4"):
+        grid = np.arange(-qmax, qmax + 1, dtype=np.float32)
+    else:
+        grid = codec.code_values(fmt)
+        grid = grid[np.isfinite(grid)]
+    y = boundary_values(grid)
+    y = y[np.abs(y) <= qmax]
+    return np.concatenate([[qmax], y, [-0.0, 2.0**-149, -(2.0**-149)]]).astype(np.float32).reshape(1, -1)
+
+
 def zero_nonfinite_blocks(x: np.ndarray, block_size: int) -> np.ndarray:
     """x with every block holding NaN/Inf set to zero: a fused kernel's codes for such a block
     are those of a zero block (its scale is NaN instead)."""

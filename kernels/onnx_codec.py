@@ -63,6 +63,7 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     Per-element work is kept to ops ONNX Runtime's CPU provider runs fast: no element-wise
     Where (its broadcasting kernel costs ~50x an Add) and no search Gathers; the per-block
     corrections (NaN scale, zero scale) are done on the scales, 1/block_size of the data.
+    `block_size` codec.PER_TENSOR (0): one block of the whole tensor, its scale repeated per row.
     """
     fmt = codec.check_format(fmt)
     b = _Builder(prefix)
@@ -76,23 +77,26 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
         return b.sub
 
     xf = x if dtype == TensorProto.FLOAT else b.op("Cast", [x], "x_f32", to=TensorProto.FLOAT)
-    nb = codec.n_blocks(hidden, block_size)
+    per_tensor = block_size == codec.PER_TENSOR
+    nb, block_size = codec.n_blocks(hidden, block_size), codec.row_block_size(hidden, block_size)
     pad = nb * block_size - hidden
     qmax = codec.QMAX[fmt]
     x2 = b.op("Reshape", [xf, b.const([-1, hidden], np.int64)], "rows")
     if pad:
         x2 = b.op("Pad", [x2, b.const([0, pad], np.int64), b.const(0.0), b.const([-1], np.int64)], "padded")
     xb = b.op("Reshape", [x2, b.const([-1, nb, block_size], np.int64)], "blocks")
-    axis = b.const([-1], np.int64, "axis")
+    block_axes = b.const([0, 1, 2] if per_tensor else [-1], np.int64, "block_axes")  # what one scale covers
 
     # Steps 1-2: fp16 scale of each block. x * 0 is 0 for finite x and NaN for NaN/Inf, so the
     # block sum `poison` is 0 or NaN; adding it marks non-finite blocks, Abs makes the NaN positive
     # (fp16 0x7E00, as codec.block_scales).
-    absmax = b.op("ReduceMax", [b.op("Abs", [xb]), axis], "absmax", keepdims=1)
-    poison = b.op("ReduceSum", [b.op("Mul", [xb, b.const(0.0)]), axis], "poison", keepdims=1)
+    absmax = b.op("ReduceMax", [b.op("Abs", [xb]), block_axes], "absmax", keepdims=1)
+    poison = b.op("ReduceSum", [b.op("Mul", [xb, b.const(0.0)]), block_axes], "poison", keepdims=1)
     scale32 = b.op("Min", [b.op("Div", [absmax, b.const(qmax)]), b.const(codec.FP16_MAX)], "scale32")
     marked = b.op("Cast", [b.op("Abs", [b.op("Add", [scale32, poison])])], "scale16", to=TensorProto.FLOAT16)
     scales_shape = b.op("Concat", [lead, b.const([nb], np.int64)], "scales_shape", axis=0)
+    if per_tensor:  # [1, 1, 1] -> one copy per row (Expand broadcasts it to [1, rows..., 1])
+        marked = b.op("Expand", [marked, scales_shape], "scale_per_row")
     b.sub.scales = b.op("Reshape", [marked, scales_shape], "scales")
 
     # Step 3: y = x / scale, clamped to [-qmax, qmax]. A zero scale divides by 2^100 instead,
@@ -104,10 +108,11 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     y = b.op("Clip", [b.op("Div", [xb, safe]), b.const(-qmax), b.const(qmax)], "y_clamped")
     y = b.op("Reshape", [y, b.const([-1, nb * block_size], np.int64)], "y_rows")
     if pad:
-        y = b.op("Slice", [y, b.const([0], np.int64), b.const([hidden], np.int64), axis], "y_trim")
+        y = b.op("Slice", [y, b.const([0], np.int64), b.const([hidden], np.int64), b.const([-1], np.int64)], "y_trim")
 
     # Step 4: codes as uint8 (4-bit ones as exact floats, then packed two to a byte).
-    codes = {"int8": _int8_codes, "int4": _int4_codes, "nf4": _nf4_codes, "fp8": _fp8_codes}[fmt](b, y)
+    codes = {"int8": _int8_codes, "int4": _int4_codes, "nf4": _nf4_codes, "fp8": _fp8_codes,
+             "fp4": _fp4_codes}[fmt](b, y)
     if codec.BITS[fmt] == 4:
         codes = _pack_nibbles(b, codes, hidden)
     codes_shape = b.op("Concat", [lead, b.const([codec.code_bytes(fmt, hidden)], np.int64)], "codes_shape", axis=0)
@@ -170,7 +175,7 @@ def _nf4_codes(b: _Builder, y: str) -> str:
 
 def _fp8_codes(b: _Builder, y: str) -> str:
     # NaN elements (their block's scale is already NaN) become 0: the exponent Gathers below need
-    # an index in range. fp8 is the one format that needs this element-wise Where.
+    # an index in range. fp8 and fp4 are the formats that need this element-wise Where.
     y = b.op("Where", [b.op("IsNaN", [y]), b.const(0.0), y], "y_finite")
     # Powers of two by table lookup keep every step exact; entry i holds 2**(i - 12).
     pow2 = b.const([2.0**k for k in range(-12, 11)], hint="pow2")
@@ -196,6 +201,24 @@ def _fp8_codes(b: _Builder, y: str) -> str:
     negative = b.op("And", [b.op("Less", [y, b.const(0.0)]), b.op("Greater", [r, b.const(0.0)])])
     sign = b.op("Mul", [b.op("Cast", [negative], to=TensorProto.FLOAT), b.const(128.0)])
     return b.op("Cast", [b.op("Add", [bits, sign])], "fp8_bits", to=TensorProto.UINT8)
+
+
+def _fp4_codes(b: _Builder, y: str) -> str:
+    # codec._fp4_codes by segments of equal spacing: |y| in [0, 2) steps 0.5 (codes 0-4), [2, 4)
+    # steps 1 (codes 4-6), [4, 6] steps 2 (codes 6-7). code = offset + Round((a - base) / step):
+    # a - base and the division by a power of two are exact, and Round's half-to-even gives the
+    # even code at every midpoint because each segment's offset is even. NaN elements become 0
+    # first, or they would spoil the other nibble of their byte.
+    y = b.op("Where", [b.op("IsNaN", [y]), b.const(0.0), y], "y_finite")
+    a = b.op("Abs", [y], "a")
+    ge2 = b.op("Cast", [b.op("GreaterOrEqual", [a, b.const(2.0)])], to=TensorProto.FLOAT)
+    ge4 = b.op("Cast", [b.op("GreaterOrEqual", [a, b.const(4.0)])], to=TensorProto.FLOAT)
+    base = b.op("Mul", [b.op("Add", [ge2, ge4]), b.const(2.0)], "fp4_base")  # 0, 2, 4
+    inv_step = b.op("Sub", [b.op("Sub", [b.const(2.0), ge2]), b.op("Mul", [ge4, b.const(0.5)])], "fp4_inv_step")
+    offset = b.op("Add", [b.op("Mul", [ge2, b.const(4.0)]), b.op("Mul", [ge4, b.const(2.0)])], "fp4_offset")
+    mag = b.op("Add", [offset, b.op("Round", [b.op("Mul", [b.op("Sub", [a, base]), inv_step])])], "fp4_mag")
+    negative = b.op("And", [b.op("Less", [y, b.const(0.0)]), b.op("Greater", [mag, b.const(0.0)])])
+    return b.op("Add", [mag, b.op("Mul", [b.op("Cast", [negative], to=TensorProto.FLOAT), b.const(8.0)])], "fp4_code")
 
 
 def _pack_nibbles(b: _Builder, codes: str, hidden: int) -> str:

@@ -38,7 +38,7 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, fmt: str, hidden: int, blo
     else:
         idx = codes.long()
     values = code_table(fmt, codes.device)[idx]
-    scale = scales.float().repeat_interleave(block_size, dim=-1)[..., :hidden]
+    scale = scales.float().repeat_interleave(codec.row_block_size(hidden, block_size), dim=-1)[..., :hidden]
     return values * scale
 
 
@@ -52,10 +52,14 @@ def encode(x: torch.Tensor, fmt: str, block_size: int = codec.DEFAULT_BLOCK_SIZE
     xf = x.float()
     if fmt == "fp16":
         return xf.clamp(-codec.FP16_MAX, codec.FP16_MAX).half(), xf.new_zeros(x.shape[:-1] + (0,), dtype=torch.float16)
-    nb = codec.n_blocks(hidden, block_size)
+    per_tensor = block_size == codec.PER_TENSOR
+    nb, block_size = codec.n_blocks(hidden, block_size), codec.row_block_size(hidden, block_size)
     xb = torch.nn.functional.pad(xf, (0, nb * block_size - hidden)).unflatten(-1, (nb, block_size))
+    dims = tuple(range(xb.ndim)) if per_tensor else (-1,)
     finite = torch.isfinite(xb).all(dim=-1)
-    absmax = torch.where(torch.isfinite(xb), xb, 0).abs().amax(dim=-1)
+    absmax = torch.where(torch.isfinite(xb), xb, 0).abs().amax(dim=dims, keepdim=True)[..., 0].expand(xb.shape[:-1])
+    if per_tensor:
+        finite = finite.all().expand(xb.shape[:-1])
     qmax = codec.QMAX[fmt]
     scale16 = torch.clamp_max(absmax / qmax, codec.FP16_MAX).half()
     scales = torch.where(finite, scale16, torch.full_like(scale16, float("nan")))
@@ -78,6 +82,8 @@ def _codes(y: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "nf4":
         thresholds = torch.from_numpy(codec.NF4_THRESHOLDS.copy()).to(y.device)
         return torch.bucketize(y.contiguous(), thresholds, right=False).to(torch.int16)  # count of thresholds < y
+    if fmt == "fp4":
+        return _fp4_codes(y)
     a = y.abs()
     e = torch.floor(torch.log2(a.clamp_min(2.0**-10))).to(torch.int32)
     one = torch.ones_like(a)
@@ -90,3 +96,12 @@ def _codes(y: torch.Tensor, fmt: str) -> torch.Tensor:
     bits = 8 * (er + 6) + (r / torch.ldexp(one, er - 3)).to(torch.int32)
     bits = bits + torch.where((y < 0) & (r > 0), 128, 0)
     return bits.to(torch.int16)
+
+
+def _fp4_codes(y: torch.Tensor) -> torch.Tensor:
+    """codec._fp4_codes: midpoints passed (ties where FP4_TIE_UP), sign bit for nonzero codes."""
+    mid = torch.from_numpy(codec.FP4_MIDPOINTS.copy()).to(y.device)
+    tie_up = torch.from_numpy(codec.FP4_TIE_UP.copy()).to(y.device)
+    a = y.abs().unsqueeze(-1)
+    mag = torch.where(tie_up, a >= mid, a > mid).sum(dim=-1).to(torch.int16)
+    return mag + torch.where((y < 0) & (mag > 0), 8, 0).to(torch.int16)

@@ -2,6 +2,7 @@
 
   trainer serve  --runs runs/ [--cache] [--device cuda] [--resume]   serve devices over WebSocket
   trainer serve  --federated [--max-share 0.5]                        one shared side network per task
+  trainer serve  --profile paper [--device cuda]                      the paper's lr and fp16/AMP training
   trainer plot   RUN                                                  loss curves -> RUN/loss.png
   trainer export RUN                                                  re-export RUN/side_network.onnx
 
@@ -18,22 +19,25 @@ from pathlib import Path
 
 from mobillm.common.errors import BadInput, run_command
 from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, read_token_file
+from mobillm.common.profiles import add_profile_flag, parse_with_profile
 
 from .config import FedConfig, OptimConfig, ServerConfig, SideConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The `trainer` parser; `defaults` (a --profile's trainer values) replace the serve flags' defaults."""
     parser = argparse.ArgumentParser(prog="trainer", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve devices over WebSocket and train their side networks",
                        formatter_class=HelpFormatter)
-    add_options(s, ServerConfig)
+    add_options(s, ServerConfig, defaults=defaults)
+    add_profile_flag(s)
     s.add_argument("--token-file", type=Path, default=None,
                    help="file holding a token every HELLO must carry (default: no token asked)")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_options(s.add_argument_group("side network"), SideConfig)
-    add_options(s.add_argument_group("optimizer"), OptimConfig)
+    add_options(s.add_argument_group("side network"), SideConfig, defaults=defaults)
+    add_options(s.add_argument_group("optimizer"), OptimConfig, defaults=defaults)
     add_options(s.add_argument_group("federated (with --federated)"), FedConfig)
     s.set_defaults(handler=cmd_serve)
 
@@ -55,6 +59,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                        side=from_args(SideConfig, args), optim=from_args(OptimConfig, args),
                        fed=from_args(FedConfig, args, width=args.side_width or FedConfig.width))
     config.validate()
+    from .core import resolve_precision  # torch: imported only once the flags are known to be good
+
+    precision, note = resolve_precision(config.optim.precision, config.device)
+    if note:  # said once, before the port opens; the runs then train (and record) what this server can
+        print(f"trainer: {note}", file=sys.stderr)
+        config.optim.precision = precision
     return config
 
 
@@ -94,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_profile(build_parser, argv, "trainer")
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_command("trainer", lambda: args.handler(args))

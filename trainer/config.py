@@ -17,6 +17,7 @@ from mobillm.common.options import option
 
 ACTIVATIONS = ("relu", "gelu")
 POOLINGS = ("last", "mean")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class ConfigError(BadInput, ValueError):
@@ -43,6 +44,16 @@ class SideConfig:
     up_init_std: float = option(1e-4, "W_up ~ N(0, up_init_std): each adapter starts close to the identity residual",
                                 cli=False)
     ln_eps: float = option(1e-5, "LayerNorm epsilon", cli=False)
+    adapter_per_tap: bool = option(False, "give tap 1 its own adapter too (Eq. 5 from s_0 = 0): M taps -> M adapters "
+                                          "(default: s_1 = b_1, M-1 adapters)")
+
+    def to_meta(self) -> dict:
+        """This config as the MODEL meta carries it; `adapter_per_tap` only when set, so frames of
+        runs without it stay byte-identical to those sent before the option existed."""
+        meta = dataclasses.asdict(self)
+        if not self.adapter_per_tap:
+            del meta["adapter_per_tap"]
+        return meta
 
     def validate(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -74,6 +85,8 @@ class OptimConfig:
     grad_clip: float = option(1.0, "max global gradient norm (0: off)")
     seed: int = option(0, "initialisation and cached-epoch order seed")
     cache_batch_size: int | None = option(None, "rows per step in cached epochs (default: the device's batch size)")
+    precision: str = option("fp32", "training precision: fp32; fp16 (autocast + loss scaling, CUDA only: on a CPU "
+                                    "server it falls back to fp32 with one line); bf16 (autocast)", choices=PRECISIONS)
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -82,6 +95,8 @@ class OptimConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.cache_batch_size is not None and self.cache_batch_size < 1:
             raise ConfigError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
 
@@ -214,10 +229,27 @@ class ServerConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{name} {path} does not exist")
+        if self.certfile is not None:
+            tls_context(self.certfile, self.keyfile)  # a bad PEM is refused here, not once the server starts
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         self.side.validate()
         self.optim.validate()
+
+
+def tls_context(certfile: str, keyfile: str | None):
+    """The server's TLS context (TLS 1.2 or newer) for wss://; ConfigError when the files are not a
+    PEM certificate chain and its private key."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:  # not PEM, a key that does not match, unreadable
+        raise ConfigError(f"--certfile {certfile} --keyfile {keyfile or '(none: the key inside --certfile)'}: "
+                          f"not a PEM certificate chain and its private key ({exc})") from None
+    return ctx
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -54,6 +54,46 @@ def make_optimizer(model: torch.nn.Module, o) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), **options)
 
 
+def resolve_precision(precision: str, device: str) -> tuple[str, str | None]:
+    """The precision a server on `device` can train in, and one line saying why when it is not
+    the one asked for (fp16 autocast needs CUDA; bf16 needs a GPU that has it). Called before a
+    run starts, so an impossible precision never fails a run mid-way."""
+    kind = torch.device(device).type
+    if precision == "fp16" and kind != "cuda":
+        return "fp32", f"fp16 training needs a CUDA server; --device {device} trains in fp32 instead"
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32", f"this GPU has no bf16; --device {device} trains in fp32 instead"
+    return precision, None
+
+
+class MixedPrecision:
+    """Autocast and (fp16 only) a GradScaler for one run's steps; fp32 turns both off, leaving the
+    step exactly as without them."""
+
+    DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+    def __init__(self, precision: str, device: torch.device):
+        self.precision, note = resolve_precision(precision, str(device))
+        if note:
+            log.warning(note)
+        self.device_type = torch.device(device).type
+        self.dtype = self.DTYPES.get(self.precision)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.precision == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def save_to(self, state: dict) -> dict:
+        """A checkpoint `state` with the loss scale added (fp16 only: other checkpoints keep their layout)."""
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_from(self, state: dict) -> None:
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
 def step_loss(model: SideNetwork, rows: Rows, taps: list[TapInfo], task_type: str, device: torch.device,
               input_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(loss, logits, dequantized tap rows) for one batch of rows; the tap rows keep grads if asked."""
@@ -79,19 +119,28 @@ class Step:
 
 def train_step(model: SideNetwork, optimizer: torch.optim.Optimizer, rows: Rows, taps: list[TapInfo],
                task_type: str, device: torch.device, lr_of: Callable[[dict], float], grad_clip: float,
-               input_grads: bool = False) -> Step:
+               input_grads: bool = False, amp: MixedPrecision | None = None) -> Step:
     """Decode, loss, backward, clip, AdamW step. `lr_of(group)` sets each param group's learning rate;
-    `grad_clip` 0 disables clipping. Loss and grad norm come back in one device sync."""
+    `grad_clip` 0 disables clipping; `amp` (default fp32) runs the forward under autocast (fp16: with
+    loss scaling, gradients unscaled before clipping, a step with inf/NaN gradients skipped).
+    Loss and grad norm come back in one device sync."""
+    amp = amp or MixedPrecision("fp32", device)
     model.train()
-    loss, logits, inputs = step_loss(model, rows, taps, task_type, device, input_grads)
+    with amp.autocast():
+        loss, logits, inputs = step_loss(model, rows, taps, task_type, device, input_grads)
     for group in optimizer.param_groups:
         group["lr"] = lr_of(group)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    amp.scaler.scale(loss).backward()
+    if input_grads and amp.scaler.is_enabled():  # unscale_ unscales the parameters' grads only
+        for t in inputs:  # an overflowing step (skipped below) adds nothing to the per-tap importance
+            torch.nan_to_num_(t.grad.mul_(1.0 / amp.scaler.get_scale()), nan=0.0, posinf=0.0, neginf=0.0)
+    amp.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    loss_value, norm = torch.stack([loss.detach(), grad_norm.detach()]).tolist()
-    return Step(loss_value, norm, logits, inputs)
+    amp.scaler.step(optimizer)
+    amp.scaler.update()
+    loss_value, norm = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
+    return Step(loss_value, norm, logits.float(), inputs)
 
 
 def check_finite(loss: float, step: int, where: str = "") -> None:

@@ -14,6 +14,8 @@ body is Eq. 5 of `model.py` run over slots instead of taps; an empty slot contri
     s       = LN_k(A_k(s + b_k) + s + b_k)          k = 2..S, absent terms dropped
     logits  = head(pool(b_S + s))
 
+(`adapter_per_tap`: s starts as nothing and k runs from 1, so every slot owns an adapter.)
+
 Every operation is per token, as in `model.py`, so pooled mode stays exact. `AlignedSide` (one
 family's alignment + the shared body) has `SideNetwork`'s two call forms and ONNX contract.
 """
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from .config import SideConfig
-from .model import Adapter, PerTokenSide, init_adapters_and_head
+from .model import Adapter, PerTokenSide, adapter_stack, init_adapters_and_head, n_adapters
 
 
 def slot_of(layer: int, num_layers: int, slots: int) -> int:
@@ -91,7 +93,8 @@ class Alignment(nn.Module):
 
 
 class SharedSide(nn.Module):
-    """The body every device trains: S-1 adapters with LayerNorms over the slots, and the head."""
+    """The body every device trains: S-1 (S with adapter_per_tap) adapters with LayerNorms over the slots,
+    and the head."""
 
     def __init__(self, cfg: SideConfig, n_slots: int):
         super().__init__()
@@ -99,8 +102,9 @@ class SharedSide(nn.Module):
             raise ValueError("the shared side network needs out_dim and side_width")
         self.cfg, self.n_slots = cfg, n_slots
         width = cfg.side_width
-        self.adapters = nn.ModuleList([Adapter(width, cfg.bottleneck, cfg.activation) for _ in range(n_slots - 1)])
-        self.norms = nn.ModuleList([nn.LayerNorm(width, eps=cfg.ln_eps) for _ in range(n_slots - 1)])
+        n = n_adapters(n_slots, cfg)
+        self.adapters = nn.ModuleList([Adapter(width, cfg.bottleneck, cfg.activation) for _ in range(n)])
+        self.norms = nn.ModuleList([nn.LayerNorm(width, eps=cfg.ln_eps) for _ in range(n)])
         self.head = nn.Linear(width, cfg.out_dim)
 
     def init_weights(self, seed: int) -> None:
@@ -110,13 +114,7 @@ class SharedSide(nn.Module):
 
     def features(self, b: list[torch.Tensor | None]) -> torch.Tensor:
         """Per-token b_S + s [..., D] from per-slot inputs (b[-1] is never None)."""
-        s = b[0]
-        for adapter, norm, b_next in zip(self.adapters, self.norms, b[1:]):
-            if b_next is None and s is None:
-                continue
-            x = b_next if s is None else s if b_next is None else s + b_next
-            s = norm(adapter(x) + x)
-        return b[-1] + s
+        return b[-1] + adapter_stack(self.adapters, self.norms, b, self.cfg.adapter_per_tap)
 
 
 class AlignedSide(PerTokenSide):

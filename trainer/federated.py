@@ -38,7 +38,8 @@ import torch
 from mobillm.common.messages import FedModel, Hello, ModelMeta, ProtocolError
 
 from .config import ServerConfig, atomic_write
-from .core import MODEL_FILE, SUMMARY, last_epoch_scores, make_optimizer, train_step, write_checkpoint, write_json
+from .core import MODEL_FILE, SUMMARY, MixedPrecision, last_epoch_scores, make_optimizer, train_step, \
+    write_checkpoint, write_json
 from .data import rows_for_model
 from .export import check_onnx, export_onnx
 from .fed_model import AlignedSide, Alignment, Family, FedSideModel, SharedSide
@@ -98,6 +99,7 @@ class Federated:
         side = dataclasses.replace(config.side, tap_widths=[], out_dim=hello.out_dim, side_width=self.fed.width)
         self.model = FedSideModel(side, self.fed.slots, self.optim.seed).to(self.device)
         self.optimizer = make_optimizer(self.model.shared, self.optim)  # one param group more per family
+        self.amp = MixedPrecision(self.optim.precision, self.device)
         self.views: dict[str, AlignedSide] = {}
         self.model_lock = threading.Lock()
         self._summary_lock = threading.Lock()
@@ -176,7 +178,7 @@ class Federated:
         family = self.model.families[dev.family]
         write_checkpoint(folder, {"config": asdict(view.cfg), "slots": self.fed.slots, "family": family.to_dict(),
                                   "state": view.state_dict(), "step": step}, ALIGNED)
-        meta = ModelMeta(asdict(view.cfg), len(dev.taps), self.task["task"], self.task["task_type"],
+        meta = ModelMeta(view.cfg.to_meta(), len(dev.taps), self.task["task"], self.task["task_type"],
                          self.task["num_labels"], self.name, [t.to_meta() for t in dev.taps],
                          dict(self._device_summary(dev, run), onnx_max_abs_diff=diff, steps=step,
                               shared_samples_trained=run.samples_trained),
@@ -223,7 +225,7 @@ class Federated:
         with self.model_lock:  # only the shared group and this family's have grads
             step = train_step(self.views[dev.family], self.optimizer, rows, dev.taps, self.task["task_type"],
                               self.device, lambda g: align_lr if g.get("family") == dev.family else lr,
-                              self.optim.grad_clip)
+                              self.optim.grad_clip, amp=self.amp)
         return Fit(step, rows, {"lr": lr, "align_lr": align_lr})
 
     def aggregate(self, work: Work, fit: Fit, run: TrainingRun) -> dict:
@@ -312,7 +314,7 @@ class Federated:
             devices.update({d.device_id: {"identity": d.identity(), "trained": d.trained, "batches": d.batches,
                                           "staleness_sum": d.staleness_sum} for d in run.members.values()})
         state["devices"] = devices
-        return state
+        return self.amp.save_to(state)
 
     def _load(self, state: dict) -> None:
         if state.get("task") != self.task:
@@ -325,6 +327,7 @@ class Federated:
             self.views[family.key] = self.model.view(family.key)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.amp.load_from(state)
         self.family_samples.update({k: int(v) for k, v in state["progress"]["family_samples"].items()})
         self._resumed = dict(state["devices"])
 

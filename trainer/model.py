@@ -7,9 +7,12 @@ tap is narrower or wider, e.g. OPT-350m's last tap is 512 wide after project_out
     s_{m+1} = LN_m(A_m(s_m + b_{m+1}) + s_m + b_{m+1})      A_m(h) = sigma(h W_down + c) W_up + d
     logits  = head(pool(b_M + s_M))
 
-Tap 1 seeds the state, so taps 2..M each own one adapter (and one LayerNorm). Every operation
-is per token: no token ever reads another, so the head's rows can be computed from the head's
-rows alone (`pooled` mode, and the gather-first path below, are exact for last-token pooling).
+Tap 1 seeds the state, so taps 2..M each own one adapter (and one LayerNorm). With
+`adapter_per_tap` the recursion starts one step earlier, from s_0 = 0 (Eq. 5 with l from 0):
+s_1 = LN_0(A_0(b_1) + b_1), so all M taps own an adapter. The taps arrive dequantized, so the
+paper's Q(b_{l+1}) is b_{l+1} here. Every operation is per token: no token ever reads another,
+so the head's rows can be computed from the head's rows alone (`pooled` mode, and the
+gather-first path below, are exact for last-token pooling).
 """
 
 from __future__ import annotations
@@ -30,6 +33,25 @@ def init_adapters_and_head(adapters, head: nn.Linear, cfg: SideConfig, g: torch.
         adapter.up.bias.zero_()
     nn.init.normal_(head.weight, 0.0, 0.02, generator=g)
     head.bias.zero_()
+
+
+def n_adapters(n_inputs: int, cfg: SideConfig) -> int:
+    """Adapters (and LayerNorms) of an Eq. 5 stack over `n_inputs` taps or slots."""
+    return n_inputs if cfg.adapter_per_tap else n_inputs - 1
+
+
+def adapter_stack(adapters, norms, b: list[torch.Tensor | None], adapter_per_tap: bool) -> torch.Tensor:
+    """s_M of Eq. 5 over inputs b_1..b_M; a None input (an empty federated slot) is skipped.
+
+    The state starts as b_1 (s_1 = b_1), or with `adapter_per_tap` as nothing (s_0 = 0), so b_1
+    goes through the first adapter too."""
+    s, rest = (None, b) if adapter_per_tap else (b[0], b[1:])
+    for adapter, norm, b_next in zip(adapters, norms, rest):
+        if b_next is None and s is None:
+            continue
+        x = b_next if s is None else s if b_next is None else s + b_next
+        s = norm(adapter(x) + x)
+    return s
 
 
 class Adapter(nn.Module):
@@ -93,9 +115,9 @@ class SideNetwork(PerTokenSide):
         width = cfg.side_width
         self.projections = nn.ModuleList(
             [nn.Identity() if h == width else nn.Linear(h, width) for h in cfg.tap_widths])
-        self.adapters = nn.ModuleList(
-            [Adapter(width, cfg.bottleneck, cfg.activation) for _ in cfg.tap_widths[1:]])
-        self.norms = nn.ModuleList([nn.LayerNorm(width, eps=cfg.ln_eps) for _ in cfg.tap_widths[1:]])
+        n = n_adapters(len(cfg.tap_widths), cfg)
+        self.adapters = nn.ModuleList([Adapter(width, cfg.bottleneck, cfg.activation) for _ in range(n)])
+        self.norms = nn.ModuleList([nn.LayerNorm(width, eps=cfg.ln_eps) for _ in range(n)])
         self.head = nn.Linear(width, cfg.out_dim)
 
     def init_weights(self, seed: int) -> None:
@@ -111,11 +133,7 @@ class SideNetwork(PerTokenSide):
     def features(self, taps: list[torch.Tensor]) -> torch.Tensor:
         """Per-token b_M + s_M [..., D] from taps [..., H_i] (any leading shape)."""
         b = [proj(t) for proj, t in zip(self.projections, taps)]
-        s = b[0]
-        for adapter, norm, b_next in zip(self.adapters, self.norms, b[1:]):
-            x = s + b_next
-            s = norm(adapter(x) + x)
-        return b[-1] + s
+        return b[-1] + adapter_stack(self.adapters, self.norms, b, self.cfg.adapter_per_tap)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mobillm.common import wire
-from mobillm.common.messages import NAME, FedWelcome, Hello, ProtocolError, TrainingDone
+from mobillm.common.messages import NAME_RULE, FedWelcome, Hello, ProtocolError, TrainingDone, is_name
 
 from .config import RunConfig, ServerConfig
 from .core import CHECKPOINT, load_checkpoint
@@ -244,8 +244,8 @@ class FederatedPolicy(RunTable):
 
     async def join(self, session: "Session", hello: Hello) -> FedMember:
         name = hello.run or f"fed-{hello.task}"
-        if not NAME.match(name):
-            raise ProtocolError("bad_hello", f"run {name!r} must match {NAME.pattern}; send a shorter run name")
+        if not is_name(name):
+            raise ProtocolError("bad_hello", f"run {name!r}: a run name is {NAME_RULE}; send a shorter run name")
         check_pooling(self.config, hello)
         async with self.lock(name):
             run: TrainingRun = await self.open_locked(name, hello, self._create)

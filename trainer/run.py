@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from mobillm.common import wire
 from mobillm.common.messages import BitPlan, ModelMeta, TapInfo, allowed_formats
 
 from .config import RunConfig, atomic_write
-from .core import MODEL_FILE, SUMMARY, append_record, last_epoch_scores, make_optimizer, open_metrics, train_step, \
-    write_json
+from .core import MODEL_FILE, SUMMARY, MixedPrecision, append_record, last_epoch_scores, make_optimizer, open_metrics, \
+    train_step, write_json
 from .data import TapCache, rows_for_model
 from .export import check_onnx, export_onnx
 from .model import build_side_network
@@ -65,6 +64,7 @@ class SingleDevice:
         self.taps = [TapInfo(**t) for t in cfg.taps]
         self.model = build_side_network(cfg.side, cfg.optim.seed).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.amp = MixedPrecision(cfg.optim.precision, self.device)
         self.schedule = WarmupLinear(round(cfg.optim.warmup_ratio * cfg.total_samples), cfg.total_samples)
         self.bitplan_every = bitplan_every
         self.member = Member(cfg.device_id, cfg.samples_per_epoch if cfg.cache else cfg.total_samples, cfg.cache)
@@ -96,7 +96,7 @@ class SingleDevice:
 
     def model_meta(self) -> ModelMeta:
         """MODEL frame meta: how to feed the ONNX graph and what it was trained for."""
-        return ModelMeta(asdict(self.cfg.side), len(self.taps), self.cfg.task, self.cfg.task_type,
+        return ModelMeta(self.cfg.side.to_meta(), len(self.taps), self.cfg.task, self.cfg.task_type,
                          self.cfg.num_labels, self.cfg.run, self.cfg.taps, self.summary)
 
     # ---- the schedule ----
@@ -145,7 +145,7 @@ class SingleDevice:
         want_importance = self.bitplan_every > 0
         lr = self.cfg.optim.lr * self.schedule.factor(run.samples_trained)
         step = train_step(self.model, self.optimizer, rows, self.taps, self.cfg.task_type, self.device, lambda _: lr,
-                          self.cfg.optim.grad_clip, want_importance)
+                          self.cfg.optim.grad_clip, want_importance, self.amp)
         if want_importance:
             # Per tap: RMS of d loss / d (dequantized activation), a proxy for how much that tap's
             # quantization error matters; the device may spend bits where it is largest.
@@ -233,7 +233,7 @@ class SingleDevice:
         }
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+        return self.amp.save_to(state)
 
     def _last_epoch_state(self) -> dict | None:
         """The last epoch's outputs so far, so a run resumed inside its last epoch reports the same metric."""
@@ -247,6 +247,7 @@ class SingleDevice:
     def _load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.amp.load_from(state)
         self.schedule.load_state_dict(state["schedule"])
         p = state["progress"]
         self.member.trained = self.member.accepted = int(p["stream_trained"])

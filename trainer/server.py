@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from mobillm.common import messages, wire
 from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ProtocolError, Welcome
 
-from .config import ServerConfig
+from .config import ServerConfig, tls_context
 from .core import make_optimizer
 from .policy import FederatedPolicy, Membership, RunPolicy, SingleDevicePolicy
 
@@ -262,15 +262,8 @@ class TrainerServer:
                 raise
 
     def _ssl_context(self):
-        """TLS for wss:// when a certificate is configured (TLS 1.2 or newer), else None (ws://)."""
-        if not self.config.certfile:
-            return None
-        import ssl
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.config.certfile, self.config.keyfile)
-        return ctx
+        """TLS for wss:// when a certificate is configured, else None (ws://)."""
+        return tls_context(self.config.certfile, self.config.keyfile) if self.config.certfile else None
 
     async def _handle(self, ws: ServerConnection) -> None:
         session = Session(self, ws, next(self._numbers))

@@ -72,7 +72,7 @@ const Isa& isa() {
 
 bool valid_args(int dtype, int64_t hidden, int fmt, int64_t block_size, int* status) {
   *status = MOBILLM_OK;
-  if (fmt < MOBILLM_INT8 || fmt > MOBILLM_FP16) *status = MOBILLM_BAD_FORMAT;
+  if (fmt < MOBILLM_INT8 || fmt > MOBILLM_FP4) *status = MOBILLM_BAD_FORMAT;
   else if (dtype != MOBILLM_FLOAT32 && dtype != MOBILLM_FLOAT16) *status = MOBILLM_BAD_DTYPE;
   else if (hidden < 1 || block_size < 1) *status = MOBILLM_BAD_SHAPE;
   return *status == MOBILLM_OK;
@@ -83,17 +83,17 @@ bool valid_args(int dtype, int64_t hidden, int fmt, int64_t block_size, int* sta
 extern "C" {
 
 int mobillm_parse_format(const char* name) {
-  static const char* const names[] = {"int8", "fp8", "int4", "nf4", "fp16"};
+  static const char* const names[] = {"int8", "fp8", "int4", "nf4", "fp16", "fp4"};
   if (name == nullptr) return -1;
   if (strcmp(name, "none") == 0) return MOBILLM_FP16;
-  for (int i = 0; i < 5; ++i)
+  for (int i = 0; i < 6; ++i)
     if (strcmp(name, names[i]) == 0) return i;
   return -1;
 }
 
 int64_t mobillm_code_bytes(int fmt, int64_t hidden) {
   if (fmt == MOBILLM_FP16) return 2 * hidden;
-  if (fmt == MOBILLM_INT4 || fmt == MOBILLM_NF4) return (hidden + 1) / 2;
+  if (fmt == MOBILLM_INT4 || fmt == MOBILLM_NF4 || fmt == MOBILLM_FP4) return (hidden + 1) / 2;
   return hidden;
 }
 

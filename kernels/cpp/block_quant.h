@@ -23,7 +23,9 @@ extern "C" {
 #endif
 
 /* Formats, in the order of codec.FORMATS. */
-enum mobillm_format { MOBILLM_INT8 = 0, MOBILLM_FP8 = 1, MOBILLM_INT4 = 2, MOBILLM_NF4 = 3, MOBILLM_FP16 = 4 };
+enum mobillm_format {
+  MOBILLM_INT8 = 0, MOBILLM_FP8 = 1, MOBILLM_INT4 = 2, MOBILLM_NF4 = 3, MOBILLM_FP16 = 4, MOBILLM_FP4 = 5  /* new ones at the end */
+};
 /* Element type of the input rows. */
 enum mobillm_dtype { MOBILLM_FLOAT32 = 0, MOBILLM_FLOAT16 = 1 };
 /* Return codes. */

@@ -85,6 +85,8 @@ static inline int32_t code_of(float y) {
 #pragma GCC unroll 15
     for (int k = 0; k < 15; ++k) c += y > t[k] ? 1 : 0;
     return c;
+  } else if constexpr (F == MOBILLM_FP4) {
+    return (int32_t)fp4_code(y);
   } else {
     return (int32_t)fp8_code(y);
   }
@@ -141,6 +143,7 @@ static inline void encode_block(const float* x, int64_t n, float s, uint8_t* out
   const float q = qmax_of(F);
   int64_t done = 0;
 #if defined(__AVX2__)
+  if constexpr (F != MOBILLM_FP4) {  // fp4 takes the scalar loop below (the compiler vectorizes it)
   const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-q), hi = _mm256_set1_ps(q);
   auto codes8 = [&](const float* p) {
     const __m256 y = _mm256_div_ps(_mm256_loadu_ps(p), vs);  // IEEE division
@@ -150,6 +153,7 @@ static inline void encode_block(const float* x, int64_t n, float s, uint8_t* out
     const float* p = x + done;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + done),
                         pack_codes(codes8(p), codes8(p + 8), codes8(p + 16), codes8(p + 24)));
+  }
   }
 #endif
   constexpr int64_t kChunk = 256;
@@ -175,7 +179,7 @@ static inline void pack_nibbles(const uint8_t* nib, int64_t hidden, uint8_t* out
 template <int F, bool Half>
 static void quantize_rows_t(const void* xv, int64_t hidden, int64_t bs, int64_t r0, int64_t r1, uint8_t* codes,
                             uint16_t* scales) {
-  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4;
+  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4 || F == MOBILLM_FP4;
   const int64_t nb = (hidden + bs - 1) / bs;
   const int64_t cb = mobillm_code_bytes(F, hidden);
   std::vector<float> widened(Half ? (size_t)std::min(bs, hidden) : 0);
@@ -239,6 +243,8 @@ int quantize_rows(const void* x, int dtype, int64_t hidden, int fmt, int64_t bs,
     case MOBILLM_INT4 * 2 + 1: quantize_rows_t<MOBILLM_INT4, true>(x, hidden, bs, r0, r1, c, scales); break;
     case MOBILLM_NF4 * 2: quantize_rows_t<MOBILLM_NF4, false>(x, hidden, bs, r0, r1, c, scales); break;
     case MOBILLM_NF4 * 2 + 1: quantize_rows_t<MOBILLM_NF4, true>(x, hidden, bs, r0, r1, c, scales); break;
+    case MOBILLM_FP4 * 2: quantize_rows_t<MOBILLM_FP4, false>(x, hidden, bs, r0, r1, c, scales); break;
+    case MOBILLM_FP4 * 2 + 1: quantize_rows_t<MOBILLM_FP4, true>(x, hidden, bs, r0, r1, c, scales); break;
     case MOBILLM_FP16 * 2:
     case MOBILLM_FP16 * 2 + 1: fp16_rows(x, half, hidden, r0, r1, static_cast<uint16_t*>(codes)); break;
     default: return MOBILLM_BAD_FORMAT;
@@ -256,6 +262,8 @@ static void code_values(int fmt, float* table) {
       table[c] = (float)((c & 15) - 8);
     } else if (fmt == MOBILLM_NF4) {
       table[c] = nf4[c & 15];
+    } else if (fmt == MOBILLM_FP4) {
+      table[c] = fp4_value((uint32_t)c & 15u);
     } else {  // E4M3FN; 0x7f and 0xff are NaN
       const int e = (c >> 3) & 15, m = c & 7;
       const float mag = e == 0 ? (float)m * 0x1p-9f : float_of((uint32_t)(e + 120) << 23 | (uint32_t)m << 20);
@@ -273,7 +281,7 @@ int dequantize(const void* codes, const uint16_t* scales, int64_t rows, int64_t 
   }
   float table[256];
   code_values(fmt, table);
-  const bool four_bit = fmt == MOBILLM_INT4 || fmt == MOBILLM_NF4;
+  const bool four_bit = fmt == MOBILLM_INT4 || fmt == MOBILLM_NF4 || fmt == MOBILLM_FP4;
   const int64_t nb = (hidden + bs - 1) / bs;
   const int64_t cb = mobillm_code_bytes(fmt, hidden);
   for (int64_t r = 0; r < rows; ++r) {

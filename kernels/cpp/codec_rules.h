@@ -19,7 +19,9 @@
 namespace mobillm {
 
 // codec.QMAX, indexed by mobillm_format (fp16 has none).
-MOBILLM_HD float qmax_of(int fmt) { return fmt == 0 ? 127.0f : fmt == 1 ? 448.0f : fmt == 2 ? 7.0f : 1.0f; }
+MOBILLM_HD float qmax_of(int fmt) {
+  return fmt == 0 ? 127.0f : fmt == 1 ? 448.0f : fmt == 2 ? 7.0f : fmt == 5 ? 6.0f : 1.0f;
+}
 
 // codec.NF4_THRESHOLDS: fp32 midpoints between neighbouring NF4 values (exact hex literals).
 #define MOBILLM_NF4_THRESHOLDS                                                                       \
@@ -92,6 +94,29 @@ MOBILLM_HD uint32_t fp8_code(float y) {
   // The sign bit, unless the value rounded to zero (codec: y < 0 and r > 0).
   const uint32_t sign = (bits_of(y) >> 24) & 0x80u;
   return mag | (mag != 0 ? sign : 0u);
+}
+
+// codec._fp4_codes for one clamped, finite y (|y| <= 6): E2M1, round half to even code.
+// By segments of equal spacing: |y| in [0, 2) steps 0.5 (codes 0-4), [2, 4) steps 1 (codes
+// 4-6), [4, 6] steps 2 (codes 6-7); code = offset + rint((|y| - base) / step). The subtraction
+// and the scaling by a power of two are exact, and each even offset keeps rint's tie-to-even
+// choice on an even code.
+MOBILLM_HD uint32_t fp4_code(float y) {
+  const float a = float_of(bits_of(y) & 0x7fffffffu);
+  const bool ge2 = a >= 2.0f, ge4 = a >= 4.0f;
+  const float base = ge4 ? 4.0f : ge2 ? 2.0f : 0.0f;
+  const float inv_step = ge4 ? 0.5f : ge2 ? 1.0f : 2.0f;
+  const uint32_t offset = ge4 ? 6u : ge2 ? 4u : 0u;
+  const uint32_t mag = offset + (uint32_t)(int32_t)MOBILLM_RINTF((a - base) * inv_step);
+  const uint32_t sign = (bits_of(y) >> 28) & 0x8u;  // only for a nonzero code: zero is 0x0
+  return mag | (mag != 0 ? sign : 0u);
+}
+
+// codec.FP4_TABLE entry of nibble c (bit 3 the sign; nibble 8 is -0.0).
+MOBILLM_HD float fp4_value(uint32_t c) {
+  const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float m = mags[c & 7u];
+  return (c & 8u) ? -m : m;
 }
 
 }  // namespace mobillm

@@ -1,7 +1,7 @@
 // ONNX Runtime custom-op library: domain com.mobillm.
 //
 //   BlockQuantize(x) -> (codes uint8 [..., code_bytes], scales float16 [..., n_blocks])
-//       attributes: format (string: int8 | fp8 | int4 | nf4), block_size (int, default 64)
+//       attributes: format (string: int8 | fp8 | int4 | nf4 | fp4), block_size (int, default 64)
 //   BlockQuantizeFp16(x) -> (codes float16 [..., H], scales float16 [..., 0])
 //       the fp16 format (saturating cast); attributes format ("fp16", optional), block_size (ignored)
 //
@@ -51,7 +51,7 @@ OrtStatusPtr read_attrs(const OrtApi& api, const OrtKernelInfo* info, bool fp16_
   std::string fmt_name = fp16_op ? "fp16" : "";
   if (OrtStatusPtr st = api.KernelInfoGetAttribute_string(info, "format", nullptr, &size)) {
     api.ReleaseStatus(st);
-    if (!fp16_op) return make_error(api, "BlockQuantize needs a string attribute 'format' (int8, fp8, int4, nf4)");
+    if (!fp16_op) return make_error(api, "BlockQuantize needs a string attribute 'format' (int8, fp8, int4, nf4, fp4)");
   } else {
     std::vector<char> buf(size);
     if (OrtStatusPtr st2 = api.KernelInfoGetAttribute_string(info, "format", buf.data(), &size)) return st2;
@@ -63,7 +63,7 @@ OrtStatusPtr read_attrs(const OrtApi& api, const OrtKernelInfo* info, bool fp16_
     bs = kDefaultBlockSize;
   }
   const int fmt = mobillm_parse_format(fmt_name.c_str());
-  if (fmt < 0) return make_error(api, "unknown format '" + fmt_name + "'; choose int8, fp8, int4, nf4 or fp16");
+  if (fmt < 0) return make_error(api, "unknown format '" + fmt_name + "'; choose int8, fp8, int4, nf4, fp4 or fp16");
   if (fp16_op && fmt != MOBILLM_FP16)
     return make_error(api, "BlockQuantizeFp16 only does format 'fp16'; use BlockQuantize for '" + fmt_name + "'");
   if (!fp16_op && fmt == MOBILLM_FP16)

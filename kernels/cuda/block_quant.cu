@@ -65,6 +65,8 @@ __device__ __forceinline__ uint32_t code_of(float y, const float* nf4_t) {
     c += y > nf4_t[c + 1] ? 2u : 0u;
     c += y > nf4_t[c] ? 1u : 0u;
     return c;
+  } else if constexpr (F == MOBILLM_FP4) {
+    return mobillm::fp4_code(y);  // codec_rules.h, shared with the CPU kernel
   } else {
     return mobillm::fp8_code(y);
   }
@@ -122,7 +124,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_rows_kernel(const T* __r
                                                                    uint16_t* __restrict__ scales, bool shared_scales) {
   extern __shared__ uint16_t s_scales[];
   __shared__ float s_nf4[15];
-  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4;
+  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4 || F == MOBILLM_FP4;
   const int64_t row = blockIdx.x;
   const T* __restrict__ xr = x + row * hidden;
   uint16_t* __restrict__ sr = scales + row * nb;
@@ -224,7 +226,7 @@ template <int F, int E, typename T>
 __global__ void __launch_bounds__(kMaxThreads) quantize_blocks_warp_kernel(const T* __restrict__ x, int64_t n_blocks,
                                                                           uint8_t* __restrict__ codes,
                                                                           uint16_t* __restrict__ scales) {
-  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4;
+  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4 || F == MOBILLM_FP4;
   constexpr int bs = 32 * E;
   __shared__ float s_nf4[15];
   if constexpr (F == MOBILLM_NF4) {
@@ -297,7 +299,7 @@ __global__ void saturate_half_bits_kernel(const uint16_t* __restrict__ x, int64_
 template <int F, typename T>
 cudaError_t launch_rows(const T* x, int64_t rows, int hidden, int bs, uint8_t* codes, uint16_t* scales,
                         cudaStream_t stream) {
-  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4;
+  constexpr bool four_bit = F == MOBILLM_INT4 || F == MOBILLM_NF4 || F == MOBILLM_FP4;
   const int nb = (hidden + bs - 1) / bs;
   const int cb = four_bit ? (hidden + 1) / 2 : hidden;
   if (hidden % bs == 0 && (bs == 32 || bs == 64 || bs == 128 || bs == 256)) {
@@ -338,6 +340,7 @@ cudaError_t launch_format(int fmt, const T* x, int64_t rows, int hidden, int bs,
     case MOBILLM_INT8: return launch_rows<MOBILLM_INT8>(x, rows, hidden, bs, codes, scales, stream);
     case MOBILLM_FP8: return launch_rows<MOBILLM_FP8>(x, rows, hidden, bs, codes, scales, stream);
     case MOBILLM_INT4: return launch_rows<MOBILLM_INT4>(x, rows, hidden, bs, codes, scales, stream);
+    case MOBILLM_FP4: return launch_rows<MOBILLM_FP4>(x, rows, hidden, bs, codes, scales, stream);
     default: return launch_rows<MOBILLM_NF4>(x, rows, hidden, bs, codes, scales, stream);
   }
 }
@@ -354,7 +357,7 @@ extern "C" {
 
 int mobillm_cuda_block_quantize(const void* x, int dtype, int64_t rows, int64_t hidden, int fmt, int64_t block_size,
                                 void* codes, uint16_t* scales, void* stream_ptr) {
-  if (fmt < MOBILLM_INT8 || fmt > MOBILLM_FP16) return fail("unknown format id " + std::to_string(fmt));
+  if (fmt < MOBILLM_INT8 || fmt > MOBILLM_FP4) return fail("unknown format id " + std::to_string(fmt));
   if (dtype != MOBILLM_FLOAT32 && dtype != MOBILLM_FLOAT16) return fail("x must be float32 or float16");
   if (hidden < 1 || hidden > INT32_MAX / 2 || block_size < 1) return fail("bad hidden size or block_size");
   if (rows == 0) return 0;

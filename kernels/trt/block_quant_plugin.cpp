@@ -108,7 +108,7 @@ class BlockQuantizePlugin : public IPluginV3, public IPluginV3OneCore, public IP
     if (fp16_op_) {
       outputs[1].d[last] = expr.constant(0);
     } else {
-      const bool four_bit = config_.fmt == MOBILLM_INT4 || config_.fmt == MOBILLM_NF4;
+      const bool four_bit = config_.fmt == MOBILLM_INT4 || config_.fmt == MOBILLM_NF4 || config_.fmt == MOBILLM_FP4;
       if (four_bit) outputs[0].d[last] = expr.operation(DimensionOperation::kCEIL_DIV, *hidden, *expr.constant(2));
       outputs[1].d[last] = expr.operation(DimensionOperation::kCEIL_DIV, *hidden, *expr.constant(config_.block_size));
     }
@@ -146,8 +146,8 @@ class BlockQuantizePlugin : public IPluginV3, public IPluginV3OneCore, public IP
 
  private:
   static char const* fmt_name(int fmt) {
-    static char const* const names[] = {"int8", "fp8", "int4", "nf4", "fp16"};
-    return fmt >= 0 && fmt < 5 ? names[fmt] : "";
+    static char const* const names[] = {"int8", "fp8", "int4", "nf4", "fp16", "fp4"};
+    return fmt >= 0 && fmt < 6 ? names[fmt] : "";
   }
 
   Config config_;

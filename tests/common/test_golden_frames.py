@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -63,13 +62,13 @@ def bitplan() -> bytes:
 
 def model_meta() -> bytes:
     side = SideConfig(tap_widths=[64, 64], out_dim=2, side_width=64)
-    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "golden", TAPS, {"samples_trained": 192, "steps": 12})
+    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "golden", TAPS, {"samples_trained": 192, "steps": 12})
     return messages.frame(meta, b"onnx-bytes")
 
 
 def model_meta_federated() -> bytes:
     side = SideConfig(tap_widths=[], out_dim=2, side_width=128)
-    meta = ModelMeta(asdict(side), 2, "sst2", "class", 2, "fed-sst2", TAPS,
+    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "fed-sst2", TAPS,
                      {"samples_trained": 96, "onnx_max_abs_diff": 0.0, "steps": 30, "shared_samples_trained": 192},
                      FedModel("ab12cd34", [1, 3], 4, 4, 30))
     return messages.frame(meta, b"onnx-bytes")
@@ -91,13 +90,13 @@ def error() -> bytes:
     return messages.frame(ErrorReport("bad_hello", "task 'x y' must match the name pattern"))
 
 
-def batch(fmt: str, mode: str) -> bytes:
+def batch(fmt: str, mode: str, block_size: int = 32) -> bytes:
     rng = np.random.default_rng(7)
     lengths = np.array([3, 1, 2], np.uint32) if mode == "tokens" else np.ones(3, np.uint32)
     taps = []
     for i, hidden in enumerate([64, 96]):
-        enc = codec.encode(rng.standard_normal((int(lengths.sum()), hidden)).astype(np.float32), fmt, 32)
-        taps.append(wire.TapPayload(fmt, 32, hidden, enc.codes, enc.scales, i))
+        enc = codec.encode(rng.standard_normal((int(lengths.sum()), hidden)).astype(np.float32), fmt, block_size)
+        taps.append(wire.TapPayload(fmt, block_size, hidden, enc.codes, enc.scales, i))
     labels = np.array([0, 1, 1], np.int64)
     return wire.batch_frame(wire.Batch(9, np.array([4, 8, 15], np.uint64), labels, lengths, taps, mode))
 
@@ -117,6 +116,9 @@ BUILDERS = {
     "batch_regression": batch_regression,
     **{f"batch_{fmt}_{mode}": (lambda fmt=fmt, mode=mode: batch(fmt, mode))
        for fmt in codec.FORMATS for mode in wire.MODES},
+    # Per-tensor scaling (block size 0): one scale per tap, sent once.
+    **{f"batch_{fmt}_per_tensor_{mode}": (lambda fmt=fmt, mode=mode: batch(fmt, mode, codec.PER_TENSOR))
+       for fmt in ("int8", "fp4") for mode in wire.MODES},
 }
 
 GOLDEN = {
@@ -126,10 +128,16 @@ GOLDEN = {
     "batch_fp16_tokens": "ecb586233430214e706f3c50e355b570406c4ad787f0990ba34ba4e235c47ff8",
     "batch_fp8_pooled": "5dfc1eba8c661ed6ed38844e91adeede27a202d7c67ce0375f824a711bb41747",
     "batch_fp8_tokens": "f8fb9dbf50526437a2d125b3657c44e0ef83b334c32a03b06c7dee27d889b2d3",
+    "batch_fp4_per_tensor_pooled": "850fff2a17b981983edd02998930fbcda9abd56c1ad851ec75f688b2883a8580",
+    "batch_fp4_per_tensor_tokens": "c045af7385927bdc4e08d5edf7f957810c9878e93acc7cd54aa87325ffefd004",
+    "batch_fp4_pooled": "be52d067efbcca46c5acfb4db715e1c3de52351c93a1042c54953e2f450bd0c4",
+    "batch_fp4_tokens": "273b776ac44f50f3c4821e2cf3021593b808deba225afb38be722471975ebd8c",
     "batch_int4_pooled": "5ee35f2c5b7d30959e4f9c96f08e5e22d0fa574fc2fe07c2738837eff25c02a3",
     "batch_int4_tokens": "c27bfe12303fc37d1f427dc526777274a72986168faf812b802c9b9d5437cc84",
     "batch_int8_pooled": "93b2d5af0e8c4611f482d896bfac13c50b13a16a0dfa4833af2703d53e69dce8",
     "batch_int8_tokens": "16d117abc71babc91101f9a35e6b1f0df7df5391493eba44d7af5d055687bddb",
+    "batch_int8_per_tensor_pooled": "25a09dd3152a07946620c512bfe0f137ac544a31466edf8a7b127fc65eff11df",
+    "batch_int8_per_tensor_tokens": "25676cff581a3c8dd60976e8125b99973cf6e40c3a66f18b7fc42985f7602ba2",
     "batch_nf4_pooled": "b83c8d29bb41c2466d802e78e1fefd615c90253faf41d1c3244b8e4fce157200",
     "batch_nf4_tokens": "d29880381e9901e1838b896aa323087a603c5261150bf41eab60051b231b4865",
     "batch_regression": "3743d0678a9ecf6fdc0cbcd8f78bcbd4f9904cdf503f2987400eff83dacabd11",
@@ -174,6 +182,19 @@ def test_typed_messages_read_back():
         frame = wire.decode_frame(build())
         assert messages.frame(cls.from_meta(frame.meta)) == build()
     assert ModelMeta.check(wire.decode_frame(model_meta_federated()).meta)["federated"]["step"] == 30
+
+
+def test_per_tensor_batch_reads_back_as_one_scale_per_row():
+    body = wire.decode_frame(batch("fp4", "tokens", codec.PER_TENSOR)).body
+    tokens = 6
+    per_block = wire.decode_frame(batch("fp4", "tokens")).body
+    # Each tap's scales travel once: 2 bytes instead of tokens x 2 blocks x 2 bytes (hidden 64) and x 3 (96).
+    assert len(per_block) - len(body) == tokens * (2 + 3) * 2 - 2 * 2
+    rng = np.random.default_rng(7)
+    for tap, hidden in zip(wire.Batch.from_body(body).taps, [64, 96]):
+        enc = codec.encode(rng.standard_normal((tokens, hidden)).astype(np.float32), "fp4", codec.PER_TENSOR)
+        assert tap.block_size == 0 and tap.scales.shape == (tokens, 1)
+        assert np.array_equal(tap.scales, enc.scales) and np.array_equal(tap.decode(), codec.decode(enc))
 
 
 def test_every_message_type_is_pinned():

@@ -58,3 +58,43 @@ def test_model_meta_names_the_side_network_contract():
     assert ModelMeta.check(meta) is meta
     with pytest.raises(ProtocolError):
         ModelMeta.check({**meta, "inputs": ["x0", "mask"]})
+
+
+# Names become folders on the server: the whole string must match (re.fullmatch), so a trailing
+# newline, a path, an empty or overlong name and unicode lookalikes are all refused.
+BAD_NAMES = ["evil\n", "evil\r\n", "../x", "a/b", "", ".hidden", "x" * 129, "ｒun", "run\u200b", "rün", "tab\there"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("field", ["run", "device_id", "task"])
+def test_names_are_checked_whole(field, name):
+    assert not messages.is_name(name)
+    if field == "run" and name == "":  # an empty run means "not given": the server names the run
+        assert Hello.from_meta({**HELLO.to_meta(), "run": ""}).run is None
+        return
+    with pytest.raises(ProtocolError) as err:
+        Hello.from_meta({**HELLO.to_meta(), field: name})
+    assert err.value.code == "bad_hello" and field.split("_")[0] in err.value.message
+
+
+@pytest.mark.parametrize("name", ["r", "run-1", "a.b_c-d", "x" * 128, "0"])
+def test_good_names_pass(name):
+    assert messages.is_name(name)
+    assert Hello.from_meta({**HELLO.to_meta(), "run": name, "device_id": name}).run == name
+
+
+@pytest.mark.parametrize("model_id", ["evil\n", "", " opt", "x" * 513, "a\x00b", 7])
+def test_bad_model_id_is_refused(model_id):
+    with pytest.raises(ProtocolError) as err:
+        Hello.from_meta({**HELLO.to_meta(), "model_id": model_id})
+    assert err.value.code == "bad_hello" and "model_id" in err.value.message
+
+
+@pytest.mark.parametrize("model_id", ["facebook/opt-125m", "/data/ckpt/my model", "google/gemma-3-270m"])
+def test_model_ids_from_real_engines_pass(model_id):
+    assert Hello.from_meta({**HELLO.to_meta(), "model_id": model_id}).model_id == model_id
+
+
+def test_sha_is_checked_whole():
+    with pytest.raises(ProtocolError):
+        Hello.from_meta({**HELLO.to_meta(), "manifest_sha256": "ab" * 32 + "\n"})

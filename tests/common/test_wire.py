@@ -74,3 +74,14 @@ def test_body_sizes_are_checked():
 def test_text_frames_rejected():
     with pytest.raises(wire.WireError, match="binary"):
         wire.decode_frame("hello")
+
+
+def test_only_model_frames_get_the_model_limit():
+    model = wire.encode_frame(wire.MsgType.MODEL, {}, bytes(3000))
+    batch = wire.encode_frame(wire.MsgType.BATCH, {}, bytes(3000))
+    assert len(wire.decode_frame(model, 2048, max_model_frame=4096).body) == 3000  # the device
+    for frame, limits in ((batch, (2048, 4096)), (model, (2048, 2048)), (model, (2048, None))):
+        with pytest.raises(wire.WireError, match="exceeds the limit of 2048"):
+            wire.decode_frame(frame, *limits)
+    with pytest.raises(wire.WireError, match="exceeds the limit of 4096"):
+        wire.decode_frame(wire.encode_frame(wire.MsgType.MODEL, {}, bytes(5000)), 2048, max_model_frame=4096)

@@ -18,9 +18,10 @@ from mobillm.edge_runtime.data import load_examples  # noqa: E402
 from mobillm.edge_runtime.predict import JointModel  # noqa: E402
 from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402
 from mobillm.kernels import torch_codec  # noqa: E402
-from mobillm.trainer.config import RunConfig, ServerConfig  # noqa: E402
+from mobillm.trainer.config import RunConfig, ServerConfig, SideConfig  # noqa: E402
 from mobillm.trainer.core import load_checkpoint  # noqa: E402
-from mobillm.trainer.model import SideNetwork  # noqa: E402
+from mobillm.trainer.export import export_onnx  # noqa: E402
+from mobillm.trainer.model import SideNetwork, build_side_network  # noqa: E402
 from mobillm.trainer.server import TrainerServer  # noqa: E402
 
 @pytest.fixture
@@ -29,6 +30,37 @@ def server(tmp_path):
     port = srv.start()
     yield srv, port
     srv.stop()
+
+
+def torch_logits(model: SideNetwork, bb: Backbone, examples) -> np.ndarray:
+    """The torch side network on the backbone's dequantized last-token taps (JointModel's inputs)."""
+    rows = [bb.tokenize(e.texts, 128)[0] for e in examples]
+    taps, lengths = bb.forward(rows)
+    last = torch.from_numpy(lengths - 1)
+    decoded = []
+    for tap in taps:
+        s = tap.spec
+        codes = torch.from_numpy(tap.codes)[torch.arange(len(rows)), last]
+        scales = torch.from_numpy(tap.scales)[torch.arange(len(rows)), last]
+        decoded.append(torch_codec.decode(codes, scales, s.fmt, s.hidden, s.block_size))
+    with torch.no_grad():
+        return model.logits_from_rows(decoded, torch.ones(len(rows), dtype=torch.long)).numpy()
+
+
+def test_joint_model_runs_a_side_network_with_tap1_adapter(tiny_engine, tmp_path):
+    """`--adapter-per-tap` (M taps, M adapters) needs nothing new on the device: its ONNX runs as is."""
+    bb = Backbone(tiny_engine)
+    cfg = SideConfig(adapter_per_tap=True, bottleneck=8).for_taps([t.hidden for t in bb.manifest.taps], 2)
+    model = build_side_network(cfg, seed=3).eval()
+    assert len(model.adapters) == len(bb.manifest.taps)
+    with torch.no_grad():  # make the adapters matter, as after training
+        for adapter in model.adapters:
+            adapter.up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    side = tmp_path / "side.onnx"
+    side.write_bytes(export_onnx(model))
+    examples = load_examples(write_data(tmp_path / "dev.tsv", 20, seed=1), get_task("sst2"))
+    got = JointModel(bb, side).predict(examples, 128, batch_size=7, progress=False)
+    assert np.abs(got - torch_logits(model, bb, examples)).max() < 1e-4
 
 
 def test_train_then_predict_matches_torch(tiny_engine, tmp_path, server, capsys):
@@ -51,19 +83,8 @@ def test_train_then_predict_matches_torch(tiny_engine, tmp_path, server, capsys)
     bb = Backbone(tiny_engine)
     joint = JointModel(bb, side)
     examples = load_examples(write_data(tmp_path / "dev.tsv", 20, seed=1), get_task("sst2"))
-    rows = [bb.tokenize(e.texts, 128)[0] for e in examples]
-    taps, lengths = bb.forward(rows)
-    last = torch.from_numpy(lengths - 1)
-    decoded = []
-    for tap in taps:
-        s = tap.spec
-        codes = torch.from_numpy(tap.codes)[torch.arange(len(rows)), last]
-        scales = torch.from_numpy(tap.scales)[torch.arange(len(rows)), last]
-        decoded.append(torch_codec.decode(codes, scales, s.fmt, s.hidden, s.block_size))
-    with torch.no_grad():
-        expected = model.logits_from_rows(decoded, torch.ones(len(rows), dtype=torch.long)).numpy()
     got = joint.predict(examples, 128, batch_size=7, progress=False)
-    assert np.abs(got - expected).max() < 1e-4
+    assert np.abs(got - torch_logits(model, bb, examples)).max() < 1e-4
 
     # The CLI paths give the same predictions and a metric.
     capsys.readouterr()

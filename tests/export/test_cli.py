@@ -27,6 +27,8 @@ def leftovers(folder):
 
 @pytest.mark.parametrize("args, message", [
     (["opt-999m"], "unknown model 'opt-999m'"),
+    (["facebook/opt-125m\n"], "unknown model 'facebook/opt-125m\\n'"),  # an id is checked whole
+    (["facebook/ｏpt-125m"], "unknown model"),  # a lookalike letter is no Hugging Face id
     (["opt-125m", *TINY, "--taps", "2,9"], "--taps 9 outside 1..4"),
     (["opt-125m", *TINY, "--blocks", "1,1"], "--blocks 1,1 sums to 2 but the model has 4 layers"),
     (["opt-125m", *TINY, "--set", "hidden_sizes=3"], "--set hidden_sizes: no such config field"),

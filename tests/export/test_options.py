@@ -37,7 +37,8 @@ def test_taps_and_blocks_resolve_both_ways():
 @pytest.mark.parametrize("fields, message", [
     ({"dtype": "fp16", "weights": "int8"}, "--dtype fp16 needs fp16 weights"),
     ({"dtype": "bf16"}, "--dtype 'bf16' unknown"),
-    ({"block_size": 0}, "--block-size 0: must be >= 1"),
+    ({"block_size": -1}, "--block-size -1: must be >= 1, or 0 for one scale per tap tensor"),
+    ({"block_size": 0, "quant_op": "custom"}, "--block-size 0 .* has no fused quantizer"),
     ({"exporter": "jit"}, "--exporter 'jit' unknown"),
     ({"quant_op": "fused"}, "--quant-op .fused. unknown"),
     ({"tap_norm": "max"}, "--tap-norm 'max' unknown"),
@@ -84,3 +85,9 @@ def test_cli_flags_are_the_fields_with_their_defaults():
     opts = from_args(ExportOptions, args, overrides={}, progress=False)
     assert (opts.blocks, opts.quant_op, opts.tap_norm, opts.weights, opts.block_size, opts.seed, opts.force) == \
         ([2, 2], "custom", "rms", "fp16", 32, 5, True)
+
+
+def test_fp4_with_per_tensor_scales_from_the_cli():
+    opts = from_args(ExportOptions, build_parser().parse_args(["opt-125m", "--out", "e", "--quant", "fp4",
+                                                               "--block-size", "0"]))
+    assert (opts.quant, opts.block_size) == ("fp4", 0)

@@ -131,8 +131,25 @@ def test_bad_arguments():
         codec.encode(np.zeros((1, 4), np.float32), "int3")
     with pytest.raises(TypeError):
         codec.encode(np.zeros((1, 4), np.int32), "int8")
-    with pytest.raises(ValueError):
-        codec.encode(np.zeros((1, 4), np.float32), "int8", 0)
+    with pytest.raises(ValueError, match="0 for one scale per tensor"):
+        codec.encode(np.zeros((1, 4), np.float32), "int8", -1)
+
+
+def test_per_tensor_is_per_block_with_the_tensor_absmax():
+    # Block size 0: the same codes as one block per row whose absmax is the whole tensor's.
+    x = rows(11, (4, 130), scale=2.0, outliers=True)
+    for fmt in codec.FORMATS:
+        enc = codec.encode(x, fmt, codec.PER_TENSOR)
+        if fmt == "fp16":
+            assert enc.scales.shape == (4, 0)
+            continue
+        pinned = x.copy()
+        pinned[:, -1] = np.where(np.abs(pinned[:, -1]) < np.abs(x).max(), np.abs(x).max(), pinned[:, -1])
+        ref = codec.encode(pinned, fmt, 130)  # every row's absmax set to the tensor's
+        assert np.array_equal(enc.scales, ref.scales) and (enc.scales == enc.scales[0, 0]).all()
+        assert np.array_equal(codec.unpack_nibbles(enc.codes, 130)[:, :-1] if codec.BITS[fmt] == 4 else enc.codes[:, :-1],
+                              codec.unpack_nibbles(ref.codes, 130)[:, :-1] if codec.BITS[fmt] == 4 else ref.codes[:, :-1])
+        assert codec.bytes_per_row(fmt, 130, codec.PER_TENSOR) == codec.code_bytes(fmt, 130)
 
 
 @settings(max_examples=60, deadline=None)
@@ -150,5 +167,5 @@ def test_decode_is_within_half_a_step(fmt, h, bs, seed, fp16, outliers):
         return
     scale = np.repeat(enc.scales.astype(np.float32), bs, axis=-1)[..., :h]
     # Largest gap between neighbouring grid values, times the scale, bounds twice the error.
-    gap = {"int8": 1.0, "int4": 1.0, "nf4": 0.33, "fp8": 32.0}[fmt]
+    gap = {"int8": 1.0, "int4": 1.0, "nf4": 0.33, "fp8": 32.0, "fp4": 2.0}[fmt]
     assert np.all(np.abs(dec - x32) <= gap * scale / 2 + 1e-3 * np.abs(x32) + 1e-30)

@@ -21,5 +21,5 @@ def test_c_enum_is_the_codec_table():
 
 def test_wire_ids_are_one_based_and_unchanged():
     # The bytes on the wire: changing any of these breaks every deployed device.
-    assert wire.FORMAT_IDS == {"int8": 1, "fp8": 2, "int4": 3, "nf4": 4, "fp16": 5}
+    assert wire.FORMAT_IDS == {"int8": 1, "fp8": 2, "int4": 3, "nf4": 4, "fp16": 5, "fp4": 6}
     assert wire.FORMAT_NAMES == {v: k for k, v in wire.FORMAT_IDS.items()}

@@ -100,6 +100,21 @@ def test_fp8_examples_as_printed():
     assert hex_bytes(codec.encode(x, "fp8", 64).codes) == "7e 38 3a 00 02 00"
 
 
+def test_fp4_spec_as_printed():
+    text = section("Code mapping per format")
+    fp4 = text[text.index("### fp4"):text.index("### fp16")]
+    mags = table_rows(fp4, "nibble m (sign 0)")[0][1:]
+    assert [float(v) for v in mags] == codec.FP4_MAGNITUDES.tolist()
+    ties = re.search(r"as values,\s+(.*?)\.(?!\d)", fp4, re.S).group(1)
+    pairs = [p.split(" → ") for p in ties.replace("\n", " ").split(", ")]
+    y = np.array([[6.0] + [float(a) for a, _ in pairs]], np.float32)
+    decoded = codec.decode(codec.encode(y, "fp4", 64))[0, 1:]
+    assert decoded.tolist() == [float(b) for _, b in pairs]
+    m = re.search(r"y = ([-−\d., ]+)\s+packs to bytes `([0-9a-f ]+)`", fp4)
+    x = np.array([[float(v.replace("−", "-")) for v in m.group(1).strip(" ,").split(", ")]], np.float32)
+    assert hex_bytes(codec.encode(x, "fp4", 64).codes) == m.group(2)
+
+
 def test_bytes_per_element_table():
     rows = table_rows(section("Size on the wire"), "format")
     assert [r[0] for r in rows] == list(codec.FORMATS)

@@ -14,9 +14,9 @@ from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper
 
 from mobillm.kernels import codec, native, onnx_codec
-from mobillm.kernels.conformance import activations, same_bytes, zero_nonfinite_blocks
+from mobillm.kernels.conformance import activations, rounding_edges, same_bytes, zero_nonfinite_blocks
 
-QUANT = ["int8", "fp8", "int4", "nf4"]
+QUANT = ["int8", "fp8", "int4", "nf4", "fp4"]
 
 
 def library_or_skip(name: str):
@@ -243,27 +243,11 @@ def test_c_api_matches_reference_on_every_isa(each_isa, fmt, shape, bs, seed, sc
             assert same_bytes(native.dequantize(codes, scales, fmt, shape[-1], bs), codec.decode(enc)), isa
 
 
-def boundary_values(grid):
-    """Every value of a sorted grid, the midpoints between neighbours, and one fp32 ulp either side."""
-    grid = np.unique(grid.astype(np.float32))
-    mids = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)
-    pts = np.concatenate([grid, mids])
-    return np.unique(np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, np.float32(-np.inf))]))
-
-
 @pytest.mark.parametrize("fmt", QUANT)
 def test_rounding_boundaries_on_every_isa(each_isa, fmt):
     # The block's absmax is QMAX, so the scale is exactly 1 and y == x: every tie and every
     # neighbour of a tie of the format's grid is checked, negative values and zero included.
-    qmax = np.float32(codec.QMAX[fmt])
-    if fmt in ("int8", "int4"):
-        grid = np.arange(-qmax, qmax + 1, dtype=np.float32)
-    else:
-        grid = codec.code_values(fmt)
-        grid = grid[np.isfinite(grid)]
-    y = boundary_values(grid)
-    y = y[np.abs(y) <= qmax]
-    x = np.concatenate([[qmax], y, [-0.0, 2.0**-149, -(2.0**-149)]]).astype(np.float32).reshape(1, -1)
+    x = rounding_edges(fmt)
     enc = codec.encode(x, fmt, x.shape[-1])
     assert enc.scales[0, 0] == 1.0
     for isa in each_isa:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import make_certs
 
 from mobillm.trainer import cli
 from mobillm.trainer.config import ConfigError, FedConfig, OptimConfig, ServerConfig, SideConfig
@@ -50,9 +51,8 @@ def test_federated_flags():
 
 
 def test_tls_flags(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_text("x")
-    key.write_text("x")
+    certs = make_certs(tmp_path / "tls")  # validate() loads them: placeholders are refused
+    cert, key = certs / "server.pem", certs / "server.key"
     assert config("--certfile", str(cert), "--keyfile", str(key)) == ServerConfig(certfile=str(cert),
                                                                                   keyfile=str(key))
 
