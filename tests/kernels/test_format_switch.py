@@ -8,13 +8,14 @@ from onnx import TensorProto
 
 from mobillm.kernels import codec, onnx_codec
 
-FORMATS = ["int4", "nf4", "fp8", "int8", "fp16"]
+FORMATS = list(codec.FORMATS)  # every format, fp4 included
 OUT = onnx_codec.switch_outputs(0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_every_selected_format_is_bit_identical_with_the_codec(dtype):
-    hidden, bs = 70, 32  # a short last block and an odd nibble count
+@pytest.mark.parametrize("bs", [32, codec.PER_TENSOR])
+def test_every_selected_format_is_bit_identical_with_the_codec(dtype, bs):
+    hidden = 70  # a short last block (block 32) and an odd nibble count
     model = onnx_codec.standalone_model("fp16", bs, hidden, rank=2, rows=None, switch=("fmt", FORMATS),
                                         input_dtype=TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
