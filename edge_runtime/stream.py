@@ -161,7 +161,9 @@ def fixed_formats(bits: str, n_taps: int) -> list[str] | None:
             return None
         fmts = [codec.check_format(f) for f in bits.split(",")]
     except ValueError as exc:
-        raise BadInput(f"--bits {bits}: {exc}; or engine, {', '.join(AUTO_CHOICES)}") from None
+        rule_error = bits.startswith("auto:")  # its message lists the rules already
+        raise BadInput(f"--bits {bits}: {exc}" + ("" if rule_error else f"; or engine, {', '.join(AUTO_CHOICES)}")) \
+            from None
     if len(fmts) not in (1, n_taps):
         raise BadInput(f"--bits {bits}: {len(fmts)} formats for an engine with {n_taps} taps (give 1 or {n_taps})")
     return fmts * n_taps if len(fmts) == 1 else fmts
