@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mobillm.common.errors import BadInput
 from mobillm.kernels import codec
 
@@ -135,6 +137,26 @@ class Manifest:
     # Name of the graph input of flat row indices (int64 [rows], into batch x seq) when the engine
     # quantizes only the rows fed there (tap outputs [rows, ...]); None: every token ([batch, seq, ...]).
     row_input: str | None = None
+    # export-backbone --tap-formats: each tap's format is also chosen per run by an int64 graph input:
+    # {"input": name, "formats": [fmt, ...] (input value k picks formats[k]), "outputs": per tap
+    # {"codes", "scales": the byte formats' outputs, "fp16": the fp16 one}}. Only the chosen
+    # quantizer runs (ONNX If). None: one format per tap (and in engines made before it existed).
+    tap_switch: dict | None = None
+
+    @property
+    def switch_formats(self) -> tuple[str, ...]:
+        """The formats the graph can switch each tap to at run time (empty: none, the engine's own only)."""
+        return tuple(self.tap_switch["formats"]) if self.tap_switch else ()
+
+    def switch_feed(self, formats: list[str] | None = None) -> dict:
+        """The graph input choosing each tap's run-time format: `formats` (one per tap; each must be in
+        `switch_formats`), or when None the cheapest to compute (fp16: a cast). Empty without a switch."""
+        if not self.tap_switch:
+            return {}
+        known = self.tap_switch["formats"]
+        if formats is None:
+            formats = ["fp16" if "fp16" in known else known[0]] * len(self.taps)
+        return {self.tap_switch["input"]: np.array([known.index(f) for f in formats], np.int64)}
 
     @property
     def token_rules(self) -> dict:
@@ -163,6 +185,12 @@ class Manifest:
                 raise ManifestError(f"tap layer {tap.layer} outside 1..{self.num_layers}")
         if self.taps[-1].layer != self.num_layers:
             raise ManifestError("the final layer must be tapped (the head reads it)")
+        if self.tap_switch is not None:
+            if not {"input", "formats", "outputs"} <= self.tap_switch.keys() or \
+                    len(self.tap_switch["outputs"]) != len(self.taps):
+                raise ManifestError("tap_switch needs input, formats and one outputs entry per tap; re-export")
+            for fmt in self.tap_switch["formats"]:
+                codec.check_format(fmt)
         if self.fused_graph and not (isinstance(self.custom_op, dict) and {"domain", "version"} <= self.custom_op.keys()):
             raise ManifestError("the manifest names a fused_graph but not its custom_op domain and version; re-export")
 

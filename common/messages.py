@@ -120,7 +120,7 @@ def allowed_formats(engine_fmts: list[str], bits: str) -> list[str] | None:
     """Per-tap BATCH formats for a HELLO `bits` value (see `Hello.formats`); None: any format."""
     if bits == "engine":
         return list(engine_fmts)
-    if bits == "auto":
+    if bits == "auto" or bits.startswith("auto:"):  # the device adapts (edge_runtime/bitplan.py RULES)
         return None
     fmts = [codec.check_format(f.strip()) for f in bits.split(",")]
     return fmts * len(engine_fmts) if len(fmts) == 1 else fmts
@@ -157,8 +157,8 @@ class Hello:
     def formats(self) -> list[str] | None:
         """The format each tap's BATCH payloads must use, or None when they may change batch to batch.
 
-        `bits`: "engine" (default) the HELLO's `fmt` per tap; "auto" any format (the device adapts
-        to its uplink, guided by BITPLAN); "<fmt>" every tap in that format; "<f0>,<f1>,..." one per tap."""
+        `bits`: "engine" (default) the HELLO's `fmt` per tap; "auto" or "auto:<rule>" any format (the
+        device adapts to its uplink, guided by BITPLAN); "<fmt>" every tap in that format; "<f0>,<f1>,..." one per tap."""
         return allowed_formats([t.fmt for t in self.taps], self.bits)
 
     def identity(self) -> dict:

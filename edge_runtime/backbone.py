@@ -5,6 +5,7 @@ Forward passes only. Taps leave the graph already quantized (codes + fp16 scales
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,14 @@ class Backbone:
             raise ManifestError(str(exc)) from None
         self._outputs = [name for t in self.manifest.taps for name in (t.codes_output, t.scales_output)]
 
+    def _switch_outputs(self, formats: list[str]) -> list[str]:
+        """Per tap, the format-switch outputs that hold `formats[k]`: (codes, scales), or (fp16, fp16)."""
+        names = []
+        for k, fmt in enumerate(formats):
+            out = self.manifest.tap_switch["outputs"][k]
+            names += [out["fp16"], out["fp16"]] if fmt == "fp16" else [out["codes"], out["scales"]]
+        return names
+
     @property
     def max_length(self) -> int:
         return int(self.manifest.max_length)
@@ -112,10 +121,18 @@ class Backbone:
         limit = min(max_len, self.max_length)
         return np.asarray(ids[:limit], dtype=np.int64), len(ids) > limit
 
-    def forward(self, rows: list[np.ndarray], keep: str = "all") -> tuple[list[TapOutput], np.ndarray]:
+    def forward(self, rows: list[np.ndarray], keep: str = "all",
+                formats: list[str] | None = None) -> tuple[list[TapOutput], np.ndarray]:
         """Run one right-padded batch; returns the taps (the rows `keep` selects, see `TapOutput`)
         and the real length of each row. Engines with a row input (manifest `row_input`) quantize
-        only the kept rows in the graph; older engines quantize every token and are sliced here."""
+        only the kept rows in the graph; older engines quantize every token and are sliced here.
+        `formats` (one per tap, all in `manifest.switch_formats`): the taps in those formats, chosen
+        by the graph's format input (export --tap-formats); None: the engine's own formats."""
+        if formats is not None:
+            missing = sorted(set(formats) - set(self.manifest.switch_formats))
+            if missing:
+                raise ValueError(f"the engine cannot switch taps to {', '.join(missing)} in the graph "
+                                 f"(its --tap-formats: {', '.join(self.manifest.switch_formats) or 'none'})")
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         width = int(lengths.max())
         ids = np.full((len(rows), width), self.manifest.pad_token_id, dtype=np.int64)
@@ -127,10 +144,15 @@ class Backbone:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self.manifest.row_input:
             feeds[self.manifest.row_input] = index
-        arrays = self.session.run(self._outputs, feeds)
+        feeds.update(self.manifest.switch_feed(formats))
+        arrays = self.session.run(self._outputs if formats is None else self._switch_outputs(formats), feeds)
         taps = []
         for k, spec in enumerate(self.manifest.taps):
             codes, scales = arrays[2 * k], arrays[2 * k + 1]
+            if formats is not None:
+                spec = dataclasses.replace(spec, fmt=formats[k])
+                if formats[k] == "fp16":
+                    scales = np.zeros(codes.shape[:-1] + (0,), np.float16)
             if self.manifest.row_input and keep == "all":
                 codes, scales = codes.reshape(len(rows), width, -1), scales.reshape(len(rows), width, -1)
             elif not self.manifest.row_input and keep != "all":

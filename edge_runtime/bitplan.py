@@ -1,9 +1,15 @@
 """Adaptive bitwidth (MobiLLM Algorithm 2): per-tap formats under a per-iteration byte budget.
 
-Greedy marginal utility: every tap starts at the cheapest format of the ladder; while the
-budget allows, upgrade the tap whose next step buys the most importance-weighted
-distortion reduction per extra byte. Importance comes from the server (e.g. gradient norm
-of each tap's adapter); distortion is the codec's measured relative MSE.
+Two rules, chosen with `edge-run train --bits auto:RULE`:
+- `utility` (plain `auto`): every tap starts at the cheapest format of `UTILITY_LADDER`; while the
+  budget allows, upgrade the tap whose next step buys the most importance-weighted distortion
+  reduction per extra byte, skipping steps that do not fit.
+- `paper` (Algorithm 2 as published): every tap starts at the lowest of `PAPER_RUNGS`; repeatedly
+  take the single +1-rung upgrade with the largest dU = [eps(Q) - eps(Q+1)] * I(m); stop at the first
+  upgrade that does not fit the budget (smaller ones are not tried).
+Importance I(m) comes from the server (gradient norm of each tap's adapter); eps is the relative
+MSE per tap and format, measured on the engine's own taps (edge_runtime/distortion.py) or, without
+a calibration, on Gaussian data (`distortion`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,23 @@ import numpy as np
 
 from mobillm.kernels import codec
 
-DEFAULT_LADDER = ("nf4", "int8", "fp16")
+# Rungs of the paper's rule, cheapest first. A new format joins by one edit of this tuple.
+PAPER_RUNGS = ("int4", "nf4", "fp8", "int8", "fp16")
+UTILITY_LADDER = ("nf4", "int8", "fp16")
+DEFAULT_LADDER = UTILITY_LADDER
+RULES = {"utility": UTILITY_LADDER, "paper": PAPER_RUNGS}
+AUTO_CHOICES = ("auto", *(f"auto:{r}" for r in RULES))
+
+
+def auto_rule(bits: str) -> str | None:
+    """The rule an `auto[:RULE]` --bits value names (`auto` is `utility`); None for any other value.
+    An unknown rule raises ValueError listing the choices."""
+    if bits != "auto" and not bits.startswith("auto:"):
+        return None
+    rule = bits.partition(":")[2] or "utility"
+    if rule not in RULES:
+        raise ValueError(f"unknown bit-allocation rule {rule!r}; choose one of {', '.join(AUTO_CHOICES)}")
+    return rule
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,30 +48,80 @@ def distortion(fmt: str, block_size: int) -> float:
     return codec.relative_rms_error(x, fmt, block_size) ** 2
 
 
-def allocate(hidden: list[int], tokens: int, importance: list[float], budget_bytes: float,
-             block_size: int = codec.DEFAULT_BLOCK_SIZE, ladder: tuple[str, ...] = DEFAULT_LADDER) -> list[str]:
-    """Format per tap for one iteration carrying `tokens` rows per tap within `budget_bytes`.
+def gaussian_table(n_taps: int, block_size: int, ladder: tuple[str, ...]) -> list[dict[str, float]]:
+    """eps per tap and format when no calibration on real taps is at hand: Gaussian data for every tap."""
+    return [{f: distortion(f, block_size) for f in ladder} for _ in range(n_taps)]
 
-    If even the cheapest plan exceeds the budget, the cheapest plan is returned.
-    """
+
+def _cost(fmt: str, hidden: int, block_size: int, tokens: int) -> int:
+    return codec.bytes_per_row(fmt, hidden, block_size) * tokens
+
+
+def _start(hidden, tokens, importance, block_size, ladder, eps) -> tuple[list[dict[str, float]], list[int], int]:
+    """Both rules' starting point: eps (Gaussian if not given), every tap at rung 0, and its bytes."""
     if len(importance) != len(hidden):
         raise ValueError(f"{len(importance)} importance values for {len(hidden)} taps")
+    eps = eps or gaussian_table(len(hidden), block_size, ladder)
     level = [0] * len(hidden)
-    cost = sum(codec.bytes_per_row(ladder[0], h, block_size) * tokens for h in hidden)
+    cost = sum(_cost(ladder[0], h, block_size, tokens) for h in hidden)
+    return eps, level, cost
+
+
+def allocate(hidden: list[int], tokens: int, importance: list[float], budget_bytes: float,
+             block_size: int = codec.DEFAULT_BLOCK_SIZE, ladder: tuple[str, ...] = UTILITY_LADDER,
+             eps: list[dict[str, float]] | None = None) -> list[str]:
+    """The utility rule: format per tap for one iteration carrying `tokens` rows per tap within
+    `budget_bytes`. `eps[m][fmt]`: distortion per tap (default: Gaussian). If even the cheapest
+    plan exceeds the budget, the cheapest plan is returned."""
+    eps, level, cost = _start(hidden, tokens, importance, block_size, ladder, eps)
     while True:
         best, best_ratio, best_extra = None, 0.0, 0.0
         for m, h in enumerate(hidden):
             if level[m] + 1 >= len(ladder):
                 continue
             cur, nxt = ladder[level[m]], ladder[level[m] + 1]
-            extra = (codec.bytes_per_row(nxt, h, block_size) - codec.bytes_per_row(cur, h, block_size)) * tokens
-            gain = max(float(importance[m]), 1e-12) * (distortion(cur, block_size) - distortion(nxt, block_size))
-            if cost + extra <= budget_bytes and gain / extra > best_ratio:
-                best, best_ratio, best_extra = m, gain / extra, extra
+            extra = _cost(nxt, h, block_size, tokens) - _cost(cur, h, block_size, tokens)
+            gain = max(float(importance[m]), 1e-12) * (eps[m][cur] - eps[m][nxt])
+            ratio = gain / extra if extra > 0 else (float("inf") if gain > 0 else 0.0)  # free steps first
+            if cost + extra <= budget_bytes and ratio > best_ratio:
+                best, best_ratio, best_extra = m, ratio, extra
         if best is None:
             return [ladder[i] for i in level]
         level[best] += 1
         cost += best_extra
+
+
+def allocate_paper(hidden: list[int], tokens: int, importance: list[float], budget_bytes: float,
+                   block_size: int = codec.DEFAULT_BLOCK_SIZE, ladder: tuple[str, ...] = PAPER_RUNGS,
+                   eps: list[dict[str, float]] | None = None, trace: list | None = None) -> list[str]:
+    """The paper's Algorithm 2: all taps at `ladder[0]`, then the +1-rung upgrade with the largest
+    dU = [eps(Q) - eps(Q+1)] * I(m) (ties: the lowest tap index) while it fits `budget_bytes`; the
+    first upgrade that does not fit ends the allocation. `trace`, if given, receives
+    (tap, from, to, dU, bytes after) per upgrade taken and finally ("stop", tap or None, ...)."""
+    eps, level, cost = _start(hidden, tokens, importance, block_size, ladder, eps)
+    while True:
+        best, best_gain = None, None
+        for m in range(len(hidden)):
+            if level[m] + 1 < len(ladder):
+                gain = (eps[m][ladder[level[m]]] - eps[m][ladder[level[m] + 1]]) * float(importance[m])
+                if best_gain is None or gain > best_gain:
+                    best, best_gain = m, gain
+        if best is None:  # every tap at the top rung
+            break
+        cur, nxt = ladder[level[best]], ladder[level[best] + 1]
+        extra = _cost(nxt, hidden[best], block_size, tokens) - _cost(cur, hidden[best], block_size, tokens)
+        if cost + extra > budget_bytes:
+            break
+        level[best] += 1
+        cost += extra
+        if trace is not None:
+            trace.append((best, cur, nxt, best_gain, cost))
+    if trace is not None:
+        trace.append(("stop", best, cost))
+    return [ladder[i] for i in level]
+
+
+ALLOCATORS = {"utility": allocate, "paper": allocate_paper}
 
 
 class UplinkMeter:
@@ -72,12 +144,15 @@ class BitPlanner:
     """Re-plans every `every` batches from measured uplink and the server's importance."""
 
     def __init__(self, hidden: list[int], block_size: int, latency_target_s: float, every: int = 4,
-                 ladder: tuple[str, ...] = DEFAULT_LADDER):
+                 rule: str = "utility", eps: list[dict[str, float]] | None = None):
+        """`rule`: a key of RULES (its ladder goes with it); `eps[m][fmt]`: measured distortion per
+        tap (edge_runtime/distortion.py), Gaussian when None."""
         self.hidden, self.block_size, self.latency = hidden, block_size, latency_target_s
-        self.every, self.ladder = every, ladder
+        self.every, self.rule, self.ladder = every, rule, RULES[rule]
+        self.eps = eps or gaussian_table(len(hidden), block_size, self.ladder)
         self.importance = [1.0] * len(hidden)
         self.meter = UplinkMeter()
-        self.plan = [ladder[0]] * len(hidden)
+        self.plan = [self.ladder[0]] * len(hidden)
         self.history: list[dict] = []
         self._batches = 0
 
@@ -86,8 +161,9 @@ class BitPlanner:
         bw = self.meter.bytes_per_second
         if self._batches % self.every == 0 and bw is not None:
             budget = bw * self.latency
-            self.plan = allocate(self.hidden, tokens, self.importance, budget, self.block_size, self.ladder)
+            self.plan = ALLOCATORS[self.rule](self.hidden, tokens, self.importance, budget, self.block_size,
+                                              self.ladder, self.eps)
             self.history.append({"batch": self._batches, "time": time.time(), "bandwidth_Bps": bw,
-                                 "budget_bytes": budget, "plan": list(self.plan)})
+                                 "budget_bytes": budget, "rule": self.rule, "plan": list(self.plan)})
         self._batches += 1
         return self.plan

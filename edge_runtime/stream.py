@@ -38,8 +38,9 @@ from mobillm.common.tasks import Task
 from mobillm.kernels import codec
 
 from .backbone import Backbone, TapOutput
-from .bitplan import BitPlanner
+from .bitplan import AUTO_CHOICES, auto_rule
 from .data import Example
+from .distortion import make_planner
 from .failures import RETRYABLE, ServerError, check_server_url, final_error, refusal, retry_reason
 
 log = logging.getLogger("mobillm.edge")
@@ -56,8 +57,10 @@ class TrainOptions:
     mode: str = option("pooled", "pooled: only the row the head reads (exact for last-token heads); "
                                  "tokens: every real token", flag="send", choices=tuple(sorted(wire.MODES)))
     bits: str = option("engine", f"engine (formats in the graph), a format ({', '.join(codec.FORMATS)}) or a comma "
-                                 "list per tap, or auto (adapt to measured uplink; best with an engine exported "
-                                 "with --quant fp16)")
+                                 "list per tap, or auto[:RULE] to adapt to the measured uplink: auto = auto:utility "
+                                 "(importance x distortion gain per byte, nf4/int8/fp16), auto:paper (MobiLLM "
+                                 "Algorithm 2, int4/nf4/fp8/int8/fp16); best with an engine exported with "
+                                 "--quant fp16 --tap-formats int4,nf4,fp8,int8,fp16")
     latency_target_s: float = option(0.5, "auto bits: seconds one batch may take to send", flag="latency-target",
                                       metavar="SECONDS")
     prefetch: int = option(4, "batches computed ahead of the sender", cli=False)
@@ -152,14 +155,15 @@ def build_batch(seq: int, ids: np.ndarray, labels: np.ndarray, taps: list[TapOut
 
 def fixed_formats(bits: str, n_taps: int) -> list[str] | None:
     """The per-tap formats a fixed `--bits` asks for (one format for every tap, or one per tap);
-    None for `engine` and `auto`. A value the engine cannot send is BadInput."""
-    if bits in ("engine", "auto"):
-        return None
-    fmts = bits.split(",")
+    None for `engine` and `auto[:RULE]`. A value the engine cannot send is BadInput."""
     try:
-        fmts = [codec.check_format(f) for f in fmts]
+        if bits == "engine" or auto_rule(bits):
+            return None
+        fmts = [codec.check_format(f) for f in bits.split(",")]
     except ValueError as exc:
-        raise BadInput(f"--bits {bits}: {exc}") from None
+        rule_error = bits.startswith("auto:")  # its message lists the rules already
+        raise BadInput(f"--bits {bits}: {exc}" + ("" if rule_error else f"; or engine, {', '.join(AUTO_CHOICES)}")) \
+            from None
     if len(fmts) not in (1, n_taps):
         raise BadInput(f"--bits {bits}: {len(fmts)} formats for an engine with {n_taps} taps (give 1 or {n_taps})")
     return fmts * n_taps if len(fmts) == 1 else fmts
@@ -180,12 +184,10 @@ class StreamClient:
         self.batches = plan_batches(np.array([len(r) for r in self.rows]), opts.batch_size, opts.epochs, opts.seed)
         self.total_samples = sum(len(b) for b in self.batches)
         specs = backbone.manifest.taps
-        self.fixed_plan = None
-        self.planner = None
-        if opts.bits == "auto":
-            self.planner = BitPlanner([t.hidden for t in specs], specs[0].block_size, opts.latency_target_s)
-        else:
-            self.fixed_plan = fixed_formats(opts.bits, len(specs))
+        self.fixed_plan, self.planner, self.plan_in_graph = fixed_formats(opts.bits, len(specs)), None, False
+        if self.fixed_plan is None and opts.bits != "engine":
+            self.planner, self.plan_in_graph = make_planner(backbone, self.rows, auto_rule(opts.bits),
+                                                            opts.latency_target_s)
         self.model_bytes: bytes | None = None
         self.model_meta: dict = {}
         self._unacked: deque[_Sent] = deque()
@@ -225,9 +227,10 @@ class StreamClient:
                     return
                 idx = self.batches[b]
                 t0 = time.perf_counter()
-                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.opts.mode)
-                tokens = len(idx) if self.opts.mode == "pooled" else int(lengths.sum())
+                tokens = len(idx) if self.opts.mode == "pooled" else sum(len(self.rows[i]) for i in idx)
                 plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
+                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.opts.mode,
+                                                formats=plan if self.plan_in_graph else None)
                 batch = build_batch(b, idx, self.labels[idx], taps, lengths, self.opts.mode, plan)
                 frame = wire.batch_frame(batch)
                 self.stats.forward_s += time.perf_counter() - t0

@@ -78,8 +78,17 @@ ROW_INPUT = "tap_rows"  # the graph input of the rows to quantize (export --tap-
 def tap_specs(layers, widths, formats, block_size) -> list[dict]:
     """What `onnx_codec.append_quantizers` needs per tap: the traced output and the codec outputs' names."""
     return [{"output": f"hidden_{layer}", "fmt": fmt, "block_size": block_size, "hidden": width,
-             "codes": f"tap{i}_codes", "scales": f"tap{i}_scales"}
+             "codes": f"tap{i}_codes", "scales": f"tap{i}_scales", "tap": i}
             for i, (layer, width, fmt) in enumerate(zip(layers, widths, formats))]
+
+
+SWITCH_INPUT = "tap_formats"  # the graph input of each tap's format (export --tap-formats)
+
+
+def tap_switch(formats: list[str], n_taps: int) -> dict:
+    """Manifest `tap_switch` of an engine exported with --tap-formats `formats`."""
+    return {"input": SWITCH_INPUT, "formats": list(formats),
+            "outputs": [onnx_codec.switch_outputs(i) for i in range(n_taps)]}
 
 
 def initializer_bytes(model) -> int:
@@ -109,7 +118,7 @@ def save_onnx(model, path: Path) -> str | None:
 
 def codec_node_names(model) -> list[str]:
     """Nodes spliced in by onnx_codec (named 'tap{i}_codes/...'): weight quantization leaves them alone."""
-    return [n.name for n in model.graph.node if re.match(r"^tap\d+_(codes|scales)", n.name)]
+    return [n.name for n in model.graph.node if re.match(r"^tap\d+_(codes|scales|sel)", n.name)]
 
 
 def gemm_to_matmul(model, weights_dir: Path | None = None) -> set[str]:

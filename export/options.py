@@ -97,6 +97,10 @@ class ExportOptions:
     tap_rows: bool = option(True, "give the graph a tap_rows input (flat indices into batch x seq) and quantize only "
                                   "those rows, the ones the device sends; --no-tap-rows quantizes every token "
                                   "(the layout of engines made before this option)")
+    tap_formats: str | None = option(None, "formats each tap can also leave the graph in, chosen per run by a "
+                                           "tap_formats graph input, e.g. int4,nf4,fp8,int8,fp16: edge-run --bits "
+                                           "auto:RULE then switches formats in the graph (only the chosen quantizer "
+                                           "runs); best with --quant fp16", metavar="FMT,FMT")
     trt: bool = option(False, "also build a TensorRT engine plan, ENGINE/backbone.plan, with TensorRT's Python "
                               "builder (needs TensorRT and an NVIDIA GPU, and --weights fp32 or fp16; exits 2 "
                               "without them; docs/gpu.md)")
@@ -128,6 +132,13 @@ class ExportOptions:
         if self.blocks is not None and self.taps is not None:
             raise ExportError("give either --blocks or --taps, not both")
         _check_formats(self.quant)
+        if self.tap_formats is not None:
+            _check_formats(self.tap_formats, "--tap-formats")
+
+    @property
+    def switch_formats(self) -> list[str]:
+        """--tap-formats as a list without repeats (empty when not given)."""
+        return list(dict.fromkeys(_check_formats(self.tap_formats, "--tap-formats"))) if self.tap_formats else []
 
     @property
     def weight_format(self) -> str:
@@ -170,12 +181,12 @@ class ExportOptions:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _check_formats(quant) -> list[str]:
+def _check_formats(quant, flag: str = "--quant") -> list[str]:
     items = quant.split(",") if isinstance(quant, str) else list(quant)
     try:
         return [codec.check_format(str(q).strip()) for q in items]
     except ValueError as exc:
-        raise ExportError(f"--quant: {exc}") from None
+        raise ExportError(f"{flag}: {exc}") from None
 
 
 def default_blocks(num_layers: int) -> list[int]:

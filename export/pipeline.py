@@ -31,7 +31,7 @@ from mobillm.kernels import onnx_codec
 from . import families, optimize, weights
 from . import trt as trt_plan
 from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs,
-                    tap_specs, trace_to_onnx)
+                    SWITCH_INPUT, tap_specs, tap_switch, trace_to_onnx)
 from .options import ExportError, ExportOptions, comma_list
 from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
                      load_tokenizer, prepare_source, resolve_source, token_rules)
@@ -169,6 +169,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         tensorrt=tensorrt,
         export_options=opts.to_dict(),
         row_input=ROW_INPUT if opts.tap_rows else None,
+        tap_switch=tap_switch(opts.switch_formats, len(specs)) if opts.switch_formats else None,
     )
     manifest.save(folder)
     return manifest
@@ -186,7 +187,8 @@ def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _
     step(f"adding in-graph quantizers ({opts.quant}, block {opts.block_size})"
          + (f"; ORT fusions {_counts(fusions['fused'])}" if fusions else ""))
     # Standard ops; --quant-op custom derives the fused graph from the finished graph later.
-    onnx_codec.append_quantizers(onnx_model, specs, rows=ROW_INPUT if opts.tap_rows else None)
+    onnx_codec.append_quantizers(onnx_model, specs, rows=ROW_INPUT if opts.tap_rows else None,
+                                 switch=(SWITCH_INPUT, opts.switch_formats) if opts.switch_formats else None)
     exclude = codec_node_names(onnx_model)
     inputs, outputs = io_specs(onnx_model)
 

@@ -132,6 +132,7 @@ def run_graph(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarra
     feeds = {"input_ids": ids, "attention_mask": mask}
     if manifest.row_input:
         feeds[manifest.row_input] = np.flatnonzero(mask.astype(bool)).astype(np.int64)
+    feeds.update(manifest.switch_feed())
     return engine.session.run(names, feeds)
 
 

@@ -233,7 +233,7 @@ def _pack_nibbles(b: _Builder, codes: str, hidden: int) -> str:
 
 
 def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx",
-                      rows: str | None = None) -> onnx.ModelProto:
+                      rows: str | None = None, switch: tuple[str, list[str]] | None = None) -> onnx.ModelProto:
     """Replace each tap output of `model` by its quantized pair (codes, scales), in place.
 
     `taps` items: {"output": graph output name, "fmt", "block_size", "hidden",
@@ -245,6 +245,7 @@ def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx"
     `rows`: the name of a new graph input, int64 [rows], of flat indices into the taps' leading
     dims (batch * seq); each tap is gathered to those rows before it is quantized, so only the
     rows that leave the device are quantized, and codes/scales come out [rows, ...].
+    `switch` = (input name, formats): also a run-time format choice per tap, see `append_format_switch`.
     """
     if op not in QUANT_OPS:
         raise ValueError(f"unknown quantizer op {op!r}; choose one of {', '.join(QUANT_OPS)}")
@@ -252,13 +253,19 @@ def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx"
     by_name = {o.name: o for o in graph.output}
     if rows is not None:
         graph.input.append(helper.make_tensor_value_info(rows, TensorProto.INT64, [ROWS_DIM]))
+    sources = {}  # tap output -> (what its quantizers read, leading dims): shared by several formats of one tap
     for tap in taps:
         out = by_name[tap["output"]]
         dtype = out.type.tensor_type.elem_type
-        x, lead = tap["output"], _leading_dims(out)
-        if rows is not None:
-            # Named after the tap, not its codes: fuse_quantizers takes every "<codes>/" node as quantizer.
-            x, lead = _gather_rows(graph, x, rows, tap["hidden"], tap["output"] + "/rows"), [ROWS_DIM]
+        if tap["output"] not in sources:
+            x, lead = tap["output"], _leading_dims(out)
+            if rows is not None:
+                # Named after the tap, not its codes: fuse_quantizers takes every "<codes>/" node as quantizer.
+                x, lead = _gather_rows(graph, x, rows, tap["hidden"], tap["output"] + "/rows"), [ROWS_DIM]
+            sources[tap["output"]] = x, lead
+        x, lead = sources[tap["output"]]
+        if switch is not None and "tap" in tap:
+            append_format_switch(graph, x, tap, switch[0], switch[1], dtype, len(lead) + 1)
         if op == "custom":
             graph.node.append(custom_quantize_node(x, tap["fmt"], tap["block_size"], tap["codes"], tap["scales"]))
         else:
@@ -273,17 +280,76 @@ def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx"
         codes_type = TensorProto.FLOAT16 if fmt == "fp16" else TensorProto.UINT8
         width = tap["hidden"] if fmt == "fp16" else codec.code_bytes(fmt, tap["hidden"])
         nb = 0 if fmt == "fp16" else codec.n_blocks(tap["hidden"], tap["block_size"])
-        graph.output.remove(out)
+        if out in graph.output:
+            graph.output.remove(out)
         graph.output.extend([
             helper.make_tensor_value_info(tap["codes"], codes_type, lead + [width]),
             helper.make_tensor_value_info(tap["scales"], TensorProto.FLOAT16, lead + [nb]),
         ])
+    if switch is not None:
+        graph.input.append(helper.make_tensor_value_info(switch[0], TensorProto.INT64, [len(sources)]))
     if op == "custom" and taps and not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
     return model
 
 
 ROWS_DIM = "rows"
+
+
+def switch_outputs(tap: int) -> dict[str, str]:
+    """Names of tap `tap`'s run-time-format outputs: byte-format codes and scales, fp16 values."""
+    return {"codes": f"tap{tap}_sel_codes", "scales": f"tap{tap}_sel_scales", "fp16": f"tap{tap}_sel_fp16"}
+
+
+def append_format_switch(graph, x: str, tap: dict, selector: str, formats: list[str], dtype: int, rank: int) -> None:
+    """Outputs of tap `tap["tap"]` in the format the int64 graph input `selector`[tap] picks (an index
+    into `formats`), chosen at run time by ONNX If nodes: only the chosen quantizer runs (ONNX Runtime
+    computes every node of a graph whatever outputs are fetched; docs/export.md). A byte format fills
+    `sel_codes` (uint8) and `sel_scales`; fp16 fills `sel_fp16` (float16 [..., hidden]); the outputs
+    not chosen are empty ([0, ...]). Same bytes as `quantize_subgraph`, which builds each branch."""
+    names = switch_outputs(tap["tap"])
+    prefix = f"tap{tap['tap']}_sel"
+    pick = f"{prefix}/pick"
+    dims = [None] * rank  # rank known, sizes not: an unselected output is empty
+    graph.initializer.append(numpy_helper.from_array(np.array(tap["tap"], np.int64), pick + "_index"))
+    graph.node.append(helper.make_node("Gather", [selector, pick + "_index"], [pick], name=pick, axis=0))
+
+    def empty(name: str, elem: int) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], name=name + "/empty",
+                                value=helper.make_tensor(name + "/v", elem, [0] * rank, []))
+
+    def branch(fmt: str, outs: list[tuple[str, int]], depth: int) -> onnx.GraphProto:
+        """The subgraph producing `outs` in `fmt`."""
+        tag = f"{prefix}/{fmt}_{depth}"
+        inner = [(f"{tag}/{name.rsplit('_', 1)[1]}", elem) for name, elem in outs]
+        sub = quantize_subgraph(x, fmt, tap["block_size"], tap["hidden"], prefix=tag, dtype=dtype)
+        srcs = [sub.codes] if fmt == "fp16" else [sub.codes, sub.scales]
+        nodes = sub.nodes + [helper.make_node("Identity", [s_], [n], name=n) for s_, (n, _) in zip(srcs, inner)]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(n, e, dims) for n, e in inner],
+                                 initializer=sub.initializers)
+
+    def chain(choices: list[tuple[int, str]], outs: list[tuple[str, int]], depth: int = 0) -> list:
+        """Nodes making `outs`: If(pick == k0) fmt0 else If(pick == k1) fmt1 ... else empty."""
+        if not choices:
+            return [empty(n, e) for n, e in outs]
+        (k, fmt), rest = choices[0], choices[1:]
+        cond = f"{prefix}/{fmt}_{depth}/is"
+        const = cond + "_k"
+        graph.initializer.append(numpy_helper.from_array(np.array(k, np.int64), const))
+        renamed = [(f"{prefix}/{fmt}_{depth}/else_{n.rsplit('_', 1)[1]}", e) for n, e in outs]
+        else_graph = helper.make_graph(chain(rest, renamed, depth + 1), cond + "_else", [],
+                                       [helper.make_tensor_value_info(n, e, dims) for n, e in renamed])
+        return [helper.make_node("Equal", [pick, const], [cond], name=cond),
+                helper.make_node("If", [cond], [n for n, _ in outs], name=f"{prefix}/{fmt}_{depth}/if",
+                                 then_branch=branch(fmt, outs, depth), else_branch=else_graph)]
+
+    byte = [(k, f) for k, f in enumerate(formats) if f != "fp16"]
+    half = [(k, f) for k, f in enumerate(formats) if f == "fp16"]
+    graph.node.extend(chain(byte, [(names["codes"], TensorProto.UINT8), (names["scales"], TensorProto.FLOAT16)]))
+    graph.node.extend(chain(half, [(names["fp16"], TensorProto.FLOAT16)]))
+    graph.output.extend([helper.make_tensor_value_info(names["codes"], TensorProto.UINT8, dims),
+                         helper.make_tensor_value_info(names["scales"], TensorProto.FLOAT16, dims),
+                         helper.make_tensor_value_info(names["fp16"], TensorProto.FLOAT16, dims)])
 
 
 def _gather_rows(graph, x: str, rows: str, hidden: int, prefix: str) -> str:
@@ -350,10 +416,12 @@ def _leading_dims(value_info) -> list:
 
 
 def standalone_model(fmt: str, block_size: int, hidden: int, rank: int = 3,
-                     input_dtype: int = TensorProto.FLOAT, op: str = "onnx", rows: str | None = None) -> onnx.ModelProto:
+                     input_dtype: int = TensorProto.FLOAT, op: str = "onnx", rows: str | None = None,
+                     switch: tuple[str, list[str]] | None = None) -> onnx.ModelProto:
     """A model holding only the quantize subgraph: input `x` [..., hidden] -> `codes`, `scales`.
 
-    `op` and `rows` (an extra int64 input of flat row indices) as in `append_quantizers`.
+    `op`, `rows` (an extra int64 input of flat row indices) and `switch` (run-time formats: outputs
+    `switch_outputs(0)`) as in `append_quantizers`.
     """
     lead = [f"d{i}" for i in range(rank - 1)]
     x = helper.make_tensor_value_info("x", input_dtype, lead + [hidden])
@@ -361,6 +429,6 @@ def standalone_model(fmt: str, block_size: int, hidden: int, rank: int = 3,
                               [helper.make_tensor_value_info("tap", input_dtype, lead + [hidden])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     append_quantizers(model, [{"output": "tap", "fmt": fmt, "block_size": block_size, "hidden": hidden,
-                               "codes": "codes", "scales": "scales"}], op=op, rows=rows)
+                               "codes": "codes", "scales": "scales", "tap": 0}], op=op, rows=rows, switch=switch)
     onnx.checker.check_model(model)
     return model

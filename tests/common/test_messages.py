@@ -16,12 +16,18 @@ def test_hello_round_trip_and_default_run_name():
     assert again.run_name == "sst2-" + "ab" * 6 and again.formats() == ["nf4", "int8"]
 
 
+@pytest.mark.parametrize("bits", ["auto", "auto:utility", "auto:paper"])
+def test_adaptive_bits_of_every_rule_allow_any_format(bits):
+    assert Hello.from_meta({**HELLO.to_meta(), "bits": bits}).formats() is None
+
+
 @pytest.mark.parametrize("change, code", [
     ({"protocol": 2}, "version"),
     ({"taps": []}, "bad_hello"),
     ({"num_labels": True}, "bad_hello"),
     ({"run": "no spaces"}, "bad_hello"),
     ({"bits": "int8,int8,int8"}, "bad_hello"),
+    ({"bits": "autopaper"}, "bad_hello"),
 ])
 def test_bad_hello_has_a_code(change, code):
     with pytest.raises(ProtocolError) as err:

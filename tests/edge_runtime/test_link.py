@@ -84,3 +84,29 @@ def test_bits_adapt_to_a_throttled_uplink(tiny_engine_factory, tmp_path, server,
     assert bits[0] > min(bits), plans  # fast link: more bits; throttled: fewer
     assert plans[-1] == ["nf4"] * len(plans[-1])
     assert trainer.model_meta["metrics"]["samples_trained"] == 256
+
+
+def test_paper_rule_switches_formats_in_the_graph_on_a_throttled_uplink(tiny_engine_factory, tmp_path, server,
+                                                                        link_proxy):
+    engine = tiny_engine_factory(quant="fp16", tap_formats="int4,nf4,fp8,int8,fp16")
+    proxy = link_proxy(server)
+    task = get_task("sst2")
+    examples = load_examples(write_data(tmp_path / "d.tsv", 256), task)
+    opts = TrainOptions(server=f"ws://127.0.0.1:{proxy.port}", batch_size=8, mode="tokens", bits="auto:paper",
+                        latency_target_s=0.05, run="paper", progress=False, prefetch=1)
+    trainer = StreamClient(Backbone(engine), examples, task, opts)
+    assert trainer.plan_in_graph and trainer.planner.rule == "paper"
+    trainer.planner.every = 2
+
+    def throttle():
+        while len(trainer.planner.history) < 3 and trainer.model_bytes is None:
+            time.sleep(0.01)
+        proxy.set_rate(20_000)  # 20 kB/s: below even the all-int4 plan
+
+    threading.Thread(target=throttle, daemon=True).start()
+    stats = trainer.run()
+    plans = [h["plan"] for h in stats.bit_plans]
+    assert any(f != "int4" for f in plans[0]), plans  # fast link: upgrades taken
+    assert plans[-1] == ["int4"] * len(plans[-1])  # throttled: the paper's lowest rung
+    assert trainer.model_meta["metrics"]["samples_trained"] == 256
+    assert (engine / "distortion.json").is_file()
