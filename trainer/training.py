@@ -136,6 +136,8 @@ class TrainingRun:
     """One run: its members, the thread that trains it and the coroutines on the server's loop that
     wait for it. Waits end on `failed` and `stopped` too."""
 
+    metrics_name = METRICS  # a rank of a world other than 0 logs to its own file (world_fed.WorldRun)
+
     def __init__(self, name: str, folder: Path, strategy: Strategy, queue_size: int, checkpoint_every: int,
                  checkpoint: dict | None = None):
         self.name, self.folder, self.strategy = name, Path(folder), strategy
@@ -159,7 +161,7 @@ class TrainingRun:
         self._thread = threading.Thread(target=self._guarded_loop, name=f"train-{name}", daemon=True)
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
-        self._metrics = open_metrics(self.folder / METRICS, self.step if checkpoint is not None else None)
+        self._metrics = open_metrics(self.folder / self.metrics_name, self.step if checkpoint is not None else None)
 
     @property
     def phase(self) -> str:
