@@ -150,7 +150,7 @@ class TrainingRun:
         if checkpoint is not None:
             self.step = int(checkpoint["progress"]["step"])
             self.samples_trained = int(checkpoint["progress"]["samples_trained"])
-            for tmp in self.folder.glob(".*.tmp"):  # a crash mid-write leaves its temp file; the real file is whole
+            for tmp in self.partial_writes():  # a crash mid-write leaves its temp file; the real file is whole
                 tmp.unlink()
         self.error: str | None = None
         self.failed = False
@@ -162,6 +162,10 @@ class TrainingRun:
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
         self._metrics = open_metrics(self.folder / self.metrics_name, self.step if checkpoint is not None else None)
+
+    def partial_writes(self) -> list[Path]:
+        """Temp files of this run's writers (a rank of a world other than 0 writes only its own files)."""
+        return list(self.folder.glob(".*.tmp"))
 
     @property
     def phase(self) -> str:

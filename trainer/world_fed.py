@@ -152,6 +152,11 @@ class WorldRun(TrainingRun):
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
 
+    def partial_writes(self) -> list[Path]:
+        """Only this rank's temp files: the others' writes may be in flight (they open the run together)."""
+        rank = self.coordinator.world.rank
+        return [p for p in super().partial_writes() if (f".rank{rank}." in p.name if rank else ".rank" not in p.name)]
+
     def check_alive(self) -> None:
         if self.coordinator.lost:
             raise ProtocolError(*SHUTTING_DOWN)

@@ -170,18 +170,18 @@ def _stop_world(procs, timeout=60):
     return [p.wait(timeout) for p in procs]
 
 
-def _devices(port, n, epochs=2, n_samples=48):
-    data = SyntheticTask(TAPS, n_samples=n_samples)
-    return [SimDevice(f"ws://127.0.0.1:{port}/", data, device_id=f"phone-{i}", epochs=epochs, batch_size=8)
-            for i in range(n)]
+def _devices(port, n, epochs=2, n_samples=(48,)):
+    """Devices phone-0.. with n_samples[i % len(n_samples)] samples each (uneven: ranks run dry at times)."""
+    return [SimDevice(f"ws://127.0.0.1:{port}/", SyntheticTask(TAPS, n_samples=n_samples[i % len(n_samples)]),
+                      device_id=f"phone-{i}", epochs=epochs, batch_size=8) for i in range(n)]
 
 
-def _exactly_once(runs: Path, devices, epochs: int, n_samples: int) -> None:
+def _exactly_once(runs: Path, devices, epochs: int) -> None:
     for d in devices:
         per_epoch = read_trained_ids(runs / "fed-synth", d.device_id)
         assert sorted(per_epoch) == list(range(epochs)), d.device_id
         for epoch, ids in per_epoch.items():
-            assert sorted(ids) == list(range(n_samples)), (d.device_id, epoch)
+            assert sorted(ids) == list(range(d.data.n_samples)), (d.device_id, epoch)
 
 
 @pytest.mark.slow
@@ -189,7 +189,7 @@ def test_two_ranks_flooded_exactly_once(tmp_path):
     runs = tmp_path / "runs"
     port, procs = _start_world(2, runs, tmp_path)
     try:
-        devices = _devices(port, 4)
+        devices = _devices(port, 4, n_samples=(16, 64, 24, 48))
         results = {}
         threads = [threading.Thread(target=lambda d=d: results.__setitem__(d.device_id, d.run())) for d in devices]
         for t in threads:
@@ -205,9 +205,9 @@ def test_two_ranks_flooded_exactly_once(tmp_path):
     finally:
         codes = _stop_world(procs)
     assert codes == [0, 0], [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in range(2)]
-    _exactly_once(runs, devices, 2, 48)
+    _exactly_once(runs, devices, 2)
     steps = [json.loads(x) for x in (runs / "fed-synth" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(s["rows"] for s in steps) == 4 * 2 * 48
+    assert sum(s["rows"] for s in steps) == 2 * (16 + 64 + 24 + 48)
     assert any(0 in s["world_rows"] and s["rows"] for s in steps)  # steps where one rank had nothing
     assert json.loads((runs / "world.json").read_text()) == {"world_size": 2}
 
@@ -216,7 +216,7 @@ def test_two_ranks_flooded_exactly_once(tmp_path):
 def test_kill_9_of_a_rank_then_the_world_resumes(tmp_path):
     runs = tmp_path / "runs"
     port, procs = _start_world(2, runs, tmp_path)
-    devices = _devices(port, 2, epochs=3, n_samples=64)
+    devices = _devices(port, 2, epochs=3, n_samples=(64,))
     # phone-0 and phone-1 land on different ranks (checked below); stream a few batches each, then kill rank 1.
     assert {owner_rank("fed-synth", d.device_id, 2) for d in devices} == {0, 1}
     for d in devices:
@@ -229,11 +229,11 @@ def test_kill_9_of_a_rank_then_the_world_resumes(tmp_path):
     assert "lost the world" in (tmp_path / "rank0.log").read_text()
     port, procs = _start_world(2, runs, tmp_path)  # what torchrun --max-restarts does
     try:
-        devices = _devices(port, 2, epochs=3, n_samples=64)
+        devices = _devices(port, 2, epochs=3, n_samples=(64,))
         for d in devices:
             result = d.run()
             assert result.done is not None, result.error
     finally:
         codes = _stop_world(procs)
     assert codes == [0, 0]
-    _exactly_once(runs, devices, 3, 64)
+    _exactly_once(runs, devices, 3)
