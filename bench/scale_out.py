@@ -140,17 +140,23 @@ def decode_ms_per_sample(bodies: list[bytes], rows: int, repeats: int = 20) -> f
     return 1000 * best / rows
 
 
+OPTIONS = [  # flag, type, default, help
+    ("--ranks", str, "1,2,4", "rank counts to run, comma-separated"),
+    ("--devices", int, 8, "SimDevices flooding the world"),
+    ("--device-procs", int, 2, "child processes the devices are spread over"),
+    ("--samples", int, 512, "samples each device streams"),
+    ("--rows", int, 16, "rows (samples) per batch"),
+    ("--pool", int, 4, "distinct pre-quantized batches cycled by each device"),
+    ("--threads", int, 1, "torch threads per rank"),
+    ("--tick-s", float, 0.05, "each rank's --tick-s"),
+    ("--warmup-steps", int, 5, "world steps left out of the averages"),
+]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="1,2,4", help="rank counts to run, comma-separated")
-    parser.add_argument("--devices", type=int, default=8, help="SimDevices flooding the world")
-    parser.add_argument("--device-procs", type=int, default=2, help="child processes the devices are spread over")
-    parser.add_argument("--samples", type=int, default=512, help="samples each device streams")
-    parser.add_argument("--rows", type=int, default=16, help="rows (samples) per batch")
-    parser.add_argument("--pool", type=int, default=4, help="distinct pre-quantized batches cycled by each device")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--tick-s", type=float, default=0.05, help="each rank's --tick-s")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="world steps left out of the averages")
+    for flag, kind, default, text in OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     bodies = make_bodies("pooled", args.rows, 1, args.pool)

@@ -147,13 +147,14 @@ def test_world_size_mismatch_on_resume_exits_2(tmp_path, capsys):
 def _start_rank(rank: int, size: int, port: int, master: int, runs: Path, log: Path, *extra) -> subprocess.Popen:
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(master), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--federated", "--runs", str(runs), "--port",
+    cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--runs", str(runs), "--port",
            str(port), "--threads", "1", "--side-width", "32", "--queue", "4", "--checkpoint-every", "4",
            "--bitplan-every", "0", "--resume", "--world-timeout", "20", *extra]
     return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _start_world(size, runs, tmp_path, *extra):
+def _start_world(size, runs, tmp_path, *extra, federated=True):
+    extra = ("--federated", *extra) if federated else extra
     port, master = free_port(), free_port()
     while any(p == master for p in range(port, port + size)):
         master = free_port()
@@ -237,3 +238,25 @@ def test_kill_9_of_a_rank_then_the_world_resumes(tmp_path):
         codes = _stop_world(procs)
     assert codes == [0, 0]
     _exactly_once(runs, devices, 3)
+
+
+@pytest.mark.slow
+def test_independent_runs_sharded_across_ranks(tmp_path):
+    """Single-device runs: each lives on the rank that owns (run, device); no collectives."""
+    runs = tmp_path / "runs"
+    port, procs = _start_world(2, runs, tmp_path, federated=False)
+    try:
+        devices = _devices(port, 4, n_samples=(32,))
+        for d in devices:
+            d.run_name = f"solo-{d.device_id}"
+        results = [d.run() for d in devices]
+    finally:
+        codes = _stop_world(procs)
+    assert codes == [0, 0]
+    owners = [owner_rank(f"solo-{d.device_id}", d.device_id, 2) for d in devices]
+    assert set(owners) == {0, 1}
+    for d, r, owner in zip(devices, results, owners):
+        assert r.done is not None, r.error
+        assert r.redirects == ([] if owner == 0 else [f"ws://127.0.0.1:{port + 1}/"])
+        per_epoch = read_trained_ids(runs / d.run_name)
+        assert [sorted(ids) for ids in per_epoch.values()] == [list(range(32))] * 2
