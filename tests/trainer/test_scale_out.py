@@ -27,9 +27,9 @@ from mobillm.common.messages import Hello
 from mobillm.common.netsim import free_port, wait_listening
 from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer.cli import main as trainer_main
-from mobillm.trainer.config import FedConfig, ServerConfig, WorldConfig
+from mobillm.trainer.config import ConfigError, FedConfig, OptimConfig, ServerConfig, WorldConfig
 from mobillm.trainer.data import rows_for_model
-from mobillm.trainer.distributed import World, check_world_file, owner_rank, write_world_file
+from mobillm.trainer.distributed import World, check_config, check_world_file, owner_rank, write_world_file
 from mobillm.trainer.federated import Federated, family_of
 from mobillm.trainer.run import read_trained_ids
 from mobillm.trainer.world_fed import shared_step
@@ -129,6 +129,14 @@ def test_world_env():
     assert World.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1)
     with pytest.raises(Exception, match="outside a world"):
         World.from_env({"WORLD_SIZE": "2", "RANK": "2"})
+
+
+def test_what_a_world_refuses():
+    with pytest.raises(ConfigError, match="--port 0"):
+        check_config(ServerConfig(port=0), World(0, 2))
+    with pytest.raises(ConfigError, match="fp16"):
+        check_config(ServerConfig(port=9000, federated=True, optim=OptimConfig(precision="fp16")), World(0, 2))
+    check_config(ServerConfig(port=9000, federated=True, optim=OptimConfig(precision="bf16")), World(0, 2))
 
 
 def test_world_size_mismatch_on_resume_exits_2(tmp_path, capsys):
