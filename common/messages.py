@@ -278,6 +278,9 @@ class Welcome:
     stop_streaming: bool
     total_samples: int
     federated: FedWelcome | None = None
+    # A trainer of several ranks (docs/scale_out.md): the URL of the rank that owns this device;
+    # the device closes and connects there. Sent only when set, so other WELCOMEs keep their bytes.
+    redirect: str | None = None
 
     def to_meta(self) -> dict:
         meta = {"session": self.session, "run": self.run, "credits": self.credits,
@@ -285,6 +288,8 @@ class Welcome:
                 "stop_streaming": self.stop_streaming, "total_samples": self.total_samples}
         if self.federated is not None:
             meta["federated"] = self.federated.to_meta()
+        if self.redirect is not None:
+            meta["redirect"] = self.redirect
         return meta
 
     @classmethod
@@ -298,7 +303,8 @@ class Welcome:
                    _get(meta, "cache", bool, "bad_welcome", "WELCOME", False),
                    _get(meta, "stop_streaming", bool, "bad_welcome", "WELCOME", False),
                    _count(meta, "total_samples", "bad_welcome", "WELCOME", 0),
-                   None if fed is None else FedWelcome.from_meta(fed))
+                   None if fed is None else FedWelcome.from_meta(fed),
+                   _get(meta, "redirect", str, "bad_welcome", "WELCOME", None))
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class DeviceResult:
     bytes_sent: int = 0
     stop_streaming: bool = False
     seconds: float = 0.0
+    redirects: list[str] = field(default_factory=list)  # ranks this connection was sent to, in order
 
 
 class SimDevice:
@@ -125,10 +126,24 @@ class SimDevice:
         """One connection: stream from the server's resume point, then DONE -> MODEL -> BYE.
 
         To test resume, `stop_after_batches` drops the connection after that many batches, and
-        `send_done=False` drops it once streaming is over; neither sends DONE."""
+        `send_done=False` drops it once streaming is over; neither sends DONE. A WELCOME that
+        redirects (a trainer of several ranks) is followed, as `edge-run` does."""
+        url, redirects = self.url, []
+        while True:
+            result = self._connection(url, stop_after_batches, send_done, timeout)
+            redirect = result.welcome.get("redirect")
+            if redirect is None:
+                result.redirects = redirects
+                return result
+            if len(redirects) == 3:
+                raise RuntimeError(f"redirected 3 times in a row: {redirects + [redirect]}")
+            redirects.append(redirect)
+            url = redirect
+
+    def _connection(self, url: str, stop_after_batches: int | None, send_done: bool, timeout: float) -> DeviceResult:
         result = DeviceResult()
         t0 = time.perf_counter()
-        with connect(self.url, max_size=wire.MAX_MODEL_FRAME, compression=None, open_timeout=timeout) as ws:
+        with connect(url, max_size=wire.MAX_MODEL_FRAME, compression=None, open_timeout=timeout) as ws:
             ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
             first = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
             if first.type == wire.MsgType.ERROR:
@@ -136,6 +151,8 @@ class SimDevice:
                 return result
             result.welcome = first.meta
             welcome = Welcome.from_meta(first.meta)
+            if welcome.redirect is not None:
+                return result
             credits, stop = welcome.credits, welcome.stop_streaming
             stream = self.data.stream(self.epochs)
             pos, seq = welcome.samples_done, 0

@@ -45,6 +45,9 @@ from .failures import RETRYABLE, ServerError, check_server_url, final_error, ref
 
 log = logging.getLogger("mobillm.edge")
 
+REDIRECTED = "redirected"  # `_session`: WELCOME sent this device to another rank
+MAX_REDIRECTS = 3
+
 
 @dataclass
 class TrainOptions:
@@ -197,6 +200,8 @@ class StreamClient:
         self._opened = False  # a WebSocket to the server has opened (so its scheme, ws or wss, is right)
         self._stop = threading.Event()
         self._rng = random.Random()
+        self._url = opts.server  # where the next connection goes: the server, or the rank it redirected us to
+        self._redirects = 0  # redirects followed in a row (a loop between ranks is an error)
 
     def _tokenize(self) -> tuple[list[np.ndarray], int]:
         rows, cut = [], 0
@@ -293,7 +298,10 @@ class StreamClient:
         while True:
             self._progressed = False
             try:
-                if await self._session(state):
+                outcome = await self._session(state)
+                if outcome == REDIRECTED:
+                    continue  # at once: the rank that owns this device is waiting
+                if outcome:
                     return
                 reason = "closed before DONE"
             except (*RETRYABLE, websockets.InvalidStatus, wire.WireError) as exc:
@@ -304,6 +312,9 @@ class StreamClient:
                 detail = f"{exc.__class__.__name__}: {exc}"
             else:
                 detail = reason
+            # Reconnects ask the server again: it sends us back to the same rank (placement is stable),
+            # or, after the world restarted, to wherever it is now; a gone rank is never retried forever.
+            self._url, self._redirects = self.opts.server, 0
             attempt = 1 if self._progressed else attempt + 1
             if attempt > self.opts.max_retries:
                 raise ServerError(f"cannot reach the server at {self.opts.server} after "
@@ -315,7 +326,7 @@ class StreamClient:
             await asyncio.sleep(delay)
 
     def _ssl(self):
-        if not self.opts.server.startswith("wss://"):
+        if not self._url.startswith("wss://"):
             return None
         import ssl
 
@@ -326,7 +337,7 @@ class StreamClient:
 
     async def _session(self, state: dict) -> bool:
         """One connection. Returns True when the run is complete (model received)."""
-        async with websockets.connect(self.opts.server, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
+        async with websockets.connect(self._url, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
                                       open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
             self._opened = True
             try:
@@ -339,6 +350,9 @@ class StreamClient:
             if first.type != wire.MsgType.WELCOME:
                 raise ServerError(f"expected WELCOME, got {first.type.name}")
             welcome = Welcome.from_meta(first.meta)
+            if welcome.redirect is not None:
+                return self._follow(welcome.redirect)
+            self._redirects = 0
             credits = asyncio.Semaphore(welcome.credits)
             done_before = welcome.samples_done
             if done_before > self._acked:
@@ -364,6 +378,20 @@ class StreamClient:
                 except websockets.ConnectionClosed:
                     pass
             return finished.is_set()
+
+    def _follow(self, url: str) -> object:
+        """WELCOME said another rank owns this device: the next connection goes there."""
+        self._redirects += 1
+        if self._redirects > MAX_REDIRECTS:
+            raise ServerError(f"the server redirected this device {MAX_REDIRECTS} times in a row (last to "
+                              f"{url}); its ranks disagree on placement", "redirect_loop")
+        try:
+            check_server_url(url)
+        except BadInput as exc:
+            raise ServerError(f"the server redirected this device to a bad URL: {exc}", "bad_redirect") from None
+        log.info("redirected to %s", url)
+        self._url = url
+        return REDIRECTED
 
     def _retained_from(self) -> int:
         """The first sample this device can still send without computing it again."""

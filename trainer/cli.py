@@ -21,7 +21,7 @@ from mobillm.common.errors import BadInput, run_command
 from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, read_token_file
 from mobillm.common.profiles import add_profile_flag, parse_with_profile
 
-from .config import FedConfig, OptimConfig, ServerConfig, SideConfig
+from .config import FedConfig, OptimConfig, ServerConfig, SideConfig, WorldConfig
 
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     add_options(s.add_argument_group("side network"), SideConfig, defaults=defaults)
     add_options(s.add_argument_group("optimizer"), OptimConfig, defaults=defaults)
     add_options(s.add_argument_group("federated (with --federated)"), FedConfig)
+    add_options(s.add_argument_group("several ranks (launched by torchrun, docs/scale_out.md)"), WorldConfig)
     s.set_defaults(handler=cmd_serve)
 
     for name, text, handler in (("plot", "write RUN/loss.png from RUN/metrics.jsonl", cmd_plot),
@@ -57,7 +58,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     # --side-width is the shared width with --federated (docs/federated.md); SideConfig keeps it either way.
     config = from_args(ServerConfig, args, token=read_token_file(args.token_file) if args.token_file else None,
                        side=from_args(SideConfig, args), optim=from_args(OptimConfig, args),
-                       fed=from_args(FedConfig, args, width=args.side_width or FedConfig.width))
+                       fed=from_args(FedConfig, args, width=args.side_width or FedConfig.width),
+                       world=from_args(WorldConfig, args))
     config.validate()
     from .core import resolve_precision  # torch: imported only once the flags are known to be good
 
@@ -85,6 +87,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise BadInput("--device cuda but torch sees no CUDA device; use --device cpu")
+    from .distributed import World, check_world_file
+
+    world = World.from_env()
+    if world is not None:  # launched by torchrun: this process is one rank of the world
+        from .distributed import serve_world
+
+        serve_world(config, world)
+        return
+    check_world_file(config.runs_dir, 1, config.resume)
     from .server import TrainerServer
 
     TrainerServer(config).serve_forever()

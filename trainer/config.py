@@ -177,6 +177,27 @@ class FedConfig:
 
 
 @dataclass
+class WorldConfig:
+    """A trainer of several ranks (torchrun; docs/scale_out.md). Rank and world size come from
+    torchrun's RANK / WORLD_SIZE / LOCAL_RANK; rank R listens on --port + R."""
+
+    rank_url: str | None = option(None, "URL a device is redirected to for the rank that owns it; {rank} and "
+                                        "{port} are filled in (default: ws[s]://HOST:{port}/)")
+    tick_s: float = option(0.05, "federated runs: seconds an idle rank waits for a batch before joining the "
+                                 "world's next step with none")
+    timeout_s: float = option(120.0, "seconds a collective may wait for the other ranks before this rank "
+                                     "gives the world up", flag="world-timeout")
+
+    def validate(self) -> None:
+        if not 0 < self.tick_s <= 10:
+            raise ConfigError(f"tick_s must be in (0, 10], got {self.tick_s}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"world timeout must be > 0, got {self.timeout_s}")
+        if self.rank_url is not None and not self.rank_url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"--rank-url {self.rank_url!r}: a ws:// or wss:// URL template")
+
+
+@dataclass
 class ServerConfig:
     """How `trainer serve` runs. Port 0 binds a free port (tests)."""
 
@@ -210,6 +231,7 @@ class ServerConfig:
                                     f"(docs/federated.md); --side-width is then the shared width, {FedConfig.width} "
                                     "unless given")
     fed: FedConfig = field(default_factory=FedConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
     def validate(self) -> None:
         if self.federated and self.cache:
@@ -240,6 +262,7 @@ class ServerConfig:
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         self.side.validate()
         self.optim.validate()
+        self.world.validate()
 
 
 def tls_context(certfile: str, keyfile: str | None):

@@ -249,10 +249,14 @@ class FederatedPolicy(RunTable):
         if not is_name(name):
             raise ProtocolError("bad_hello", f"run {name!r}: a run name is {NAME_RULE}; send a shorter run name")
         check_pooling(self.config, hello)
-        async with self.lock(name):
-            run: TrainingRun = await self.open_locked(name, hello, self._create)
+        run = await self.open_run(name, hello)
         dev = await run.strategy.join(run, session, hello)
         return FedMember(run, dev, session)
+
+    async def open_run(self, name: str, hello: Hello) -> TrainingRun:
+        """The federated run `name`, opened (or resumed) on first use."""
+        async with self.lock(name):
+            return await self.open_locked(name, hello, self._create)
 
     def snapshot(self, run: str, device_id: str):
         """The model `device_id` of federated run `run` would get back now (see Federated.snapshot),

@@ -266,24 +266,40 @@ class SingleDevice:
             self.phase = "export"  # the ONNX file went missing: make it again
 
 
-def read_trained_ids(folder: Path | str) -> dict[int, list[int]]:
+def read_trained_ids(folder: Path | str, device: str | None = None) -> dict[int, list[int]]:
     """{epoch: sample ids trained in that epoch, in training order} from a run's trained_ids.jsonl.
 
     It holds exactly the steps the run's model has seen: a resumed run cuts the steps after its
     checkpoint before training them again. A sample trained exactly once per epoch appears once
-    in each epoch's list."""
+    in each epoch's list. A federated run of several ranks (docs/scale_out.md) logs per rank
+    (trained_ids.rank<R>.jsonl): the ranks are merged in step order, for one `device`."""
     folder = Path(folder)
-    per_epoch = RunConfig.load(folder).samples_per_epoch
+    ranks = sorted(folder.glob("trained_ids.rank*.jsonl"))
+    if ranks:
+        if device is None:
+            raise ValueError(f"{folder} is a federated run of several ranks: name the device")
+        records = sorted((r for path in ranks for r in _records(path) if r["device"] == device),
+                         key=lambda r: r["step"])
+        per_epoch = records[0]["per_epoch"] if records else 1
+    else:
+        per_epoch = RunConfig.load(folder).samples_per_epoch
+        records = _records(folder / TRAINED_IDS)
     out: dict[int, list[int]] = {}
-    lines = (folder / TRAINED_IDS).read_text().splitlines()
+    for record in records:
+        for i, sid in enumerate(record["ids"]):
+            out.setdefault((record["first"] + i) // per_epoch, []).append(sid)
+    return out
+
+
+def _records(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    out = []
     for n, line in enumerate(lines):
         try:
-            record = json.loads(line)
+            out.append(json.loads(line))
         except json.JSONDecodeError:
             if n == len(lines) - 1:
                 break  # torn by a kill mid-write, before a resume could cut it
             raise
-        for i, sid in enumerate(record["ids"]):
-            out.setdefault((record["first"] + i) // per_epoch, []).append(sid)
     return out
 

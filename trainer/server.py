@@ -97,6 +97,12 @@ class Session:
         self.hello = Hello.from_meta(frame.meta)
         self.formats = self.hello.formats()
         self.server.check_token(self.hello)
+        if self.server.world is not None:  # several ranks: the device may belong to another one
+            redirect = self.server.world.redirect_for(self.hello, self.server.config)
+            if redirect is not None:
+                await self.ws.send(messages.frame(Welcome(self.id, self.hello.run or "", 0, 0, False, False, 0,
+                                                          redirect=redirect)))
+                return
         member = await self.server.policy.join(self, self.hello)
         try:
             j = member.joined
@@ -156,10 +162,14 @@ class Session:
 class TrainerServer:
     """The trainer as an object: `start()` binds and returns the port, `stop()` shuts down cleanly."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, world=None, coordinator=None):
+        """`world` (`distributed.World`): this server is one rank of several; `coordinator`
+        (`world_fed.Coordinator`): its federated runs train in lockstep with the other ranks."""
         config.validate()
-        self.config = config
+        self.config, self.world = config, world
         policy = FederatedPolicy if config.federated else SingleDevicePolicy
+        if coordinator is not None:
+            policy = coordinator.policy
         self.policy: RunPolicy = policy(config, lambda: self.stopping)
         self._numbers = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None

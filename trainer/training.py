@@ -136,6 +136,8 @@ class TrainingRun:
     """One run: its members, the thread that trains it and the coroutines on the server's loop that
     wait for it. Waits end on `failed` and `stopped` too."""
 
+    metrics_name = METRICS  # a rank of a world other than 0 logs to its own file (world_fed.WorldRun)
+
     def __init__(self, name: str, folder: Path, strategy: Strategy, queue_size: int, checkpoint_every: int,
                  checkpoint: dict | None = None):
         self.name, self.folder, self.strategy = name, Path(folder), strategy
@@ -148,7 +150,7 @@ class TrainingRun:
         if checkpoint is not None:
             self.step = int(checkpoint["progress"]["step"])
             self.samples_trained = int(checkpoint["progress"]["samples_trained"])
-            for tmp in self.folder.glob(".*.tmp"):  # a crash mid-write leaves its temp file; the real file is whole
+            for tmp in self.partial_writes():  # a crash mid-write leaves its temp file; the real file is whole
                 tmp.unlink()
         self.error: str | None = None
         self.failed = False
@@ -159,10 +161,14 @@ class TrainingRun:
         self._thread = threading.Thread(target=self._guarded_loop, name=f"train-{name}", daemon=True)
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
-        self._metrics = open_metrics(self.folder / METRICS, self.step if checkpoint is not None else None)
+        self._metrics = open_metrics(self.folder / self.metrics_name, self.step if checkpoint is not None else None)
         # Watchers of the run (TensorBoard, /metrics, the status page), called on the training thread:
         # `step(run, record)` after each metrics.jsonl record, `end(run)` when the thread ends.
         self.observers: list = []
+
+    def partial_writes(self) -> list[Path]:
+        """Temp files of this run's writers (a rank of a world other than 0 writes only its own files)."""
+        return list(self.folder.glob(".*.tmp"))
 
     @property
     def phase(self) -> str:

@@ -48,6 +48,11 @@ def welcome_federated() -> bytes:
     return messages.frame(Welcome("s2", "fed-sst2", 8, 0, False, False, 192, FedWelcome("ab12cd34", [1, 3], 4, 2)))
 
 
+def welcome_redirect() -> bytes:
+    """A trainer of several ranks sends a device to the rank that owns it (docs/scale_out.md)."""
+    return messages.frame(Welcome("s3", "fed-sst2", 0, 0, False, False, 0, redirect="ws://127.0.0.1:8766/"))
+
+
 def credit() -> bytes:
     return messages.frame(Credit(1, 5, 48))
 
@@ -110,7 +115,8 @@ def batch_regression() -> bytes:
 
 
 BUILDERS = {
-    "welcome": welcome, "welcome_federated": welcome_federated, "credit": credit, "credit_stop": credit_stop,
+    "welcome": welcome, "welcome_federated": welcome_federated, "welcome_redirect": welcome_redirect,
+    "credit": credit, "credit_stop": credit_stop,
     "bitplan": bitplan, "model_meta": model_meta, "model_meta_federated": model_meta_federated,
     "done_server": done_server, "done_device": done_device, "bye": bye, "error": error,
     "batch_regression": batch_regression,
@@ -152,6 +158,7 @@ GOLDEN = {
     "model_meta_federated": "5dc35c23490cd8038bc0d3eb55c2736dded5508291dc9f444d9746ccf77f319d",
     "welcome": "6df0f15344599271744ac74bc15c2303747ad005ba531b53ea2e0ea20eb4de67",
     "welcome_federated": "0b9272fdda74ddf531a2e0ee2c9f659582f68a18501f702543770235737f031a",
+    "welcome_redirect": "ad40867901cb9d0c24f5145e09aee7f7c73a0977923c5778d7eb7b3c2918f0ee",
 }
 
 
@@ -177,7 +184,7 @@ def test_frame(name):
 
 def test_typed_messages_read_back():
     """What one side builds, the other parses to the same values."""
-    for build, cls in ((welcome_federated, Welcome), (credit_stop, Credit), (bitplan, BitPlan),
+    for build, cls in ((welcome_federated, Welcome), (welcome_redirect, Welcome), (credit_stop, Credit), (bitplan, BitPlan),
                        (done_server, TrainingDone), (error, ErrorReport)):
         frame = wire.decode_frame(build())
         assert messages.frame(cls.from_meta(frame.meta)) == build()

@@ -225,3 +225,33 @@ def test_run_exists_through_the_cli_writes_stats_and_says_how_to_resume(tiny_eng
     assert err[1].startswith("edge-run: error: the server refused the session (run_exists)")
     assert "trainer serve --resume" in err[1] and "run this command again" in err[1]
     assert json.loads(stats.read_text())["error"]["code"] == "run_exists"
+
+
+def redirecting(to: str | None = None, seen: list | None = None):
+    """A front rank: reads HELLO, answers a WELCOME that redirects to `to` (None: to itself)."""
+    def handler(ws):
+        Hello.from_meta(wire.decode_frame(ws.recv()).meta)
+        if seen is not None:
+            seen.append(1)
+        port = ws.local_address[1]
+        ws.send(messages.frame(Welcome("s1", "r", 0, 0, False, False, 0, redirect=to or f"ws://127.0.0.1:{port}/")))
+    return handler
+
+
+def test_redirect_is_followed_at_once(backbone, ws_server, tmp_path):
+    """A trainer of several ranks (docs/scale_out.md): WELCOME names the device's rank; it goes there
+    without a back-off or a reconnect counted, and trains to the end."""
+    from mobillm.trainer.config import ServerConfig
+    from mobillm.trainer.server import TrainerServer
+
+    with TrainerServer(ServerConfig(port=0, runs_dir=str(tmp_path / "runs"), threads=1)) as rank:
+        seen = []
+        front = ws_server(redirecting(rank.url, seen))
+        trainer = client(backbone, front)
+        stats = trainer.run()
+    assert seen == [1] and stats.reconnects == 0 and trainer.model_bytes
+
+
+def test_redirect_loop_fails_at_once(backbone, ws_server):
+    err = fails_at_once(client(backbone, ws_server(redirecting())), "redirect_loop")
+    assert "redirected this device 3 times" in str(err)

@@ -1,0 +1,404 @@
+"""Federated runs across the ranks of a world: one shared side network per task, data-parallel, in lockstep.
+
+Each rank's devices feed that rank's copy of the run (their own FIFOs, their own credits: a device
+never waits on a collective, only on its queue). One `Coordinator` thread per rank trains every
+federated run of the rank in *steps the whole world takes together*:
+
+1. each rank takes at most one batch per run from its own devices (`Federated.pick`), possibly none;
+2. one `all_gather_object` tells every rank what each contributes (rows, family), which runs and
+   backbone families any rank needs opened, and whether any rank is stopping;
+3. for each run with rows somewhere: every rank backpropagates its own rows' loss scaled by
+   rows / world rows (zero when it has none), one `all_reduce` sums the gradients (and the loss),
+   and every rank applies the same clip + AdamW step. The result is the step a single process would
+   take on all the world's rows of that step; the parameters stay bit-identical on every rank.
+
+Cadence: while any rank had rows or queued batches in the last step, no rank waits: ranks with an
+empty queue join the collective with zero rows (zero weight: nothing to stall, nothing to bias).
+When the whole world is idle, each rank waits up to `--tick-s` for a batch before the next step,
+so an idle world costs one small collective per tick. Checkpoints: every `--checkpoint-every`
+world steps and at the stop, every rank sends its devices' progress to rank 0, which writes the
+one checkpoint; every rank resumes from it. Each rank logs the ids it trained to
+trained_ids.rank<R>.jsonl (`run.read_trained_ids` merges them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from mobillm.common.messages import Hello, ProtocolError
+
+from .config import ServerConfig
+from .core import Step, append_record, check_finite, load_checkpoint, open_metrics, step_loss, write_checkpoint
+from .data import Rows, rows_for_model
+from .federated import Federated, lr_factor
+from .fed_model import Family
+from .policy import FederatedPolicy, check_new_run
+from .training import SHUTTING_DOWN, Fit, TrainingRun, Work
+
+log = logging.getLogger("mobillm.trainer")
+
+
+def trained_ids_name(rank: int) -> str:
+    return f"trained_ids.rank{rank}.jsonl"
+
+
+def shared_step(strategy: Federated, rows: Rows | None, family: str | None, taps, contributions: list[tuple[str, int]],
+                samples_before: int, all_reduce: Callable[[torch.Tensor], None]) -> tuple[Step | None, float, float, dict]:
+    """One world step of a federated run: (this rank's Step or None, world mean loss, grad norm, lrs).
+
+    `contributions`: (family, rows) of every rank, in rank order; `rows`/`family`/`taps`: this rank's
+    (None when it has none). `all_reduce` sums a tensor over the ranks in place (identity for one
+    process: then this is exactly a step on `rows` alone)."""
+    total = sum(n for _, n in contributions)
+    used = sorted({f for f, n in contributions if n})
+    model, optimizer, device = strategy.model, strategy.optimizer, strategy.device
+    params = list(model.shared.parameters()) + [p for f in used for p in model.alignments[f].parameters()]
+    optimizer.zero_grad(set_to_none=True)
+    local, loss_sum = None, torch.zeros(1, device=device)
+    if rows is not None and len(rows):
+        view = strategy.views[family]
+        view.train()
+        with strategy.amp.autocast():
+            loss, logits, inputs = step_loss(view, rows, taps, strategy.task["task_type"], device)
+        (loss * (len(rows) / total)).backward()  # weighted by the rows this rank contributes
+        loss_sum = loss.detach().float().reshape(1) * len(rows)
+        local = Step(float(loss.detach()), 0.0, logits.float(), inputs)
+    flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params] + [loss_sum])
+    all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    warmup = strategy.fed.warmup_samples
+    lr = strategy.optim.lr * lr_factor(samples_before, warmup)
+    align_lr = {f: strategy.optim.lr * lr_factor(strategy.family_samples[f], warmup) for f in used}
+    for group in optimizer.param_groups:
+        group["lr"] = align_lr.get(group["family"], 0.0) if "family" in group else lr
+    clip = strategy.optim.grad_clip
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    optimizer.step()
+    lrs = {"lr": lr, "align_lr": align_lr.get(family, lr) if family else lr}
+    return local, float(flat[-1]) / total, norm, lrs
+
+
+class WorldFederated(Federated):
+    """`Federated` as one rank's copy: families are added only between world steps (every rank adds
+    them in the same order), and only rank 0 writes the run's shared files."""
+
+    def __init__(self, name, folder, config: ServerConfig, hello: Hello, checkpoint, coordinator: "Coordinator"):
+        self.coordinator = coordinator
+        self.rank = coordinator.world.rank
+        self.pending: dict[str, tuple[Family, threading.Event]] = {}
+        super().__init__(name, folder, config, hello, checkpoint)
+        keep = checkpoint["progress"]["step"] if checkpoint is not None else None
+        self.trained_ids = open_metrics(self.folder / trained_ids_name(self.rank), keep)
+
+    def _add_family(self, family: Family) -> None:
+        """A device's new family (an executor thread of its join): wait until the world added it."""
+        with self.model_lock:
+            if family.key in self.model.alignments:
+                return
+            added = self.pending.setdefault(family.key, (family, threading.Event()))[1]
+        while not added.wait(0.5):
+            if self.coordinator.ended.is_set():
+                raise ProtocolError(*SHUTTING_DOWN)
+
+    def take_new_families(self) -> list[dict]:
+        with self.model_lock:
+            return [f.to_dict() for f, _ in self.pending.values()]
+
+    def add_families(self, families: list[dict]) -> None:
+        """Families any rank asked for this step, in key order (the optimizer's group order)."""
+        for data in sorted(families, key=lambda d: Family.from_dict(d).key):
+            family = Family.from_dict(data)
+            Federated._add_family(self, family)
+            with self.model_lock:
+                entry = self.pending.pop(family.key, None)
+            if entry is not None:
+                entry[1].set()
+
+    def _save_config(self) -> None:
+        if self.rank == 0:
+            super()._save_config()
+
+    def _write_summary(self, run: TrainingRun) -> None:
+        if self.rank == 0:
+            super()._write_summary(run)
+
+    def close(self, run: TrainingRun) -> None:
+        super().close(run)
+        self.trained_ids.close()
+
+
+class WorldRun(TrainingRun):
+    """A federated run on one rank: no training thread of its own (the coordinator trains it)."""
+
+    def __init__(self, name, folder, strategy, queue_size, checkpoint_every, checkpoint, coordinator: "Coordinator"):
+        self.coordinator = coordinator
+        if coordinator.world.rank:
+            self.metrics_name = f"metrics.rank{coordinator.world.rank}.jsonl"
+        self._closed = threading.Lock()
+        super().__init__(name, folder, strategy, queue_size, checkpoint_every, checkpoint)
+
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop
+
+    def partial_writes(self) -> list[Path]:
+        """Only this rank's temp files: the others' writes may be in flight (they open the run together)."""
+        rank = self.coordinator.world.rank
+        return [p for p in super().partial_writes() if (f".rank{rank}." in p.name if rank else ".rank" not in p.name)]
+
+    def check_alive(self) -> None:
+        if self.coordinator.lost:
+            raise ProtocolError(*SHUTTING_DOWN)
+        super().check_alive()
+
+    def stop(self) -> None:
+        """Stop after the world's final checkpoint (the coordinator ends every run together)."""
+        self.request_stop()
+        self.coordinator.ended.wait(self.coordinator.config.world.timeout_s + 30)
+        self.close_files()
+
+    def close_files(self) -> None:
+        with self._closed:
+            if not self.stopped:
+                self.stopped = True
+                self._metrics.close()
+                self.strategy.close(self)
+        self.notify()
+
+
+class WorldFederatedPolicy(FederatedPolicy):
+    """`FederatedPolicy` whose runs open on every rank at once, through the coordinator."""
+
+    def __init__(self, config: ServerConfig, stopping, coordinator: "Coordinator"):
+        super().__init__(config, stopping)
+        self.coordinator = coordinator
+        coordinator.runs = self.runs
+
+    async def open_run(self, name: str, hello: Hello) -> TrainingRun:
+        if self.stopping():
+            raise ProtocolError(*SHUTTING_DOWN)
+        run = self.runs.get(name) or await self.coordinator.open(name, hello)
+        if run.loop is None:  # opened for another rank's device before any of this rank's joined
+            run.loop = asyncio.get_running_loop()
+        return run
+
+    def stop(self) -> None:
+        self.coordinator.request_stop()
+        for run in list(self.runs.values()):
+            run.stop()
+
+
+class Coordinator:
+    """One rank's trainer of all its federated runs, in steps the whole world takes together."""
+
+    def __init__(self, world, config: ServerConfig):
+        self.world, self.config = world, config
+        self.cond = threading.Condition()
+        self.runs: dict[str, WorldRun] = {}
+        self.opening: dict[str, dict] = {}  # run name -> HELLO meta, asked by this rank's devices
+        self.waiting: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+        self.stop_requested = False
+        self.stopping_world = False
+        self.ended = threading.Event()
+        self.lost = False
+        self.error: str | None = None
+        self.steps = 0  # world steps taken (all runs)
+        self._thread = threading.Thread(target=self._guarded, name=f"world-rank{world.rank}", daemon=True)
+
+    def policy(self, config: ServerConfig, stopping) -> WorldFederatedPolicy:
+        return WorldFederatedPolicy(config, stopping, self)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        with self.cond:
+            self.stop_requested = True
+            self.cond.notify_all()
+
+    async def open(self, name: str, hello: Hello) -> WorldRun:
+        """The run `name`, opened on every rank at the next world step."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self.cond:
+            if self.ended.is_set() or self.stop_requested:
+                raise ProtocolError(*SHUTTING_DOWN)
+            self.opening.setdefault(name, dict(hello.to_meta(), token=None))
+            self.waiting.setdefault(name, []).append((loop, fut))
+            self.cond.notify_all()
+        return await fut
+
+    # ---- the thread ----
+
+    def _guarded(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # a peer died or a collective failed: this world is over
+            self.lost = True
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("rank %d: world lost (%s); no checkpoint after the last one", self.world.rank, self.error)
+            for run in list(self.runs.values()):
+                run.request_stop()
+                run.close_files()
+        finally:
+            self.ended.set()
+            self._answer_waiters(None, ProtocolError(*SHUTTING_DOWN))
+
+    def _has_news(self) -> bool:
+        return bool(self.opening or self.stop_requested or any(
+            run.strategy.pending or any(m.queue for m in list(run.members.values())) for run in self.runs.values()))
+
+    def _loop(self) -> None:
+        busy = False
+        while True:
+            with self.cond:
+                if not busy:
+                    self.cond.wait_for(self._has_news, timeout=self.config.world.tick_s)
+                opening, stopping = dict(self.opening), self.stop_requested
+            taken = {name: self._take(run) for name, run in sorted(self.runs.items())}
+            mine = {"open": opening, "stop": stopping, "runs": {
+                name: {"n": len(t[1]) if t else 0, "family": t[0].member.family if t else None,
+                       "new": run.strategy.take_new_families(), "queued": sum(len(m.queue) for m in
+                                                                               list(run.members.values()))}
+                for (name, run), t in zip(sorted(self.runs.items()), taken.values())}}
+            everyone = self._gather(mine)
+            if any(e["stop"] for e in everyone) and not self.stopping_world:
+                self.stopping_world = True  # one rank stopping stops the world (all checkpoint together)
+                for run in self.runs.values():
+                    run.request_stop()
+            busy = False
+            for name in sorted(mine["runs"]):
+                infos = [e["runs"][name] for e in everyone]
+                run = self.runs[name]
+                run.strategy.add_families([f for i in infos for f in i["new"]])
+                contributions = [(i["family"], i["n"]) for i in infos]
+                if sum(n for _, n in contributions):
+                    self._step(run, taken[name], contributions)
+                    busy = True
+                busy = busy or any(i["queued"] for i in infos)
+            self._open_asked(everyone)
+            if self.stopping_world and not busy:
+                for name in sorted(self.runs):
+                    self._checkpoint(self.runs[name])
+                return
+
+    def _gather(self, obj) -> list:
+        out = [None] * self.world.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def _open_asked(self, everyone: list) -> None:
+        """Open (on every rank, in name order) the runs any rank's devices asked for."""
+        asked: dict[str, dict] = {}
+        for e in everyone:
+            for name, meta in e["open"].items():
+                asked.setdefault(name, meta)
+        for name in sorted(asked):
+            with self.cond:
+                self.opening.pop(name, None)
+            if self.stopping_world:
+                self._answer_waiters(name, ProtocolError(*SHUTTING_DOWN))
+                continue
+            if name not in self.runs:
+                try:
+                    self.runs[name] = self._create(name, Hello.from_meta(asked[name]))
+                except ProtocolError as exc:  # the same on every rank (the same files): the run stays closed
+                    self._answer_waiters(name, exc)
+                    continue
+            self._answer_waiters(name, self.runs[name])
+
+    def _create(self, name: str, hello: Hello) -> WorldRun:
+        cfg = self.config
+        folder = Path(cfg.runs_dir) / name
+        checkpoint = load_checkpoint(folder) if check_new_run(folder, cfg) else None
+        if checkpoint is not None and checkpoint["progress"].get("world_size", 1) != self.world.size:
+            raise ProtocolError("world_mismatch", f"run {name} was trained by a world of "
+                                                  f"{checkpoint['progress'].get('world_size', 1)} ranks, this world "
+                                                  f"has {self.world.size}")
+        strategy = WorldFederated(name, folder, cfg, hello, checkpoint, self)
+        return WorldRun(name, folder, strategy, cfg.queue_size, cfg.checkpoint_every, checkpoint, self)
+
+    def _answer_waiters(self, name: str | None, result) -> None:
+        with self.cond:
+            names = list(self.waiting) if name is None else [name]
+            waiters = [w for n in names for w in self.waiting.pop(n, [])]
+        for loop, fut in waiters:
+            setter = fut.set_exception if isinstance(result, Exception) else fut.set_result
+            try:
+                loop.call_soon_threadsafe(lambda f=fut, s=setter: f.done() or s(result))
+            except RuntimeError:  # the loop has closed
+                pass
+
+    def _take(self, run: WorldRun) -> tuple[Work, Rows] | None:
+        """This rank's batch for the run's next world step (its credit goes back at once), or None."""
+        with run.cond:
+            member = run.strategy.pick(list(run.members.values()))
+            if member is None:
+                return None
+            member.in_step = True
+            item = member.queue.popleft()
+        run._credit(member, item, member.trained)
+        return Work(member, item), rows_for_model(item.batch, self.config.side.pooling)
+
+    def _step(self, run: WorldRun, taken, contributions: list[tuple[str, int]]) -> None:
+        strategy: WorldFederated = run.strategy
+        work, rows = taken if taken else (None, None)
+        dev = work.member if work else None
+        t0 = time.perf_counter()
+        with strategy.model_lock:
+            local, loss, norm, lrs = shared_step(strategy, rows, dev and dev.family, dev and dev.taps, contributions,
+                                                 run.samples_trained, self._all_reduce)
+        total = sum(n for _, n in contributions)
+        with run.cond:
+            run.step += 1
+            run.samples_trained += total
+            for rank, (family, n) in enumerate(contributions):
+                if n and rank != self.world.rank:
+                    strategy.family_samples[family] += n  # this rank's own rows: `aggregate` counts them
+            fields = {}
+            if work is not None:
+                dev.trained += len(rows)
+                local.grad_norm = norm
+                fields = strategy.aggregate(work, Fit(local, rows, lrs), run)
+                dev.in_step = False
+            queued = sum(len(m.queue) for m in run.members.values())
+            run.cond.notify_all()
+        if work is not None:
+            append_record(strategy.trained_ids, {"step": run.step, "device": dev.device_id, "first": dev.trained - len(rows),
+                                                 "per_epoch": dev.hello.samples_per_epoch,
+                                                 "ids": rows.sample_ids.tolist()})
+        self.steps += 1
+        append_record(run._metrics, {"step": run.step, "time": time.time(), "samples": run.samples_trained,
+                                     "rows": total, "rank_rows": len(rows) if rows is not None else 0,
+                                     "world_rows": [n for _, n in contributions], "loss": loss, **lrs,
+                                     "grad_norm": norm, "step_s": time.perf_counter() - t0,
+                                     "bytes_received": run.bytes_received, "queue_depth": queued, **fields})
+        check_finite(loss, run.step)
+        if run.step % run.checkpoint_every == 0:
+            self._checkpoint(run)
+        run.notify()
+
+    def _checkpoint(self, run: WorldRun) -> None:
+        """Every rank's devices' progress to rank 0, which writes the run's one checkpoint."""
+        progress = {"step": run.step, "samples_trained": run.samples_trained, "world_size": self.world.size}
+        state = run.strategy.state_dict(progress, run)
+        devices = self._gather({d.device_id: state["devices"][d.device_id] for d in list(run.members.values())})
+        if self.world.rank == 0:
+            for live in devices:  # a device's own rank knows its progress; the rest is from the last checkpoint
+                state["devices"].update(live)
+            write_checkpoint(run.folder, state)
+
