@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines import adapt  # bench/, this script's folder
+from baselines import adapt, train_only_bitfit  # bench/, this script's folder
 
 from mobillm.common.procfs import peak_rss_mb
 
@@ -135,12 +135,14 @@ def device_params(model, cut: int) -> list:
 
 
 def torch_worker(spec: dict) -> dict:
-    """full / lora / bitfit / split: fine-tune the whole classifier in torch for the budget.
+    """full / lora / lora64 / bitfit / lst / split / split-bitfit: fine-tune the classifier in torch
+    for the budget (the parameters `baselines.adapt` leaves trainable).
 
-    split: the same model cut after layer `cut`; the activation is detached at the cut (what the
-    device sends up), the server half runs forward and backward to the cut, and the cut's gradient
-    (what the server sends down) is back-propagated through the device half. Both halves run here;
-    the clock adds the link time of those two tensors at `link_bytes_per_s`.
+    split, split-bitfit: the same model cut after layer `cut`; the activation is detached at the cut
+    (what the device sends up), the server half runs forward and backward to the cut, and the cut's
+    gradient (what the server sends down) is back-propagated through the device half. Both halves
+    run here; the clock adds the link time of those two tensors at `link_bytes_per_s`. split-bitfit
+    trains only biases (norm scales on Gemma) on both halves, plus the server's head.
     """
     import torch
 
@@ -151,10 +153,11 @@ def torch_worker(spec: dict) -> dict:
     model, params = adapt(build_classifier(spec), method)
     groups = [params]
     cut_state: dict = {}
-    if method == "split":
+    split = method in ("split", "split-bitfit")
+    if split:
         cut = spec["cut"]
         mine = {id(p) for p in device_params(model, cut)}
-        groups = [[p for p in model.parameters() if id(p) in mine], [p for p in model.parameters() if id(p) not in mine]]
+        groups = [[p for p in params if id(p) in mine], [p for p in params if id(p) not in mine]]
 
         def at_cut(module, inputs, output):
             cut_state["device_out"] = output
@@ -164,6 +167,7 @@ def torch_worker(spec: dict) -> dict:
             return sent
 
         decoder_parts(model.base_model)[1][cut - 1].register_forward_hook(at_cut)
+    groups = [g for g in groups if g]  # (a half with nothing to train has no optimizer)
     opts = [torch.optim.AdamW(g, lr=spec["lr"], weight_decay=0.01) for g in groups]
     trainable = sum(p.numel() for g in groups for p in g)
 
@@ -193,7 +197,7 @@ def torch_worker(spec: dict) -> dict:
                 g["lr"] = spec["lr"] * factor
         out = model(input_ids=ids, attention_mask=mask, labels=labels[idx])
         out.loss.backward()
-        if method == "split":
+        if split:
             t_server = time.perf_counter()
             sent = cut_state["sent"]
             cut_state["device_out"].backward(sent.grad)  # the gradient the server sent down
@@ -208,7 +212,7 @@ def torch_worker(spec: dict) -> dict:
         t1 = time.perf_counter()
         cpu_s.append(time.process_time() - c0)
         dt = t1 - t0
-        if method == "split":
+        if split:
             device_s.append(cut_state["t_cut"] - t0 + t_device_bwd)
             server_s.append(dt - device_s[-1])
             dt += nbytes / spec["link_bytes_per_s"]  # split learning waits for both transfers
@@ -223,7 +227,7 @@ def torch_worker(spec: dict) -> dict:
               "device_s_per_iter": float(np.mean(step_s)) if step_s else float("nan"),
               "device_cpu_s_per_iter": float(np.mean(cpu_s)) if cpu_s else float("nan"),
               "bytes_per_sample": 0.0, "bytes_sent": 0}
-    if method == "split":
+    if split:
         result.update({"bytes_per_sample": link_bytes / max(samples, 1), "bytes_sent": link_bytes // 2,
                        "bytes_received": link_bytes // 2, "link_s": link_s,
                        "inprocess_device_s_per_iter": float(np.mean(device_s)) if device_s else float("nan"),
@@ -235,7 +239,8 @@ def split_device_worker(spec: dict) -> dict:
     """The device half of split learning alone: embeddings + layers 1..cut, forward and backward.
 
     It receives a gradient for the cut activation (random here: memory and compute do not depend
-    on its values) and steps AdamW on its own parameters, over the batches the split run trained on.
+    on its values) and steps AdamW on its own parameters (split-bitfit: its biases, or norm scales
+    on Gemma), over the batches the split run trained on.
     """
     import torch
     from transformers import AutoModel
@@ -257,7 +262,10 @@ def split_device_worker(spec: dict) -> dict:
         if getattr(decoder, top, None) is not None:
             setattr(decoder, top, torch.nn.Identity())
     decoder.train()
-    opt = torch.optim.AdamW(decoder.parameters(), lr=spec["lr"], weight_decay=0.01)
+    if spec.get("method") == "split-bitfit":
+        train_only_bitfit(decoder)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01)
     times, cpu, nbytes, samples = [], [], 0, 0
     for idx in data.plan[: spec["steps"]]:
         ids, mask = padded([data.train[i] for i in idx], data.pad_id)
@@ -265,7 +273,7 @@ def split_device_worker(spec: dict) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         h.backward(grad)
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
@@ -275,7 +283,8 @@ def split_device_worker(spec: dict) -> dict:
     return {"device_s_per_iter": float(np.mean(times[1:] or times)), "steps": len(times),
             "device_cpu_s_per_iter": float(np.mean(cpu[1:] or cpu)),
             "bytes_per_sample": nbytes / max(samples, 1),
-            "device_params": sum(p.numel() for p in decoder.parameters())}
+            "device_params": sum(p.numel() for p in decoder.parameters()),
+            "device_trainable_params": sum(p.numel() for p in params)}
 
 
 # ----------------------------------------------------------------------------- side networks
