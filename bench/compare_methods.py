@@ -116,23 +116,26 @@ def evaluate_side_networks(h: "Harness", results: dict) -> None:
     if not items:
         return
     log(f"evaluating {len(items)} side networks on the dev rows (JointModel)")
-    out = h.run("evaluate", worker="evaluate", items=items, dev_file=h.data["dev_file"])
+    out = h.run("evaluate", worker="evaluate", items=items, dev_file=h.data["dev_file"],
+                dev_files=h.data.get("dev_files"))
     if "error" in out:
         for method, *_ in where:
             results[method].setdefault("error", f"evaluate: {out['error']}")
         return
-    for (method, kind, k), metric, step in zip(where, out["metrics"], out["steps"]):
+    for (method, kind, k), metric, step, by_split in zip(where, out["metrics"], out["steps"],
+                                                         out.get("by_split") or [None] * len(where)):
         r = results[method]
+        scores = {"metric": metric, **({"by_split": by_split} if by_split else {})}
         if kind == "curve":
-            r["curve"][k]["metric"] = metric
+            r["curve"][k].update(scores)
         elif kind == "init":
-            r.setdefault("server_curve", []).append({"t": 0.0, "metric": metric, "step": 0})
+            r.setdefault("server_curve", []).append({"t": 0.0, **scores, "step": 0})
         elif kind == "snapshot":
             snap = r["snapshots"][k]
-            r.setdefault("server_curve", []).append({"t": snap["mtime"] - r["t0"], "metric": metric, "step": step,
+            r.setdefault("server_curve", []).append({"t": snap["mtime"] - r["t0"], **scores, "step": step,
                                                       "source": "server checkpoint"})
         else:
-            r.setdefault("server_curve", []).append({"t": r["t_model"] - r["t0"], "metric": metric,
+            r.setdefault("server_curve", []).append({"t": r["t_model"] - r["t0"], **scores,
                                                       "step": r["stats"]["server_metrics"].get("steps"),
                                                       "source": "returned model"})
     for method in (m for m, spec in METHODS.items() if spec.server):

@@ -41,6 +41,7 @@ class Data:
         self.train_labels = z["train_labels"]
         self.dev = _split_rows(z["dev_ids"], z["dev_offsets"])
         self.dev_labels = z["dev_labels"]
+        self.dev_split = z["dev_split"] if "dev_split" in z else np.zeros(len(self.dev_labels), np.int64)
         self.plan = _split_rows(z["plan_idx"], z["plan_offsets"])  # training batches, epoch after epoch
         self.dev_plan = _split_rows(z["dev_plan_idx"], z["dev_plan_offsets"])
         self.pad_id = int(z["pad_id"])
@@ -89,6 +90,14 @@ def score(task_spec: dict, outputs: np.ndarray, labels: np.ndarray) -> float:
 
     task = get_task(task_spec["name"])
     return float(task_score(task, outputs, labels)[task.metric])
+
+
+def dev_point(task_spec: dict, outputs: np.ndarray, labels: np.ndarray, split: np.ndarray) -> dict:
+    """A curve point's scores: `metric` of the first dev split (the headline) and, for a task with
+    several (MNLI: dev_matched, dev_mismatched), `by_split`, each split scored on its own rows."""
+    names = task_spec.get("dev_splits") or ["dev"]
+    by_split = {name: score(task_spec, outputs[split == k], labels[split == k]) for k, name in enumerate(names)}
+    return {"metric": by_split[names[0]], **({"by_split": by_split} if len(names) > 1 else {})}
 
 
 # ----------------------------------------------------------------------------- torch baselines
@@ -171,7 +180,7 @@ def torch_worker(spec: dict) -> dict:
     opts = [torch.optim.AdamW(g, lr=spec["lr"], weight_decay=0.01) for g in groups]
     trainable = sum(p.numel() for g in groups for p in g)
 
-    def evaluate() -> float:
+    def evaluate() -> dict:
         model.eval()
         out = np.zeros((len(data.dev), spec["task"]["out_dim"]), np.float32)
         with torch.no_grad():
@@ -179,9 +188,9 @@ def torch_worker(spec: dict) -> dict:
                 ids, mask = padded([data.dev[i] for i in idx], data.pad_id)
                 out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
         model.train()
-        return score(spec["task"], out, data.dev_labels)
+        return dev_point(spec["task"], out, data.dev_labels, data.dev_split)
 
-    curve = [{"t": 0.0, "metric": evaluate(), "step": 0, "samples": 0}] if spec["eval_at_zero"] else []
+    curve = [{"t": 0.0, **evaluate(), "step": 0, "samples": 0}] if spec["eval_at_zero"] else []
     schedule = Schedule(budget, spec["evals"])
     elapsed, step, samples, link_bytes, link_s = 0.0, 0, 0, 0, 0.0
     step_s, cpu_s, device_s, server_s = [], [], [], []
@@ -221,7 +230,7 @@ def torch_worker(spec: dict) -> dict:
         step += 1
         samples += len(idx)
         if schedule.due(elapsed) or elapsed >= budget:
-            curve.append({"t": elapsed, "metric": evaluate(), "step": step, "samples": samples,
+            curve.append({"t": elapsed, **evaluate(), "step": step, "samples": samples,
                           "final": elapsed >= budget})
     result = {"curve": curve, "steps": step, "samples": samples, "trainable_params": trainable,
               "device_s_per_iter": float(np.mean(step_s)) if step_s else float("nan"),
@@ -448,8 +457,8 @@ def evaluate_worker(spec: dict) -> dict:
 
     task = get_task(spec["task"]["name"])
     backbones: dict[str, MemoBackbone] = {}
-    dev = load_examples(spec["dev_file"], task)
-    metrics, steps = [], []
+    devs = {split: load_examples(path, task) for split, path in (spec.get("dev_files") or {"dev": spec["dev_file"]}).items()}
+    metrics, steps, by_split = [], [], []
     for item in spec["items"]:
         engine = item.get("engine", spec["engine"])
         if engine not in backbones:
@@ -466,10 +475,13 @@ def evaluate_worker(spec: dict) -> dict:
                             "progress": {"step": 0}}, folder / "checkpoint.pt")
             step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
             path, _ = reexport(folder)
-        result = JointModel(bb, path).evaluate(dev, task, spec["max_len"], spec["batch_size"], progress=False)
-        metrics.append(float(result[task.metric]))
+        joint = JointModel(bb, path)
+        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"], progress=False)[task.metric])
+                  for split, dev in devs.items()}  # each dev split on its own (MNLI: matched, mismatched)
+        metrics.append(next(iter(scores.values())))
+        by_split.append(scores if len(scores) > 1 else None)
         steps.append(step)
-    return {"metrics": metrics, "steps": steps}
+    return {"metrics": metrics, "steps": steps, "by_split": by_split}
 
 
 WORKERS = {"torch": torch_worker, "split-device": split_device_worker, "side-local": side_local_worker,
