@@ -9,9 +9,10 @@ in bench/baselines.py (OPT, Gemma 3): the `lst` method of bench/compare.py.
 - The side network is the backbone's own architecture (the same HF class, as many layers) shrunk
   to width d/r: hidden, FFN width and head dim all divided by r, the head count kept.
 - Ladder: side layer i reads mu_i * down_i(h_i) + (1 - mu_i) * s_{i-1}, where h_i is backbone layer
-  i's output (the last one after the final norm), s_{i-1} the previous side layer's output,
-  down_i a learned linear d -> d/r and mu_i = sigmoid(alpha_i / T) with T = 0.1 and alpha_i = 0 at
-  the start (LST's gate). The first side layer reads down_0(h_0), the embedding output.
+  i's output (the last one after the final norm, where the width is kept), s_{i-1} the previous
+  side layer's output, down_i a learned linear d -> d/r and mu_i = sigmoid(alpha_i / T) with
+  T = 0.1 and alpha_i = 0 at the start (LST's gate). The first side layer reads down_0(h_0), the
+  embedding output.
   Deviation: h_i is RMS-normalized (no weights) before down_i, because Gemma's residual stream
   carries ~1e5 outliers that a fresh linear layer cannot take.
 - Head: the side network's last-token output (last non-padded position, as OPT/Gemma's sequence
@@ -152,7 +153,8 @@ class LadderSideTuning(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         d = backbone.config.hidden_size
-        self.side = AutoModel.from_config(side_config(backbone.config, reduction), attn_implementation="eager")
+        side = AutoModel.from_config(side_config(backbone.config, reduction), attn_implementation="eager")
+        self.side = side.to(next(backbone.parameters()).dtype)  # (a config's dtype, e.g. OPT's fp16, is not the model's)
         init_side_from_backbone(backbone, self.side)
         ds, n = self.side.config.hidden_size, len(_layers(backbone))
         self.down = nn.ModuleList(nn.Linear(d, ds) for _ in range(n + 1))
@@ -175,19 +177,22 @@ class LadderSideTuning(nn.Module):
 
     @torch.no_grad()
     def backbone_states(self, input_ids, attention_mask) -> list[torch.Tensor]:
-        """h_0 (the first layer's input) .. h_N (the last layer's output after the final norm)."""
+        """h_0 (the first layer's input) .. h_N (the last layer's output after the final norm, unless the
+        model then projects it to another width)."""
         states: list[torch.Tensor] = []
         layers = _layers(self.backbone)
         hooks = [layers[0].register_forward_pre_hook(lambda m, a, kw: states.append(a[0] if a else kw["hidden_states"]),
                                                      with_kwargs=True)]
         hooks += [layer.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
-                  for layer in layers[:-1]]
+                  for layer in layers]
         try:
             last = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
             for h in hooks:
                 h.remove()
-        return states + [last]
+        if last.shape[-1] == states[-1].shape[-1]:  # (OPT-350m projects its output to 512: keep the raw layer's)
+            states[-1] = last
+        return states
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         if attention_mask is None:
