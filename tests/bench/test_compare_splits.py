@@ -49,3 +49,26 @@ def test_mnli_comparison_data_and_report_keep_matched_and_mismatched_apart(tiny_
     table = markdown(summary)
     assert "| method | dev_matched | dev_mismatched |" in table
     assert "| lora | 0.500 | 0.250 |" in table and "| lst | 0.750 | 0.125 |" in table
+
+
+def test_evaluate_worker_scores_matched_and_mismatched_on_the_device_path(tiny_engine, tmp_path):
+    from compare_workers import evaluate_worker
+
+    from mobillm.common.manifest import Manifest, manifest_digest
+    from mobillm.trainer.config import OptimConfig, RunConfig, SideConfig
+
+    taps = Manifest.load(tiny_engine, verify=False).taps
+    side = SideConfig().for_taps([t.hidden for t in taps], 3)
+    RunConfig(run="init", task="mnli", task_type="class", num_labels=3, model_id="tiny",
+              manifest_sha256=manifest_digest(tiny_engine), device_id="test", mode="pooled", epochs=1,
+              samples_per_epoch=4, taps=[{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt,
+                                          "block_size": t.block_size} for t in taps],
+              cache=False, side=side, optim=OptimConfig()).save(tmp_path)
+    out = evaluate_worker({"task": {"name": "mnli"}, "engine": str(tiny_engine), "max_len": 64, "batch_size": 4,
+                           "items": [{"folder": str(tmp_path), "init": True}], "dev_file": "unused",
+                           "dev_files": {s: str(MNLI / f"{s}.tsv") for s in ("dev_matched", "dev_mismatched")}})
+    (scores,) = out["by_split"]
+    assert list(scores) == ["dev_matched", "dev_mismatched"]
+    assert out["metrics"] == [scores["dev_matched"]]
+    # a constant-ish untrained head: each split's accuracy is a multiple of 1/3 and 1/4 (3 and 4 rows)
+    assert round(scores["dev_matched"] * 3, 6) % 1 == 0 and round(scores["dev_mismatched"] * 4, 6) % 1 == 0
