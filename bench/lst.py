@@ -17,8 +17,9 @@ in bench/baselines.py (OPT, Gemma 3): the `lst` method of bench/compare.py.
   carries ~1e5 outliers that a fresh linear layer cannot take.
 - Head: the side network's last-token output (last non-padded position, as OPT/Gemma's sequence
   classifiers pool), up-projected d/r -> d by a learned linear, then a linear classifier.
-- Initialisation by structural pruning of the backbone's weights (LST follows Li et al. 2017):
-  every kept index set is the top-k by **L1 norm** of the weights that read or write it, sorted:
+- Initialisation by structural pruning of the backbone's weights, with Li et al. 2017's filter
+  criterion (the issue asks for a weight norm; the LST paper's exact importance score could not
+  be checked from this machine): every kept index set is the top-k by **L1 norm**, sorted:
   residual dims (one set for all layers, so the side's residual stream is one space): the L1 norm
   of the column of every matrix that reads the residual stream (q/k/v, fc1 / gate+up), summed over
   layers; per layer, FFN neurons: L1 norm of their input row (fc1, or gate + up); per layer, head
