@@ -457,7 +457,8 @@ def evaluate_worker(spec: dict) -> dict:
 
     task = get_task(spec["task"]["name"])
     backbones: dict[str, MemoBackbone] = {}
-    devs = {split: load_examples(path, task) for split, path in (spec.get("dev_files") or {"dev": spec["dev_file"]}).items()}
+    dev_files = spec.get("dev_files") or {"dev": spec["dev_file"]}
+    devs = {split: load_examples(path, task) for split, path in dev_files.items()}
     metrics, steps, by_split = [], [], []
     for item in spec["items"]:
         engine = item.get("engine", spec["engine"])
@@ -476,7 +477,8 @@ def evaluate_worker(spec: dict) -> dict:
             step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
             path, _ = reexport(folder)
         joint = JointModel(bb, path)
-        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"], progress=False)[task.metric])
+        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"],
+                                              progress=False)[task.metric])
                   for split, dev in devs.items()}  # each dev split on its own (MNLI: matched, mismatched)
         metrics.append(next(iter(scores.values())))
         by_split.append(scores if len(scores) > 1 else None)

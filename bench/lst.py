@@ -155,7 +155,7 @@ class LadderSideTuning(nn.Module):
             p.requires_grad_(False)
         d = backbone.config.hidden_size
         side = AutoModel.from_config(side_config(backbone.config, reduction), attn_implementation="eager")
-        self.side = side.to(next(backbone.parameters()).dtype)  # (a config's dtype, e.g. OPT's fp16, is not the model's)
+        self.side = side.to(next(backbone.parameters()).dtype)  # (OPT configs say fp16; the model is fp32)
         init_side_from_backbone(backbone, self.side)
         ds, n = self.side.config.hidden_size, len(_layers(backbone))
         self.down = nn.ModuleList(nn.Linear(d, ds) for _ in range(n + 1))
@@ -184,8 +184,8 @@ class LadderSideTuning(nn.Module):
         layers = _layers(self.backbone)
         hooks = [layers[0].register_forward_pre_hook(lambda m, a, kw: states.append(a[0] if a else kw["hidden_states"]),
                                                      with_kwargs=True)]
-        hooks += [layer.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
-                  for layer in layers]
+        hooks += [layer.register_forward_hook(
+            lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]
         try:
             last = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
