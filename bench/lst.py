@@ -162,6 +162,10 @@ class LadderSideTuning(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(n))
         self.up = nn.Linear(ds, d)
         self.score = nn.Linear(d, num_labels)
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        for head in (self.up, self.score):  # as HF inits a classifier head: the side's output is large (Gemma)
+            nn.init.normal_(head.weight, std=std)
+            nn.init.zeros_(head.bias)
         self.num_labels = num_labels
         self._ladder: list[torch.Tensor] = []
         for i, layer in enumerate(_layers(self.side)):

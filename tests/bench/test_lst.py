@@ -90,7 +90,7 @@ def test_loss_falls_on_a_toy_task():
     opt = torch.optim.AdamW(params, lr=5e-3)
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
