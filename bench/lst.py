@@ -16,7 +16,8 @@ in bench/baselines.py (OPT, Gemma 3): the `lst` method of bench/compare.py.
   Deviation: h_i is RMS-normalized (no weights) before down_i, because Gemma's residual stream
   carries ~1e5 outliers that a fresh linear layer cannot take.
 - Head: the side network's last-token output (last non-padded position, as OPT/Gemma's sequence
-  classifiers pool), up-projected d/r -> d by a learned linear, then a linear classifier.
+  classifiers pool), up-projected d/r -> d by a learned linear, then a linear classifier (both
+  initialised as HF initialises a classifier head: normal with std `initializer_range`, zero bias).
 - Initialisation by structural pruning of the backbone's weights, with Li et al. 2017's filter
   criterion (the issue asks for a weight norm; the LST paper's exact importance score could not
   be checked from this machine): every kept index set is the top-k by **L1 norm**, sorted:
