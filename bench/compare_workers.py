@@ -93,8 +93,7 @@ def score(task_spec: dict, outputs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def dev_point(task_spec: dict, outputs: np.ndarray, labels: np.ndarray, split: np.ndarray) -> dict:
-    """A curve point's scores: `metric` of the first dev split (the headline) and, for a task with
-    several (MNLI: dev_matched, dev_mismatched), `by_split`, each split scored on its own rows."""
+    """`metric` on the first dev split, and `by_split` where a task has several (MNLI), each on its own rows."""
     names = task_spec.get("dev_splits") or ["dev"]
     by_split = {name: score(task_spec, outputs[split == k], labels[split == k]) for k, name in enumerate(names)}
     return {"metric": by_split[names[0]], **({"by_split": by_split} if len(names) > 1 else {})}
@@ -144,8 +143,7 @@ def device_params(model, cut: int) -> list:
 
 
 def torch_worker(spec: dict) -> dict:
-    """full / lora / lora64 / bitfit / lst / split / split-bitfit: fine-tune the classifier in torch
-    for the budget (the parameters `baselines.adapt` leaves trainable).
+    """Every torch baseline: train what `baselines.adapt` leaves trainable, for the budget.
 
     split, split-bitfit: the same model cut after layer `cut`; the activation is detached at the cut
     (what the device sends up), the server half runs forward and backward to the cut, and the cut's
@@ -477,8 +475,7 @@ def evaluate_worker(spec: dict) -> dict:
             step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
             path, _ = reexport(folder)
         joint = JointModel(bb, path)
-        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"],
-                                              progress=False)[task.metric])
+        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"], False)[task.metric])
                   for split, dev in devs.items()}  # each dev split on its own (MNLI: matched, mismatched)
         metrics.append(next(iter(scores.values())))
         by_split.append(scores if len(scores) > 1 else None)
