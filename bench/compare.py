@@ -1,4 +1,5 @@
-"""Baselines in one harness: Full-FT, LoRA, BitFit, split learning, MobiLLM-L and mobillm.
+"""Baselines in one harness: Full-FT, LoRA (r 16, r 64), BitFit, split learning (every parameter, or
+BitFit as the paper pairs it), LST, MobiLLM-L and mobillm.
 
     python bench/compare.py --model opt-350m --task sst2 --batch-size 16 --max-len 128 --budget-minutes 2
 
@@ -27,6 +28,12 @@ compare_report.py (metric over time, the table, JSON and plot).
   separate process that holds only embeddings + the lower layers and runs their forward and
   backward; the accuracy run holds both halves in one process and adds the link time of the cut
   activation (up) and its gradient (down), fp32 and padded like the batch, at `--link-mbps`.
+- split-bitfit: split learning as the MobiLLM paper pairs it: the same cut, but only biases (norm
+  scales on bias-free Gemma) train on both halves, plus the server's head (`--lr-bitfit`).
+- lst: Ladder Side-Tuning (bench/lst.py): a d/8 copy of the backbone pruned by L1 norm, fed every
+  layer's hidden state through a learned down-projection and gate; the backbone runs forward-only.
+- Tasks with several dev splits (MNLI: dev_matched, dev_mismatched) score each on its own; the
+  curves use the first, and the report adds a table of every split after the budget.
 - mobillm-local (MobiLLM-L): ORT backbone + the side network trained in torch in the device process.
 - mobillm-*: the streaming client (edge-run train) against a `trainer serve` process; pooled, tokens,
   pooled with the server's `--cache`, pooled through a proxy that limits the uplink to

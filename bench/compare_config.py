@@ -15,7 +15,8 @@ from mobillm.common.options import option
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"
-GLUE_DIRS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE", "qnli": "QNLI"}
+GLUE_DIRS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE", "qnli": "QNLI",
+             "qqp": "QQP", "mnli": "MNLI"}
 PLAN_EPOCHS = 100  # batches planned for the time-budgeted methods (they stop at the budget)
 
 
@@ -49,7 +50,12 @@ METHODS = {
     "lora": Method("LoRA (PEFT, r 16, q_proj/v_proj)", "C1", lr="lr_lora"),
     "lora64": Method("LoRA (PEFT, r 64, q_proj/v_proj)", "olive", lr="lr_lora"),
     "bitfit": Method("BitFit (biases + head)", "C2", lr="lr_bitfit"),
-    "split": Method("Split learning (device: embeddings + lower layers, fwd + bwd)", "C3", lr="lr_full"),
+    "split": Method("Split learning, every parameter (device: embeddings + lower layers, fwd + bwd)", "C3",
+                    lr="lr_full"),
+    "split-bitfit": Method("Split learning + BitFit, the paper's baseline (device: embeddings + lower layers, "
+                           "biases train; server: its biases + head)", "brown", lr="lr_bitfit"),
+    "lst": Method("LST (ladder side network, d/8, pruned from the backbone; backbone forward-only)", "teal",
+                  lr="lr_lst"),
     "mobillm-local": Method("MobiLLM-L (ORT backbone + side network on the device)", "C4", lr="lr_side"),
     "mobillm-pooled": Method("mobillm, pooled", "C5", server=Server("pooled", False, False, "fp32")),
     "mobillm-tokens": Method("mobillm, tokens", "C6", server=Server("tokens", False, False, "fp32")),
@@ -60,6 +66,7 @@ METHODS = {
     "mobillm-int4": Method("mobillm, pooled, engine with int4 weights (MatMulNBits, weight-only)", "black",
                            server=Server("pooled", False, False, "int4")),
 }
+SPLIT_METHODS = ("split", "split-bitfit")  # cut after --split-layer; device numbers from a device-only process
 
 
 @dataclass(frozen=True)
@@ -109,11 +116,12 @@ class Settings:
     no_zero_eval: bool = option(False, "skip the evaluation at t = 0")
     target_frac: float = option(0.95, "target = this x the best metric after the budget")
     split_layer: int | None = option(None, "split learning cut (default: a quarter of the layers)")
-    split_device_steps: int = option(16, "steps of the split device-memory process")
+    split_device_steps: int = option(16, "steps of the split / split-bitfit device-memory processes")
     link_mbps: float = option(60.0, "uplink of the throttled mobillm run and of split learning's transfers")
     lr_full: float = option(5e-5, "peak lr, Full-FT and split")
     lr_lora: float = option(5e-4, "peak lr, LoRA")
     lr_bitfit: float = option(1e-3, "peak lr, BitFit")
+    lr_lst: float = option(3e-3, "peak lr, LST (the LST paper's GLUE setting)")
     lr_side: float = option(1e-3, "peak lr, side network (mobillm, MobiLLM-L)")
     mobillm_epochs: int | None = option(None, "epochs of the mobillm runs (default: sized to the budget from the "
                                               "measured forward rate)")

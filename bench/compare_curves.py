@@ -29,10 +29,10 @@ def in_budget(curve: list[dict], budget: float) -> list[dict]:
                   key=lambda p: p["t"])
 
 
-def metric_after_budget(curve: list[dict], budget: float) -> float | None:
-    """The last scored point within the budget."""
+def metric_after_budget(curve: list[dict], budget: float, key: str = "metric"):
+    """The last scored point's `key` within the budget (`by_split`: each dev split's metric, MNLI)."""
     points = in_budget(curve, budget)
-    return points[-1]["metric"] if points else None
+    return points[-1].get(key) if points else None
 
 
 def time_to_target(curve: list[dict], target: float, budget: float) -> float | None:

@@ -76,15 +76,18 @@ def prepare_data(s: Settings, engine: Path, work: Path) -> dict:
 
     task = get_task(s.task)
     folder = s.data_dir or GLUE / GLUE_DIRS.get(task.name, task.name)
-    train_src, dev_src = folder / "train.tsv", folder / "dev.tsv"
-    if not (train_src.is_file() and dev_src.is_file()):
+    train_src = folder / "train.tsv"
+    dev_srcs = {split: folder / f"{split}.tsv" for split in task.dev_splits}  # MNLI: matched and mismatched
+    if not (train_src.is_file() and all(f.is_file() for f in dev_srcs.values())):
         if task.name != "sst2":
-            raise BadInput(f"no {train_src} / {dev_src}; pass --data-dir")
+            raise BadInput(f"no {train_src} / {' / '.join(map(str, dev_srcs.values()))}; pass --data-dir")
         log(f"{folder} not found: using the built-in sentiment sample (mobillm.common.sample)")
         train_src = write_sample(work / "sample_train.tsv", s.train_rows, s.seed)
-        dev_src = write_sample(work / "sample_dev.tsv", s.dev_rows, s.seed + 1)
+        dev_srcs = {"dev": write_sample(work / "sample_dev.tsv", s.dev_rows, s.seed + 1)}
     train_file = subset_file(train_src, work / "train.tsv", s.train_rows, s.seed, task.has_header)
-    dev_file = subset_file(dev_src, work / "dev.tsv", s.dev_rows, s.seed, task.has_header)
+    # --dev-rows rows of each dev split, each scored on its own (the first is the headline metric)
+    dev_files = {split: subset_file(src, work / f"{split}.tsv", s.dev_rows, s.seed, task.has_header)
+                 for split, src in dev_srcs.items()}
     manifest = Manifest.load(engine, verify=False)
     tok = EngineTokenizer(engine / manifest.tokenizer_dir, manifest.token_rules)
     limit = min(s.max_len, manifest.max_length)  # as Backbone.tokenize truncates
@@ -96,7 +99,11 @@ def prepare_data(s: Settings, engine: Path, work: Path) -> dict:
         return rows, labels
 
     train, train_labels = encode(train_file)
-    dev, dev_labels = encode(dev_file)
+    dev, dev_labels, dev_split = [], [], []
+    for k, path in enumerate(dev_files.values()):
+        rows, labels = encode(path)
+        dev, dev_labels, dev_split = dev + rows, dev_labels + [labels], dev_split + [k] * len(rows)
+    dev_labels = np.concatenate(dev_labels)
     lengths = np.array([len(r) for r in train])
     plan = plan_batches(lengths, s.batch_size, PLAN_EPOCHS, s.seed)  # the device's order, epoch after epoch
     dev_plan = plan_batches(np.array([len(r) for r in dev]), s.batch_size, 1, seed=0)  # as JointModel.predict
@@ -110,10 +117,11 @@ def prepare_data(s: Settings, engine: Path, work: Path) -> dict:
         arrays[f"{name}_{'idx' if 'plan' in name else 'ids'}"] = values
         arrays[f"{name}_offsets"] = offsets
     np.savez(work / "data.npz", train_labels=train_labels, dev_labels=dev_labels, pad_id=manifest.pad_token_id,
-             **arrays)
+             dev_split=np.array(dev_split, np.int64), **arrays)
     return {"task": {"name": task.name, "kind": task.kind, "num_labels": task.num_labels, "out_dim": task.out_dim,
-                     "metric": task.metric},
-            "train_file": str(train_file), "dev_file": str(dev_file), "data": str(work / "data.npz"),
+                     "metric": task.metric, "dev_splits": list(dev_files)},
+            "train_file": str(train_file), "dev_file": str(next(iter(dev_files.values()))),
+            "dev_files": {k: str(v) for k, v in dev_files.items()}, "data": str(work / "data.npz"),
             "train_rows": len(train), "dev_rows": len(dev), "manifest": manifest, "header": task.has_header,
             "mean_train_tokens": float(lengths.mean()),
             "mean_padded_tokens": float(np.mean([lengths[b].max() for b in plan[: max(1, len(plan) // PLAN_EPOCHS)]]))}

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from compare_config import METHODS, Settings
+from compare_config import METHODS, SPLIT_METHODS, Settings
 from compare_curves import dedupe_by_step
 from compare_harness import CheckpointWatcher, Harness, TrainerProcess, log
 
@@ -24,26 +24,27 @@ def local_jobs(h: Harness, method: str) -> list[tuple[str, dict]]:
         return [(method, {"worker": "side-local", "lr": lr, "snap_dir": str(h.work / "snaps" / method)})]
     jobs = [(method, {"worker": "torch", "method": method, "config": h.config, "lr": lr, "cut": h.s.split_layer,
                       "link_bytes_per_s": h.s.link_mbps * 1e6 / 8})]
-    if method == "split":
+    if method in SPLIT_METHODS:
         # Device memory and compute from a process that holds only the device half.
-        jobs.append(("split-device", {"worker": "split-device", "config": h.config, "lr": lr, "cut": h.s.split_layer,
-                                      "steps": h.s.split_device_steps}))
+        jobs.append((f"{method}-device", {"worker": "split-device", "method": method, "config": h.config, "lr": lr,
+                                          "cut": h.s.split_layer, "steps": h.s.split_device_steps}))
     return jobs
 
 
 def merge_split(results: dict) -> None:
-    """split's device numbers come from the split-device process."""
-    device = results.pop("split-device", None)
-    split = results.get("split")
-    if split is None or device is None:
-        return
-    split["device_process"] = device
-    if "error" in device:
-        split.setdefault("error", f"split-device: {device['error']}")
-    elif "error" not in split:
-        split["peak_rss_mb"] = device["peak_rss_mb"]
-        split["device_s_per_iter"] = device["device_s_per_iter"]
-        split["device_cpu_s_per_iter"] = device.get("device_cpu_s_per_iter")
+    """split's and split-bitfit's device numbers come from their -device processes."""
+    for method in SPLIT_METHODS:
+        device = results.pop(f"{method}-device", None)
+        split = results.get(method)
+        if split is None or device is None:
+            continue
+        split["device_process"] = device
+        if "error" in device:
+            split.setdefault("error", f"{method}-device: {device['error']}")
+        elif "error" not in split:
+            split["peak_rss_mb"] = device["peak_rss_mb"]
+            split["device_s_per_iter"] = device["device_s_per_iter"]
+            split["device_cpu_s_per_iter"] = device.get("device_cpu_s_per_iter")
 
 
 def run_edge(h: Harness, method: str, server: TrainerProcess, epochs: int) -> dict:
@@ -115,23 +116,26 @@ def evaluate_side_networks(h: "Harness", results: dict) -> None:
     if not items:
         return
     log(f"evaluating {len(items)} side networks on the dev rows (JointModel)")
-    out = h.run("evaluate", worker="evaluate", items=items, dev_file=h.data["dev_file"])
+    out = h.run("evaluate", worker="evaluate", items=items, dev_file=h.data["dev_file"],
+                dev_files=h.data.get("dev_files"))
     if "error" in out:
         for method, *_ in where:
             results[method].setdefault("error", f"evaluate: {out['error']}")
         return
-    for (method, kind, k), metric, step in zip(where, out["metrics"], out["steps"]):
+    for (method, kind, k), metric, step, by_split in zip(where, out["metrics"], out["steps"],
+                                                         out.get("by_split") or [None] * len(where)):
         r = results[method]
+        scores = {"metric": metric, **({"by_split": by_split} if by_split else {})}
         if kind == "curve":
-            r["curve"][k]["metric"] = metric
+            r["curve"][k].update(scores)
         elif kind == "init":
-            r.setdefault("server_curve", []).append({"t": 0.0, "metric": metric, "step": 0})
+            r.setdefault("server_curve", []).append({"t": 0.0, **scores, "step": 0})
         elif kind == "snapshot":
             snap = r["snapshots"][k]
-            r.setdefault("server_curve", []).append({"t": snap["mtime"] - r["t0"], "metric": metric, "step": step,
+            r.setdefault("server_curve", []).append({"t": snap["mtime"] - r["t0"], **scores, "step": step,
                                                       "source": "server checkpoint"})
         else:
-            r.setdefault("server_curve", []).append({"t": r["t_model"] - r["t0"], "metric": metric,
+            r.setdefault("server_curve", []).append({"t": r["t_model"] - r["t0"], **scores,
                                                       "step": r["stats"]["server_metrics"].get("steps"),
                                                       "source": "returned model"})
     for method in (m for m, spec in METHODS.items() if spec.server):

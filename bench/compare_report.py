@@ -67,6 +67,7 @@ def summarize(s: Settings, data: dict, results: dict) -> dict:
                      "samples_trained": trained, "train_s": train_s,
                      "samples_per_s": trained / train_s if trained and train_s else None,
                      "metric_after_budget": finals[m], "time_to_target_s": ttt,
+                     "by_split_after_budget": metric_after_budget(r.get("curve", []), budget, "by_split"),
                      "time_to_stay_s": time_to_stay(r.get("curve", []), target, budget) if target is not None else None,
                      "error": r.get("error"), "curve": r.get("curve", [])})
     by = {row["method"]: row for row in rows}
@@ -141,6 +142,7 @@ def markdown(s: dict) -> str:
                      f"{fmt_num(r['metric_after_budget'], '.3f')} | "
                      f"{fmt_num(r['time_to_target_s'], '.1f', 'not reached')} | "
                      f"{fmt_num(r.get('time_to_stay_s'), '.1f', 'not reached')} |")
+    lines += split_table(s)
     if s["at_zero"]:
         lines += ["", f"Note: the target is not above the untrained (t = 0) metric of {', '.join(s['at_zero'])}: "
                       f"their time to target is 0 and says nothing."]
@@ -161,6 +163,19 @@ def markdown(s: dict) -> str:
         met = "—" if g["met"] is None else "yes" if g["met"] else "**no**"
         lines.append(f"| {g['goal']} | {limit} | {g['text']} | {met} |")
     return "\n".join(lines)
+
+
+def split_table(s: dict) -> list[str]:
+    """A task with several dev splits (MNLI): each one's metric after the budget, per method."""
+    splits = next((list(r["by_split_after_budget"]) for r in s["rows"] if r.get("by_split_after_budget")), None)
+    if not splits:
+        return []
+    lines = ["", f"{s['metric']} after the budget on each dev split (the table above: {splits[0]}):", "",
+             "| method | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for r in s["rows"]:
+        got = r.get("by_split_after_budget") or {}
+        lines.append(f"| {r['method']} | " + " | ".join(fmt_num(got.get(k), '.3f') for k in splits) + " |")
+    return lines
 
 
 def plot(s: dict, path: Path) -> None:

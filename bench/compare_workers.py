@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines import adapt  # bench/, this script's folder
+from baselines import adapt, train_only_bitfit  # bench/, this script's folder
 
 from mobillm.common.procfs import peak_rss_mb
 
@@ -41,6 +41,7 @@ class Data:
         self.train_labels = z["train_labels"]
         self.dev = _split_rows(z["dev_ids"], z["dev_offsets"])
         self.dev_labels = z["dev_labels"]
+        self.dev_split = z["dev_split"] if "dev_split" in z else np.zeros(len(self.dev_labels), np.int64)
         self.plan = _split_rows(z["plan_idx"], z["plan_offsets"])  # training batches, epoch after epoch
         self.dev_plan = _split_rows(z["dev_plan_idx"], z["dev_plan_offsets"])
         self.pad_id = int(z["pad_id"])
@@ -91,6 +92,13 @@ def score(task_spec: dict, outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(task_score(task, outputs, labels)[task.metric])
 
 
+def dev_point(task_spec: dict, outputs: np.ndarray, labels: np.ndarray, split: np.ndarray) -> dict:
+    """`metric` on the first dev split, and `by_split` where a task has several (MNLI), each on its own rows."""
+    names = task_spec.get("dev_splits") or ["dev"]
+    by_split = {name: score(task_spec, outputs[split == k], labels[split == k]) for k, name in enumerate(names)}
+    return {"metric": by_split[names[0]], **({"by_split": by_split} if len(names) > 1 else {})}
+
+
 # ----------------------------------------------------------------------------- torch baselines
 
 def engine_config(spec: dict):
@@ -135,12 +143,13 @@ def device_params(model, cut: int) -> list:
 
 
 def torch_worker(spec: dict) -> dict:
-    """full / lora / bitfit / split: fine-tune the whole classifier in torch for the budget.
+    """Every torch baseline: train what `baselines.adapt` leaves trainable, for the budget.
 
-    split: the same model cut after layer `cut`; the activation is detached at the cut (what the
-    device sends up), the server half runs forward and backward to the cut, and the cut's gradient
-    (what the server sends down) is back-propagated through the device half. Both halves run here;
-    the clock adds the link time of those two tensors at `link_bytes_per_s`.
+    split, split-bitfit: the same model cut after layer `cut`; the activation is detached at the cut
+    (what the device sends up), the server half runs forward and backward to the cut, and the cut's
+    gradient (what the server sends down) is back-propagated through the device half. Both halves
+    run here; the clock adds the link time of those two tensors at `link_bytes_per_s`. split-bitfit
+    trains only biases (norm scales on Gemma) on both halves, plus the server's head.
     """
     import torch
 
@@ -151,10 +160,11 @@ def torch_worker(spec: dict) -> dict:
     model, params = adapt(build_classifier(spec), method)
     groups = [params]
     cut_state: dict = {}
-    if method == "split":
+    split = method in ("split", "split-bitfit")
+    if split:
         cut = spec["cut"]
         mine = {id(p) for p in device_params(model, cut)}
-        groups = [[p for p in model.parameters() if id(p) in mine], [p for p in model.parameters() if id(p) not in mine]]
+        groups = [[p for p in params if id(p) in mine], [p for p in params if id(p) not in mine]]
 
         def at_cut(module, inputs, output):
             cut_state["device_out"] = output
@@ -164,10 +174,11 @@ def torch_worker(spec: dict) -> dict:
             return sent
 
         decoder_parts(model.base_model)[1][cut - 1].register_forward_hook(at_cut)
+    groups = [g for g in groups if g]  # (a half with nothing to train has no optimizer)
     opts = [torch.optim.AdamW(g, lr=spec["lr"], weight_decay=0.01) for g in groups]
     trainable = sum(p.numel() for g in groups for p in g)
 
-    def evaluate() -> float:
+    def evaluate() -> dict:
         model.eval()
         out = np.zeros((len(data.dev), spec["task"]["out_dim"]), np.float32)
         with torch.no_grad():
@@ -175,9 +186,9 @@ def torch_worker(spec: dict) -> dict:
                 ids, mask = padded([data.dev[i] for i in idx], data.pad_id)
                 out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
         model.train()
-        return score(spec["task"], out, data.dev_labels)
+        return dev_point(spec["task"], out, data.dev_labels, data.dev_split)
 
-    curve = [{"t": 0.0, "metric": evaluate(), "step": 0, "samples": 0}] if spec["eval_at_zero"] else []
+    curve = [{"t": 0.0, **evaluate(), "step": 0, "samples": 0}] if spec["eval_at_zero"] else []
     schedule = Schedule(budget, spec["evals"])
     elapsed, step, samples, link_bytes, link_s = 0.0, 0, 0, 0, 0.0
     step_s, cpu_s, device_s, server_s = [], [], [], []
@@ -193,7 +204,7 @@ def torch_worker(spec: dict) -> dict:
                 g["lr"] = spec["lr"] * factor
         out = model(input_ids=ids, attention_mask=mask, labels=labels[idx])
         out.loss.backward()
-        if method == "split":
+        if split:
             t_server = time.perf_counter()
             sent = cut_state["sent"]
             cut_state["device_out"].backward(sent.grad)  # the gradient the server sent down
@@ -208,7 +219,7 @@ def torch_worker(spec: dict) -> dict:
         t1 = time.perf_counter()
         cpu_s.append(time.process_time() - c0)
         dt = t1 - t0
-        if method == "split":
+        if split:
             device_s.append(cut_state["t_cut"] - t0 + t_device_bwd)
             server_s.append(dt - device_s[-1])
             dt += nbytes / spec["link_bytes_per_s"]  # split learning waits for both transfers
@@ -217,13 +228,13 @@ def torch_worker(spec: dict) -> dict:
         step += 1
         samples += len(idx)
         if schedule.due(elapsed) or elapsed >= budget:
-            curve.append({"t": elapsed, "metric": evaluate(), "step": step, "samples": samples,
+            curve.append({"t": elapsed, **evaluate(), "step": step, "samples": samples,
                           "final": elapsed >= budget})
     result = {"curve": curve, "steps": step, "samples": samples, "trainable_params": trainable,
               "device_s_per_iter": float(np.mean(step_s)) if step_s else float("nan"),
               "device_cpu_s_per_iter": float(np.mean(cpu_s)) if cpu_s else float("nan"),
               "bytes_per_sample": 0.0, "bytes_sent": 0}
-    if method == "split":
+    if split:
         result.update({"bytes_per_sample": link_bytes / max(samples, 1), "bytes_sent": link_bytes // 2,
                        "bytes_received": link_bytes // 2, "link_s": link_s,
                        "inprocess_device_s_per_iter": float(np.mean(device_s)) if device_s else float("nan"),
@@ -235,7 +246,8 @@ def split_device_worker(spec: dict) -> dict:
     """The device half of split learning alone: embeddings + layers 1..cut, forward and backward.
 
     It receives a gradient for the cut activation (random here: memory and compute do not depend
-    on its values) and steps AdamW on its own parameters, over the batches the split run trained on.
+    on its values) and steps AdamW on its own parameters (split-bitfit: its biases, or norm scales
+    on Gemma), over the batches the split run trained on.
     """
     import torch
     from transformers import AutoModel
@@ -257,7 +269,10 @@ def split_device_worker(spec: dict) -> dict:
         if getattr(decoder, top, None) is not None:
             setattr(decoder, top, torch.nn.Identity())
     decoder.train()
-    opt = torch.optim.AdamW(decoder.parameters(), lr=spec["lr"], weight_decay=0.01)
+    if spec.get("method") == "split-bitfit":
+        train_only_bitfit(decoder)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.01)
     times, cpu, nbytes, samples = [], [], 0, 0
     for idx in data.plan[: spec["steps"]]:
         ids, mask = padded([data.train[i] for i in idx], data.pad_id)
@@ -265,7 +280,7 @@ def split_device_worker(spec: dict) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         h.backward(grad)
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
@@ -275,7 +290,8 @@ def split_device_worker(spec: dict) -> dict:
     return {"device_s_per_iter": float(np.mean(times[1:] or times)), "steps": len(times),
             "device_cpu_s_per_iter": float(np.mean(cpu[1:] or cpu)),
             "bytes_per_sample": nbytes / max(samples, 1),
-            "device_params": sum(p.numel() for p in decoder.parameters())}
+            "device_params": sum(p.numel() for p in decoder.parameters()),
+            "device_trainable_params": sum(p.numel() for p in params)}
 
 
 # ----------------------------------------------------------------------------- side networks
@@ -439,8 +455,9 @@ def evaluate_worker(spec: dict) -> dict:
 
     task = get_task(spec["task"]["name"])
     backbones: dict[str, MemoBackbone] = {}
-    dev = load_examples(spec["dev_file"], task)
-    metrics, steps = [], []
+    dev_files = spec.get("dev_files") or {"dev": spec["dev_file"]}
+    devs = {split: load_examples(path, task) for split, path in dev_files.items()}
+    metrics, steps, by_split = [], [], []
     for item in spec["items"]:
         engine = item.get("engine", spec["engine"])
         if engine not in backbones:
@@ -457,10 +474,13 @@ def evaluate_worker(spec: dict) -> dict:
                             "progress": {"step": 0}}, folder / "checkpoint.pt")
             step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
             path, _ = reexport(folder)
-        result = JointModel(bb, path).evaluate(dev, task, spec["max_len"], spec["batch_size"], progress=False)
-        metrics.append(float(result[task.metric]))
+        joint = JointModel(bb, path)
+        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"], False)[task.metric])
+                  for split, dev in devs.items()}  # each dev split on its own (MNLI: matched, mismatched)
+        metrics.append(next(iter(scores.values())))
+        by_split.append(scores if len(scores) > 1 else None)
         steps.append(step)
-    return {"metrics": metrics, "steps": steps}
+    return {"metrics": metrics, "steps": steps, "by_split": by_split}
 
 
 WORKERS = {"torch": torch_worker, "split-device": split_device_worker, "side-local": side_local_worker,

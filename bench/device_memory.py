@@ -25,7 +25,7 @@ from mobillm.common.netsim import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizer" / "opt"
-ALL_VARIANTS = ["edge", "ort", "torch-infer", "lora", "bitfit", "full"]
+ALL_VARIANTS = ["edge", "ort", "torch-infer", "lora", "bitfit", "lst", "full"]
 
 # Code run inside each measured process. It prints one JSON line with its own VmHWM.
 CHILD = r'''

@@ -12,7 +12,10 @@ class Task:
     """What a task reads from a data file and how it is scored.
 
     `text_cols`/`label_col` are header names, or integer positions for header-less files.
-    `label_map` maps label strings to class ids where a file stores words (RTE, QNLI).
+    `label_map` maps label strings to class ids where a file stores words (RTE, QNLI, MNLI).
+    `extra_metrics` are reported beside `metric` (QQP: F1 beside accuracy, as GLUE does);
+    `dev_splits` names the dev files of the GLUE folder (`<split>.tsv`), each scored on its own
+    (MNLI: dev_matched and dev_mismatched; the first is the headline).
     """
 
     name: str
@@ -23,6 +26,8 @@ class Task:
     metric: str  # accuracy | f1 | matthews | pearson
     has_header: bool = True
     label_map: dict = field(default_factory=dict)
+    extra_metrics: tuple[str, ...] = ()
+    dev_splits: tuple[str, ...] = ("dev",)
 
     @property
     def out_dim(self) -> int:
@@ -31,6 +36,7 @@ class Task:
 
 
 ENTAIL = {"entailment": 0, "not_entailment": 1}
+NLI3 = {"entailment": 0, "neutral": 1, "contradiction": 2}  # MNLI's gold_label words, GLUE's class order
 TASKS = {
     "sst2": Task("sst2", "class", 2, ("sentence",), "label", "accuracy"),
     "cola": Task("cola", "class", 2, (3,), 1, "matthews", has_header=False),
@@ -38,6 +44,9 @@ TASKS = {
     "stsb": Task("stsb", "regression", 1, ("sentence1", "sentence2"), "score", "pearson"),
     "rte": Task("rte", "class", 2, ("sentence1", "sentence2"), "label", "accuracy", label_map=ENTAIL),
     "qnli": Task("qnli", "class", 2, ("question", "sentence"), "label", "accuracy", label_map=ENTAIL),
+    "qqp": Task("qqp", "class", 2, ("question1", "question2"), "is_duplicate", "accuracy", extra_metrics=("f1",)),
+    "mnli": Task("mnli", "class", 3, ("sentence1", "sentence2"), "gold_label", "accuracy", label_map=NLI3,
+                 dev_splits=("dev_matched", "dev_mismatched")),
 }
 
 
@@ -85,6 +94,7 @@ def score(task: Task, outputs: np.ndarray, gold: np.ndarray) -> dict:
     outputs = np.asarray(outputs)
     pred = outputs.reshape(-1) if task.kind == "regression" else outputs.argmax(axis=-1)
     result = {task.metric: METRICS[task.metric](pred, gold)}
+    result.update({m: METRICS[m](pred, gold) for m in task.extra_metrics})
     if task.kind == "class" and task.metric != "accuracy":
         result["accuracy"] = accuracy(pred, gold)
     return result

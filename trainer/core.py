@@ -155,7 +155,8 @@ def last_epoch_scores(task: str, task_type: str, num_labels: int, outputs: np.nd
     preset = tasks.TASKS.get(task)
     metric = preset.metric if preset and preset.kind == task_type else (
         "pearson" if task_type == "regression" else "accuracy")
-    scored = tasks.score(tasks.Task(task, task_type, num_labels, (), "", metric), outputs, labels)
+    extra = preset.extra_metrics if preset and preset.kind == task_type else ()
+    scored = tasks.score(tasks.Task(task, task_type, num_labels, (), "", metric, extra_metrics=extra), outputs, labels)
     return {f"last_epoch_{k}": v for k, v in scored.items()}
 
 
