@@ -69,8 +69,8 @@ if [ ! -f "$SITE/.wheels-done" ] || [ "$(cat "$SITE/.wheels-done")" != "${WHEELS
   rm -rf "$SITE" && mkdir -p "$OUT/wheels"
   pip_platform=(--platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64
                 --only-binary=:all: --python-version 3.11 --implementation cp)
-  "$HOST_PY" -m pip download -q --no-deps "${pip_platform[@]}" -d "$OUT/wheels" "${WHEELS[@]}"
-  "$HOST_PY" -m pip install -q --no-deps --no-compile "${pip_platform[@]}" --target "$SITE" \
+  "$HOST_PY" -m pip download -q --no-cache-dir --no-deps "${pip_platform[@]}" -d "$OUT/wheels" "${WHEELS[@]}"
+  "$HOST_PY" -m pip install -q --no-cache-dir --no-deps --no-compile "${pip_platform[@]}" --target "$SITE" \
     $(for w in "${WHEELS[@]}"; do name="${w%%==*}"; v="${w##*==}"; ls "$OUT/wheels/${name}-${v}-"*.whl; done)
   echo "${WHEELS[*]}" > "$SITE/.wheels-done"
 fi
