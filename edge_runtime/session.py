@@ -110,6 +110,11 @@ def _open_legacy(folder: Path, manifest: Manifest, options, providers, quantizer
         log.warning("the engine carries the export machine's %s; using this device's own %s instead",
                     manifest.custom_op_library, path)
     except native.OpLibraryUnusable as own:
+        foreign = native.foreign_architecture(shipped)
+        if foreign:  # never dlopen another architecture's binary; this engine has no standard graph to fall back to
+            raise QuantizerUnavailable(f"{folder}: this engine's quantizer needs the com.mobillm op library: {own}; "
+                                       f"and the engine's own copy cannot run here ({foreign}); re-export the "
+                                       f"engine") from None
         try:
             options.register_custom_ops_library(str(shipped))
         except _SESSION_ERRORS as exc:

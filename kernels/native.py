@@ -13,7 +13,9 @@ into mobillm/kernels/lib when cmake and a compiler are there), then the build fo
 source checkout (build/native/lib, build/lib).
 
 An engine names the op set it needs (OP_DOMAIN, version); the device registers its own
-library for it (`register_op_library`), never a binary from the export machine.
+library for it (`register_op_library`), never a binary from the export machine. A library
+built for another CPU architecture (read from its ELF header, before any dlopen) is passed
+over: an aarch64 device never loads an x86-64 .so, and says so.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +80,50 @@ def search_dirs() -> list[Path]:
     return dirs + [PACKAGE_LIB_DIR, DEFAULT_BUILD_DIR / "lib", SOURCE_ROOT / "build" / "lib"]
 
 
+# ELF e_machine values of the architectures mobillm may meet, named as platform.machine() names them.
+ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64", 21: "ppc64le", 22: "s390x"}
+_MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64", "i386": "x86",
+                    "i686": "x86", "armv7l": "arm", "armv6l": "arm", "ppc64": "ppc64le"}
+
+
+def this_machine() -> str:
+    """This process's CPU architecture, named as ELF_MACHINES names it ("x86_64", "aarch64", ...)."""
+    machine = platform.machine().lower()
+    return _MACHINE_ALIASES.get(machine, machine)
+
+
+def library_machine(path: Path | str) -> str | None:
+    """The architecture an ELF shared library is built for (its header's e_machine, read without
+    loading it), or None for a file that is not ELF or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    if len(head) < 20 or head[:4] != b"\x7fELF" or head[5] not in (1, 2):
+        return None
+    (machine,) = struct.unpack_from("<H" if head[5] == 1 else ">H", head, 18)
+    return ELF_MACHINES.get(machine, f"ELF machine {machine}")
+
+
+def foreign_architecture(path: Path | str) -> str | None:
+    """Why the library at `path` cannot load here, when its ELF header names another architecture
+    (one phrase); None when it is this machine's, or not ELF (the loader then decides)."""
+    machine = library_machine(path)
+    if machine is None or machine == this_machine():
+        return None
+    return f"{path} is built for {machine}, this device is {this_machine()}"
+
+
+def found_libraries(name: str) -> list[Path]:
+    """Every copy of library `name` in the search folders, in search order, any architecture."""
+    return [folder / LIBRARIES[name] for folder in search_dirs() if (folder / LIBRARIES[name]).is_file()]
+
+
 def find_library(name: str = "ort_ops") -> Path | None:
-    """Path of a built library (`name` is a key of LIBRARIES), or None."""
-    filename = LIBRARIES[name]
-    for folder in search_dirs():
-        if (folder / filename).is_file():
-            return folder / filename
-    return None
+    """Path of a built library (`name` is a key of LIBRARIES) for this machine's architecture, or
+    None; copies built for another architecture are passed over (see `foreign_architecture`)."""
+    return next((path for path in found_libraries(name) if foreign_architecture(path) is None), None)
 
 
 def can_build() -> bool:
@@ -176,6 +217,9 @@ def op_library_version(path: Path | str) -> int:
 
     Raises OpLibraryUnusable when the file does not load here (another platform or architecture,
     missing dependencies) or predates op set versions."""
+    foreign = foreign_architecture(path)
+    if foreign:
+        raise OpLibraryUnusable(f"{foreign}: build this device's own (docs/native.md)")
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -196,6 +240,10 @@ def register_op_library(session_options, version: int = OP_VERSION, path: Path |
     Raises OpLibraryUnusable saying why it cannot: not installed, another platform's binary, an
     older op set, or an onnxruntime that refuses it (older than the library's API, 1.21)."""
     path = Path(path) if path is not None else find_library("ort_ops")
+    if path is None and found_libraries("ort_ops"):
+        other = found_libraries("ort_ops")[0]
+        raise OpLibraryUnusable(f"{LIBRARIES['ort_ops']} is here only for another architecture "
+                                f"({foreign_architecture(other)}); build this device's own (docs/native.md)")
     if path is None or not path.is_file():
         where = path if path is not None else ", ".join(str(d) for d in search_dirs())
         raise OpLibraryUnusable(f"{LIBRARIES['ort_ops']} is not installed here (looked in {where}); "
@@ -224,7 +272,11 @@ def load_codec(path: Path | str | None = None) -> ctypes.CDLL:
     argument types declared; loaded once per process unless a path is given."""
     global _CODEC
     if _CODEC is None or path is not None:
-        lib = ctypes.CDLL(str(path or find_library("codec") or ensure_library("codec")))
+        path = path or find_library("codec") or ensure_library("codec")
+        foreign = foreign_architecture(path)
+        if foreign:
+            raise NativeUnavailable(f"{foreign}; build this machine's own (docs/native.md)")
+        lib = ctypes.CDLL(str(path))
         i64, vp, i = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.mobillm_block_quantize.argtypes = [vp, i, i64, i64, i, i64, vp, vp]
         lib.mobillm_block_dequantize.argtypes = [vp, vp, i64, i64, i, i64, vp]
