@@ -129,7 +129,10 @@ def run_capped(cmd: list[str], cap_mb: float, poll_s: float = 0.2) -> tuple[int,
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         seen = 0.0
         while proc.poll() is None:
-            seen = max(seen, rss_mb(proc.pid))
+            try:
+                seen = max(seen, rss_mb(proc.pid))
+            except KeyError:  # exited between poll() and the read: /proc holds a zombie with no VmRSS
+                pass
             if cap_mb and seen > cap_mb:
                 proc.kill()
             try:
