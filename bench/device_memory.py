@@ -161,14 +161,14 @@ def measure(variant: str, args: dict, cap_mb: float, mem_limit_gb: float = 0.0) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="opt-125m,opt-350m")
-    p.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    p.add_argument("--models", default="opt-125m,opt-350m", help="short model names (comma list)")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
     p.add_argument("--weights", default="fp32", help="engine weight formats to measure for edge/ort (comma list)")
     p.add_argument("--steps", type=int, default=4, help="forward (or training) steps per variant")
     p.add_argument("--batch", type=int, default=16, help="rows per batch")
     p.add_argument("--seq", type=int, default=128, help="tokens per row (every row is that long; paper: 256)")
-    p.add_argument("--send", default="tokens", choices=["tokens", "pooled"])
-    p.add_argument("--engines", type=Path, default=ROOT / "engines")
+    p.add_argument("--send", default="tokens", choices=["tokens", "pooled"], help="edge-run train --send")
+    p.add_argument("--engines", type=Path, default=ROOT / "engines", help="engine folders, named MODEL-WEIGHTS")
     p.add_argument("--missing", default="export", choices=["export", "skip"],
                    help="an engine not in --engines: export it, or leave its rows out")
     p.add_argument("--device-cap", type=float, default=12000,
@@ -179,7 +179,7 @@ def main() -> None:
     p.add_argument("--mem-limit-gb", type=float, default=0.0,
                    help="also an address-space cap (prlimit --as) per process, GiB; such a run fails rather "
                         "than being reported as > cap (0: none)")
-    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--json-out", type=Path, default=None, help="also write the results as JSON here")
     a = p.parse_args()
     variants = a.variants.split(",")
     results = []
