@@ -34,7 +34,8 @@ from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, choose_exporter, 
                     SWITCH_INPUT, tap_specs, tap_switch, trace_to_onnx)
 from .options import ExportError, ExportOptions, comma_list
 from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
-                     load_tokenizer, prepare_source, resolve_source, token_rules)
+                     load_tokenizer, prepare_source, release_weights, resolve_source,
+                     token_rules)
 from .verify import VerificationFailed, verify_engine
 
 
@@ -114,6 +115,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     raw.mkdir()
     widths = trace_to_onnx(torch_model, family, opts.tap_layers, opts.dtype, raw / GRAPH_NAME, exporter,
                            opts.progress, opts.tap_norm)
+    release_weights(torch_model)
     del torch_model
     gc.collect()
 

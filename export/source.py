@@ -182,6 +182,19 @@ def build_model(source: Source, config, seed: int | None, dtype: str = "fp32"):
     return model.eval()
 
 
+def release_weights(model) -> None:
+    """Free the storage of every parameter and buffer of `model`, once its weights are on disk.
+
+    The dynamo exporter's graph still references the Parameters after the export returns (found
+    with gc.get_referrers), so `del model` alone kept ~5.5 GB of opt-1.3b through the int4/int8
+    quantizer, which then passed 12 GB. Emptying each tensor frees it whoever holds it."""
+    import torch
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = torch.empty(0, dtype=t.dtype)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
