@@ -29,8 +29,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from mobillm.common import messages, wire
 from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ProtocolError, Welcome
 
+from . import budget as mem
 from .config import ServerConfig
 from .core import make_optimizer
+from .gate import AdmissionGate
 from .policy import FederatedPolicy, Membership, RunPolicy, SingleDevicePolicy
 
 log = logging.getLogger("mobillm.trainer")
@@ -49,6 +51,8 @@ class Session:
         self.last_seq = -1
         self.stop_sent = False
         self.failed = False
+        self.allowance: mem.Allowance | None = None  # this device's memory share, once admitted
+        self.address = ws.remote_address[0] if ws.remote_address else "?"
         self._sends: set[asyncio.Task] = set()
 
     # Called on the loop for the run's training thread.
@@ -87,22 +91,25 @@ class Session:
         except TimeoutError:
             raise ProtocolError("timeout", f"no HELLO within {self.server.config.hello_timeout_s:g} s") from None
         frame = self._decode(first)
+        self.server.authenticate(self, frame.meta)  # the token first: nothing else is checked before it
         if frame.type != wire.MsgType.HELLO:
             raise ProtocolError("expected_hello", f"the first frame must be HELLO, got {frame.type.name}")
         self.hello = Hello.from_meta(frame.meta)
         self.formats = self.hello.formats()
-        self.server.check_token(self.hello)
+        self.allowance = self.server.admit(self)
         member = await self.server.policy.join(self, self.hello)
+        self.ws.protocol.max_message_size = self.server.config.max_frame  # admitted: batches may come
         try:
             j = member.joined
             await self.ws.send(messages.frame(Welcome(self.id, j.run, self.credits, j.samples_done, j.cache,
                                                       j.stop_streaming, j.total_samples, j.federated)))
             log.info("session %s: device %s on run %s%s, resume at %d", self.id, self.hello.device_id, j.run,
                      f" (family {j.federated.family})" if j.federated else "", j.samples_done)
-            async for message in self.ws:
-                frame = self._decode(message)
+            while True:
+                frame_bytes = await self._next_message()
+                frame = self._decode(frame_bytes)
                 if frame.type == wire.MsgType.BATCH:
-                    member.receive(frame, len(message))
+                    member.receive(frame, len(frame_bytes))
                 elif frame.type == wire.MsgType.DONE:
                     await self._finish(member)
                     return
@@ -116,6 +123,32 @@ class Session:
                                                       f"after HELLO")
         finally:
             member.leave()
+
+    async def _next_message(self):
+        """The next message; ERROR `timeout` when the device holds credits yet sends nothing for
+        `--idle-timeout` (a device without credits is waiting for the server, which is fine)."""
+        limit = self.server.config.idle_timeout_s
+        while True:
+            try:
+                return await asyncio.wait_for(self.ws.recv(), limit)
+            except TimeoutError:
+                if self.credits > 0 and not self.stop_sent:
+                    raise ProtocolError("timeout", f"no BATCH or DONE for {limit:g} s while holding "
+                                                   f"{self.credits} credits") from None
+
+    def charge(self, batch: wire.Batch, nbytes: int):
+        """Take a batch's memory (frame + decoded peak) from this device's share; the returned
+        callable gives it back when the batch's training step ends. ERROR `over_budget` when it
+        cannot fit."""
+        config = self.server.config
+        rows = len(batch.sample_ids) if config.side.pooling == "last" else int(batch.lengths.sum())
+        cost = mem.batch_cost(nbytes, rows, [t.hidden for t in batch.taps])
+        if cost > config.batch_limit():
+            raise ProtocolError("over_budget", f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded for "
+                                               f"training, over the server's {config.batch_limit() / mem.MIB:.1f} "
+                                               f"MiB per batch; send fewer rows per batch")
+        self.allowance.take(cost)
+        return lambda: self.allowance.give(cost)
 
     def _decode(self, message) -> wire.Frame:
         try:
@@ -153,7 +186,10 @@ class TrainerServer:
         config.validate()
         self.config = config
         policy = FederatedPolicy if config.federated else SingleDevicePolicy
-        self.policy: RunPolicy = policy(config, lambda: self.stopping)
+        self.budget = mem.MemoryBudget(config.memory_budget or mem.default_budget())
+        self.gate = AdmissionGate(config.max_unauthenticated, config.max_unauthenticated_per_address,
+                                  config.auth_backoff_s, config.auth_ban_s)
+        self.policy: RunPolicy = policy(config, lambda: self.stopping, self.budget)
         self._numbers = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -182,6 +218,7 @@ class TrainerServer:
         # The first optimizer imports torch._dynamo (seconds): pay that before devices connect, so
         # the first HELLO after a (re)start is answered at once.
         make_optimizer(torch.nn.Linear(1, 1), self.config.optim)
+        self._charge_base()
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main(ready)), name="trainer-loop",
                                         daemon=True)
@@ -250,11 +287,16 @@ class TrainerServer:
         self._shutdown = asyncio.Event()
         try:
             # No permessage-deflate: the payload is already quantized and deflate would cost CPU on both sides.
-            async with serve(self._handle, self.config.host, self.config.port, max_size=self.config.max_frame,
-                             compression=None, max_queue=4, ssl=self._ssl_context()) as ws_server:
+            # max_size: a HELLO's worth until the token is checked and the run admitted (Session.serve
+            # raises it to --max-frame); max_queue 1: at most one unread message beside the one arriving.
+            async with serve(self._handle, self.config.host, self.config.port, max_size=min(self.config.hello_max_bytes, self.config.max_frame),
+                             compression=None, max_queue=1, ssl=self._ssl_context(),
+                             process_request=self._admit_connection) as ws_server:
                 self._ws_server = ws_server
                 ready.set_result(ws_server.sockets[0].getsockname()[1])
+                reaper = asyncio.ensure_future(self._reap_idle_runs())
                 await self._shutdown.wait()
+                reaper.cancel()
         except Exception as exc:
             if not ready.done():
                 ready.set_exception(exc)
@@ -274,6 +316,9 @@ class TrainerServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         session = Session(self, ws, next(self._numbers))
+        if not self.gate.opened(session.address):  # the caps filled up during the handshake
+            await ws.close(1013, "too many unauthenticated connections; retry later")
+            return
         self._sessions.add(session)
         try:
             await session.serve()
@@ -286,11 +331,65 @@ class TrainerServer:
             await session.fail(ProtocolError("server_error", f"{type(exc).__name__}: {exc}"))
         finally:
             self._sessions.discard(session)
+            if session.allowance is None:
+                self.gate.settled(session.address)  # it never got past admission
+            else:
+                session.allowance.close()
 
     def check_token(self, hello: Hello) -> None:
+        if not self.token_ok(hello.token):
+            raise ProtocolError("unauthorized", "missing or wrong token; ask the server's operator for it")
+
+    def token_ok(self, token) -> bool:
         """Constant-time compare (hmac.compare_digest): the time taken says nothing about the token."""
         want = self.config.token
+        if want is None:
+            return True
         # surrogatepass: a JSON string may hold lone surrogates; they are just a wrong token.
-        got = (hello.token or "").encode("utf-8", "surrogatepass")
-        if want is not None and not hmac.compare_digest(got, want.encode()):
+        got = (token if isinstance(token, str) else "").encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(got, want.encode())
+
+    # ---- hostile clients: admission, authentication, memory (trainer/gate.py, trainer/budget.py) ----
+
+    def _admit_connection(self, connection: ServerConnection, request):
+        """process_request: refuse (HTTP 429/503) a connection the gate would not let in, before the
+        WebSocket handshake completes and before anything of it is buffered."""
+        address = connection.remote_address[0] if connection.remote_address else "?"
+        refusal = self.gate.refusal(address)
+        if refusal is not None:
+            return connection.respond(*refusal)
+        return None
+
+    def authenticate(self, session: Session, meta) -> None:
+        """The first frame's token, before any other check of it; a wrong one backs its address off."""
+        token = meta.get("token") if isinstance(meta, dict) else None
+        if not self.token_ok(token):
+            self.gate.failed(session.address)
             raise ProtocolError("unauthorized", "missing or wrong token; ask the server's operator for it")
+        self.gate.succeeded(session.address)
+
+    def admit(self, session: Session) -> mem.Allowance:
+        """Reserve the session's memory share (ERROR over_budget when the server is full); from now on it
+        no longer counts as unauthenticated."""
+        reservation = self.budget.reserve(self.config.session_memory, f"device {session.hello.device_id}'s session")
+        self.gate.settled(session.address)
+        return mem.Allowance(reservation, self.config.session_memory - 2 * self.config.max_frame)
+
+    def _charge_base(self) -> None:
+        """The process's own memory (torch, the loop) is charged once, at start."""
+        from mobillm.common.procfs import rss_mb
+
+        self.budget.used = self.budget.base = int(rss_mb() * mem.MIB)
+        if self.budget.free < self.config.session_memory:
+            log.warning("--memory-budget %d MiB leaves %d MiB after the process's own %d MiB: not even one "
+                        "session fits", self.budget.total >> 20, self.budget.free >> 20, self.budget.base >> 20)
+
+    async def _reap_idle_runs(self) -> None:
+        """Every few seconds: checkpoint and release the runs idle for --idle-timeout."""
+        period = min(max(self.config.idle_timeout_s / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.policy.release_idle(self.config.idle_timeout_s)
+            except Exception:  # a failure to release must not stop the server
+                log.exception("releasing idle runs")
