@@ -189,7 +189,8 @@ class ServerConfig:
     checkpoint_every: int = option(200, "optimizer steps between checkpoints (and one at the end)")
     bitplan_every: int = option(100, "steps between BITPLAN messages (0: off)")
     # Larger WebSocket messages close the connection (1009).
-    max_frame: int = option(64 * 1024 * 1024, "largest accepted message, bytes")
+    max_frame: int = option(64 * 1024 * 1024, "largest accepted message, bytes (after the HELLO)", metavar="SIZE",
+                            parse=size)
     max_rows: int = option(4096, "largest accepted batch, rows")
     max_tokens: int = option(1 << 20, "largest accepted batch, tokens (tokens mode)")
     hello_timeout_s: float = option(30.0, "seconds a new connection has to send its HELLO", cli=False)

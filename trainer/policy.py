@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mobillm.common import wire
-from mobillm.common.messages import NAME, FedWelcome, Hello, ProtocolError, TrainingDone
+from mobillm.common.messages import NAME, RUN_EXISTS, TOO_MANY_RUNS, FedWelcome, Hello, ProtocolError, TrainingDone
 
 from . import budget as mem
 from .config import RunConfig, ServerConfig
@@ -112,7 +112,7 @@ def refuse_without_resume(folder: Path) -> None:
         log.warning("run %s has a checkpoint at step %d (%d samples) but this server was started without "
                     "--resume, so its device was refused; restart with `trainer serve --resume` (same --runs) to "
                     "continue it", folder.name, step, samples)
-    raise ProtocolError("run_exists", f"run {folder.name!r} has a checkpoint (step {step}, {samples} samples "
+    raise ProtocolError(RUN_EXISTS, f"run {folder.name!r} has a checkpoint (step {step}, {samples} samples "
                                       f"trained) but the server was restarted without --resume, so it is kept, "
                                       f"not continued; ask the operator to restart it with --resume, or send "
                                       f"another run name to start over")
@@ -171,10 +171,10 @@ class RunTable:
             async with self.lock(name):
                 if self.runs.get(name) is not run or run.idle_since() is None:
                     continue  # a HELLO took it meanwhile
+                self.released.add(name)
                 del self.runs[name]
                 await asyncio.get_running_loop().run_in_executor(None, run.stop)  # trains nothing more, checkpoints
                 self.reservations.pop(name).release()
-                self.released.add(name)
                 log.info("run %s: idle for %g s, checkpointed and released (step %d); its next HELLO restores it",
                          name, idle_s, run.step)
 
@@ -240,7 +240,7 @@ class SingleDevicePolicy(RunTable):
         """ERROR `too_many_runs` when the HELLO's device already holds --max-runs-per-client open runs."""
         held = sum(1 for run in self.runs.values() if run.strategy.cfg.device_id == hello.device_id)
         if held >= self.config.max_runs_per_client:
-            raise ProtocolError("too_many_runs", f"device {hello.device_id!r} already holds {held} open runs (the "
+            raise ProtocolError(TOO_MANY_RUNS, f"device {hello.device_id!r} already holds {held} open runs (the "
                                                  f"server's --max-runs-per-client); finish one, or wait "
                                                  f"{self.config.idle_timeout_s:g} s after leaving one")
 

@@ -144,7 +144,7 @@ class Session:
         rows = len(batch.sample_ids) if config.side.pooling == "last" else int(batch.lengths.sum())
         cost = mem.batch_cost(nbytes, rows, [t.hidden for t in batch.taps])
         if cost > config.batch_limit():
-            raise ProtocolError("over_budget", f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded for "
+            raise ProtocolError(messages.OVER_BUDGET, f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded for "
                                                f"training, over the server's {config.batch_limit() / mem.MIB:.1f} "
                                                f"MiB per batch; send fewer rows per batch")
         self.allowance.take(cost)
