@@ -164,6 +164,7 @@ class RunTable:
 
     async def release_idle(self, idle_s: float) -> None:
         cutoff = time.monotonic() - idle_s
+        released = 0
         for name, run in list(self.runs.items()):
             since = run.idle_since()
             if since is None or since > cutoff:
@@ -175,8 +176,11 @@ class RunTable:
                 del self.runs[name]
                 await asyncio.get_running_loop().run_in_executor(None, run.stop)  # trains nothing more, checkpoints
                 self.reservations.pop(name).release()
+                released += 1
                 log.info("run %s: idle for %g s, checkpointed and released (step %d); its next HELLO restores it",
                          name, idle_s, run.step)
+        if released:
+            await asyncio.get_running_loop().run_in_executor(None, mem.return_freed_memory)
 
 
 def remove_new_folder(folder: Path, existed: bool) -> None:

@@ -144,9 +144,10 @@ class Session:
         rows = len(batch.sample_ids) if config.side.pooling == "last" else int(batch.lengths.sum())
         cost = mem.batch_cost(nbytes, rows, [t.hidden for t in batch.taps])
         if cost > config.batch_limit():
-            raise ProtocolError(messages.OVER_BUDGET, f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded for "
-                                               f"training, over the server's {config.batch_limit() / mem.MIB:.1f} "
-                                               f"MiB per batch; send fewer rows per batch")
+            raise ProtocolError(messages.OVER_BUDGET, f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded "
+                                                      f"for training, over the server's "
+                                                      f"{config.batch_limit() / mem.MIB:.1f} MiB per batch; send "
+                                                      f"fewer rows per batch")
         self.allowance.take(cost)
         return lambda: self.allowance.give(cost)
 
@@ -289,9 +290,9 @@ class TrainerServer:
             # No permessage-deflate: the payload is already quantized and deflate would cost CPU on both sides.
             # max_size: a HELLO's worth until the token is checked and the run admitted (Session.serve
             # raises it to --max-frame); max_queue 1: at most one unread message beside the one arriving.
-            async with serve(self._handle, self.config.host, self.config.port, max_size=min(self.config.hello_max_bytes, self.config.max_frame),
-                             compression=None, max_queue=1, ssl=self._ssl_context(),
-                             process_request=self._admit_connection) as ws_server:
+            pre_auth = min(self.config.hello_max_bytes, self.config.max_frame)
+            async with serve(self._handle, self.config.host, self.config.port, max_size=pre_auth, compression=None,
+                             max_queue=1, ssl=self._ssl_context(), process_request=self._admit_connection) as ws_server:
                 self._ws_server = ws_server
                 ready.set_result(ws_server.sockets[0].getsockname()[1])
                 reaper = asyncio.ensure_future(self._reap_idle_runs())
