@@ -85,27 +85,30 @@ def check_pooling(config: ServerConfig, hello: Hello) -> None:
                                          "with a masked mean over all tokens; use mode 'tokens'")
 
 
-def check_new_run(folder: Path, config: ServerConfig, released: bool = False) -> bool:
+def check_new_run(folder: Path, config: ServerConfig, released: bool = False, refused: set | None = None) -> bool:
     """True when `folder` holds a checkpoint to resume: with --resume, or a run this server released
-    when it went idle. Otherwise it is refused (`refuse_without_resume`)."""
+    when it went idle. Otherwise it is refused (`refuse_without_resume`; `refused`: the folders
+    already cut back and logged)."""
     if not (folder / CHECKPOINT).is_file():
         return False
     if not (config.resume or released):
-        refuse_without_resume(folder)
+        refuse_without_resume(folder, set() if refused is None else refused)
     return True
 
 
-_REFUSED: set[str] = set()  # run folders already cut back and logged by refuse_without_resume
-
-
-def refuse_without_resume(folder: Path) -> None:
+def refuse_without_resume(folder: Path, refused: set) -> None:
     """The server restarted without --resume: cut trained_ids.jsonl and metrics.jsonl back to the
     checkpoint (a crash leaves steps after it, which its model never kept), tell the operator how to
-    resume, and end the session with ERROR `run_exists` saying what happened."""
-    progress = load_checkpoint(folder, mmap=True)["progress"]
-    step, samples = int(progress["step"]), int(progress["samples_trained"])
-    if str(folder) not in _REFUSED:
-        _REFUSED.add(str(folder))
+    resume (once per run), and end the session with ERROR `run_exists` saying what happened."""
+    try:
+        progress = load_checkpoint(folder, mmap=True)["progress"]
+        step, samples = int(progress["step"]), int(progress["samples_trained"])
+    except Exception as exc:  # unreadable: say so, cut nothing
+        raise ProtocolError(RUN_EXISTS, f"run {folder.name!r} has a checkpoint this server cannot read "
+                                        f"({type(exc).__name__}) and was started without --resume; send another "
+                                        f"run name") from None
+    if str(folder) not in refused:
+        refused.add(str(folder))
         for name in (TRAINED_IDS, METRICS):
             if (folder / name).is_file():
                 open_metrics(folder / name, step).close()
@@ -128,6 +131,7 @@ class RunTable:
         self.runs: dict = {}
         self.reservations: dict[str, mem.Reservation] = {}
         self.released: set[str] = set()  # names released when idle: resumed on their next HELLO
+        self.refused: set[str] = set()  # folders refused without --resume (cut back and logged once)
         self._locks: dict[str, asyncio.Lock] = {}
 
     def stop(self) -> None:
@@ -266,7 +270,7 @@ class SingleDevicePolicy(RunTable):
     def _make_run(self, name: str, hello: Hello, folder: Path) -> TrainingRun:
         cfg = self.config
         checkpoint = None
-        if check_new_run(folder, cfg, name in self.released):
+        if check_new_run(folder, cfg, name in self.released, self.refused):
             run_cfg = RunConfig.load(folder)
             check_identity(run_cfg, hello)
             checkpoint = load_checkpoint(folder)
@@ -354,6 +358,7 @@ class FederatedPolicy(RunTable):
     def _create(self, name: str, hello: Hello) -> TrainingRun:
         cfg = self.config
         folder = Path(cfg.runs_dir) / name
-        checkpoint = load_checkpoint(folder) if check_new_run(folder, cfg) else None
+        resume = check_new_run(folder, cfg, name in self.released, self.refused)
+        checkpoint = load_checkpoint(folder) if resume else None
         strategy = Federated(name, folder, cfg, hello, checkpoint)
         return TrainingRun(name, folder, strategy, cfg.queue_size, cfg.checkpoint_every, checkpoint)
