@@ -173,10 +173,22 @@ class Session:
             return
         self.failed = True
         log.warning("session %s: %s", self.id, error)
+        # The WebSocket layer stops reading while an unread message waits (max_queue 1), so the peer's
+        # close frame would wait behind it until close_timeout: discard what it sent meanwhile.
+        drain = asyncio.ensure_future(self._discard_incoming())
         try:
             await self.ws.send(messages.frame(ErrorReport(error.code, error.message)))
             await self.ws.close(1001 if error.code == "shutting_down" else 1008, error.code[:100])
         except websockets.ConnectionClosed:
+            pass
+        finally:
+            drain.cancel()
+
+    async def _discard_incoming(self) -> None:
+        try:
+            async for _ in self.ws:
+                pass
+        except (websockets.ConnectionClosed, RuntimeError):  # closed, or another coroutine is receiving
             pass
 
 
