@@ -6,6 +6,7 @@ prints what each check measured (docs/reliability.md holds a run of it).
   restart               `trainer serve --resume` start to listening; recovered: kill -9 to the device resumed
   devices held          concurrent devices that all finished; server RSS peak against its stated bound
   fuzz cases            frames through the server's parsers and checks, and fuzzed live sessions
+  hostile               floods, oversized HELLOs, maximal batches, run names under --memory-budget (RSS peak)
 
     python bench/reliability.py                    # full counts (a few minutes on 2 cores)
     python bench/reliability.py --scale small      # the CI counts
@@ -70,6 +71,17 @@ def table(rows: dict[str, dict]) -> list[tuple[str, str]]:
     if get("test_token_is_compared") and get("test_a_device_cannot"):
         out.append(("auth / isolation", "token via hmac.compare_digest; other task/manifest/device/taps -> "
                                         "run_mismatch"))
+    if r := get("test_hostile"):
+        fmt = lambda d: ", ".join(f"{v} {k}" for k, v in sorted(d.items()))  # noqa: E731
+        out.append(("hostile: server RSS", f"budget {r['hostile_budget_mib']} MiB: idle {r['hostile_idle_rss_mib']}, "
+                                           f"peak {r['hostile_peak_rss_mib']}, after all left "
+                                           f"{r['hostile_end_rss_mib']} MiB"))
+        out.append(("hostile: attacks", f"pre-auth {fmt(r['preauth'])}; oversized HELLOs {fmt(r['oversized_hellos'])}; "
+                                        f"maximal batches {fmt(r['maximal_batches'])}; run names "
+                                        f"{fmt(r['run_names'])}; {r['attack_s']} s"))
+        out.append(("hostile: threads / fds idle -> after", f"{r['threads'][0]} -> {r['threads'][1]} / {r['fds'][0]} "
+                                                            f"-> {r['fds'][1]}"))
+        out.append(("hostile: legit device lost / duplicated", f"{r['samples_lost']} / {r['samples_duplicated']}"))
     if get("test_wss"):
         out.append(("TLS", "wss:// verified with --ca; no CA, wrong token, plain ws:// refused"))
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,18 @@ from mobillm.common.errors import BadInput
 from mobillm.common.options import option
 
 ACTIVATIONS = ("relu", "gelu")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 POOLINGS = ("last", "mean")
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def size(text: str) -> int:
+    """'1G', '512M', '1.5GiB', '65536' -> bytes (binary units); ValueError otherwise (argparse: exit 2)."""
+    m = _SIZE.fullmatch(str(text).strip())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 1G, 512M, 65536)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 class ConfigError(BadInput, ValueError):
@@ -214,10 +225,29 @@ class ServerConfig:
     checkpoint_every: int = option(200, "optimizer steps between checkpoints (and one at the end)")
     bitplan_every: int = option(100, "steps between BITPLAN messages (0: off)")
     # Larger WebSocket messages close the connection (1009).
-    max_frame: int = option(64 * 1024 * 1024, "largest accepted message, bytes")
+    max_frame: int = option(64 * 1024 * 1024, "largest accepted message, bytes (after the HELLO)", metavar="SIZE",
+                            parse=size)
     max_rows: int = option(4096, "largest accepted batch, rows")
     max_tokens: int = option(1 << 20, "largest accepted batch, tokens (tokens mode)")
     hello_timeout_s: float = option(30.0, "seconds a new connection has to send its HELLO", cli=False)
+    # Hostile clients (docs/reliability.md "Hostile clients"): trainer/budget.py and trainer/gate.py.
+    memory_budget: int | None = option(None, "bytes the server may use in all, e.g. 8G or 512M: sessions and runs "
+                                             "that would not fit are refused with ERROR over_budget (default: "
+                                             "half of physical RAM)", metavar="SIZE", parse=size)
+    session_memory: int = option(256 << 20, "bytes reserved per connected device: messages not yet read plus "
+                                            "its batches received, queued and decoded; one batch may use "
+                                            "(this - 2 x --max-frame) / (--queue + 1)", metavar="SIZE", parse=size)
+    hello_max_bytes: int = option(64 << 10, "largest message before the HELLO is authenticated, bytes (at most "
+                                            "--max-frame)")
+    max_unauthenticated: int = option(64, "connections that have not yet sent an authenticated HELLO, in all")
+    max_unauthenticated_per_address: int = option(8, "... of them from one address", flag="max-unauth-per-address")
+    auth_backoff_s: float = option(1.0, "after 3 wrong tokens an address is banned this long, doubling per "
+                                        "further failure", cli=False)
+    auth_ban_s: float = option(300.0, "longest ban after wrong tokens", cli=False)
+    idle_timeout_s: float = option(300.0, "seconds a run may sit with no device before it is checkpointed and "
+                                          "released (restored on its next HELLO), and a connected device that "
+                                          "holds credits may send nothing", flag="idle-timeout")
+    max_runs_per_client: int = option(8, "runs one device id may hold open at once")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice; 1 on small shared CPUs)")
     certfile: str | None = option(None, "PEM certificate (chain): serve wss:// (TLS 1.2+); devices verify it with "
                                         "--ca (default: plain ws://)")
@@ -232,6 +262,26 @@ class ServerConfig:
                                     "unless given")
     fed: FedConfig = field(default_factory=FedConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+
+    def batch_limit(self) -> int:
+        """Most bytes one batch may cost (budget.batch_cost): a session's share after the WebSocket buffers."""
+        return (self.session_memory - 2 * self.max_frame) // (self.queue_size + 1)
+
+    def _validate_limits(self) -> None:
+        if self.batch_limit() < 1 << 20:
+            raise ConfigError(f"session_memory must be at least 2 x max_frame + (queue + 1) x 1 MiB = "
+                              f"{(2 * self.max_frame + (self.queue_size + 1) * (1 << 20)) >> 20} MiB, got "
+                              f"{self.session_memory >> 20} MiB")
+        if self.memory_budget is not None and self.memory_budget < self.session_memory:
+            raise ConfigError(f"memory_budget ({self.memory_budget >> 20} MiB) must hold at least one session "
+                              f"(session_memory {self.session_memory >> 20} MiB)")
+        if self.hello_max_bytes < 1024:
+            raise ConfigError(f"hello_max_bytes must be >= 1024, got {self.hello_max_bytes}")
+        for name in ("max_unauthenticated", "max_unauthenticated_per_address", "max_runs_per_client"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.idle_timeout_s > 0:
+            raise ConfigError(f"idle_timeout must be > 0 seconds, got {self.idle_timeout_s}")
 
     def validate(self) -> None:
         if self.federated and self.cache:
@@ -248,6 +298,7 @@ class ServerConfig:
             raise ConfigError(f"max_frame must be >= 1024 bytes, got {self.max_frame}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+        self._validate_limits()
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.keyfile is not None and self.certfile is None:

@@ -171,10 +171,11 @@ def write_checkpoint(folder: Path, state: dict, name: str = CHECKPOINT) -> None:
     tmp.replace(folder / name)
 
 
-def load_checkpoint(folder: Path | str, map_location: str = "cpu") -> dict:
+def load_checkpoint(folder: Path | str, map_location: str = "cpu", mmap: bool = False) -> dict:
     """A run's checkpoint (tensors only, weights_only). Runs load it on the CPU and move the model
-    and optimizer state to their device as they load them."""
-    return torch.load(Path(folder) / CHECKPOINT, map_location=map_location, weights_only=True)
+    and optimizer state to their device as they load them; `mmap` reads tensors only when touched
+    (to look at its progress without loading the weights)."""
+    return torch.load(Path(folder) / CHECKPOINT, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -51,13 +51,28 @@ def rows_for_model(batch: wire.Batch, pooling: str) -> Rows:
     return Rows(batch.sample_ids.copy(), batch.labels.copy(), lengths, codes, scales, [t.fmt for t in batch.taps])
 
 
+DECODE_CHUNK = 1 << 20  # tap values dequantized at once: bounds the decoder's int64/fp32 temporaries (~40 MB)
+
+
 def decode_rows(rows: Rows, taps: list[TapInfo], device: torch.device) -> list[torch.Tensor]:
-    """fp32 [rows, hidden] per tap, dequantized on `device` (codes travel there still packed)."""
+    """fp32 [rows, hidden] per tap, dequantized on `device` (codes travel there still packed).
+
+    Each tap is decoded a few rows at a time into its preallocated output, so the peak is the
+    output plus one chunk's temporaries, not ~3x the output (the server's memory budget counts it)."""
     out = []
     for info, fmt, codes, scales in zip(taps, rows.fmts, rows.codes, rows.scales):
-        c = torch.from_numpy(codes).to(device)
-        s = torch.from_numpy(scales).to(device)
-        out.append(torch_codec.decode(c, s, fmt, info.hidden, info.block_size))
+        n = len(codes)
+        step = max(1, DECODE_CHUNK // max(info.hidden, 1))
+        if n <= step:
+            c, s = torch.from_numpy(codes).to(device), torch.from_numpy(scales).to(device)
+            out.append(torch_codec.decode(c, s, fmt, info.hidden, info.block_size))
+            continue
+        buf = torch.empty((n, info.hidden), dtype=torch.float32, device=device)
+        for i in range(0, n, step):
+            c = torch.from_numpy(codes[i:i + step]).to(device)
+            s = torch.from_numpy(scales[i:i + step]).to(device)
+            buf[i:i + step] = torch_codec.decode(c, s, fmt, info.hidden, info.block_size)
+        out.append(buf)
     return out
 
 

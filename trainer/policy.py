@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mobillm.common import wire
-from mobillm.common.messages import NAME_RULE, FedWelcome, Hello, ProtocolError, TrainingDone, is_name
+from mobillm.common.messages import (NAME_RULE, RUN_EXISTS, TOO_MANY_RUNS, FedWelcome, Hello, ProtocolError,
+                                     TrainingDone, is_name)
 
+from . import budget as mem
 from .config import RunConfig, ServerConfig
-from .core import CHECKPOINT, load_checkpoint
+from .core import CHECKPOINT, METRICS, load_checkpoint, open_metrics
 from .federated import Device, Federated
-from .run import SingleDevice
+from .run import TRAINED_IDS, SingleDevice
 from .training import SHUTTING_DOWN, TrainingRun
 
 if TYPE_CHECKING:
@@ -72,6 +76,9 @@ class RunPolicy(Protocol):
     def stop(self) -> None:
         """Stop every run (each checkpoints unfinished work)."""
 
+    async def release_idle(self, idle_s: float) -> None:
+        """Checkpoint and release the runs idle for `idle_s` seconds (restored on their next HELLO)."""
+
 
 def check_pooling(config: ServerConfig, hello: Hello) -> None:
     if config.side.pooling == "mean" and hello.mode == "pooled":
@@ -79,22 +86,53 @@ def check_pooling(config: ServerConfig, hello: Hello) -> None:
                                          "with a masked mean over all tokens; use mode 'tokens'")
 
 
-def check_new_run(folder: Path, config: ServerConfig) -> bool:
-    """True when `folder` holds a checkpoint to resume (only with --resume; otherwise it is refused)."""
+def check_new_run(folder: Path, config: ServerConfig, released: bool = False, refused: set | None = None) -> bool:
+    """True when `folder` holds a checkpoint to resume: with --resume, or a run this server released
+    when it went idle. Otherwise it is refused (`refuse_without_resume`; `refused`: the folders
+    already cut back and logged)."""
     if not (folder / CHECKPOINT).is_file():
         return False
-    if not config.resume:
-        raise ProtocolError("run_exists", f"{folder} already holds a checkpoint; restart the server with "
-                                          f"--resume to continue it, or send another run name")
+    if not (config.resume or released):
+        refuse_without_resume(folder, set() if refused is None else refused)
     return True
 
 
-class RunTable:
-    """The runs a policy opened, by name; opening one is serialised per name."""
+def refuse_without_resume(folder: Path, refused: set) -> None:
+    """The server restarted without --resume: cut trained_ids.jsonl and metrics.jsonl back to the
+    checkpoint (a crash leaves steps after it, which its model never kept), tell the operator how to
+    resume (once per run), and end the session with ERROR `run_exists` saying what happened."""
+    try:
+        progress = load_checkpoint(folder, mmap=True)["progress"]
+        step, samples = int(progress["step"]), int(progress["samples_trained"])
+    except Exception as exc:  # unreadable: say so, cut nothing
+        raise ProtocolError(RUN_EXISTS, f"run {folder.name!r} has a checkpoint this server cannot read "
+                                        f"({type(exc).__name__}) and was started without --resume; send another "
+                                        f"run name") from None
+    if str(folder) not in refused:
+        refused.add(str(folder))
+        for name in (TRAINED_IDS, METRICS):
+            if (folder / name).is_file():
+                open_metrics(folder / name, step).close()
+        log.warning("run %s has a checkpoint at step %d (%d samples) but this server was started without "
+                    "--resume, so its device was refused; restart with `trainer serve --resume` (same --runs) to "
+                    "continue it", folder.name, step, samples)
+    raise ProtocolError(RUN_EXISTS, f"run {folder.name!r} has a checkpoint (step {step}, {samples} samples "
+                                      f"trained) but the server was restarted without --resume, so it is kept, "
+                                      f"not continued; ask the operator to restart it with --resume, or send "
+                                      f"another run name to start over")
 
-    def __init__(self, config: ServerConfig, stopping):
+
+class RunTable:
+    """The runs a policy opened, by name; opening one is serialised per name. Each open run holds a
+    reservation of the server's memory budget; an idle one is checkpointed and released."""
+
+    def __init__(self, config: ServerConfig, stopping, budget: mem.MemoryBudget | None = None):
         self.config, self.stopping = config, stopping  # stopping(): the server is shutting down
+        self.budget = budget or mem.MemoryBudget(mem.default_budget())
         self.runs: dict = {}
+        self.reservations: dict[str, mem.Reservation] = {}
+        self.released: set[str] = set()  # names released when idle: resumed on their next HELLO
+        self.refused: set[str] = set()  # folders refused without --resume (cut back and logged once)
         self._locks: dict[str, asyncio.Lock] = {}
         self.observers: list = []  # `make(run) -> observer` for each new run (training.TrainingRun.observers)
 
@@ -108,21 +146,54 @@ class RunTable:
     def lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def open_locked(self, name: str, hello: Hello, create):
-        """The run `name`, made by `create(name, hello)` in an executor (it reads files) and started when new.
-        Call it holding `lock(name)`."""
+    async def open_locked(self, name: str, hello: Hello, create, cost: int = 0):
+        """The run `name`, made by `create(name, hello)` in an executor (it reads files) and started when new,
+        once `cost` bytes of the memory budget are reserved for it. Call it holding `lock(name)`."""
         if self.stopping():
             raise ProtocolError(*SHUTTING_DOWN)
         run = self.runs.get(name)
         if run is None:
-            run = await asyncio.get_running_loop().run_in_executor(None, create, name, hello)
+            reservation = self.budget.reserve(cost, f"run {name!r} (side network, gradients, optimizer)")
+            try:
+                run = await asyncio.get_running_loop().run_in_executor(None, create, name, hello)
+            except BaseException:
+                reservation.release()
+                raise
             if self.stopping():
                 run.stop()
+                reservation.release()
                 raise ProtocolError(*SHUTTING_DOWN)
             self.runs[name] = run
             run.observers.extend(make(run) for make in self.observers)
+            self.reservations[name] = reservation
             run.start(asyncio.get_running_loop())
         return run
+
+    async def release_idle(self, idle_s: float) -> None:
+        cutoff = time.monotonic() - idle_s
+        released = 0
+        for name, run in list(self.runs.items()):
+            since = run.idle_since()
+            if since is None or since > cutoff:
+                continue
+            async with self.lock(name):
+                if self.runs.get(name) is not run or run.idle_since() is None:
+                    continue  # a HELLO took it meanwhile
+                self.released.add(name)
+                del self.runs[name]
+                await asyncio.get_running_loop().run_in_executor(None, run.stop)  # trains nothing more, checkpoints
+                self.reservations.pop(name).release()
+                released += 1
+                log.info("run %s: idle for %g s, checkpointed and released (step %d); its next HELLO restores it",
+                         name, idle_s, run.step)
+        if released:
+            await asyncio.get_running_loop().run_in_executor(None, mem.return_freed_memory)
+
+
+def remove_new_folder(folder: Path, existed: bool) -> None:
+    """A run that failed to start leaves nothing behind when its folder is new."""
+    if not existed:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- one device per run ----
@@ -166,19 +237,43 @@ class SingleDevicePolicy(RunTable):
         name = hello.run_name
         async with self.lock(name):
             known = name in self.runs
-            run: TrainingRun = await self.open_locked(name, hello, self._open_run)
+            if not known:
+                self.check_runs_per_client(hello)
+            run: TrainingRun = await self.open_locked(name, hello, self._open_run,
+                                                      0 if known else self.run_cost(hello))
             if known:
                 check_identity(run.strategy.cfg, hello)
             run.check_alive()
             await run.attach(run.strategy.member, session)
             return SingleMember(run, session)
 
+    def check_runs_per_client(self, hello: Hello) -> None:
+        """ERROR `too_many_runs` when the HELLO's device already holds --max-runs-per-client open runs."""
+        held = sum(1 for run in self.runs.values() if run.strategy.cfg.device_id == hello.device_id)
+        if held >= self.config.max_runs_per_client:
+            raise ProtocolError(TOO_MANY_RUNS, f"device {hello.device_id!r} already holds {held} open runs (the "
+                                                 f"server's --max-runs-per-client); finish one, or wait "
+                                                 f"{self.config.idle_timeout_s:g} s after leaving one")
+
+    def run_cost(self, hello: Hello) -> int:
+        return mem.run_cost(self.config.side, hello)
+
     def _open_run(self, name: str, hello: Hello) -> TrainingRun:
-        """A new run, or (with --resume) the one in runs/<run>/ (runs in an executor: it may read files)."""
+        """A new run, or (with --resume, or released when idle) the one in runs/<run>/ (runs in an
+        executor: it may read files). A new run that fails to start leaves no folder behind."""
         cfg = self.config
         folder = Path(cfg.runs_dir) / name
+        existed = folder.exists()
+        try:
+            return self._make_run(name, hello, folder)
+        except BaseException:
+            remove_new_folder(folder, existed)
+            raise
+
+    def _make_run(self, name: str, hello: Hello, folder: Path) -> TrainingRun:
+        cfg = self.config
         checkpoint = None
-        if check_new_run(folder, cfg):
+        if check_new_run(folder, cfg, name in self.released, self.refused):
             run_cfg = RunConfig.load(folder)
             check_identity(run_cfg, hello)
             checkpoint = load_checkpoint(folder)
@@ -254,9 +349,11 @@ class FederatedPolicy(RunTable):
         return FedMember(run, dev, session)
 
     async def open_run(self, name: str, hello: Hello) -> TrainingRun:
-        """The federated run `name`, opened (or resumed) on first use."""
+        """The federated run `name`, opened (or resumed) on first use, its memory reserved first."""
         async with self.lock(name):
-            return await self.open_locked(name, hello, self._create)
+            cost = 0 if name in self.runs else mem.run_cost(replace(self.config.side, side_width=self.config.fed.width),
+                                                            hello)
+            return await self.open_locked(name, hello, self._create, cost)
 
     def snapshot(self, run: str, device_id: str):
         """The model `device_id` of federated run `run` would get back now (see Federated.snapshot),
@@ -268,6 +365,7 @@ class FederatedPolicy(RunTable):
     def _create(self, name: str, hello: Hello) -> TrainingRun:
         cfg = self.config
         folder = Path(cfg.runs_dir) / name
-        checkpoint = load_checkpoint(folder) if check_new_run(folder, cfg) else None
+        resume = check_new_run(folder, cfg, name in self.released, self.refused)
+        checkpoint = load_checkpoint(folder) if resume else None
         strategy = Federated(name, folder, cfg, hello, checkpoint)
         return TrainingRun(name, folder, strategy, cfg.queue_size, cfg.checkpoint_every, checkpoint)

@@ -30,9 +30,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from mobillm.common import messages, wire
 from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ProtocolError, Welcome
 
+from . import budget as mem
 from .board import board_factory
 from .config import ServerConfig, tls_context
 from .core import make_optimizer
+from .gate import AdmissionGate
 from .policy import FederatedPolicy, Membership, RunPolicy, SingleDevicePolicy
 from .status import StatusEndpoints
 
@@ -52,6 +54,8 @@ class Session:
         self.last_seq = -1
         self.stop_sent = False
         self.failed = False
+        self.allowance: mem.Allowance | None = None  # this device's memory share, once admitted
+        self.address = ws.remote_address[0] if ws.remote_address else "?"
         self._sends: set[asyncio.Task] = set()
         self.connected_at = self.last_seen = time.time()  # for the status page
         self.bytes_in = 0
@@ -92,29 +96,32 @@ class Session:
         except TimeoutError:
             raise ProtocolError("timeout", f"no HELLO within {self.server.config.hello_timeout_s:g} s") from None
         frame = self._decode(first)
+        self.server.authenticate(self, frame.meta)  # the token first: nothing else is checked before it
         if frame.type != wire.MsgType.HELLO:
             raise ProtocolError("expected_hello", f"the first frame must be HELLO, got {frame.type.name}")
         self.hello = Hello.from_meta(frame.meta)
         self.formats = self.hello.formats()
-        self.server.check_token(self.hello)
         if self.server.world is not None:  # several ranks: the device may belong to another one
             redirect = self.server.world.redirect_for(self.hello, self.server.config)
             if redirect is not None:
                 await self.ws.send(messages.frame(Welcome(self.id, self.hello.run or "", 0, 0, False, False, 0,
                                                           redirect=redirect)))
                 return
+        self.allowance = self.server.admit(self)
         member = await self.server.policy.join(self, self.hello)
+        self.ws.protocol.max_message_size = self.server.config.max_frame  # admitted: batches may come
         try:
             j = member.joined
             await self.ws.send(messages.frame(Welcome(self.id, j.run, self.credits, j.samples_done, j.cache,
                                                       j.stop_streaming, j.total_samples, j.federated)))
             log.info("session %s: device %s on run %s%s, resume at %d", self.id, self.hello.device_id, j.run,
                      f" (family {j.federated.family})" if j.federated else "", j.samples_done)
-            async for message in self.ws:
-                self.last_seen, self.bytes_in = time.time(), self.bytes_in + len(message)
-                frame = self._decode(message)
+            while True:
+                frame_bytes = await self._next_message()
+                self.last_seen, self.bytes_in = time.time(), self.bytes_in + len(frame_bytes)
+                frame = self._decode(frame_bytes)
                 if frame.type == wire.MsgType.BATCH:
-                    member.receive(frame, len(message))
+                    member.receive(frame, len(frame_bytes))
                 elif frame.type == wire.MsgType.DONE:
                     await self._finish(member)
                     return
@@ -128,6 +135,33 @@ class Session:
                                                       f"after HELLO")
         finally:
             member.leave()
+
+    async def _next_message(self):
+        """The next message; ERROR `timeout` when the device holds credits yet sends nothing for
+        `--idle-timeout` (a device without credits is waiting for the server, which is fine)."""
+        limit = self.server.config.idle_timeout_s
+        while True:
+            try:
+                return await asyncio.wait_for(self.ws.recv(), limit)
+            except TimeoutError:
+                if self.credits > 0 and not self.stop_sent:
+                    raise ProtocolError("timeout", f"no BATCH or DONE for {limit:g} s while holding "
+                                                   f"{self.credits} credits") from None
+
+    def charge(self, batch: wire.Batch, nbytes: int):
+        """Take a batch's memory (frame + decoded peak) from this device's share; the returned
+        callable gives it back when the batch's training step ends. ERROR `over_budget` when it
+        cannot fit."""
+        config = self.server.config
+        rows = len(batch.sample_ids) if config.side.pooling == "last" else int(batch.lengths.sum())
+        cost = mem.batch_cost(nbytes, rows, [t.hidden for t in batch.taps])
+        if cost > config.batch_limit():
+            raise ProtocolError(messages.OVER_BUDGET, f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded "
+                                                      f"for training, over the server's "
+                                                      f"{config.batch_limit() / mem.MIB:.1f} MiB per batch; send "
+                                                      f"fewer rows per batch")
+        self.allowance.take(cost)
+        return lambda: self.allowance.give(cost)
 
     def _decode(self, message) -> wire.Frame:
         try:
@@ -152,10 +186,22 @@ class Session:
         self.failed = True
         self.server.http.refused(error.code)
         log.warning("session %s: %s", self.id, error)
+        # The WebSocket layer stops reading while an unread message waits (max_queue 1), so the peer's
+        # close frame would wait behind it until close_timeout: discard what it sent meanwhile.
+        drain = asyncio.ensure_future(self._discard_incoming())
         try:
             await self.ws.send(messages.frame(ErrorReport(error.code, error.message)))
             await self.ws.close(1001 if error.code == "shutting_down" else 1008, error.code[:100])
         except websockets.ConnectionClosed:
+            pass
+        finally:
+            drain.cancel()
+
+    async def _discard_incoming(self) -> None:
+        try:
+            async for _ in self.ws:
+                pass
+        except (websockets.ConnectionClosed, RuntimeError):  # closed, or another coroutine is receiving
             pass
 
 
@@ -168,9 +214,12 @@ class TrainerServer:
         config.validate()
         self.config, self.world = config, world
         policy = FederatedPolicy if config.federated else SingleDevicePolicy
+        self.budget = mem.MemoryBudget(config.memory_budget or mem.default_budget())
+        self.gate = AdmissionGate(config.max_unauthenticated, config.max_unauthenticated_per_address,
+                                  config.auth_backoff_s, config.auth_ban_s)
         if coordinator is not None:
             policy = coordinator.policy
-        self.policy: RunPolicy = policy(config, lambda: self.stopping)
+        self.policy: RunPolicy = policy(config, lambda: self.stopping, self.budget)
         self._numbers = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -208,6 +257,7 @@ class TrainerServer:
         # The first optimizer imports torch._dynamo (seconds): pay that before devices connect, so
         # the first HELLO after a (re)start is answered at once.
         make_optimizer(torch.nn.Linear(1, 1), self.config.optim)
+        self._charge_base()
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main(ready)), name="trainer-loop",
                                         daemon=True)
@@ -278,12 +328,16 @@ class TrainerServer:
         self._shutdown = asyncio.Event()
         try:
             # No permessage-deflate: the payload is already quantized and deflate would cost CPU on both sides.
-            async with serve(self._handle, self.config.host, self.config.port, max_size=self.config.max_frame,
-                             compression=None, max_queue=4, ssl=self._ssl_context(),
-                             process_request=self.http.process_request) as ws_server:
+            # max_size: a HELLO's worth until the token is checked and the run admitted (Session.serve
+            # raises it to --max-frame); max_queue 1: at most one unread message beside the one arriving.
+            pre_auth = min(self.config.hello_max_bytes, self.config.max_frame)
+            async with serve(self._handle, self.config.host, self.config.port, max_size=pre_auth, compression=None,
+                             max_queue=1, ssl=self._ssl_context(), process_request=self._process_request) as ws_server:
                 self._ws_server = ws_server
                 ready.set_result(ws_server.sockets[0].getsockname()[1])
+                reaper = asyncio.ensure_future(self._reap_idle_runs())
                 await self._shutdown.wait()
+                reaper.cancel()
         except Exception as exc:
             if not ready.done():
                 ready.set_exception(exc)
@@ -296,6 +350,9 @@ class TrainerServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         session = Session(self, ws, next(self._numbers))
+        if not self.gate.opened(session.address):  # the caps filled up during the handshake
+            await ws.close(1013, "too many unauthenticated connections; retry later")
+            return
         self._sessions.add(session)
         try:
             await session.serve()
@@ -308,11 +365,70 @@ class TrainerServer:
             await session.fail(ProtocolError("server_error", f"{type(exc).__name__}: {exc}"))
         finally:
             self._sessions.discard(session)
+            if session.allowance is None:
+                self.gate.settled(session.address)  # it never got past admission
+            else:
+                session.allowance.close()
 
     def check_token(self, hello: Hello) -> None:
+        if not self.token_ok(hello.token):
+            raise ProtocolError("unauthorized", "missing or wrong token; ask the server's operator for it")
+
+    def token_ok(self, token) -> bool:
         """Constant-time compare (hmac.compare_digest): the time taken says nothing about the token."""
         want = self.config.token
+        if want is None:
+            return True
         # surrogatepass: a JSON string may hold lone surrogates; they are just a wrong token.
-        got = (hello.token or "").encode("utf-8", "surrogatepass")
-        if want is not None and not hmac.compare_digest(got, want.encode()):
+        got = (token if isinstance(token, str) else "").encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(got, want.encode())
+
+    # ---- hostile clients: admission, authentication, memory (trainer/gate.py, trainer/budget.py) ----
+
+    def _process_request(self, connection: ServerConnection, request):
+        """websockets' process_request: the admission gate first (HTTP 429/503 before anything is
+        buffered), then the status page, /status.json and /metrics (trainer/status.py)."""
+        return self._admit_connection(connection, request) or self.http.process_request(connection, request)
+
+    def _admit_connection(self, connection: ServerConnection, request):
+        """process_request: refuse (HTTP 429/503) a connection the gate would not let in, before the
+        WebSocket handshake completes and before anything of it is buffered."""
+        address = connection.remote_address[0] if connection.remote_address else "?"
+        refusal = self.gate.refusal(address)
+        if refusal is not None:
+            return connection.respond(*refusal)
+        return None
+
+    def authenticate(self, session: Session, meta) -> None:
+        """The first frame's token, before any other check of it; a wrong one backs its address off."""
+        token = meta.get("token") if isinstance(meta, dict) else None
+        if not self.token_ok(token):
+            self.gate.failed(session.address)
             raise ProtocolError("unauthorized", "missing or wrong token; ask the server's operator for it")
+        self.gate.succeeded(session.address)
+
+    def admit(self, session: Session) -> mem.Allowance:
+        """Reserve the session's memory share (ERROR over_budget when the server is full); from now on it
+        no longer counts as unauthenticated."""
+        reservation = self.budget.reserve(self.config.session_memory, f"device {session.hello.device_id}'s session")
+        self.gate.settled(session.address)
+        return mem.Allowance(reservation, self.config.session_memory - 2 * self.config.max_frame)
+
+    def _charge_base(self) -> None:
+        """The process's own memory (torch, the loop) is charged once, at start."""
+        from mobillm.common.procfs import rss_mb
+
+        self.budget.used = self.budget.base = int(rss_mb() * mem.MIB)
+        if self.budget.free < self.config.session_memory:
+            log.warning("--memory-budget %d MiB leaves %d MiB after the process's own %d MiB: not even one "
+                        "session fits", self.budget.total >> 20, self.budget.free >> 20, self.budget.base >> 20)
+
+    async def _reap_idle_runs(self) -> None:
+        """Every few seconds: checkpoint and release the runs idle for --idle-timeout."""
+        period = min(max(self.config.idle_timeout_s / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.policy.release_idle(self.config.idle_timeout_s)
+            except Exception:  # a failure to release must not stop the server
+                log.exception("releasing idle runs")

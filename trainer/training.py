@@ -53,6 +53,7 @@ class Item:
     nbytes: int
     session: Link  # the session that sent it: its credit goes back there
     arrived_step: int  # optimizer step when it arrived (staleness = steps it waited)
+    release: Callable[[], None] | None = None  # gives its bytes back to the session's memory share
 
 
 @dataclass
@@ -132,6 +133,13 @@ class Strategy(Protocol):
         """The run stopped (its thread has ended): write what is left, close files."""
 
 
+def release_item(item: Item) -> None:
+    """The batch's step ended (or it will never train): its bytes leave the session's share."""
+    release, item.release = item.release, None
+    if release is not None:
+        release()
+
+
 class TrainingRun:
     """One run: its members, the thread that trains it and the coroutines on the server's loop that
     wait for it. Waits end on `failed` and `stopped` too."""
@@ -155,6 +163,8 @@ class TrainingRun:
         self.error: str | None = None
         self.failed = False
         self.stopped = False  # the thread has ended and the run's files are closed
+        self.waiting = False  # the training thread waits for work (the run may be released when idle)
+        self.last_active = time.monotonic()  # last attach, detach or batch (loop side)
         self.stop_requested = threading.Event()  # the server is stopping: train what is queued, checkpoint, end
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future] = []
@@ -199,7 +209,20 @@ class TrainingRun:
             self.stopped = True
             self._metrics.close()
             self.strategy.close(self)
+            with self.cond:  # a failed run leaves batches queued: their memory goes back
+                for member in self.members.values():
+                    while member.queue:
+                        release_item(member.queue.popleft())
         self.notify()
+
+    def idle_since(self) -> float | None:
+        """When the run became idle (no device attached, nothing queued, the thread waiting or ended),
+        or None while it is busy."""
+        with self.cond:
+            busy = any(m.session is not None or not m.drained() for m in self.members.values())
+            if busy or not (self.waiting or not self._thread.is_alive()):
+                return None
+        return self.last_active
 
     def check_alive(self) -> None:
         """Raise the ProtocolError a session gets when the run failed or is stopping."""
@@ -216,6 +239,7 @@ class TrainingRun:
         with self.cond:
             self.members.setdefault(member.device_id, member)
             old, member.session = member.session, None
+            self.last_active = time.monotonic()
             self.cond.notify_all()
         if old is not None and old is not session:
             asyncio.ensure_future(old.fail(ProtocolError("replaced", "a newer connection of this device took over")))
@@ -232,6 +256,7 @@ class TrainingRun:
         with self.cond:
             if member.session is session:
                 member.session = None
+            self.last_active = time.monotonic()
             self.cond.notify_all()
 
     def receive(self, member: Member, session, frame: wire.Frame, nbytes: int) -> None:
@@ -244,6 +269,7 @@ class TrainingRun:
                              config.max_rows, config.max_tokens)
         session.credits -= 1
         session.last_seq = batch.seq
+        self.last_active = time.monotonic()
         member.bytes_received += nbytes
         self.bytes_received += nbytes
         room = member.limit - member.accepted
@@ -253,9 +279,10 @@ class TrainingRun:
             if member.done or room <= 0:
                 return  # sent before the device saw stop_streaming: later epochs come from the cache
             batch = trim_batch(batch, room)
+        release = session.charge(batch, nbytes)  # over_budget when this device's share is full
         with self.cond:
             member.accepted += len(batch.sample_ids)
-            member.queue.append(Item(batch, nbytes, session, self.step))
+            member.queue.append(Item(batch, nbytes, session, self.step, release))
             self.cond.notify_all()
         if member.cached and member.accepted >= member.limit and not session.stop_sent:
             session.stop_streaming(batch.seq, member.trained)
@@ -298,6 +325,8 @@ class TrainingRun:
             try:
                 self._train(work, waited)
             finally:
+                if work.item is not None:
+                    release_item(work.item)
                 if work.member is not None:
                     with self.cond:
                         work.member.in_step = False
@@ -323,7 +352,9 @@ class TrainingRun:
                 work = self.strategy.idle_work(self)
                 if work is not None:
                     return work
+                self.waiting = True
                 self.cond.wait()
+                self.waiting = False
 
     def _train(self, work: Work, waited: float) -> None:
         t0 = time.perf_counter()

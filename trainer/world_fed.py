@@ -180,8 +180,8 @@ class WorldRun(TrainingRun):
 class WorldFederatedPolicy(FederatedPolicy):
     """`FederatedPolicy` whose runs open on every rank at once, through the coordinator."""
 
-    def __init__(self, config: ServerConfig, stopping, coordinator: "Coordinator"):
-        super().__init__(config, stopping)
+    def __init__(self, config: ServerConfig, stopping, budget, coordinator: "Coordinator"):
+        super().__init__(config, stopping, budget)
         self.coordinator = coordinator
         coordinator.runs = self.runs
 
@@ -216,8 +216,8 @@ class Coordinator:
         self.steps = 0  # world steps taken (all runs)
         self._thread = threading.Thread(target=self._guarded, name=f"world-rank{world.rank}", daemon=True)
 
-    def policy(self, config: ServerConfig, stopping) -> WorldFederatedPolicy:
-        return WorldFederatedPolicy(config, stopping, self)
+    def policy(self, config: ServerConfig, stopping, budget=None) -> WorldFederatedPolicy:
+        return WorldFederatedPolicy(config, stopping, budget, self)
 
     def start(self) -> None:
         self._thread.start()

@@ -95,6 +95,11 @@ def error() -> bytes:
     return messages.frame(ErrorReport("bad_hello", "task 'x y' must match the name pattern"))
 
 
+def error_over_budget() -> bytes:
+    return messages.frame(ErrorReport(messages.OVER_BUDGET, "run 'r' needs 3072.0 MiB but the server has 512.0 MiB "
+                                                            "of its --memory-budget 1024 MiB left"))
+
+
 def batch(fmt: str, mode: str, block_size: int = 32) -> bytes:
     rng = np.random.default_rng(7)
     lengths = np.array([3, 1, 2], np.uint32) if mode == "tokens" else np.ones(3, np.uint32)
@@ -119,6 +124,7 @@ BUILDERS = {
     "credit": credit, "credit_stop": credit_stop,
     "bitplan": bitplan, "model_meta": model_meta, "model_meta_federated": model_meta_federated,
     "done_server": done_server, "done_device": done_device, "bye": bye, "error": error,
+    "error_over_budget": error_over_budget,
     "batch_regression": batch_regression,
     **{f"batch_{fmt}_{mode}": (lambda fmt=fmt, mode=mode: batch(fmt, mode))
        for fmt in codec.FORMATS for mode in wire.MODES},
@@ -154,6 +160,7 @@ GOLDEN = {
     "done_device": "fa55abe46c7967ac4342783b000c593ee5cc5cc3a63e41b1ba0e7a4f4f129391",
     "done_server": "b7da4d49cfb36534b311b2c6364bf6247a7410f5cd8e21fb119c6f9ad11d737f",
     "error": "e79c402a6238f8c4301fa4bb5c8374c2706bdc624c3b853e8dd3e08658aaf760",
+    "error_over_budget": "8d8360047a4b0bfa9c1eb551cbaea1f16bca16e910892c97b295c27555f333a8",
     "model_meta": "0c060563f1544f0e8caf830ef655dbde9a7c81fd316b433dd52638b23fd1c7a4",
     "model_meta_federated": "5dc35c23490cd8038bc0d3eb55c2736dded5508291dc9f444d9746ccf77f319d",
     "welcome": "6df0f15344599271744ac74bc15c2303747ad005ba531b53ea2e0ea20eb4de67",

@@ -44,7 +44,8 @@ TAPS = [{"layer": 1, "hidden": 32, "fmt": "nf4", "block_size": 16},
 MAX_FRAME, MAX_ROWS, MAX_TOKENS = 256 * 1024, 64, 4096
 TOKEN = "s3cret-token"
 CODES = {"bad_frame", "expected_hello", "version", "bad_hello", "unauthorized", "run_exists", "run_mismatch",
-         "no_credit", "bad_batch", "unexpected", "replaced", "training_failed", "shutting_down", "timeout"}
+         "no_credit", "bad_batch", "unexpected", "replaced", "training_failed", "shutting_down", "timeout",
+         "over_budget", "too_many_runs"}
 
 DATA = SyntheticTask(TAPS, n_samples=64)
 DEVICE = SimDevice("ws://unused", DATA, token=TOKEN)
@@ -259,7 +260,8 @@ def test_hello_fields(profile, report):
 
 def test_fuzzed_sessions_never_disturb_a_good_one(profile, tmp_path, report):
     server = TrainerServer(ServerConfig(port=0, runs_dir=str(tmp_path / "runs"), token=TOKEN, max_frame=MAX_FRAME,
-                                        max_rows=MAX_ROWS, max_tokens=MAX_TOKENS, threads=1, hello_timeout_s=5))
+                                        max_rows=MAX_ROWS, max_tokens=MAX_TOKENS, threads=1, hello_timeout_s=5,
+                                        auth_backoff_s=0.0))  # no ban: every fuzzed token reaches the parser
     server.start()
     try:
         good = SimDevice(server.url, SyntheticTask(TAPS, n_samples=48), run="good", device_id="good", token=TOKEN,

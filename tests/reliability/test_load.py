@@ -55,7 +55,9 @@ def test_32_devices_at_once(profile, server_process, check_exactly_once, report)
               for seq, pos in enumerate(range(0, samples, BATCH))]
     frame_bytes = max(len(f) for f in frames)
 
-    server = server_process("load", "--queue", str(QUEUE), "--checkpoint-every", "100000", "--bitplan-every", "0")
+    # Every device connects from 127.0.0.1 at the same moment: the per-address pre-auth cap must admit them all.
+    server = server_process("load", "--queue", str(QUEUE), "--checkpoint-every", "100000", "--bitplan-every", "0",
+                            "--max-unauth-per-address", str(n_dev))
     server.start()
     idle_rss = server.rss_mb()
     params = sum(p.numel() for p in build_side_network(SideConfig().for_taps([hidden] * n_taps, 2), 0).parameters())

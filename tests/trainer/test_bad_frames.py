@@ -130,6 +130,13 @@ def test_bad_hello(server, taps, hello, code):
 
 
 def test_batch_before_hello(server, taps):
+    """With a token configured the token is checked first: a BATCH carries none, so it is unauthorized."""
+    meta, _ = session_reply(server, taps, lambda d: [batch(d)], hello=False)
+    assert meta["code"] == "unauthorized"
+
+
+def test_batch_before_hello_without_token(start_server, taps):
+    server = start_server(max_frame=MAX_FRAME, max_rows=64)
     meta, _ = session_reply(server, taps, lambda d: [batch(d)], hello=False)
     assert meta["code"] == "expected_hello"
 
@@ -151,7 +158,7 @@ def test_bad_sessions_do_not_disturb_a_good_one(server, taps):
     for i, case in enumerate(["truncated frame", "label out of range", "tap width differs from HELLO"]):
         frames, code = CASES[case]
         assert session_reply(server, taps, frames, name=f"noise-{i}")[0]["code"] == code
-    assert session_reply(server, taps, lambda d: [batch(d)], hello=False)[0]["code"] == "expected_hello"
+    assert session_reply(server, taps, lambda d: [batch(d)], hello=False)[0]["code"] == "unauthorized"
     thread.join(120)
     result = results["good"]
     assert result.error is None and result.done["samples_trained"] == 4 * 48 and result.model
