@@ -34,6 +34,10 @@ HINTS = {
                   "resumes it with `trainer serve --resume` (same --runs folder), then run this command again: "
                   "samples the checkpoint holds are not sent twice (or pass another --run to start afresh)",
     "run_mismatch": "another engine, task or device already uses this run: pass another --run",
+    "over_budget": "the server's --memory-budget has no room for this run or batch now: send smaller batches "
+                   "(--batch-size), try again later, or ask its operator for a larger budget",
+    "too_many_runs": "this device id already holds the server's --max-runs-per-client open runs: finish one, "
+                     "or wait until the server releases idle runs (--idle-timeout)",
 }
 
 
