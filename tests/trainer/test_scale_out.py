@@ -268,3 +268,29 @@ def test_independent_runs_sharded_across_ranks(tmp_path):
         assert r.redirects == ([] if owner == 0 else [f"ws://127.0.0.1:{port + 1}/"])
         per_epoch = read_trained_ids(runs / d.run_name)
         assert [sorted(ids) for ids in per_epoch.values()] == [list(range(32))] * 2
+
+
+def test_world_federated_run_is_observed(tmp_path):
+    """A rank's federated runs reach the run observers (status page, /metrics, TensorBoard) like any run:
+    a world of one gloo rank in this process, one device."""
+    from mobillm.trainer.server import TrainerServer
+    from mobillm.trainer.world_fed import Coordinator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        world = World(0, 1)
+        config = ServerConfig(port=0, runs_dir=str(tmp_path / "runs"), federated=True, threads=1,
+                              fed=FedConfig(width=32), tensorboard=False, bitplan_every=0)
+        coordinator = Coordinator(world, config)
+        server = TrainerServer(config, world=world, coordinator=coordinator)
+        server.start()
+        coordinator.start()
+        try:
+            SimDevice(server.url, SyntheticTask(TAPS, n_samples=16), device_id="phone-0", epochs=1,
+                      batch_size=8).run()
+            trace = server.http.traces["fed-synth"]
+            assert [s for s, _ in trace.curve] == [1, 2] and trace.last["loss"] > 0
+        finally:
+            server.stop()
+    finally:
+        dist.destroy_process_group()
