@@ -305,7 +305,7 @@ class StreamClient:
                     return
                 reason = "closed before DONE"
             except (*RETRYABLE, websockets.InvalidStatus, wire.WireError) as exc:
-                final = await final_error(exc, self.opts.server, probe=not self._opened)
+                final = await final_error(exc, self._url, probe=not self._opened)  # the URL that failed: maybe a rank
                 if final is not None:
                     raise final from None
                 reason = retry_reason(exc)

@@ -265,3 +265,9 @@ def test_redirect_from_tls_to_plain_is_refused(backbone, ws_server, tls_context)
     front = ws_server(redirecting(plain), ssl_context=ctx)
     err = fails_at_once(client(backbone, front, ca=str(ca)), "bad_redirect")
     assert "in the clear" in str(err) and seen == []
+
+
+def test_failure_at_a_redirect_target_names_that_target(backbone, ws_server):
+    """The rank a device was sent to cannot be resolved: the error names that host, not the front door's."""
+    err = fails_at_once(client(backbone, ws_server(redirecting("ws://rank1.invalid:9/"))), "dns")
+    assert "'rank1.invalid'" in str(err)
