@@ -80,8 +80,12 @@ class World:
         return f"{'wss' if config.certfile else 'ws'}://{config.host}:{port}/"
 
     def redirect_for(self, hello: Hello, config: ServerConfig) -> str | None:
-        """The URL of the rank that owns this HELLO's device, or None when it is this rank."""
-        owner = self.owner(run_of(hello, config.federated), hello.device_id)
+        """The URL of the rank that owns this HELLO's device, or None when it is this rank.
+        A single-device run is placed by its name alone: every HELLO naming it meets on one rank,
+        which refuses a second device (run_mismatch) as a single process does, instead of two ranks
+        training two devices into one run folder."""
+        run = run_of(hello, config.federated)
+        owner = self.owner(run, hello.device_id if config.federated else "")
         return None if owner == self.rank else self.url(config, owner)
 
 

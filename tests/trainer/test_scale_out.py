@@ -124,6 +124,17 @@ def test_placement_is_stable_and_spreads():
     assert World(0, 2).url(fronted, 1) == "wss://front.example/r1?p=9001"
 
 
+def test_a_single_device_run_is_placed_by_its_name():
+    """Two devices naming one single-device run meet on one rank (the second is refused there with
+    run_mismatch, as by one process), whatever their device ids."""
+    config = ServerConfig(port=9000)
+    owners = set()
+    for i in range(8):
+        hello = Hello.from_meta(SimDevice("ws://x/", SyntheticTask(TAPS), device_id=f"phone-{i}", run="shared").hello())
+        owners.add(World(0, 2).redirect_for(hello, config))
+    assert len(owners) == 1
+
+
 def test_world_env():
     assert World.from_env({}) is None
     assert World.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1)
@@ -250,7 +261,7 @@ def test_kill_9_of_a_rank_then_the_world_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_independent_runs_sharded_across_ranks(tmp_path):
-    """Single-device runs: each lives on the rank that owns (run, device); no collectives."""
+    """Single-device runs: each lives on the rank that owns its run name; no collectives."""
     runs = tmp_path / "runs"
     port, procs = _start_world(2, runs, tmp_path, federated=False)
     try:
@@ -261,7 +272,7 @@ def test_independent_runs_sharded_across_ranks(tmp_path):
     finally:
         codes = _stop_world(procs)
     assert codes == [0, 0]
-    owners = [owner_rank(f"solo-{d.device_id}", d.device_id, 2) for d in devices]
+    owners = [owner_rank(f"solo-{d.device_id}", "", 2) for d in devices]  # single-device runs: by name
     assert set(owners) == {0, 1}
     for d, r, owner in zip(devices, results, owners):
         assert r.done is not None, r.error
