@@ -148,6 +148,9 @@ def test_what_a_world_refuses():
     with pytest.raises(ConfigError, match="fp16"):
         check_config(ServerConfig(port=9000, federated=True, optim=OptimConfig(precision="fp16")), World(0, 2))
     check_config(ServerConfig(port=9000, federated=True, optim=OptimConfig(precision="bf16")), World(0, 2))
+    with pytest.raises(ConfigError, match="--rank-url"):  # devices would be sent to ws://0.0.0.0:PORT/
+        check_config(ServerConfig(port=9000, host="0.0.0.0"), World(0, 2))
+    check_config(ServerConfig(port=9000, host="0.0.0.0", world=WorldConfig(rank_url="ws://h:{port}/")), World(0, 2))
 
 
 def test_world_size_mismatch_on_resume_exits_2(tmp_path, capsys):
