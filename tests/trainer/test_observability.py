@@ -296,3 +296,20 @@ def test_a_run_that_never_trains_starts_no_tensorboard_threads(start_server, tap
     assert len(server.policy.runs) == 3
     names = [t.name for t in threading.enumerate()]
     assert not [n for n in names if n.startswith("tensorboard-")], names
+
+
+def test_verbose_logging_never_prints_the_token(start_server, caplog):
+    """`trainer serve -v` logs DEBUG, but not websockets' DEBUG lines: they hold the Authorization
+    header and the status page's ?token= query."""
+    from mobillm.trainer.cli import configure_logging
+
+    websockets_logger = logging.getLogger("websockets")
+    level = websockets_logger.level
+    try:
+        configure_logging(verbose=True)
+        server = start_server(token=TOKEN)
+        with caplog.at_level(logging.DEBUG):
+            assert get(server, f"/status.json?token={TOKEN}", TOKEN)[0] == 200  # header and query
+        assert caplog.records and TOKEN not in caplog.text
+    finally:
+        websockets_logger.setLevel(level)
