@@ -288,6 +288,7 @@ def test_world_federated_run_is_observed(tmp_path):
     """A rank's federated runs reach the run observers (status page, /metrics, TensorBoard) like any run:
     a world of one gloo rank in this process, one device."""
     from mobillm.trainer.server import TrainerServer
+    from mobillm.trainer.status import snapshot
     from mobillm.trainer.world_fed import Coordinator
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -304,6 +305,8 @@ def test_world_federated_run_is_observed(tmp_path):
                       batch_size=8).run()
             trace = server.http.traces["fed-synth"]
             assert [s for s, _ in trace.curve] == [1, 2] and trace.last["loss"] > 0
+            (run,) = snapshot(server, server.http.traces, 0.0)["runs"]
+            assert run["name"] == "fed-synth" and run["step"] == 2 and len(run["loss_curve"]) == 2
         finally:
             server.stop()
     finally:
