@@ -39,9 +39,9 @@ class TapSpec:
 
     def __post_init__(self):
         check_field_types(self, "taps[]")
-        if self.hidden < 1 or self.block_size < 1:
-            raise ManifestError(f"tap at layer {self.layer}: hidden {self.hidden} and block_size {self.block_size} "
-                                f"must be >= 1")
+        if self.hidden < 1 or self.block_size < codec.PER_TENSOR:
+            raise ManifestError(f"tap at layer {self.layer}: hidden {self.hidden} must be >= 1 and block_size "
+                                f"{self.block_size} >= 1, or 0 for one scale per tap tensor")
 
     @property
     def bytes_per_token(self) -> int:

@@ -305,7 +305,7 @@ class StreamClient:
                     return
                 reason = "closed before DONE"
             except (*RETRYABLE, websockets.InvalidStatus, wire.WireError) as exc:
-                final = await final_error(exc, self.opts.server, probe=not self._opened)
+                final = await final_error(exc, self._url, probe=not self._opened)  # the URL that failed: maybe a rank
                 if final is not None:
                     raise final from None
                 reason = retry_reason(exc)
@@ -389,6 +389,9 @@ class StreamClient:
             check_server_url(url)
         except BadInput as exc:
             raise ServerError(f"the server redirected this device to a bad URL: {exc}", "bad_redirect") from None
+        if self._url.startswith("wss://") and not url.startswith("wss://"):  # HELLO carries the token
+            raise ServerError(f"the server redirected this device from TLS to {url}, which would send the token and "
+                              f"activations in the clear; the trainer's --rank-url should be wss://", "bad_redirect")
         log.info("redirected to %s", url)
         self._url = url
         return REDIRECTED

@@ -35,30 +35,39 @@ def board_factory():
     except ImportError as exc:
         log.warning("TensorBoard event files off: %s (pip install 'mobillm[observability]')", exc)
         return None
-    return lambda run: RunBoard(SummaryWriter(str(run.folder), flush_secs=FLUSH_SECS), run.name)
+    return lambda run: RunBoard(lambda: SummaryWriter(str(run.folder), flush_secs=FLUSH_SECS), run.name)
 
 
 class RunBoard:
     """One run's event file. The training thread only queues each record (`step`); the board's own
     thread turns it into one TensorBoard event (building protobufs costs ~0.3 ms a step, 13 x
-    `add_scalar` ~2 ms: too much for the loop). `end` when the run's training thread ends."""
+    `add_scalar` ~2 ms: too much for the loop). `end` when the run's training thread ends.
+    `make_writer()` (a SummaryWriter, which starts a thread of its own) and the board's thread are
+    started by the first record: a run that never trains (a HELLO, then nothing) costs no threads."""
 
-    def __init__(self, writer, name: str = "run"):
-        self.writer = writer
+    def __init__(self, make_writer, name: str = "run"):
+        self._make_writer, self.writer = make_writer, None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._device_last: dict[str, tuple[float, int]] = {}  # device -> (time, its samples trained) at its last step
         self._thread = threading.Thread(target=self._write_loop, name=f"tensorboard-{name}", daemon=True)
-        self._thread.start()
+
+    def _put(self, item) -> None:
+        if self.writer is None:  # called by one thread only: the run's training thread
+            self.writer = self._make_writer()
+            self._thread.start()
+        self._queue.put(item)
 
     def step(self, run, record: dict) -> None:
-        self._queue.put((record["step"], record["time"], self._scalars(record)))
+        self._put((record["step"], record["time"], self._scalars(record)))
 
     def end(self, run) -> None:
         """The run's training thread ended: its summary's numbers (last-epoch loss and metric) join, then close."""
         summary = {f"eval/{k}": v for k, v in read_summary(run.folder).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if summary:
-            self._queue.put((run.step, None, summary))
+            self._put((run.step, None, summary))
+        if self.writer is None:
+            return
         self._queue.put(None)
         self._thread.join()
         self.writer.close()

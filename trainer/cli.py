@@ -114,10 +114,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"{path} (max |onnx - torch| = {diff:.3g})")
 
 
+def configure_logging(verbose: bool) -> None:
+    """INFO, or DEBUG with -v; websockets stays at INFO even then: its DEBUG lines print request
+    headers (Authorization: Bearer TOKEN), the status page's ?token= and the HELLO frame's bytes."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     args = parse_with_profile(build_parser, argv, "trainer")
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "verbose", False))
     return run_command("trainer", lambda: args.handler(args))
 
 

@@ -80,8 +80,12 @@ class World:
         return f"{'wss' if config.certfile else 'ws'}://{config.host}:{port}/"
 
     def redirect_for(self, hello: Hello, config: ServerConfig) -> str | None:
-        """The URL of the rank that owns this HELLO's device, or None when it is this rank."""
-        owner = self.owner(run_of(hello, config.federated), hello.device_id)
+        """The URL of the rank that owns this HELLO's device, or None when it is this rank.
+        A single-device run is placed by its name alone: every HELLO naming it meets on one rank,
+        which refuses a second device (run_mismatch) as a single process does, instead of two ranks
+        training two devices into one run folder."""
+        run = run_of(hello, config.federated)
+        owner = self.owner(run, hello.device_id if config.federated else "")
         return None if owner == self.rank else self.url(config, owner)
 
 
@@ -123,6 +127,9 @@ def check_config(config: ServerConfig, world: World) -> None:
     if config.port == 0:
         raise ConfigError("--port 0 picks a random port per rank, so no rank could redirect to another; "
                           "give the base port (rank R listens on --port + R)")
+    if world.size > 1 and not config.world.rank_url and config.host in ("0.0.0.0", "::", ""):
+        raise ConfigError(f"--host {config.host!r} binds every interface, so it is no address a device can be "
+                          f"redirected to; give --rank-url (e.g. 'wss://trainer.example.com:{{port}}/')")
     if config.federated and config.optim.precision == "fp16" and world.size > 1:
         raise ConfigError("--precision fp16 (loss scaling) is not supported by a federated world of several "
                           "ranks: each rank's scaler would skip different steps; use fp32 or bf16")

@@ -172,6 +172,7 @@ class WorldRun(TrainingRun):
         with self._closed:
             if not self.stopped:
                 self.stopped = True
+                self._observe("end")
                 self._metrics.close()
                 self.strategy.close(self)
         self.notify()
@@ -183,7 +184,7 @@ class WorldFederatedPolicy(FederatedPolicy):
     def __init__(self, config: ServerConfig, stopping, budget, coordinator: "Coordinator"):
         super().__init__(config, stopping, budget)
         self.coordinator = coordinator
-        coordinator.runs = self.runs
+        coordinator.runs, coordinator.observers = self.runs, self.observers  # the same objects: filled in later
 
     async def open_run(self, name: str, hello: Hello) -> TrainingRun:
         if self.stopping():
@@ -206,6 +207,7 @@ class Coordinator:
         self.world, self.config = world, config
         self.cond = threading.Condition()
         self.runs: dict[str, WorldRun] = {}
+        self.observers: list = []  # the policy's run observers (TensorBoard, /metrics, the status page)
         self.opening: dict[str, dict] = {}  # run name -> HELLO meta, asked by this rank's devices
         self.waiting: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self.stop_requested = False
@@ -315,10 +317,11 @@ class Coordinator:
                 continue
             if name not in self.runs:
                 try:
-                    self.runs[name] = self._create(name, Hello.from_meta(asked[name]))
+                    self.runs[name] = run = self._create(name, Hello.from_meta(asked[name]))
                 except ProtocolError as exc:  # the same on every rank (the same files): the run stays closed
                     self._answer_waiters(name, exc)
                     continue
+                run.observers.extend(make(run) for make in self.observers)
             self._answer_waiters(name, self.runs[name])
 
     def _create(self, name: str, hello: Hello) -> WorldRun:
@@ -382,11 +385,13 @@ class Coordinator:
                                                  "per_epoch": dev.hello.samples_per_epoch,
                                                  "ids": rows.sample_ids.tolist()})
         self.steps += 1
-        append_record(run._metrics, {"step": run.step, "time": time.time(), "samples": run.samples_trained,
-                                     "rows": total, "rank_rows": len(rows) if rows is not None else 0,
-                                     "world_rows": [n for _, n in contributions], "loss": loss, **lrs,
-                                     "grad_norm": norm, "step_s": time.perf_counter() - t0,
-                                     "bytes_received": run.bytes_received, "queue_depth": queued, **fields})
+        record = {"step": run.step, "time": time.time(), "samples": run.samples_trained,
+                  "rows": total, "rank_rows": len(rows) if rows is not None else 0,
+                  "world_rows": [n for _, n in contributions], "loss": loss, **lrs,
+                  "grad_norm": norm, "step_s": time.perf_counter() - t0,
+                  "bytes_received": run.bytes_received, "queue_depth": queued, **fields}
+        append_record(run._metrics, record)
+        run._observe("step", record)
         check_finite(loss, run.step)
         if run.step % run.checkpoint_every == 0:
             self._checkpoint(run)

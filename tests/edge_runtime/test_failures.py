@@ -255,3 +255,19 @@ def test_redirect_is_followed_at_once(backbone, ws_server, tmp_path):
 def test_redirect_loop_fails_at_once(backbone, ws_server):
     err = fails_at_once(client(backbone, ws_server(redirecting())), "redirect_loop")
     assert "redirected this device 3 times" in str(err)
+
+
+def test_redirect_from_tls_to_plain_is_refused(backbone, ws_server, tls_context):
+    """A wss:// front that redirects to ws:// would have the device send its token in the clear."""
+    ctx, ca = tls_context
+    seen = []
+    plain = ws_server(redirecting(None, seen))  # would take a HELLO if the device went there
+    front = ws_server(redirecting(plain), ssl_context=ctx)
+    err = fails_at_once(client(backbone, front, ca=str(ca)), "bad_redirect")
+    assert "in the clear" in str(err) and seen == []
+
+
+def test_failure_at_a_redirect_target_names_that_target(backbone, ws_server):
+    """The rank a device was sent to cannot be resolved: the error names that host, not the front door's."""
+    err = fails_at_once(client(backbone, ws_server(redirecting("ws://rank1.invalid:9/"))), "dns")
+    assert "'rank1.invalid'" in str(err)

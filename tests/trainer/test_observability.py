@@ -279,3 +279,37 @@ def test_answered_pages_stay_out_of_the_log_but_refusals_do_not(start_server, ca
         assert get(server, "/status.json")[0] == 401
     sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP response sent")]
     assert sent == ["HTTP response sent (401 Unauthorized)"]
+
+
+def test_a_run_that_never_trains_starts_no_tensorboard_threads(start_server, taps):
+    """A HELLO opens a run; its TensorBoard writer (and the writer's threads) wait for its first step."""
+    from websockets.sync.client import connect
+
+    from mobillm.common import wire
+
+    server = start_server(tensorboard=True)
+    for i in range(3):
+        device = SimDevice(server.url, SyntheticTask(taps), task="sst2", device_id="d", run=f"hello-only-{i}")
+        with connect(server.url) as ws:
+            ws.send(wire.encode_frame(wire.MsgType.HELLO, device.hello()))
+            assert wire.decode_frame(ws.recv(timeout=10)).type == wire.MsgType.WELCOME
+    assert len(server.policy.runs) == 3
+    names = [t.name for t in threading.enumerate()]
+    assert not [n for n in names if n.startswith("tensorboard-")], names
+
+
+def test_verbose_logging_never_prints_the_token(start_server, caplog):
+    """`trainer serve -v` logs DEBUG, but not websockets' DEBUG lines: they hold the Authorization
+    header and the status page's ?token= query."""
+    from mobillm.trainer.cli import configure_logging
+
+    websockets_logger = logging.getLogger("websockets")
+    level = websockets_logger.level
+    try:
+        configure_logging(verbose=True)
+        server = start_server(token=TOKEN)
+        with caplog.at_level(logging.DEBUG):
+            assert get(server, f"/status.json?token={TOKEN}", TOKEN)[0] == 200  # header and query
+        assert caplog.records and TOKEN not in caplog.text
+    finally:
+        websockets_logger.setLevel(level)

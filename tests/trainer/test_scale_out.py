@@ -124,6 +124,17 @@ def test_placement_is_stable_and_spreads():
     assert World(0, 2).url(fronted, 1) == "wss://front.example/r1?p=9001"
 
 
+def test_a_single_device_run_is_placed_by_its_name():
+    """Two devices naming one single-device run meet on one rank (the second is refused there with
+    run_mismatch, as by one process), whatever their device ids."""
+    config = ServerConfig(port=9000)
+    owners = set()
+    for i in range(8):
+        hello = Hello.from_meta(SimDevice("ws://x/", SyntheticTask(TAPS), device_id=f"phone-{i}", run="shared").hello())
+        owners.add(World(0, 2).redirect_for(hello, config))
+    assert len(owners) == 1
+
+
 def test_world_env():
     assert World.from_env({}) is None
     assert World.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1)
@@ -137,6 +148,9 @@ def test_what_a_world_refuses():
     with pytest.raises(ConfigError, match="fp16"):
         check_config(ServerConfig(port=9000, federated=True, optim=OptimConfig(precision="fp16")), World(0, 2))
     check_config(ServerConfig(port=9000, federated=True, optim=OptimConfig(precision="bf16")), World(0, 2))
+    with pytest.raises(ConfigError, match="--rank-url"):  # devices would be sent to ws://0.0.0.0:PORT/
+        check_config(ServerConfig(port=9000, host="0.0.0.0"), World(0, 2))
+    check_config(ServerConfig(port=9000, host="0.0.0.0", world=WorldConfig(rank_url="ws://h:{port}/")), World(0, 2))
 
 
 def test_world_size_mismatch_on_resume_exits_2(tmp_path, capsys):
@@ -250,7 +264,7 @@ def test_kill_9_of_a_rank_then_the_world_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_independent_runs_sharded_across_ranks(tmp_path):
-    """Single-device runs: each lives on the rank that owns (run, device); no collectives."""
+    """Single-device runs: each lives on the rank that owns its run name; no collectives."""
     runs = tmp_path / "runs"
     port, procs = _start_world(2, runs, tmp_path, federated=False)
     try:
@@ -261,10 +275,39 @@ def test_independent_runs_sharded_across_ranks(tmp_path):
     finally:
         codes = _stop_world(procs)
     assert codes == [0, 0]
-    owners = [owner_rank(f"solo-{d.device_id}", d.device_id, 2) for d in devices]
+    owners = [owner_rank(f"solo-{d.device_id}", "", 2) for d in devices]  # single-device runs: by name
     assert set(owners) == {0, 1}
     for d, r, owner in zip(devices, results, owners):
         assert r.done is not None, r.error
         assert r.redirects == ([] if owner == 0 else [f"ws://127.0.0.1:{port + 1}/"])
         per_epoch = read_trained_ids(runs / d.run_name)
         assert [sorted(ids) for ids in per_epoch.values()] == [list(range(32))] * 2
+
+
+def test_world_federated_run_is_observed(tmp_path):
+    """A rank's federated runs reach the run observers (status page, /metrics, TensorBoard) like any run:
+    a world of one gloo rank in this process, one device."""
+    from mobillm.trainer.server import TrainerServer
+    from mobillm.trainer.status import snapshot
+    from mobillm.trainer.world_fed import Coordinator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        world = World(0, 1)
+        config = ServerConfig(port=0, runs_dir=str(tmp_path / "runs"), federated=True, threads=1,
+                              fed=FedConfig(width=32), tensorboard=False, bitplan_every=0)
+        coordinator = Coordinator(world, config)
+        server = TrainerServer(config, world=world, coordinator=coordinator)
+        server.start()
+        coordinator.start()
+        try:
+            SimDevice(server.url, SyntheticTask(TAPS, n_samples=16), device_id="phone-0", epochs=1,
+                      batch_size=8).run()
+            trace = server.http.traces["fed-synth"]
+            assert [s for s, _ in trace.curve] == [1, 2] and trace.last["loss"] > 0
+            (run,) = snapshot(server, server.http.traces, 0.0)["runs"]
+            assert run["name"] == "fed-synth" and run["step"] == 2 and len(run["loss_curve"]) == 2
+        finally:
+            server.stop()
+    finally:
+        dist.destroy_process_group()
