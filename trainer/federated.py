@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -293,6 +294,15 @@ class Federated:
         with self._summary_lock:  # device exports run in parallel: one writer of summary.json at a time
             write_json(self.folder / SUMMARY, self.summary(run))
 
+    def _flag_changes(self) -> str:
+        """The side/fed/optim settings in the run's saved config.json that this server's flags change."""
+        try:
+            saved = json.loads((self.folder / CONFIG).read_text())
+        except (OSError, ValueError):
+            return ""
+        now = {"side": asdict(self.model.cfg), "fed": asdict(self.fed)}
+        return ", ".join(c for key in now for c in _changed(saved.get(key, {}), now[key], key))
+
     def _save_config(self) -> None:
         data = {"run": self.name, **self.task, "side": asdict(self.model.cfg), "fed": asdict(self.fed),
                 "optim": asdict(self.optim), "families": {k: f.to_dict() for k, f in self.model.families.items()}}
@@ -325,11 +335,22 @@ class Federated:
             align = self.model.add_family(family)
             self.optimizer.add_param_group({"params": list(align.parameters()), "family": family.key})
             self.views[family.key] = self.model.view(family.key)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:  # other shapes or parameters: other side-network flags
+            raise ProtocolError("run_mismatch", f"federated run {self.name!r} was trained with other side-network "
+                                                f"flags than this server's ({self._flag_changes() or type(exc).__name__}); "
+                                                f"its operator restarts `trainer serve` with the run's flags "
+                                                f"(runs/{self.name}/config.json), or send another run name") from None
         self.amp.load_from(state)
         self.family_samples.update({k: int(v) for k, v in state["progress"]["family_samples"].items()})
         self._resumed = dict(state["devices"])
+
+
+def _changed(saved: dict, now: dict, prefix: str) -> list[str]:
+    """`prefix.key: saved -> now` for each setting that differs (keys in both)."""
+    return [f"{prefix}.{k}: {saved[k]!r} -> {now[k]!r}" for k in saved if k in now and saved[k] != now[k]]
 
 
 def _check_device(saved: dict, got: dict, run: str) -> None:

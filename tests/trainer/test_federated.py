@@ -213,3 +213,22 @@ def test_reconnect_resume_and_restart(start_server, tmp_path):
     regression = SimDevice(server.url, SyntheticTask(FAMILIES[0][0], task_type="regression", num_labels=1),
                            task="sst2", device_id="d8", num_layers=4)
     assert regression.run().error["code"] == "run_mismatch"
+
+
+def test_resume_with_other_side_flags_is_refused_naming_them(start_server, tmp_path):
+    """A federated run resumed by a server whose side-network flags changed (here --adapter-per-tap)
+    is refused with `run_mismatch` naming the setting, not a raw state-dict error (`server_error`)."""
+    from mobillm.trainer.config import SideConfig
+
+    server = start_server(federated=True, fed=FedConfig(width=32), checkpoint_every=1, bitplan_every=0)
+    task, layers = FAMILIES[0]
+    device = SimDevice(server.url, SyntheticTask(task, n_samples=32, seed=0), task="sst2", epochs=1, batch_size=16,
+                       device_id="d0", num_layers=layers)
+    assert device.run().error is None
+    server.stop()
+
+    server = start_server(federated=True, fed=FedConfig(width=32), resume=True, bitplan_every=0,
+                          side=SideConfig(adapter_per_tap=True))
+    device.url = server.url
+    error = device.run().error
+    assert error["code"] == "run_mismatch" and "adapter_per_tap: False -> True" in error["message"], error
