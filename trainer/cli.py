@@ -95,6 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         serve_world(config, world)
         return
+    if config.world != WorldConfig():
+        raise BadInput("--rank-url, --tick-s and --world-timeout only apply to a world of ranks launched by "
+                       "torchrun (docs/scale_out.md); this is a single process")
     check_world_file(config.runs_dir, 1, config.resume)
     from .server import TrainerServer
 

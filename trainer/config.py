@@ -8,6 +8,7 @@ complete recipe (the device's HELLO + the server's hyperparameters); it is writt
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -298,6 +299,8 @@ class ServerConfig:
             raise ConfigError(f"max_frame must be >= 1024 bytes, got {self.max_frame}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+        if self.metrics_port is not None and importlib.util.find_spec("prometheus_client") is None:
+            raise ConfigError("--metrics-port needs prometheus_client: pip install 'mobillm[observability]'")
         self._validate_limits()
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")

@@ -112,3 +112,14 @@ def test_bad_value_is_one_line_in_a_real_process():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["trainer: error: queue_size must be >= 1, got 0"]
+
+
+def test_world_flags_outside_a_world_exit_2(tmp_path, monkeypatch, capsys):
+    """--tick-s and friends are refused by a plain (non-torchrun) `trainer serve`, not silently ignored."""
+    from mobillm.trainer import cli as trainer_cli
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert trainer_cli.main(["serve", "--runs", str(tmp_path / "runs"), "--port", "0", "--tick-s", "0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun" in err[0] and "Traceback" not in err[0]
