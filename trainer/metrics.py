@@ -53,6 +53,13 @@ class ServerMetrics:
     def observer(self, run) -> "StepTimer":
         return StepTimer(self.step_seconds.labels(run.name))
 
+    def forget(self, run_name: str) -> None:
+        """Drop a run's step-time series (a run no longer held by the server)."""
+        try:
+            self.step_seconds.remove(run_name)
+        except KeyError:
+            pass
+
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the text exposition format."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -61,6 +61,9 @@ class RunTrace:
         return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
 
 
+KEEP_GONE = 64  # traces kept of runs the server no longer holds
+
+
 class StatusEndpoints:
     """The HTTP side of one `TrainerServer`: routes, the run traces behind them, and its metrics."""
 
@@ -77,8 +80,20 @@ class StatusEndpoints:
         return [self._trace] + ([self.metrics.observer] if self.metrics else [])
 
     def _trace(self, run) -> RunTrace:
+        self._prune()
         trace = self.traces[run.name] = RunTrace()
         return trace
+
+    def _prune(self) -> None:
+        """Keep the traces (and step-time series) of the runs the server holds, plus the last
+        KEEP_GONE of those it let go (finished or released idle runs), so that a stream of new run
+        names cannot grow them without bound."""
+        held = set(getattr(self.server.policy, "runs", {}))
+        gone = [name for name in self.traces if name not in held]  # oldest first (insertion order)
+        for name in gone[:max(len(gone) - KEEP_GONE, 0)]:
+            del self.traces[name]
+            if self.metrics is not None:
+                self.metrics.forget(name)
 
     def refused(self, reason: str) -> None:
         """A connection was ended by the server with ERROR `reason`."""

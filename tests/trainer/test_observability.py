@@ -313,3 +313,32 @@ def test_verbose_logging_never_prints_the_token(start_server, caplog):
         assert caplog.records and TOKEN not in caplog.text
     finally:
         websockets_logger.setLevel(level)
+
+
+def test_traces_of_runs_the_server_let_go_are_bounded(tmp_path):
+    """A stream of new run names (issue 17's 10,000) cannot grow the status page's traces or the
+    step-time series without bound: only held runs plus the last KEEP_GONE others are kept."""
+    from types import SimpleNamespace
+
+    from mobillm.trainer import status
+    from mobillm.trainer.config import ServerConfig
+    from mobillm.trainer.server import TrainerServer
+
+    server = TrainerServer(ServerConfig(runs_dir=str(tmp_path / "runs"), port=0))
+    held = SimpleNamespace(name="held")
+    server.policy.runs["held"] = held
+    server.http._trace(held)
+    timers = []
+    for i in range(status.KEEP_GONE + 50):
+        gone = SimpleNamespace(name=f"gone-{i}")
+        server.http._trace(gone)
+        if server.http.metrics is not None:
+            timers.append(server.http.metrics.observer(gone))
+            timers[-1].step(gone, {"step_s": 0.01})
+    names = list(server.http.traces)
+    assert "held" in names and len(names) <= status.KEEP_GONE + 2
+    assert f"gone-{status.KEEP_GONE + 49}" in names and "gone-0" not in names
+    if server.http.metrics is not None:
+        server.policy.runs.clear()  # the live collector reads real runs; the histogram is what is checked
+        body = server.http.metrics.exposition()[0].decode()
+        assert 'run="gone-0"' not in body and f'run="gone-{status.KEEP_GONE + 48}"' in body
