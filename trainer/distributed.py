@@ -131,8 +131,9 @@ def check_config(config: ServerConfig, world: World) -> None:
         raise ConfigError(f"--host {config.host!r} binds every interface, so it is no address a device can be "
                           f"redirected to; give --rank-url (e.g. 'wss://trainer.example.com:{{port}}/')")
     if config.federated and config.optim.precision == "fp16" and world.size > 1:
-        raise ConfigError("--precision fp16 (loss scaling) is not supported by a federated world of several "
-                          "ranks: each rank's scaler would skip different steps; use fp32 or bf16")
+        raise ConfigError("fp16 training (--precision fp16, also set by --profile paper) is not supported by a "
+                          "federated world of several ranks: each rank's loss scaler would skip different steps; "
+                          "add --precision bf16 (or fp32)")
 
 
 def init_process_group(config: ServerConfig, world: World) -> None:
