@@ -8,6 +8,7 @@ Printed per run: the bit-widths the planner chose per tap (its last plan and eve
 bytes and wire seconds per batch, and dev accuracy.
 
     python bench/bitplan.py --rows 256 --dev-rows 200 --mbps 10,60,100
+    python bench/bitplan.py --engine ENGINE --rows 2048 --dev-rows 400 --latency-target 0.2   # a real backbone
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def one_run(bb, examples, dev, task, url: str, rule: str, a, side: Path) -> dict
     acc = JointModel(bb, side).evaluate(dev, task, a.max_len, a.batch_size, progress=False)
     plans = [h["plan"] for h in stats.bit_plans]
     distinct = [p for i, p in enumerate(plans) if i == 0 or p != plans[i - 1]]
-    measured = sorted(h["bandwidth_Bps"] for h in stats.bit_plans[1:]) or [0.0]  # the first sees a free credit
+    measured = sorted(h["bandwidth_Bps"] for h in stats.bit_plans) or [0.0]
     return {"plan": plans[-1] if plans else client.planner.plan, "plans": distinct, "batches": stats.batches_sent,
             "measured_MBps": measured[len(measured) // 2] / 1e6,
             "bytes_per_batch": stats.bytes_sent / max(stats.batches_sent, 1),
@@ -112,7 +113,9 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(10)
-    print(f"\nmodel {a.model} random-init, {a.layers} layers, {len(bb.manifest.taps)} taps, SST-2 {len(examples)} "
+    m = bb.manifest
+    made = f"{a.model} random-init" if a.engine is None else f"{a.engine} ({(m.export_options or {}).get('model', m.model_id)})"
+    print(f"\nengine {made}, {m.num_layers} layers, {len(m.taps)} taps, SST-2 {len(examples)} "
           f"train / {len(dev)} dev rows, batch {a.batch_size}, tokens mode, latency target {a.latency_target}s, "
           f"server queue {a.queue}")
     print("| Mbps | rule | bits per tap (last plan) | plans seen | measured MB/s | KB/batch | wire s/batch | dev acc "
