@@ -73,8 +73,8 @@ def main() -> None:
     p.add_argument("--mbps", default="10,60,100", help="uplink rates, Mbit/s, comma-separated")
     p.add_argument("--latency-target", type=float, default=0.05, help="seconds one batch may take on the uplink")
     p.add_argument("--threads", type=int, default=1, help="ORT threads on the device")
-    p.add_argument("--queue", type=int, default=1, help="server credits: few, so that the device's send time "
-                                                        "(credit wait + send) follows the link, not socket buffers")
+    p.add_argument("--queue", type=int, default=1, help="server credits (batches in flight); the device's "
+                                                        "wire s/batch counts the credit wait")
     a = p.parse_args()
 
     from mobillm.common.tasks import get_task
@@ -114,7 +114,8 @@ def main() -> None:
             server.terminate()
             server.wait(10)
     m = bb.manifest
-    made = f"{a.model} random-init" if a.engine is None else f"{a.engine} ({(m.export_options or {}).get('model', m.model_id)})"
+    made = f"{a.model} random-init" if a.engine is None else \
+        f"{a.engine} ({(m.export_options or {}).get('model', m.model_id)})"
     print(f"\nengine {made}, {m.num_layers} layers, {len(m.taps)} taps, SST-2 {len(examples)} "
           f"train / {len(dev)} dev rows, batch {a.batch_size}, tokens mode, latency target {a.latency_target}s, "
           f"server queue {a.queue}")
