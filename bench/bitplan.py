@@ -4,10 +4,12 @@ One engine exported with --quant fp16 --tap-formats int4,nf4,fp8,int8,fp16 (the 
 switched in the graph), one `trainer serve`, and per bandwidth a LinkProxy throttling the uplink
 (common/netsim.py, as bench/compare.py's 60 Mbps method). Each rule x bandwidth is a short run
 (tokens mode, so the taps are big enough for the link to matter) followed by a dev evaluation.
-Printed per run: the bit-widths the planner chose per tap (its last plan and every distinct one),
-bytes and wire seconds per batch, and dev accuracy.
+Printed per run: the bit-widths the planner chose per tap (its last plan, the share of each format
+over all re-plans, and the distinct plans in order), the device's uplink estimate (median), bytes
+and wire seconds per batch, and dev accuracy.
 
     python bench/bitplan.py --rows 256 --dev-rows 200 --mbps 10,60,100
+    python bench/bitplan.py --engine ENGINE --rows 2048 --dev-rows 400 --latency-target 0.2   # a real backbone
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from mobillm.common.netsim import LinkProxy, free_port, wait_listening
@@ -52,12 +55,27 @@ def one_run(bb, examples, dev, task, url: str, rule: str, a, side: Path) -> dict
     acc = JointModel(bb, side).evaluate(dev, task, a.max_len, a.batch_size, progress=False)
     plans = [h["plan"] for h in stats.bit_plans]
     distinct = [p for i, p in enumerate(plans) if i == 0 or p != plans[i - 1]]
-    measured = sorted(h["bandwidth_Bps"] for h in stats.bit_plans[1:]) or [0.0]  # the first sees a free credit
-    return {"plan": plans[-1] if plans else client.planner.plan, "plans": distinct, "batches": stats.batches_sent,
+    measured = sorted(h["bandwidth_Bps"] for h in stats.bit_plans) or [0.0]
+    return {"plan": plans[-1] if plans else client.planner.plan, "plans": distinct, "mix": format_mix(plans),
+            "replans": len(plans), "batches": stats.batches_sent,
             "measured_MBps": measured[len(measured) // 2] / 1e6,
             "bytes_per_batch": stats.bytes_sent / max(stats.batches_sent, 1),
             "send_s_per_batch": stats.send_s / max(stats.batches_sent, 1),
             "stream_s": stats.stream_s, "accuracy": acc.get("accuracy", next(iter(acc.values())))}
+
+
+def format_mix(plans: list[list[str]]) -> str:
+    """Share of each format over every re-plan and tap, e.g. "int4 86%, fp8 9%, int8 5%", cheapest first."""
+    counts = Counter(f for plan in plans for f in plan)
+    total = sum(counts.values()) or 1
+    return ", ".join(f"{f} {100 * counts[f] / total:.0f}%" for f in RUNGS.split(",") if counts[f])
+
+
+def plans_seen(distinct: list[list[str]], replans: int) -> str:
+    """The chain of plans a run went through, or how often it changed when that chain is long."""
+    if len(distinct) <= 4:
+        return " → ".join("/".join(p) for p in distinct)
+    return f"{len(distinct) - 1} changes in {replans} re-plans"
 
 
 def main() -> None:
@@ -72,8 +90,8 @@ def main() -> None:
     p.add_argument("--mbps", default="10,60,100", help="uplink rates, Mbit/s, comma-separated")
     p.add_argument("--latency-target", type=float, default=0.05, help="seconds one batch may take on the uplink")
     p.add_argument("--threads", type=int, default=1, help="ORT threads on the device")
-    p.add_argument("--queue", type=int, default=1, help="server credits: few, so that the device's send time "
-                                                        "(credit wait + send) follows the link, not socket buffers")
+    p.add_argument("--queue", type=int, default=1, help="server credits (batches in flight); the device's "
+                                                        "wire s/batch counts the credit wait")
     a = p.parse_args()
 
     from mobillm.common.tasks import get_task
@@ -112,15 +130,18 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(10)
-    print(f"\nmodel {a.model} random-init, {a.layers} layers, {len(bb.manifest.taps)} taps, SST-2 {len(examples)} "
+    m = bb.manifest
+    made = f"{a.model} random-init" if a.engine is None else \
+        f"{a.engine} ({(m.export_options or {}).get('model', m.model_id)})"
+    print(f"\nengine {made}, {m.num_layers} layers, {len(m.taps)} taps, SST-2 {len(examples)} "
           f"train / {len(dev)} dev rows, batch {a.batch_size}, tokens mode, latency target {a.latency_target}s, "
           f"server queue {a.queue}")
-    print("| Mbps | rule | bits per tap (last plan) | plans seen | measured MB/s | KB/batch | wire s/batch | dev acc "
-          "| run s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| Mbps | rule | bits per tap (last plan) | formats over all re-plans | plans seen | measured MB/s | "
+          "KB/batch | wire s/batch | dev acc | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mbps, rule, r, wall in results:
-        seen = " → ".join("/".join(p) for p in r["plans"])
-        print(f"| {mbps:g} | {rule} | {'/'.join(r['plan'])} | {seen} | {r['measured_MBps']:.2f} | "
+        seen = plans_seen(r["plans"], r["replans"])
+        print(f"| {mbps:g} | {rule} | {'/'.join(r['plan'])} | {r['mix']} | {seen} | {r['measured_MBps']:.2f} | "
               f"{r['bytes_per_batch'] / 1e3:.0f} | "
               f"{r['send_s_per_batch']:.3f} | {r['accuracy']:.3f} | {wall:.0f} |")
 

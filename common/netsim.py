@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CHUNK = 16384  # bytes read per forwarding step: the granularity of pacing and of cuts
+SLACK = 0.01  # seconds a paced link may catch up on after a late wake-up (a burst of at most rate x SLACK)
 
 
 def free_port() -> int:
@@ -148,6 +149,8 @@ class LinkProxy:
         self._writers -= {writer, w2}
 
     async def _pipe(self, reader, writer, conn: Connection, up: bool):
+        loop = asyncio.get_running_loop()
+        due = 0.0  # when the link is done with the bytes forwarded so far
         try:
             while data := await reader.read(CHUNK):
                 if conn.closed:
@@ -155,8 +158,11 @@ class LinkProxy:
                 data, cut = self.forward(conn, data, up)
                 rate = self.rate if up else self.down_rate
                 if rate and not cut:
-                    # Pacing, not synchronisation: each chunk takes the time the link would need for it.
-                    await asyncio.sleep(len(data) / rate)
+                    # Pacing, not synchronisation: each chunk takes the time the link would need for it, on a
+                    # schedule, so that late wake-ups and the proxy's own work do not slow the link below `rate`
+                    # (only a link idle for longer than SLACK starts a new schedule).
+                    due = max(due, loop.time() - SLACK) + len(data) / rate
+                    await asyncio.sleep(due - loop.time())
                 if up:
                     conn.sent_up += len(data)
                     self.bytes_up += len(data)

@@ -125,13 +125,24 @@ ALLOCATORS = {"utility": allocate, "paper": allocate_paper}
 
 
 class UplinkMeter:
-    """Uplink throughput from the device's own sends: bytes over busy seconds, sliding window."""
+    """Uplink throughput: bytes over the seconds the link was busy with them, sliding window.
+
+    The device feeds it delivery times (`delivered`), not send times: a send returns as soon as
+    its bytes sit in socket buffers, which read a 7.5 MB/s link as 12 MB/s (docs/benchmarks.md)."""
 
     def __init__(self, window: int = 8):
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._last_delivered = float("-inf")
 
     def record(self, nbytes: int, seconds: float) -> None:
         self._samples.append((nbytes, max(seconds, 1e-6)))
+
+    def delivered(self, nbytes: int, started: float, arrived: float) -> None:
+        """A frame of `nbytes` whose send began at `started` was fully read by the peer at `arrived`
+        (perf_counter seconds). The link worked on it from its start or from the previous frame's
+        arrival, whichever is later (frames queued behind each other share no link time)."""
+        self.record(nbytes, arrived - max(started, self._last_delivered))
+        self._last_delivered = arrived
 
     @property
     def bytes_per_second(self) -> float | None:

@@ -15,6 +15,7 @@ no retry can fix end the run at once with the likely cause (failures.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -38,7 +39,7 @@ from mobillm.common.tasks import Task
 from mobillm.kernels import codec
 
 from .backbone import Backbone, TapOutput
-from .bitplan import AUTO_CHOICES, auto_rule
+from .bitplan import AUTO_CHOICES, UplinkMeter, auto_rule
 from .data import Example
 from .distortion import make_planner
 from .failures import RETRYABLE, ServerError, check_server_url, final_error, refusal, retry_reason
@@ -436,16 +437,12 @@ class StreamClient:
             self._unacked.popleft()
 
     async def _send(self, ws, item: _Sent, credits: asyncio.Semaphore, receiver: asyncio.Task):
-        # Waiting for a credit counts as send time: with K batches in flight, credits come back
-        # only as fast as the link delivers them, whatever the socket buffers absorb.
+        # Send time (stats) includes the credit wait; the uplink meter times delivery instead (send_timed).
         t0 = time.perf_counter()
         await _unless_closed(credits.acquire(), receiver)
-        await ws.send(item.frame)
-        dt = time.perf_counter() - t0
-        self.stats.send_s += dt
+        await send_timed(ws, item.frame, self.planner.meter if self.planner else None)
+        self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += len(item.frame)
-        if self.planner:
-            self.planner.meter.record(len(item.frame), dt)
 
     async def _send_all(self, ws, credits, state, stop_streaming, receiver):
         for item in list(self._unacked):  # re-send what the server never acknowledged
@@ -512,6 +509,23 @@ class StreamClient:
         meta = dict(self.model_meta, task=self.task.name, engine=str(self.bb.folder))
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         return path
+
+
+async def send_timed(ws, frame: bytes, meter: UplinkMeter | None) -> None:
+    """Send `frame`; with a meter, a WebSocket ping right behind it times the frame's delivery. The
+    peer's WebSocket layer answers a ping once it has read every byte before it, so the pong's
+    arrival follows the link, not the socket buffers a send returns into (and not the server's
+    training pace, which only delays CREDITs). The device does not wait for the pong."""
+    started = time.perf_counter()
+    await ws.send(frame)
+    if meter is not None:
+        pong = await ws.ping()
+        pong.add_done_callback(functools.partial(_delivered, meter, len(frame), started))
+
+
+def _delivered(meter: UplinkMeter, nbytes: int, started: float, pong: asyncio.Future) -> None:
+    if not pong.cancelled() and pong.exception() is None:  # no pong: the connection closed, nothing to learn
+        meter.delivered(nbytes, started, time.perf_counter())
 
 
 async def _unless_closed(coro, receiver: asyncio.Task):
