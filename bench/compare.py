@@ -5,7 +5,7 @@ BitFit as the paper pairs it), LST, MobiLLM-L and mobillm.
 
 Every method runs in its own fresh process (bench/compare_workers.py) under an address-space
 limit, on the same training rows in the same batch order (the device's own length-bucketed
-plan, `edge_runtime.stream.plan_batches`), with a random-init backbone built from the same
+plan, `edge_runtime.batches.plan_batches`), with a random-init backbone built from the same
 config and seed. Per method: device peak RSS (VmHWM), device compute seconds per iteration,
 bytes per sample on the link, the dev metric against wall-clock, the time to reach a target
 metric and the metric after the budget. Evaluation pauses each method's clock.

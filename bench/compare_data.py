@@ -71,7 +71,7 @@ def prepare_data(s: Settings, engine: Path, work: Path) -> dict:
     from mobillm.common.tasks import get_task
     from mobillm.common.tokenize import EngineTokenizer
     from mobillm.edge_runtime.data import load_examples
-    from mobillm.edge_runtime.stream import plan_batches
+    from mobillm.edge_runtime.batches import plan_batches
     from mobillm.common.manifest import Manifest
 
     task = get_task(s.task)

@@ -23,7 +23,8 @@ from mobillm.common.tasks import Task
 
 from .backbone import EngineOptions
 from .data import DataError, DataOptions, Example, load_examples
-from .stream import StreamClient, TrainOptions, fixed_formats, stats_dict
+from .batches import fixed_formats
+from .stream import StreamClient, TrainOptions, stats_dict
 
 # predict and eval batch rows with training's two fields (and their defaults); the rest are train-only.
 BATCH_FIELDS = ("max_len", "batch_size")

@@ -16,7 +16,7 @@ from mobillm.kernels import codec
 
 from .backbone import Backbone, choose_providers
 from .data import Example
-from .stream import plan_batches
+from .batches import plan_batches
 
 
 class JointModel:

@@ -4,7 +4,7 @@ import pytest
 
 from mobillm.common.errors import BadInput
 from mobillm.edge_runtime.bitplan import PAPER_RUNGS, BitPlanner, allocate, allocate_paper, auto_rule
-from mobillm.edge_runtime.stream import fixed_formats
+from mobillm.edge_runtime.batches import fixed_formats
 
 # The worked example of docs/edge_runtime.md: three taps, one token per tap, block 64.
 # Bytes per row: H=64: int4/nf4 34, fp8/int8 66, fp16 128; H=128: 68, 132, 256.

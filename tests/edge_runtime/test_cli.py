@@ -133,7 +133,7 @@ def test_data_options_resolve_task():
 
 
 def test_fixed_formats():
-    from mobillm.edge_runtime.stream import fixed_formats
+    from mobillm.edge_runtime.batches import fixed_formats
 
     for ok in ("engine", "auto", "nf4", "none", "nf4,int8,fp8,fp16"):
         fixed_formats(ok, 4)

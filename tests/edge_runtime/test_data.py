@@ -8,7 +8,7 @@ import pytest
 
 from mobillm.common.tasks import get_task
 from mobillm.edge_runtime.data import DataError, load_examples
-from mobillm.edge_runtime.stream import plan_batches
+from mobillm.edge_runtime.batches import plan_batches
 
 GLUE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "glue"
 

@@ -9,7 +9,7 @@ import pytest
 
 from mobillm.common import wire
 from mobillm.edge_runtime.backbone import Backbone, row_indices
-from mobillm.edge_runtime.stream import build_batch
+from mobillm.edge_runtime.batches import build_batch
 from mobillm.kernels import codec, onnx_codec
 
 
