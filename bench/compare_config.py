@@ -121,7 +121,8 @@ class Settings:
     lr_full: float = option(5e-5, "peak lr, Full-FT and split")
     lr_lora: float = option(5e-4, "peak lr, LoRA")
     lr_bitfit: float = option(1e-3, "peak lr, BitFit")
-    lr_lst: float = option(3e-3, "peak lr, LST (the LST paper's GLUE setting)")
+    lr_lst: float = option(1e-3, "peak lr, LST (the LST paper's GLUE setting, 3e-3, unsettles the side "
+                                      "network's pruned Gemma weights: docs/benchmarks.md)")
     lr_side: float = option(1e-3, "peak lr, side network (mobillm, MobiLLM-L)")
     mobillm_epochs: int | None = option(None, "epochs of the mobillm runs (default: sized to the budget from the "
                                               "measured forward rate)")

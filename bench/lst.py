@@ -8,13 +8,18 @@ in bench/baselines.py (OPT, Gemma 3): the `lst` method of bench/compare.py.
   never trains; hooks collect every layer's hidden state on the way.
 - The side network is the backbone's own architecture (the same HF class, as many layers) shrunk
   to width d/r: hidden, FFN width and head dim all divided by r, the head count kept.
-- Ladder: side layer i reads mu_i * down_i(h_i) + (1 - mu_i) * s_{i-1}, where h_i is backbone layer
-  i's output (the last one after the final norm, where the width is kept), s_{i-1} the previous
-  side layer's output, down_i a learned linear d -> d/r and mu_i = sigmoid(alpha_i / T) with
-  T = 0.1 and alpha_i = 0 at the start (LST's gate). The first side layer reads down_0(h_0), the
-  embedding output.
-  Deviation: h_i is RMS-normalized (no weights) before down_i, because Gemma's residual stream
-  carries ~1e5 outliers that a fresh linear layer cannot take.
+- Ladder: side layer i reads mu_i * l_i + (1 - mu_i) * s_{i-1}, where s_{i-1} is the previous
+  side layer's output, l_i = down_i(norm_i(h_i)) rescaled to s_{i-1}'s per-token RMS, h_i is
+  backbone layer i's output (the last one after the final norm, where the width is kept), down_i a
+  learned linear d -> d/r and mu_i = sigmoid(alpha_i / T) with T = 0.1 and alpha_i = 0 at the
+  start (LST's gate). The first side layer reads down_0(norm_0(h_0)), h_0 the embedding output.
+  Two deviations, both for Gemma (measured in docs/benchmarks.md, "Why LST did not learn on Gemma"):
+  norm_i is backbone layer i+1's own pre-norm (Gemma's input_layernorm; an RMS norm without
+  weights for h_N), the view the backbone itself reads: Gemma's residual stream carries ~1e5
+  outlier dims that a plain RMS norm turns into one huge entry and ~0.03 everywhere else; and the
+  ladder enters at the side stream's own scale, because the pruned Gemma layers (post-norm scales
+  copied) grow the side stream ~100x over 18 layers: a ladder at a fixed scale is drowned by the
+  deep layers (its gradient went to 0).
 - Head: the side network's last-token output (last non-padded position, as OPT/Gemma's sequence
   classifiers pool), up-projected d/r -> d by a learned linear, then a linear classifier (both
   initialised as HF initialises a classifier head: normal with std `initializer_range`, zero bias).
@@ -144,6 +149,22 @@ def init_side_from_backbone(backbone, side) -> None:
             p.copy_(w)
 
 
+def reading_norms(backbone) -> list:
+    """How the ladder reads h_0 .. h_N: h_i (i < N) through backbone layer i's own pre-norm (Gemma's
+    input_layernorm, pre-LN OPT's self_attn_layer_norm), the view that layer reads, whose learned scale
+    damps the massive outlier dims; an RMS norm without weights where there is none (h_N after the
+    final norm, post-LN OPT-350m)."""
+    def rms(h):
+        return nn.functional.rms_norm(h, h.shape[-1:])
+
+    norms = []
+    for layer in _layers(backbone):
+        pre_ln = getattr(layer, "do_layer_norm_before", True)
+        norm = getattr(layer, "input_layernorm", None) or (layer.self_attn_layer_norm if pre_ln else None)
+        norms.append(norm if norm is not None else rms)
+    return norms + [rms]
+
+
 class LadderSideTuning(nn.Module):
     """A frozen backbone + a trainable ladder side network and head; called like an HF classifier."""
 
@@ -168,17 +189,21 @@ class LadderSideTuning(nn.Module):
             nn.init.normal_(head.weight, std=std)
             nn.init.zeros_(head.bias)
         self.num_labels = num_labels
+        self.reads = reading_norms(backbone)
         self._ladder: list[torch.Tensor] = []
         for i, layer in enumerate(_layers(self.side)):
             layer.register_forward_pre_hook(self._mixer(i), with_kwargs=True)
 
     def _mixer(self, i: int):
-        """Pre-hook of side layer i: its input becomes mu_i * down_{i+1}(h_{i+1}) + (1 - mu_i) * input."""
+        """Pre-hook of side layer i: its input s becomes mu_i * l_{i+1} + (1 - mu_i) * s, l_{i+1} the ladder
+        at s's per-token RMS (the module docstring)."""
         def hook(module, args, kwargs):
             mu = torch.sigmoid(self.alpha[i] / GATE_TEMPERATURE)
-            if args:
-                return (mu * self._ladder[i + 1] + (1 - mu) * args[0], *args[1:]), kwargs
-            return args, dict(kwargs, hidden_states=mu * self._ladder[i + 1] + (1 - mu) * kwargs["hidden_states"])
+            s = args[0] if args else kwargs["hidden_states"]
+            scale = s.pow(2).mean(-1, keepdim=True).sqrt()
+            ladder = nn.functional.rms_norm(self._ladder[i + 1], s.shape[-1:]) * scale
+            mixed = mu * ladder + (1 - mu) * s
+            return ((mixed, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=mixed))
         return hook
 
     @torch.no_grad()
@@ -204,7 +229,7 @@ class LadderSideTuning(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         states = self.backbone_states(input_ids, attention_mask)
-        self._ladder = [down(nn.functional.rms_norm(h, h.shape[-1:])) for down, h in zip(self.down, states)]
+        self._ladder = [down(norm(h)) for down, norm, h in zip(self.down, self.reads, states)]
         try:
             s = self.side(inputs_embeds=self._ladder[0], attention_mask=attention_mask).last_hidden_state
         finally:

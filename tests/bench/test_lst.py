@@ -103,3 +103,28 @@ def test_loss_falls_on_a_toy_task():
 def test_reduction_must_divide_the_dims():
     with pytest.raises(ValueError, match="must divide"):
         LadderSideTuning(opt_classifier().base_model, 2, reduction=5)
+
+
+def test_ladder_reads_gemmas_pre_norm_and_enters_at_the_side_streams_scale():
+    """Regression (real Gemma 3 270M did not learn): the ladder reads h_i through the backbone's own
+    pre-norm, and enters each side layer at the side stream's per-token RMS however large that grows
+    (the pruned Gemma layers grow it ~100x; a fixed-scale ladder was drowned and its gradient went to 0)."""
+    model, _ = adapt(gemma_classifier(), "lst")
+    bb_layers, side_layers = model.backbone.layers, model.side.layers
+    assert all(model.reads[i] is bb_layers[i].input_layernorm for i in range(len(bb_layers)))
+    seen = {}
+    side_layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("s", out[0] if isinstance(out, tuple) else out))
+    side_layers[1].register_forward_pre_hook(  # registered after the ladder's mixer: sees the mixed input
+        lambda m, a, kw: seen.__setitem__("x", a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        model.alpha.fill_(10.0)  # mu = sigmoid(100) = 1: side layer 1 reads the ladder alone
+        side_layers[0].post_feedforward_layernorm.weight.fill_(1000.0)  # a side stream grown as Gemma's grows
+    ids, mask = batch()
+    model(input_ids=ids, attention_mask=mask)
+    stream_rms, input_rms = (seen[k].pow(2).mean(-1).sqrt() for k in ("s", "x"))
+    assert stream_rms.min() > 20  # (the ladder itself comes out of down_i at RMS ~0.5)
+    assert torch.allclose(input_rms, stream_rms, rtol=1e-3)
+    model.alpha.data.fill_(0.0)  # mu = 0.5: the backbone's signal still reaches the side's last layer
+    model.down[-1].weight.grad = None
+    model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1] * 4)).loss.backward()
+    assert model.down[-1].weight.grad.abs().max() > 1e-4
