@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ SCALES = {  # pre-auth connections, oversized HELLOs, maximal batches, distinct 
     "full": (1000, 100, 50, 10000, 1024, 64 << 20, "192M", 900),  # the goals
 }
 IDLE_TIMEOUT = 2.0
+SAFETY_CAP = 1.5  # x the budget: the watcher kills the server past it (a memcap on the server alone)
 ORT_FILES = 3  # the first ONNX Runtime session (the export check) opens its telemetry db files, once
 
 
@@ -109,8 +111,10 @@ def test_hostile_clients_under_a_memory_budget(profile, server_process, check_ex
     watching = threading.Event()
 
     def watch() -> None:
-        while not watching.is_set():
+        while not watching.is_set() and server.proc.poll() is None:
             peak[0] = max(peak[0], server.rss_mb())
+            if peak[0] > SAFETY_CAP * budget_mib:  # never let a failing server take the machine with it
+                os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -132,7 +136,7 @@ def test_hostile_clients_under_a_memory_budget(profile, server_process, check_ex
                                                   taps=[dict(t, hidden=768) for t in TAPS])])
                    for i in range(n_hellos))
     wide = [dict(t, hidden=65536, fmt="nf4") for t in TAPS]  # finding 3: maximal pooled nf4 batches
-    big = SyntheticTask(wide, n_samples=big_rows)
+    big = SyntheticTask(wide, n_samples=big_rows, min_len=1, max_len=1)  # pooled sends one token: make only that
     big_batch = wire.batch_frame(big.batch(0, np.arange(big_rows), "pooled"))
     assert len(big_batch) <= max_frame
     batches = Counter(first_reply(server.url, [hello(f"big-{i}", f"big-{i}", taps=wide, mode="pooled",
