@@ -17,6 +17,7 @@ leave on close) plus the state the WELCOME reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -137,7 +138,7 @@ class RunTable:
         self.reservations: dict[str, mem.Reservation] = {}
         self.released: set[str] = set()  # names released when idle: resumed on their next HELLO
         self.refused: set[str] = set()  # folders refused without --resume (cut back and logged once)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list] = {}  # name -> [lock, holders and waiters]
         self.observers: list = []  # `make(run) -> observer` for each new run (training.TrainingRun.observers)
 
     def stop(self) -> None:
@@ -147,8 +148,19 @@ class RunTable:
         for run in runs:
             run.stop()
 
-    def lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str):
+        """Hold run `name`'s lock (opening and releasing a run is serialised per name). Its entry goes
+        when nobody holds or awaits it, so run names that come and go leave nothing behind."""
+        entry = self._locks.setdefault(name, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[name]
 
     async def open_locked(self, name: str, hello: Hello, create, cost: int = 0):
         """The run `name`, made by `create(name, hello)` in an executor (it reads files) and started when new,
@@ -308,7 +320,8 @@ class SingleDevicePolicy(RunTable):
                 raise ProtocolError("bad_hello", "this server caches taps (--cache), which needs one format per "
                                                  "tap; send bits 'engine' or fixed formats instead of 'auto'")
             check_pooling(cfg, hello)
-            check_folder_count(Path(cfg.runs_dir), cfg.max_run_folders)
+            if not folder.exists():
+                check_folder_count(Path(cfg.runs_dir), cfg.max_run_folders)
             run_cfg = RunConfig(
                 run=name, task=hello.task, task_type=hello.task_type, num_labels=hello.num_labels,
                 model_id=hello.model_id, manifest_sha256=hello.manifest_sha256, device_id=hello.device_id,
