@@ -81,6 +81,8 @@ def table(rows: dict[str, dict]) -> list[tuple[str, str]]:
                                         f"{fmt(r['run_names'])}; {r['attack_s']} s"))
         out.append(("hostile: threads / fds idle -> after", f"{r['threads'][0]} -> {r['threads'][1]} / {r['fds'][0]} "
                                                             f"-> {r['fds'][1]}"))
+        if "run_folders" in r:
+            out.append(("hostile: run folders left", f"{r['run_folders']} (the runs that trained)"))
         out.append(("hostile: legit device lost / duplicated", f"{r['samples_lost']} / {r['samples_duplicated']}"))
     if get("test_wss"):
         out.append(("TLS", "wss:// verified with --ca; no CA, wrong token, plain ws:// refused"))

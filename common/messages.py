@@ -430,7 +430,7 @@ class TrainingDone:
 # ERROR codes of the server's limits (docs/protocol.md lists every code). A device must not retry
 # them as they are: each says what to change first.
 OVER_BUDGET = "over_budget"  # the server's --memory-budget has no room for this session, run or batch
-TOO_MANY_RUNS = "too_many_runs"  # the device id holds --max-runs-per-client open runs
+TOO_MANY_RUNS = "too_many_runs"  # the device id holds --max-runs-per-client open runs, or --runs --max-run-folders
 RUN_EXISTS = "run_exists"  # the run has a checkpoint and the server was restarted without --resume
 LIMIT_CODES = frozenset({OVER_BUDGET, TOO_MANY_RUNS, RUN_EXISTS})
 

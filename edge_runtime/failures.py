@@ -36,8 +36,9 @@ HINTS = {
     "run_mismatch": "another engine, task or device already uses this run: pass another --run",
     "over_budget": "the server's --memory-budget has no room for this run or batch now: send smaller batches "
                    "(--batch-size), try again later, or ask its operator for a larger budget",
-    "too_many_runs": "this device id already holds the server's --max-runs-per-client open runs: finish one, "
-                     "or wait until the server releases idle runs (--idle-timeout)",
+    "too_many_runs": "this device id already holds the server's --max-runs-per-client open runs (finish one, "
+                     "or wait until the server releases idle runs, --idle-timeout), or the server holds its "
+                     "--max-run-folders runs (continue an existing --run, or ask its operator to archive runs)",
 }
 
 

@@ -249,6 +249,8 @@ class ServerConfig:
                                           "released (restored on its next HELLO), and a connected device that "
                                           "holds credits may send nothing", flag="idle-timeout")
     max_runs_per_client: int = option(8, "runs one device id may hold open at once")
+    max_run_folders: int = option(10000, "run folders under --runs at most: a HELLO that would start another "
+                                         "new run gets ERROR too_many_runs (archive finished runs, or raise it)")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice; 1 on small shared CPUs)")
     certfile: str | None = option(None, "PEM certificate (chain): serve wss:// (TLS 1.2+); devices verify it with "
                                         "--ca (default: plain ws://)")
@@ -278,7 +280,8 @@ class ServerConfig:
                               f"(session_memory {self.session_memory >> 20} MiB)")
         if self.hello_max_bytes < 1024:
             raise ConfigError(f"hello_max_bytes must be >= 1024, got {self.hello_max_bytes}")
-        for name in ("max_unauthenticated", "max_unauthenticated_per_address", "max_runs_per_client"):
+        for name in ("max_unauthenticated", "max_unauthenticated_per_address", "max_runs_per_client",
+                     "max_run_folders"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.idle_timeout_s > 0:

@@ -17,7 +17,9 @@ leave on close) plus the state the WELCOME reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -76,8 +78,9 @@ class RunPolicy(Protocol):
     def stop(self) -> None:
         """Stop every run (each checkpoints unfinished work)."""
 
-    async def release_idle(self, idle_s: float) -> None:
-        """Checkpoint and release the runs idle for `idle_s` seconds (restored on their next HELLO)."""
+    async def release_idle(self, idle_s: float) -> int:
+        """Checkpoint and release the runs idle for `idle_s` seconds (restored on their next HELLO);
+        returns how many were released."""
 
 
 def check_pooling(config: ServerConfig, hello: Hello) -> None:
@@ -126,6 +129,8 @@ class RunTable:
     """The runs a policy opened, by name; opening one is serialised per name. Each open run holds a
     reservation of the server's memory budget; an idle one is checkpointed and released."""
 
+    forget_untrained = False  # release a run that never trained a step by removing its folder
+
     def __init__(self, config: ServerConfig, stopping, budget: mem.MemoryBudget | None = None):
         self.config, self.stopping = config, stopping  # stopping(): the server is shutting down
         self.budget = budget or mem.MemoryBudget(mem.default_budget())
@@ -133,7 +138,7 @@ class RunTable:
         self.reservations: dict[str, mem.Reservation] = {}
         self.released: set[str] = set()  # names released when idle: resumed on their next HELLO
         self.refused: set[str] = set()  # folders refused without --resume (cut back and logged once)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list] = {}  # name -> [lock, holders and waiters]
         self.observers: list = []  # `make(run) -> observer` for each new run (training.TrainingRun.observers)
 
     def stop(self) -> None:
@@ -143,8 +148,19 @@ class RunTable:
         for run in runs:
             run.stop()
 
-    def lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str):
+        """Hold run `name`'s lock (opening and releasing a run is serialised per name). Its entry goes
+        when nobody holds or awaits it, so run names that come and go leave nothing behind."""
+        entry = self._locks.setdefault(name, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[name]
 
     async def open_locked(self, name: str, hello: Hello, create, cost: int = 0):
         """The run `name`, made by `create(name, hello)` in an executor (it reads files) and started when new,
@@ -169,7 +185,7 @@ class RunTable:
             run.start(asyncio.get_running_loop())
         return run
 
-    async def release_idle(self, idle_s: float) -> None:
+    async def release_idle(self, idle_s: float) -> int:
         cutoff = time.monotonic() - idle_s
         released = 0
         for name, run in list(self.runs.items()):
@@ -184,10 +200,30 @@ class RunTable:
                 await asyncio.get_running_loop().run_in_executor(None, run.stop)  # trains nothing more, checkpoints
                 self.reservations.pop(name).release()
                 released += 1
+                if self.forget_untrained and run.step == 0 and run.samples_trained == 0:
+                    # A HELLO without data leaves nothing on disk: 10,000 run names are not 10,000 folders.
+                    self.released.discard(name)
+                    await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, run.folder, True)
+                    log.info("run %s: idle for %g s before its first step, released and its folder removed",
+                             name, idle_s)
+                    continue
                 log.info("run %s: idle for %g s, checkpointed and released (step %d); its next HELLO restores it",
                          name, idle_s, run.step)
         if released:
             await asyncio.get_running_loop().run_in_executor(None, mem.return_freed_memory)
+        return released
+
+
+def check_folder_count(runs_dir: Path, cap: int) -> None:
+    """ERROR `too_many_runs` when `runs_dir` already holds `cap` folders: trained runs keep their folder
+    (checkpoint, model) until the operator archives them, so the disk is bounded by this cap."""
+    with os.scandir(runs_dir) as entries:
+        held = sum(1 for e in entries if e.is_dir(follow_symlinks=False))
+    if held >= cap:
+        log.warning("refused a new run: %s holds %d run folders (--max-run-folders %d); archive finished runs",
+                    runs_dir, held, cap)
+        raise ProtocolError(TOO_MANY_RUNS, f"the server holds {held} run folders, its --max-run-folders; it takes "
+                                           f"no new run names now; continue one of your runs or ask the operator")
 
 
 def remove_new_folder(folder: Path, existed: bool) -> None:
@@ -231,6 +267,8 @@ class SingleMember:
 
 class SingleDevicePolicy(RunTable):
     """One run per run name, one device feeding it (`run.SingleDevice`)."""
+
+    forget_untrained = True  # its folder holds only its own HELLO: the next one makes the same run again
 
     async def join(self, session: "Session", hello: Hello) -> SingleMember:
         """The run for this HELLO (created, resumed or taken over), drained so its resume point is exact."""
@@ -282,6 +320,8 @@ class SingleDevicePolicy(RunTable):
                 raise ProtocolError("bad_hello", "this server caches taps (--cache), which needs one format per "
                                                  "tap; send bits 'engine' or fixed formats instead of 'auto'")
             check_pooling(cfg, hello)
+            if not folder.exists():
+                check_folder_count(Path(cfg.runs_dir), cfg.max_run_folders)
             run_cfg = RunConfig(
                 run=name, task=hello.task, task_type=hello.task_type, num_labels=hello.num_labels,
                 model_id=hello.model_id, manifest_sha256=hello.manifest_sha256, device_id=hello.device_id,

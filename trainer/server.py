@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hmac
 import itertools
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -39,6 +41,8 @@ from .policy import FederatedPolicy, Membership, RunPolicy, SingleDevicePolicy
 from .status import StatusEndpoints
 
 log = logging.getLogger("mobillm.trainer")
+
+EXECUTOR_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # file work at once (asyncio's default bound)
 
 
 class Session:
@@ -224,6 +228,7 @@ class TrainerServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._shutdown: asyncio.Event | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopping = False
         self._ws_server = None
         self._sessions: set[Session] = set()
@@ -257,6 +262,9 @@ class TrainerServer:
         # The first optimizer imports torch._dynamo (seconds): pay that before devices connect, so
         # the first HELLO after a (re)start is answered at once.
         make_optimizer(torch.nn.Linear(1, 1), self.config.optim)
+        # Every run ends with an ONNX export checked by onnxruntime; their imports (~76 MiB, once per
+        # process) are paid here, so idle RSS is that of a server ready to serve, and it is charged.
+        warm_export()
         self._charge_base()
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main(ready)), name="trainer-loop",
@@ -325,6 +333,7 @@ class TrainerServer:
 
     async def _main(self, ready: concurrent.futures.Future) -> None:
         self._loop = asyncio.get_running_loop()
+        self._renew_executor()
         self._shutdown = asyncio.Event()
         try:
             # No permessage-deflate: the payload is already quantized and deflate would cost CPU on both sides.
@@ -423,12 +432,35 @@ class TrainerServer:
             log.warning("--memory-budget %d MiB leaves %d MiB after the process's own %d MiB: not even one "
                         "session fits", self.budget.total >> 20, self.budget.free >> 20, self.budget.base >> 20)
 
+    def _renew_executor(self) -> None:
+        """A fresh executor for the loop's file work (opening, releasing, exporting runs), bounded like
+        asyncio's default. A pool's threads start on demand and never exit by themselves, so after idle
+        runs are released the reaper swaps pools: the old one's workers exit after their current job."""
+        old, self._executor = self._executor, concurrent.futures.ThreadPoolExecutor(
+            EXECUTOR_WORKERS, thread_name_prefix="trainer-io")
+        self._loop.set_default_executor(self._executor)
+        if old is not None:
+            old.shutdown(wait=False)
+
     async def _reap_idle_runs(self) -> None:
         """Every few seconds: checkpoint and release the runs idle for --idle-timeout."""
         period = min(max(self.config.idle_timeout_s / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(period)
             try:
-                await self.policy.release_idle(self.config.idle_timeout_s)
+                if await self.policy.release_idle(self.config.idle_timeout_s):
+                    self._renew_executor()
             except Exception:  # a failure to release must not stop the server
                 log.exception("releasing idle runs")
+
+
+@functools.cache
+def warm_export() -> None:
+    """Export a 4-wide side network and check it with onnxruntime, once per process: this imports
+    torch.onnx and onnxruntime and opens ONNX Runtime's one-time files, as every run's export does."""
+    from .config import SideConfig
+    from .export import check_onnx, export_onnx
+    from .model import build_side_network
+
+    model = build_side_network(SideConfig().for_taps([4], 2), 0)
+    check_onnx(export_onnx(model), model)

@@ -3,15 +3,20 @@ findings 1-4): pre-auth connection floods with oversized messages, HELLOs that d
 networks, maximal batches, and many distinct run names. Required: the server stays alive, its peak
 RSS stays within 1.1 x the budget, a well-behaved device on the same server finishes with every
 sample trained exactly once, and once every client has left and the idle timeout has passed, the
-server's threads and descriptors are back near idle.
+server's threads, descriptors and RSS are back within 10 % of idle, with no folder left by the runs
+that never trained.
 
-Counts: MOBILLM_RELIABILITY_SCALE (conftest.PROFILES); docs/reliability.md has the figures.
+Counts: MOBILLM_RELIABILITY_SCALE=small (CI, under a minute) or full (the issue's goals: 1,000
+pre-auth connections, 100 oversized HELLOs, 50 maximal 60 MiB batches, 10,000 run names under a
+1 GiB budget; several minutes on 2 cores, run by `python bench/reliability.py -k hostile`, not in
+CI). docs/reliability.md has the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -36,7 +41,7 @@ SCALES = {  # pre-auth connections, oversized HELLOs, maximal batches, distinct 
     "full": (1000, 100, 50, 10000, 1024, 64 << 20, "192M", 900),  # the issue's goals
 }
 IDLE_TIMEOUT = 2.0
-ORT_FILES = 3  # the first ONNX Runtime session (the export check) opens its telemetry db files, once
+SAFETY_CAP = 1.5  # x the budget: the watcher kills the server past it (a memcap on the server alone)
 
 
 def proc_counts(pid: int) -> tuple[int, int]:
@@ -109,8 +114,10 @@ def test_hostile_clients_under_a_memory_budget(profile, server_process, check_ex
     watching = threading.Event()
 
     def watch() -> None:
-        while not watching.is_set():
+        while not watching.is_set() and server.proc.poll() is None:
             peak[0] = max(peak[0], server.rss_mb())
+            if peak[0] > SAFETY_CAP * budget_mib:  # never let a failing server take the machine with it
+                os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -132,7 +139,7 @@ def test_hostile_clients_under_a_memory_budget(profile, server_process, check_ex
                                                   taps=[dict(t, hidden=768) for t in TAPS])])
                    for i in range(n_hellos))
     wide = [dict(t, hidden=65536, fmt="nf4") for t in TAPS]  # finding 3: maximal pooled nf4 batches
-    big = SyntheticTask(wide, n_samples=big_rows)
+    big = SyntheticTask(wide, n_samples=big_rows, min_len=1, max_len=1)  # pooled sends one token: make only that
     big_batch = wire.batch_frame(big.batch(0, np.arange(big_rows), "pooled"))
     assert len(big_batch) <= max_frame
     batches = Counter(first_reply(server.url, [hello(f"big-{i}", f"big-{i}", taps=wide, mode="pooled",
@@ -149,12 +156,12 @@ def test_hostile_clients_under_a_memory_budget(profile, server_process, check_ex
     after = SimDevice(server.url, SyntheticTask(TAPS, n_samples=32), device_id="after", run="after", token=TOKEN).run()
     assert after.error is None and after.done["samples_trained"] == 32
 
-    # Every client has left: after the idle timeout the runs are released, their threads and files closed.
-    executor = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor keeps its threads
-
+    # Every client has left: after the idle timeout every run is released (thread joined, files closed,
+    # memory trimmed) and the reaper's executor swap ends its file-work threads. "Idle" is the server
+    # ready to serve: it imported the export path at start (TrainerServer.start).
     def back_to_idle() -> bool:
         threads, fds = proc_counts(pid)
-        return threads <= idle_threads + executor and fds <= idle_fds * 1.1 + ORT_FILES
+        return threads <= 1.1 * idle_threads and fds <= 1.1 * idle_fds and server.rss_mb() <= 1.1 * idle_rss
 
     deadline = time.monotonic() + 60
     time.sleep(IDLE_TIMEOUT)
@@ -167,18 +174,20 @@ def test_hostile_clients_under_a_memory_budget(profile, server_process, check_ex
     alive = server.proc.poll() is None
     assert server.terminate() == 0
 
-    assert alive
+    assert alive, f"server died: peak RSS {peak[0]:.0f} MiB (killed past {SAFETY_CAP} x budget?)\n{server.log_text()[-2000:]}"
     assert peak_rss <= 1.1 * budget_mib, f"peak RSS {peak_rss:.0f} MiB over 1.1 x budget {budget_mib} MiB"
     assert set(flood) <= {"closed_1009", "http_503", "refused"} and flood["closed_1009"] > 0, flood
     assert huge == Counter({"over_budget": n_hellos}), huge
     assert not any((server.runs / f"huge-{i}").exists() for i in range(n_hellos))  # nothing on disk
     assert set(batches) <= {"over_budget"}, batches
     assert set(runs) <= {"welcome", "too_many_runs", "over_budget"} and runs["welcome"] > 0, runs
-    assert end_threads <= idle_threads + executor, (idle_threads, end_threads)
-    assert end_fds <= idle_fds * 1.1 + ORT_FILES, (idle_fds, end_fds)
-    # RSS: 120+ runs came and went; what stays is the export path's one-time imports (torch.onnx, onnxruntime).
-    assert end_rss <= 1.1 * idle_rss + 100, (idle_rss, end_rss)
+    assert end_threads <= 1.1 * idle_threads, (idle_threads, end_threads)
+    assert end_fds <= 1.1 * idle_fds, (idle_fds, end_fds)
+    assert end_rss <= 1.1 * idle_rss, (idle_rss, end_rss)
+    # Runs released before their first step leave no folder: only the two devices that trained remain.
+    folders = sorted(p.name for p in server.runs.iterdir())
+    assert folders == ["after", "legit"], folders[:10]
     report(hostile_budget_mib=budget_mib, hostile_idle_rss_mib=round(idle_rss), hostile_peak_rss_mib=round(peak_rss),
            hostile_end_rss_mib=round(end_rss), preauth=dict(flood), oversized_hellos=dict(huge),
            maximal_batches=dict(batches), run_names=dict(runs), attack_s=round(attack_s, 1),
-           threads=[idle_threads, end_threads], fds=[idle_fds, end_fds], **counts)
+           threads=[idle_threads, end_threads], fds=[idle_fds, end_fds], run_folders=len(folders), **counts)

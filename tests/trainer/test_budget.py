@@ -4,6 +4,7 @@ pre-auth caps, idle runs released and restored, runs per device, restart without
 The same findings against a real `trainer serve` process, under load: tests/reliability/test_hostile.py."""
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -199,6 +200,33 @@ def test_idle_runs_are_released_and_restored(start_server, taps, tmp_path):
     assert result.welcome["resume"]["samples_done"] == 16 and result.done["samples_trained"] == 48
     ids = read_trained_ids(tmp_path / "runs" / "sleepy")
     assert sorted(ids[0]) == list(range(48))
+
+
+def test_a_run_released_before_its_first_step_leaves_nothing(start_server, taps, tmp_path):
+    """A HELLO without data leaves no folder once released, and the executor threads that opened and
+    released its run exit (the reaper swaps pools)."""
+    server = start_server(idle_timeout_s=0.3, **LIMITS)
+    with connect(server.url, compression=None) as ws:
+        ws.send(wire.encode_frame(wire.MsgType.HELLO, device(server, taps, "empty").hello()))
+        assert wire.decode_frame(ws.recv(timeout=10)).type == wire.MsgType.WELCOME
+    folder = tmp_path / "runs" / "empty"
+    assert folder.is_dir()
+    io_threads = lambda: [t for t in threading.enumerate() if t.name.startswith("trainer-io")]  # noqa: E731
+    deadline = time.monotonic() + 20
+    while folder.exists() or "empty" in server.policy.runs or io_threads():
+        assert time.monotonic() < deadline, (folder.exists(), io_threads())
+        time.sleep(0.05)
+    assert "empty" not in server.policy.released
+    assert device(server, taps, "empty", n=16).run().done["samples_trained"] == 16  # the name starts afresh
+    assert (folder / "trained_ids.jsonl").is_file()
+
+
+def test_run_folders_are_capped(start_server, taps, tmp_path):
+    server = start_server(max_run_folders=1, **LIMITS)
+    assert device(server, taps, "kept", n=16).run().error is None
+    meta = reply(server, device(server, taps, "another").hello())
+    assert meta["code"] == "too_many_runs" and "--max-run-folders" in meta["message"], meta
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kept"]
 
 
 def test_hello_then_silence_times_out(start_server, taps):
