@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 from .core import SUMMARY
@@ -26,6 +27,7 @@ SCALARS = {"loss": "train/loss", "lr": "train/lr", "align_lr": "train/align_lr",
            "idle_frac": "time/idle_frac", "epoch": "train/epoch", "staleness": "federated/staleness",
            "share": "federated/share"}
 FLUSH_SECS = 2  # TensorBoard sees a step within about this long
+MIN_EVENT_S = 0.1  # at most ~10 events a second per run (bench/trainer.py --observe-rounds)
 
 
 def board_factory():
@@ -40,7 +42,7 @@ def board_factory():
 
 class RunBoard:
     """One run's event file. The training thread only queues each record (`step`); the board's own
-    thread turns it into one TensorBoard event (building protobufs costs ~0.3 ms a step, 13 x
+    thread turns them into TensorBoard events, at most one per MIN_EVENT_S (building protobufs costs ~0.1 ms, 13 x
     `add_scalar` ~2 ms: too much for the loop). `end` when the run's training thread ends.
     `make_writer()` (a SummaryWriter, which starts a thread of its own) and the board's thread are
     started by the first record: a run that never trains (a HELLO, then nothing) costs no threads."""
@@ -85,13 +87,40 @@ class RunBoard:
         return out
 
     def _write_loop(self) -> None:
+        """At most one event per MIN_EVENT_S: the records that queued meanwhile are folded into one
+        (each tag's newest value, the newest step), so a fast loop (hundreds of steps a second) pays
+        for ~10 protobufs a second, not one per step. metrics.jsonl keeps every step."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        file_writer = self.writer._get_file_writer()  # one event per step, all its scalars in one Summary
-        while (item := self._queue.get()) is not None:
-            step, walltime, scalars = item
+        file_writer = self.writer._get_file_writer()
+
+        def write(step, walltime, scalars) -> float:
             values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
             file_writer.add_summary(Summary(value=values), step, walltime)
+            return time.monotonic()
+
+        last = 0.0
+        while (item := self._queue.get()) is not None:
+            time.sleep(max(last + MIN_EVENT_S - time.monotonic(), 0.0))
+            step, walltime, scalars = item[0], item[1], dict(item[2])
+            end = False
+            while not end:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or nxt[1] is None:  # the end, or the run's summary: written on their own
+                    last = write(step, walltime, scalars)
+                    if nxt is None:
+                        end = True
+                    else:
+                        step, walltime, scalars = nxt[0], nxt[1], dict(nxt[2])
+                    continue
+                step, walltime = nxt[0], nxt[1]
+                scalars.update(nxt[2])
+            if end:
+                return
+            last = write(step, walltime, scalars)
 
 
 def read_summary(folder: Path) -> dict:
