@@ -34,7 +34,7 @@ def test_gathered_rows_match_the_reference(fmt):
     assert codes.shape == enc.codes.shape
 
 
-@pytest.mark.parametrize("quant", ["nf4", "int8,fp8,int4,fp16"])
+@pytest.mark.parametrize("quant", ["nf4", pytest.param("int8,fp8,int4,fp16", marks=pytest.mark.slow)])
 def test_same_wire_bytes_as_an_engine_without_the_row_input(tiny_engine_factory, quant):
     old = Backbone(tiny_engine_factory(quant=quant, tap_rows=False))
     new = Backbone(tiny_engine_factory(quant=quant))

@@ -131,6 +131,7 @@ def test_verify_of_an_engine_that_does_not_match_its_model_exits_1(tiny_engine, 
     assert "verify: FAILED" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # fast-tier budget: a real export interrupted
 def test_interrupt_exits_130_and_leaves_nothing(tmp_path, tokenizer_dir):
     import signal
     import subprocess

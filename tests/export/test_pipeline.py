@@ -106,6 +106,7 @@ def test_padding_does_not_change_real_tokens(tiny_engine):
         assert np.array_equal(value[0], padded[name][1, :3]), name
 
 
+@pytest.mark.slow  # fast-tier budget: a post-LN export of its own
 def test_opt350m_style_post_ln_and_projection_widths(tiny_engine_factory):
     engine = tiny_engine_factory("int8", model="opt-350m", overrides={
         "do_layer_norm_before": False, "word_embed_proj_dim": 32, "num_hidden_layers": 6})
@@ -119,6 +120,7 @@ def test_opt350m_style_post_ln_and_projection_widths(tiny_engine_factory):
     assert report.ok, report.table()
 
 
+@pytest.mark.slow  # fast-tier budget: an export of its own
 def test_per_tap_quant_list_and_explicit_taps(tiny_engine_factory):
     engine = tiny_engine_factory("int8,fp16", taps=[2], block_size=32)
     manifest = Manifest.load(engine)
@@ -130,7 +132,8 @@ def test_per_tap_quant_list_and_explicit_taps(tiny_engine_factory):
     assert verify_engine(engine).ok
 
 
-@pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("weights", [pytest.param("fp16", marks=pytest.mark.slow),
+                                     pytest.param("int8", marks=pytest.mark.slow), "int4"])
 def test_weight_only_quantization_loads_in_ort_and_shrinks_the_file(tiny_engine_factory, tiny_engine, weights):
     engine = tiny_engine_factory(weights=weights)
     manifest = Manifest.load(engine)
