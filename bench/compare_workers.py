@@ -2,16 +2,15 @@
 
     python bench/compare_workers.py SPEC.json      # writes SPEC["out"] (JSON) and exits
 
-Every worker runs in a fresh process and reports its own peak RSS (VmHWM), so each number is
-the memory of one method alone. The token ids, the batch order and the dev batches come from
-one file the harness wrote (`data.npz`), so every method sees exactly the same data in the same
-order. Torch baselines never import onnxruntime or the edge runtime (their RSS holds only what
-they need); the edge device never imports torch.
+Every worker runs in a fresh process and reports its own peak RSS (VmHWM): the memory of one
+method alone. Token ids, batch order and dev batches come from one file the harness wrote
+(`data.npz`): every method sees the same data in the same order. Torch baselines never import
+onnxruntime or the edge runtime; the edge device never imports torch.
 
-Clocks. Each worker measures its own training wall-clock and stops it while it evaluates or
-writes a snapshot, so evaluation costs no method any budget. Next to wall seconds per step it
-reports CPU seconds per step (all threads), which other work on a shared machine barely moves. The learning rate of the
-time-budgeted methods warms up over 3 steps and decays linearly to 0 at the budget.
+Clocks. Each worker times its own training and stops the clock while it evaluates or writes a
+snapshot. Next to wall seconds per step it reports CPU seconds per step (all threads), which
+other work on a shared machine barely moves. The lr of the time-budgeted methods warms up over 3
+steps and decays linearly to 0 at the budget.
 """
 
 from __future__ import annotations
