@@ -41,10 +41,15 @@ RUN_OVERHEAD = 4 * MIB  # a run's thread stack, open files, metrics buffers, con
 
 def return_freed_memory() -> None:
     """Give the heap pages freed by released runs back to the OS (glibc's malloc_trim; elsewhere nothing),
-    so the process's RSS falls back towards idle after its clients leave."""
+    so the process's RSS falls back towards idle after its clients leave. A released run's objects are
+    partly in reference cycles (modules, threads, sessions) that only the cyclic collector frees, and an
+    idle server allocates too little to trigger its full pass: collect first, or the trim comes before
+    they are freed and they stay (6-8 MiB after 10,000 run names, docs/reliability.md)."""
     import ctypes
     import ctypes.util
+    import gc
 
+    gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

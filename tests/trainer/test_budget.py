@@ -261,3 +261,27 @@ def test_restart_without_resume_explains_and_cuts_trained_ids(start_server, taps
     assert result.error["code"] == "run_exists" and "without --resume" in result.error["message"]
     assert "trainer serve --resume" in caplog.text
     assert sum(len(v) for v in read_trained_ids(folder).values()) == 24  # what the checkpoint holds
+
+
+def test_return_freed_memory_collects_cycles_before_trimming():
+    """A released run's objects in reference cycles are freed by the trim pass itself: an idle server
+    allocates too little for the cyclic collector's full pass to run on its own (issue 17, back to idle)."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    enabled = gc.isenabled()
+    gc.disable()  # as in an idle server: nothing triggers a collection
+    try:
+        node = Node()
+        node.self = node  # a cycle, as module <-> hooks or thread <-> run
+        gone = weakref.ref(node)
+        del node
+        assert gone() is not None  # only the cyclic collector can free it
+        mem.return_freed_memory()
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()
