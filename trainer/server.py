@@ -379,8 +379,9 @@ class TrainerServer:
             else:
                 session.allowance.close()
 
-    def check_token(self, hello: Hello) -> None:
-        if not self.token_ok(hello.token):
+    def check_token(self, token) -> None:
+        """ERROR `unauthorized` unless `token` is the server's (any token when it has none)."""
+        if not self.token_ok(token):
             raise ProtocolError("unauthorized", "missing or wrong token; ask the server's operator for it")
 
     def token_ok(self, token) -> bool:
@@ -410,10 +411,11 @@ class TrainerServer:
 
     def authenticate(self, session: Session, meta) -> None:
         """The first frame's token, before any other check of it; a wrong one backs its address off."""
-        token = meta.get("token") if isinstance(meta, dict) else None
-        if not self.token_ok(token):
+        try:
+            self.check_token(meta.get("token") if isinstance(meta, dict) else None)
+        except ProtocolError:
             self.gate.failed(session.address)
-            raise ProtocolError("unauthorized", "missing or wrong token; ask the server's operator for it")
+            raise
         self.gate.succeeded(session.address)
 
     def admit(self, session: Session) -> mem.Allowance:

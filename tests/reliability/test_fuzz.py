@@ -146,7 +146,7 @@ def server_parse(data: bytes) -> str:
     if frame.type == wire.MsgType.HELLO:
         hello = Hello.from_meta(frame.meta)
         hello.identity()
-        SERVER.check_token(hello)
+        SERVER.check_token(hello.token)
         return "hello"
     if frame.type == wire.MsgType.BATCH:
         try:
