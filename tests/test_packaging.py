@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ["mobillm.edge_runtime", "mobillm.kernels.codec", "mobillm.common.wire", "mobillm.common.manifest"]
+MODULES = ["mobillm.edge_runtime.cli", "mobillm.kernels.codec", "mobillm.common.wire", "mobillm.common.manifest"]
 CONFIG = "mobillm/export/configs/opt-1.3b.json"
 
 

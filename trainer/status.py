@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import deque
-from importlib import resources
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.datastructures import Headers
@@ -72,7 +72,7 @@ class StatusEndpoints:
         self.traces: dict[str, RunTrace] = {}
         self.started = time.time()
         self.metrics_port: int | None = None
-        self._page = resources.files(__package__).joinpath("status.html").read_bytes()
+        self._page = Path(__file__).with_name("status.html").read_bytes()
 
     def observers(self) -> list:
         """Factories of run observers (`policy.RunTable.observers`)."""

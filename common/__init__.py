@@ -1,1 +1,0 @@
-"""Small modules both sides import: the wire format and task definitions (numpy at most)."""

@@ -1,1 +1,0 @@
-"""Export a frozen decoder into a tapped, self-quantizing ONNX engine (needs torch)."""

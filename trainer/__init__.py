@@ -1,1 +1,0 @@
-"""The server: trains the side network from streamed activations (PyTorch)."""
