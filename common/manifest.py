@@ -20,6 +20,10 @@ from mobillm.kernels import codec
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Every text segment is stripped of leading and trailing whitespace before it is tokenized
+# (common/tokenize.py): GLUE rows end with a space that Gemma's tokenizer turns into a lone "▁",
+# which was then the last token, the one row a pooled side network reads, of every row.
+TEXT_HYGIENE = "strip"
 
 
 class ManifestError(BadInput, ValueError):
@@ -142,6 +146,20 @@ class Manifest:
     # {"codes", "scales": the byte formats' outputs, "fp16": the fp16 one}}. Only the chosen
     # quantizer runs (ONNX If). None: one format per tap (and in engines made before it existed).
     tap_switch: dict | None = None
+    # What the device does to taps before the quantizer, beyond `tap_norm` (DESIGN: recorded here,
+    # checked before a side network meets these taps). `conditioning`: --tap-norm channel's record,
+    # {"calibration": source, "sha256": of that text, "rows": n, "file": stats file, "stats_sha256"}.
+    # `summary_row`: each tap holds one more position per row after its tokens, the masked mean of
+    # its real tokens (edge-run --send summary sends it beside the last token).
+    conditioning: dict | None = None
+    summary_row: bool = False
+
+    @property
+    def preparation(self) -> dict:
+        """How text and taps are prepared on the device; a side network trained on one preparation
+        is never applied to another (edge_runtime/predict.py checks it against the side network's)."""
+        return {"text": TEXT_HYGIENE, "tap_norm": self.tap_norm,
+                "conditioning": (self.conditioning or {}).get("stats_sha256")}
 
     @property
     def switch_formats(self) -> tuple[str, ...]:

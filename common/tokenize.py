@@ -46,7 +46,7 @@ class EngineTokenizer:
         for k, text in enumerate(texts):
             if self.bos_id is not None and (k == 0 or self.bos_each_segment):
                 ids.append(self.bos_id)
-            ids += self._tok.encode(text, add_special_tokens=False).ids
+            ids += self._tok.encode(text.strip(), add_special_tokens=False).ids  # manifest.TEXT_HYGIENE
         if self.eos_id is not None:
             ids.append(self.eos_id)
         return ids

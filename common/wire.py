@@ -8,7 +8,8 @@ Every WebSocket message is one binary frame:
     body   (body_len bytes)           raw binary payload (a batch, or an ONNX file)
 
 A BATCH body is padding-free: only the real tokens of each row travel (ragged rows, their
-lengths in the body), or only the rows the head reads (`pooled` mode). Layout in
+lengths in the body), or only the rows the head reads (`pooled` mode: the last token; `summary`
+mode: the last token, then the masked mean of the row's tokens, two rows a sample). Layout in
 `docs/protocol.md`. Nothing here imports more than numpy; no pickle, ever.
 """
 
@@ -45,7 +46,8 @@ class MsgType(enum.IntEnum):
 
 FORMAT_IDS = codec.WIRE_FORMAT_IDS  # int8 1, fp8 2, int4 3, nf4 4, fp16 5 (kernels/codec.py)
 FORMAT_NAMES = {v: k for k, v in FORMAT_IDS.items()}
-MODES = {"tokens": 0, "pooled": 1}
+MODES = {"tokens": 0, "pooled": 1, "summary": 2}
+ROWS_PER_SAMPLE = {"pooled": 1, "summary": 2}  # fixed rows per sample; tokens mode: the sample's length
 MODE_NAMES = {v: k for k, v in MODES.items()}
 LABEL_KINDS = {"class": 0, "regression": 1}
 LABEL_DTYPES = {0: np.dtype("<i8"), 1: np.dtype("<f4")}
@@ -190,8 +192,9 @@ class Batch:
         tokens = int(lengths.sum(dtype=np.uint64))
         if tokens > max_tokens:
             raise WireError(f"batch has {tokens} tokens; limit {max_tokens}")
-        if MODE_NAMES[mode] == "pooled" and tokens != n:
-            raise WireError("pooled batches carry exactly one token per row")
+        per_sample = ROWS_PER_SAMPLE.get(MODE_NAMES[mode])
+        if per_sample is not None and (lengths != per_sample).any():
+            raise WireError(f"{MODE_NAMES[mode]} batches carry exactly {per_sample} row(s) per sample")
         if label_kind == 1 and not np.isfinite(labels).all():
             raise WireError("regression labels must be finite")
         taps = []

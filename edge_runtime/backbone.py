@@ -59,19 +59,28 @@ class TapOutput:
     scales: np.ndarray  # float16
 
 
-KEEP = ("all", "pooled", "tokens")
+KEEP = ("all", "pooled", "tokens", "summary")
 
 
-def row_indices(lengths: np.ndarray, width: int, keep: str) -> np.ndarray:
-    """Flat int64 indices into batch x width of the rows `keep` selects: each row's last real token
-    (pooled), every real token row by row (tokens), or every position (all)."""
+def row_indices(lengths: np.ndarray, width: int, keep: str, summary_row: bool = False) -> np.ndarray:
+    """Flat int64 indices into the taps' batch x positions of the rows `keep` selects: each row's
+    last real token (pooled), its last token then its summary row (summary: the masked mean of its
+    tokens, the position after them in engines with `summary_row`), every real token row by row
+    (tokens), or every token position (all)."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    stride = width + 1 if summary_row else width  # a summary row is one more position per row
+    starts = np.arange(len(lengths), dtype=np.int64) * stride
     if keep == "pooled":
-        return np.arange(len(lengths), dtype=np.int64) * width + lengths - 1
-    if keep == "tokens":
-        return np.flatnonzero(np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-    if keep == "all":
-        return np.arange(len(lengths) * width, dtype=np.int64)
+        return starts + lengths - 1
+    if keep == "summary":
+        if not summary_row:
+            raise ValueError("this engine has no summary row (exported before --summary-row, or with --no-tap-rows); "
+                             "re-export it, or send pooled or tokens")
+        return np.stack([starts + lengths - 1, starts + width], axis=1).reshape(-1)
+    if keep in ("tokens", "all"):
+        limit = lengths[:, None] if keep == "tokens" else np.full((len(lengths), 1), width)
+        rows, cols = np.nonzero(np.arange(width)[None, :] < limit)
+        return (rows * stride + cols).astype(np.int64)
     raise ValueError(f"unknown row selection {keep!r}; choose one of {', '.join(KEEP)}")
 
 
@@ -140,7 +149,7 @@ class Backbone:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
-        index = row_indices(lengths, width, keep)
+        index = row_indices(lengths, width, keep, self.manifest.summary_row)
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self.manifest.row_input:
             feeds[self.manifest.row_input] = index
@@ -159,15 +168,16 @@ class Backbone:
                 codes = codes.reshape((len(rows) * width,) + codes.shape[2:])[index]
                 scales = scales.reshape((len(rows) * width,) + scales.shape[2:])[index]
             taps.append(TapOutput(spec, codes, scales))
-        check_finite(taps, lengths, index, width)
+        check_finite(taps, lengths, index, width, self.manifest.summary_row)
         return taps, lengths
 
 
-def check_finite(taps: list[TapOutput], lengths: np.ndarray, index: np.ndarray, width: int) -> None:
+def check_finite(taps: list[TapOutput], lengths: np.ndarray, index: np.ndarray, width: int,
+                 summary_row: bool = False) -> None:
     """A NaN scale marks a block that held NaN/Inf: never send it; name the tap instead.
-    `index` are the taps' rows as flat positions in batch x width; padding is not checked."""
-    row, tok = np.divmod(index, width)
-    real = tok < lengths[row]
+    `index` are the taps' rows as flat positions in batch x positions (`row_indices`); padding is not checked."""
+    row, tok = np.divmod(index, width + 1 if summary_row else width)
+    real = (tok < lengths[row]) | (tok == width)  # tok == width only for a summary row
     for k, tap in enumerate(taps):
         if tap.spec.fmt == "fp16":
             valid = np.isfinite(tap.codes.reshape(len(index), -1))

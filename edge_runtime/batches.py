@@ -51,7 +51,8 @@ def build_batch(seq: int, ids: np.ndarray, labels: np.ndarray, taps: list[TapOut
             enc = codec.encode(values, plan[k], spec.block_size, name=f"tap {k}")
             codes, scales, fmt = enc.codes, enc.scales, plan[k]
         payloads.append(wire.TapPayload(fmt, spec.block_size, spec.hidden, codes, scales, k))
-    out_lengths = np.ones(len(lengths), np.uint32) if mode == "pooled" else lengths.astype(np.uint32)
+    per_sample = wire.ROWS_PER_SAMPLE.get(mode)
+    out_lengths = np.full(len(lengths), per_sample, np.uint32) if per_sample else lengths.astype(np.uint32)
     return wire.Batch(seq, ids.astype(np.uint64), labels, out_lengths, payloads, mode)
 
 

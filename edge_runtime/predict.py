@@ -19,6 +19,19 @@ from .data import Example
 from .batches import plan_batches
 
 
+def check_preparation(side_path: Path, meta: dict, backbone: Backbone) -> None:
+    """ManifestError when the side network was trained on taps prepared otherwise than this engine
+    prepares them (tap norm, channel conditioning, text hygiene): its inputs would mean something else."""
+    trained = meta.get("preparation")
+    if trained is None:  # side networks saved before the preparation was recorded
+        return
+    here = backbone.manifest.preparation
+    if trained != here:
+        raise ManifestError(f"{side_path} was trained on taps prepared as {json.dumps(trained, sort_keys=True)}, "
+                            f"but the engine {backbone.folder} prepares them as {json.dumps(here, sort_keys=True)}; "
+                            f"use the engine it was trained with, or train again on this one")
+
+
 class JointModel:
     """The frozen backbone and the trained side network, both as ONNX Runtime sessions."""
 
@@ -36,14 +49,23 @@ class JointModel:
         if missing:
             raise ManifestError(f"{side_path}: side network lacks inputs {missing}; it was trained for another engine")
         self.pooling = self.meta.get("config", {}).get("pooling", "last")
+        # The rows the side network was trained on: the device's send mode, recorded beside it.
+        self.mode = self.meta.get("mode") or ("pooled" if self.pooling == "last" else "tokens")
+        check_preparation(side_path, self.meta, backbone)
 
     def logits(self, rows: list[np.ndarray]) -> np.ndarray:
         """Head outputs [len(rows), out_dim] for token-id rows."""
         # Only the rows the side network reads are quantized: each row's last real token, or
         # (mean pooling) every real token, put back in place in a zero-padded batch under the mask.
-        taps, lengths = self.bb.forward(rows, keep="pooled" if self.pooling == "last" else "tokens")
+        taps, lengths = self.bb.forward(rows, keep=self.mode)
         feeds = {}
-        if self.pooling == "last":
+        if self.mode == "summary":  # two rows a sample: the last token and the tokens' mean, both real
+            for name, tap in zip(self.inputs, taps):
+                s = tap.spec
+                values = codec.decode_arrays(tap.codes, tap.scales, s.fmt, s.hidden, s.block_size)
+                feeds[name] = values.reshape(len(rows), 2, s.hidden)
+            feeds[SIDE_MASK] = np.ones((len(rows), 2), np.float32)
+        elif self.pooling == "last":
             for name, tap in zip(self.inputs, taps):
                 s = tap.spec
                 feeds[name] = codec.decode_arrays(tap.codes, tap.scales, s.fmt, s.hidden, s.block_size)[:, None, :]

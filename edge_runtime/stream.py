@@ -15,6 +15,7 @@ no retry can fix end the run at once with the likely cause (failures.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -59,8 +60,10 @@ class TrainOptions:
     epochs: int = option(1, "passes over the data")
     batch_size: int = option(16, "rows per forward pass")
     max_len: int = option(128, "truncate rows to this many tokens")
-    mode: str = option("pooled", "pooled: only the row the head reads (exact for last-token heads); "
-                                 "tokens: every real token", flag="send", choices=tuple(sorted(wire.MODES)))
+    mode: str | None = option(None, "summary: per sample the last token and the masked mean of its tokens (engines "
+                                    "with a summary row); pooled: only the last token; tokens: every real token "
+                                    "(default: summary where the engine has it, else pooled)", flag="send",
+                              choices=tuple(sorted(wire.MODES)))
     bits: str = option("engine", f"engine (formats in the graph), a format ({', '.join(codec.FORMATS)}) or a comma "
                                  "list per tap, or auto[:RULE] to adapt to the measured uplink: auto = auto:utility "
                                  "(importance x distortion gain per byte, nf4/int8/fp16), auto:paper (MobiLLM "
@@ -120,12 +123,22 @@ class _Sent:
     n: int
 
 
+def default_mode(manifest) -> str:
+    """--send's default: the summary rows where the engine has them, else the last token."""
+    return "summary" if manifest.summary_row else "pooled"
+
+
 class StreamClient:
     """One device's side of a training run: forward passes here, taps streamed to the server that trains."""
 
     def __init__(self, backbone: Backbone, examples: list[Example], task: Task, opts: TrainOptions):
+        if opts.mode is None:
+            opts = dataclasses.replace(opts, mode=default_mode(backbone.manifest))
         if opts.mode not in wire.MODES:
-            raise ValueError(f"unknown send mode {opts.mode!r}; choose pooled or tokens")
+            raise ValueError(f"unknown send mode {opts.mode!r}; choose {', '.join(sorted(wire.MODES))}")
+        if opts.mode == "summary" and not backbone.manifest.summary_row:
+            raise BadInput(f"--send summary: the engine {backbone.folder} has no summary row (exported before "
+                           f"--summary-row); re-export it, or send pooled or tokens")
         opts.check()
         self.bb, self.examples, self.task, self.opts = backbone, examples, task, opts
         self.stats = TrainStats()
@@ -167,7 +180,7 @@ class StreamClient:
         m = self.bb.manifest
         taps = tuple(TapInfo(t.layer, t.hidden, t.fmt, t.block_size) for t in m.taps)
         return Hello(manifest_digest(self.bb.folder), m.model_id, self.task.name, self.task.kind,
-                     self.task.num_labels, self.opts.mode, taps, self.opts.device_id, self.opts.run,
+                     self.task.num_labels, self.opts.mode or default_mode(m), taps, self.opts.device_id, self.opts.run,
                      self.opts.epochs, len(self.examples), self.opts.token, self.opts.bits, m.num_layers).to_meta()
 
     # -- producer thread ---------------------------------------------------------------
@@ -180,7 +193,8 @@ class StreamClient:
                     return
                 idx = self.batches[b]
                 t0 = time.perf_counter()
-                tokens = len(idx) if self.opts.mode == "pooled" else sum(len(self.rows[i]) for i in idx)
+                per_sample = wire.ROWS_PER_SAMPLE.get(self.opts.mode)
+                tokens = per_sample * len(idx) if per_sample else sum(len(self.rows[i]) for i in idx)
                 plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
                 taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.opts.mode,
                                                 formats=plan if self.plan_in_graph else None)
@@ -453,7 +467,8 @@ class StreamClient:
         tmp = path.with_suffix(".onnx.part")
         tmp.write_bytes(self.model_bytes)
         tmp.replace(path)
-        meta = dict(self.model_meta, task=self.task.name, engine=str(self.bb.folder))
+        meta = dict(self.model_meta, task=self.task.name, engine=str(self.bb.folder), mode=self.opts.mode,
+                    preparation=self.bb.manifest.preparation)
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         return path
 

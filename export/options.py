@@ -91,9 +91,20 @@ class ExportOptions:
                                      "RMSNorm, RMSNorm + residual, GELU-tanh, attention) where they match the family's "
                                      "graph (Gemma 3; none match OPT's); --no-ort-fusions keeps the graph as traced")
     tap_norm: str | None = option(None, "none: taps carry the residual stream; rms: divided by its RMS over the "
-                                        "hidden dim; layer: passed through the next layer's own input norm (default: "
-                                        "the family's choice, rms for Gemma 3 whose residual stream passes fp16's "
-                                        "range)", choices=TAP_NORMS)
+                                        "hidden dim; layer: passed through the next layer's own input norm; channel: "
+                                        "rms, then every channel standardized by statistics calibrated at export "
+                                        "(--calibration), so outlier channels set no quantization block's scale "
+                                        "(default: the family's choice, channel for Gemma 3)", choices=TAP_NORMS)
+    summary_row: bool = option(True, "each tap also carries, after a row's tokens, the masked mean of its real tokens "
+                                     "(a summary row, in the graph): edge-run --send summary sends it beside the last "
+                                     "token, and the side network reads both; only with --tap-rows (off without)")
+    calibration: Path | None = option(None, "--tap-norm channel: text to measure each tap's per-channel mean and "
+                                            "spread on (.txt one text per line, or .tsv/.csv/.jsonl/datasets "
+                                            "folder; default: built-in sentences); never a dev set", parse=Path,
+                                      metavar="FILE")
+    calibration_cols: str | None = option(None, "text columns of --calibration (default: the first of sentence, "
+                                                "text, sentence1, question, premise it has)", metavar="COL,COL")
+    calibration_rows: int = option(256, "--tap-norm channel: rows of calibration text to measure on")
     tap_rows: bool = option(True, "give the graph a tap_rows input (flat indices into batch x seq) and quantize only "
                                   "those rows, the ones the device sends; --no-tap-rows quantizes every token "
                                   "(the layout of engines made before this option)")
@@ -111,8 +122,9 @@ class ExportOptions:
     def __post_init__(self):
         # The one normalization of caller input (str paths, overrides=None); frozen, so via object.__setattr__.
         object.__setattr__(self, "out", Path(self.out))
-        if self.tokenizer is not None:
-            object.__setattr__(self, "tokenizer", Path(self.tokenizer))
+        for key in ("tokenizer", "calibration"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, Path(getattr(self, key)))
         object.__setattr__(self, "overrides", dict(self.overrides or {}))
         self.validate()
 
@@ -129,6 +141,8 @@ class ExportOptions:
             raise ExportError(f"--quant-op {self.quant_op!r} unknown; choose onnx or custom")
         if self.tap_norm is not None and self.tap_norm not in TAP_NORMS:
             raise ExportError(f"--tap-norm {self.tap_norm!r} unknown; choose one of {', '.join(TAP_NORMS)}")
+        if self.calibration_rows < 1:
+            raise ExportError(f"--calibration-rows {self.calibration_rows}: must be >= 1")
         if self.blocks is not None and self.taps is not None:
             raise ExportError("give either --blocks or --taps, not both")
         _check_formats(self.quant)
@@ -155,7 +169,8 @@ class ExportOptions:
         blocks, taps = resolve_taps(num_layers, self.blocks, self.taps)
         formats = resolve_quant(self.quant, len(taps))
         return dataclasses.replace(self, blocks=blocks, taps=None, quant=comma_list(formats),
-                                   weights=self.weight_format, tap_norm=tap_norm)
+                                   weights=self.weight_format, tap_norm=tap_norm,
+                                   summary_row=self.summary_row and self.tap_rows)
 
     @property
     def tap_layers(self) -> list[int]:
@@ -170,7 +185,7 @@ class ExportOptions:
     def to_dict(self) -> dict:
         """JSON-ready fields (paths as strings), as manifest.json stores them."""
         data = dataclasses.asdict(self)
-        for key in ("out", "tokenizer"):
+        for key in ("out", "tokenizer", "calibration"):
             data[key] = None if data[key] is None else str(data[key])
         return data
 

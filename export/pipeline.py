@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mobillm.common.manifest import Manifest
+from mobillm.common.tokenize import EngineTokenizer
 from mobillm.kernels import onnx_codec
 
+from . import calibrate as calibration
 from . import families, optimize, weights
 from . import trt as trt_plan
 from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs,
@@ -110,11 +112,32 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     torch_model = build_model(source, config, opts.seed, opts.dtype)
     exporter = choose_exporter(torch_model, opts.exporter)
 
+    step(f"copying tokenizer from {plan.tokenizer_from}")
+    install_tokenizer(plan.tokenizer, plan.tokenizer_from, folder / TOKENIZER_DIR)
+    rules = token_rules(family, plan.tokenizer, config)
+    stats, conditioning = None, None
+    if opts.tap_norm == "channel":
+        import torch
+
+        from .tapped import TappedDecoder, TapStats
+
+        texts, record = calibration.calibration_texts(opts.calibration, opts.calibration_cols, opts.calibration_rows)
+        step(f"calibrating channel conditioning on {len(texts)} rows ({record['calibration']})")
+        tok = EngineTokenizer(folder / TOKENIZER_DIR, rules)
+        rows = [tok.encode((t,))[:CALIBRATION_MAX_LEN] for t in texts]
+        probe = TappedDecoder(torch_model, family, opts.tap_layers, torch.float32, opts.tap_norm, True).eval()
+        arrays = calibration.measure_stats(probe, rows, _pad_id(plan.tokenizer, config))
+        del probe
+        stats = TapStats(arrays)
+        conditioning = {**record, "rows": len(rows), "file": calibration.STATS_NAME,
+                        "stats_sha256": calibration.save_stats(arrays, folder)}
+
     step(f"tracing to ONNX (torch.onnx.export, {exporter})")
     raw = folder / "_raw"
     raw.mkdir()
     widths = trace_to_onnx(torch_model, family, opts.tap_layers, opts.dtype, raw / GRAPH_NAME, exporter,
-                           opts.progress, opts.tap_norm)
+                           opts.progress, opts.tap_norm, opts.summary_row, stats)
+    del stats
     release_weights(torch_model)
     del torch_model
     gc.collect()
@@ -130,12 +153,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         step(f"building the TensorRT plan {trt_plan.PLAN_NAME} (ONNX parser, fp16 builder)")
         tensorrt = trt_plan.build_plan(folder, fused or GRAPH_NAME, opts.quant_op, family.max_length(config))
 
-    step(f"copying tokenizer from {plan.tokenizer_from}")
-    install_tokenizer(plan.tokenizer, plan.tokenizer_from, folder / TOKENIZER_DIR)
-
     step("writing manifest.json")
-    tok = plan.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else config.pad_token_id
     manifest = Manifest(
         model_id=source.model_id,
         family=family.name,
@@ -157,9 +175,11 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         quant_op=opts.quant_op,
         fused_graph=fused,
         custom_op={"domain": onnx_codec.CUSTOM_DOMAIN, "version": onnx_codec.CUSTOM_OPSET} if fused else None,
-        pad_token_id=int(pad if pad is not None else 0),
-        tokens=token_rules(family, tok, config),
+        pad_token_id=_pad_id(plan.tokenizer, config),
+        tokens=rules,
         tap_norm=opts.tap_norm,
+        conditioning=conditioning,
+        summary_row=opts.summary_row,
         gguf=source.gguf.to_dict() if source.gguf else None,
         exporter={**exporter_versions(), "exporter": f"torch.onnx.export ({exporter})"},
         source=source.kind,
@@ -175,6 +195,15 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     )
     manifest.save(folder)
     return manifest
+
+
+CALIBRATION_MAX_LEN = 128  # tokens per calibration row: statistics of typical rows, not of long documents
+
+
+def _pad_id(tok, config) -> int:
+    """The pad id the device fills batches with: the tokenizer's, else the config's, else 0."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else config.pad_token_id
+    return int(pad if pad is not None else 0)
 
 
 def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _Stages):

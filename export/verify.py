@@ -131,9 +131,16 @@ def run_graph(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarra
     names = [n for t in manifest.taps for n in (t.codes_output, t.scales_output)]
     feeds = {"input_ids": ids, "attention_mask": mask}
     if manifest.row_input:
-        feeds[manifest.row_input] = np.flatnonzero(mask.astype(bool)).astype(np.int64)
+        feeds[manifest.row_input] = np.flatnonzero(tap_positions(manifest, mask)).astype(np.int64)
     feeds.update(manifest.switch_feed())
     return engine.session.run(names, feeds)
+
+
+def tap_positions(manifest: Manifest, mask: np.ndarray) -> np.ndarray:
+    """bool [B, T (+1)]: the tap positions that hold real rows: the real tokens, and with a summary
+    row the extra position after them (the masked mean)."""
+    real = mask.astype(bool)
+    return np.concatenate([real, np.ones((len(real), 1), bool)], 1) if manifest.summary_row else real
 
 
 def run_engine(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
@@ -162,21 +169,25 @@ def fused_mismatches(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np
     return bad, "fused graph: same bytes as the standard graph" if not bad else ""
 
 
-def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+def reference_taps(manifest: Manifest, ids: np.ndarray, mask: np.ndarray, folder: Path) -> list[np.ndarray]:
     """HF hidden_states[layer] of the fp32 torch model the manifest names, rebuilt from scratch
     (a GGUF engine: from the file's cached conversion, converted again if the cache is gone),
     through transformers' own forward with the plain 2-D attention mask."""
     import torch
 
-    from .tapped import normalize_tap, tap_norms
+    from .calibrate import load_stats
+    from .tapped import TapStats, prepare_tap, tap_norms
 
     model = model_from_manifest(manifest, "fp32")
+    stats = TapStats(load_stats(folder)) if manifest.conditioning else None
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    output_hidden_states=True, use_cache=False)
+        mask_t = torch.from_numpy(mask)
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=mask_t, output_hidden_states=True,
+                    use_cache=False)
         norms = tap_norms(model, family_for(model.config.model_type), manifest.tap_layers, manifest.tap_norm)
-        return [normalize_tap(out.hidden_states[t.layer], manifest.tap_norm, norm).float().numpy()
-                for t, norm in zip(manifest.taps, norms)]
+        return [prepare_tap(out.hidden_states[t.layer], mask_t, manifest.tap_norm, norm, manifest.summary_row,
+                            stats, k).float().numpy()
+                for k, (t, norm) in enumerate(zip(manifest.taps, norms))]
 
 
 def relative_rms(err: np.ndarray, ref: np.ndarray) -> float:
@@ -190,8 +201,8 @@ def verify_engine(folder: Path | str, sentences: list[str] | None = None) -> Ver
     manifest = Manifest.load(folder)
     ids, mask = tokenize(folder, manifest, sentences or SENTENCES)
     engine = run_engine(folder, manifest, ids, mask)  # before torch: the two models never share memory
-    reference = reference_taps(manifest, ids, mask)
-    real = mask.astype(bool)
+    reference = reference_taps(manifest, ids, mask, folder)
+    real = tap_positions(manifest, mask)
     tol = backbone_tolerance(manifest.compute_dtype, manifest.weights)
     checks = []
     for i, (tap, got, ref) in enumerate(zip(manifest.taps, engine, reference)):

@@ -83,10 +83,21 @@ class RunPolicy(Protocol):
         returns how many were released."""
 
 
-def check_pooling(config: ServerConfig, hello: Hello) -> None:
+def check_pooling(config: ServerConfig, hello: Hello, federated: bool = False) -> None:
     if config.side.pooling == "mean" and hello.mode == "pooled":
         raise ProtocolError("bad_hello", "pooled mode sends one token per sample, but this server pools "
-                                         "with a masked mean over all tokens; use mode 'tokens'")
+                                         "with a masked mean over all tokens; use mode 'tokens' or 'summary'")
+    if federated and hello.mode == "summary" and config.side.pooling != "mean":
+        raise ProtocolError("bad_hello", "summary mode sends two rows per sample, which the shared side network "
+                                         "reads with mean pooling; this federated server pools the last row: "
+                                         "send mode 'pooled', or ask the operator for --pooling mean")
+
+
+def run_side_config(config: ServerConfig, hello: Hello):
+    """The side network of a new single-device run: the server's template for the HELLO's taps;
+    summary rows (the last token and the tokens' mean) are always read through mean pooling."""
+    side = config.side.for_taps([t.hidden for t in hello.taps], hello.out_dim)
+    return replace(side, pooling="mean") if hello.mode == "summary" else side
 
 
 def check_new_run(folder: Path, config: ServerConfig, released: bool = False, refused: set | None = None) -> bool:
@@ -327,7 +338,7 @@ class SingleDevicePolicy(RunTable):
                 model_id=hello.model_id, manifest_sha256=hello.manifest_sha256, device_id=hello.device_id,
                 mode=hello.mode, epochs=hello.epochs, samples_per_epoch=hello.samples_per_epoch,
                 taps=[t.to_meta() for t in hello.taps], cache=cfg.cache, bits=hello.bits,
-                side=cfg.side.for_taps([t.hidden for t in hello.taps], hello.out_dim), optim=cfg.optim)
+                side=run_side_config(cfg, hello), optim=cfg.optim)
             folder.mkdir(parents=True, exist_ok=True)
             run_cfg.save(folder)
         strategy = SingleDevice(run_cfg, folder, cfg.device, cfg.bitplan_every, checkpoint)
@@ -383,7 +394,7 @@ class FederatedPolicy(RunTable):
         name = hello.run or f"fed-{hello.task}"
         if not is_name(name):
             raise ProtocolError("bad_hello", f"run {name!r}: a run name is {NAME_RULE}; send a shorter run name")
-        check_pooling(self.config, hello)
+        check_pooling(self.config, hello, federated=True)
         run = await self.open_run(name, hello)
         dev = await run.strategy.join(run, session, hello)
         return FedMember(run, dev, session)

@@ -30,7 +30,7 @@ TAPS = [{"layer": 2, "hidden": 64, "fmt": "nf4", "block_size": 32},
 def device_hello(tmp_path, **opts) -> bytes:
     """HELLO exactly as `edge-run train` builds it (a stub backbone: the HELLO reads only its manifest)."""
     (tmp_path / "manifest.json").write_text('{"golden": true}\n')
-    manifest = SimpleNamespace(model_id="facebook/opt-125m", num_layers=4,
+    manifest = SimpleNamespace(model_id="facebook/opt-125m", num_layers=4, summary_row=False,
                                taps=[SimpleNamespace(**t) for t in TAPS])
     client = object.__new__(StreamClient)
     client.bb = SimpleNamespace(manifest=manifest, folder=tmp_path)
@@ -102,7 +102,7 @@ def error_over_budget() -> bytes:
 
 def batch(fmt: str, mode: str, block_size: int = 32) -> bytes:
     rng = np.random.default_rng(7)
-    lengths = np.array([3, 1, 2], np.uint32) if mode == "tokens" else np.ones(3, np.uint32)
+    lengths = np.array([3, 1, 2], np.uint32) if mode == "tokens" else np.full(3, wire.ROWS_PER_SAMPLE[mode], np.uint32)
     taps = []
     for i, hidden in enumerate([64, 96]):
         enc = codec.encode(rng.standard_normal((int(lengths.sum()), hidden)).astype(np.float32), fmt, block_size)
@@ -134,6 +134,15 @@ BUILDERS = {
 }
 
 GOLDEN = {
+    # summary mode (two rows a sample) joined the protocol in wave 3: pinned from its first frames
+    "batch_int8_summary": "d3a8e3b01f4451955bb113b612a5dc1dcfc7d1bd53fd71dc456508d3f31d651e",
+    "batch_fp8_summary": "b3629961191af192cb87de447e979b808c9bcbc9d55c047d8e89ffeb7ef2f538",
+    "batch_int4_summary": "9e8e275dc0808d57c1d5bb540f3cf577f4530a611c3f010c43a25558ced1460b",
+    "batch_nf4_summary": "aa1aaaf5314a01304a13c796ee0cb2a026286affebf67d8b5c4ca5d108cd62e9",
+    "batch_fp16_summary": "24a336cb081e0a867d6b20451cb25f4b1c3031b8893d57ec148cbec95c063a75",
+    "batch_fp4_summary": "1dcd2e25e77ae599b414ed702a1d3a4414775c843cb01afaaa3d9e8b167baaf1",
+    "batch_int8_per_tensor_summary": "dff4b992bdf6c3c4d04eb119e95ade79b7f66b45b98007319e98018c3f2a9273",
+    "batch_fp4_per_tensor_summary": "d2435676ff082ca98897b4d9a1057cb40ea17a0add3f8a9b0a07625ba0eee652",
     "hello_device": "1431edc06a1873eee88d25e0563817f0871d8c51d4ebb35350315e4a4f297df6",
     "hello_device_defaults": "a0979508c7dd78cbc6cc01b3f3b19dcbe926b4713b9bb9a60e4d32e27597410c",
     "batch_fp16_pooled": "0c7b723bbc543faf933a08fc20e5ad671786a84475bc1fd91961a86069c257ed",

@@ -32,19 +32,16 @@ def server(tmp_path):
     srv.stop()
 
 
-def torch_logits(model: SideNetwork, bb: Backbone, examples) -> np.ndarray:
-    """The torch side network on the backbone's dequantized last-token taps (JointModel's inputs)."""
+def torch_logits(model: SideNetwork, bb: Backbone, examples, mode: str = "pooled") -> np.ndarray:
+    """The torch side network on the backbone's dequantized rows that `mode` sends (JointModel's inputs):
+    the last token (pooled), or the last token and the tokens' mean (summary, read with mean pooling)."""
     rows = [bb.tokenize(e.texts, 128)[0] for e in examples]
-    taps, lengths = bb.forward(rows)
-    last = torch.from_numpy(lengths - 1)
-    decoded = []
-    for tap in taps:
-        s = tap.spec
-        codes = torch.from_numpy(tap.codes)[torch.arange(len(rows)), last]
-        scales = torch.from_numpy(tap.scales)[torch.arange(len(rows)), last]
-        decoded.append(torch_codec.decode(codes, scales, s.fmt, s.hidden, s.block_size))
+    taps, _ = bb.forward(rows, keep=mode)
+    decoded = [torch_codec.decode(torch.from_numpy(t.codes), torch.from_numpy(t.scales), t.spec.fmt, t.spec.hidden,
+                                  t.spec.block_size) for t in taps]
+    per_sample = wire.ROWS_PER_SAMPLE[mode]
     with torch.no_grad():
-        return model.logits_from_rows(decoded, torch.ones(len(rows), dtype=torch.long)).numpy()
+        return model.logits_from_rows(decoded, torch.full((len(rows),), per_sample, dtype=torch.long)).numpy()
 
 
 def test_joint_model_runs_a_side_network_with_tap1_adapter(tiny_engine, tmp_path):
@@ -84,7 +81,8 @@ def test_train_then_predict_matches_torch(tiny_engine, tmp_path, server, capsys)
     joint = JointModel(bb, side)
     examples = load_examples(write_data(tmp_path / "dev.tsv", 20, seed=1), get_task("sst2"))
     got = joint.predict(examples, 128, batch_size=7, progress=False)
-    assert np.abs(got - torch_logits(model, bb, examples)).max() < 1e-4
+    assert joint.mode == "summary" and cfg.mode == "summary" and cfg.side.pooling == "mean"  # the engine's default
+    assert np.abs(got - torch_logits(model, bb, examples, "summary")).max() < 1e-4
 
     # The CLI paths give the same predictions and a metric.
     capsys.readouterr()

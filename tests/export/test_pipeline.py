@@ -7,6 +7,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from mobillm.edge_runtime.backbone import row_indices
+
 from mobillm.kernels import codec
 
 pytest.importorskip("torch")
@@ -30,8 +32,9 @@ def run(engine, ids=TOKENS, mask=MASK) -> dict:
     names = [o.name for o in session.get_outputs()]
     ids = np.minimum(ids, manifest.config["vocab_size"] - 1)
     feeds = {"input_ids": ids, "attention_mask": mask}
-    if manifest.row_input:  # every position, in batch x seq order: the outputs reshape to [batch, seq, ...]
-        feeds[manifest.row_input] = np.arange(ids.size, dtype=np.int64)
+    if manifest.row_input:  # every token position, in batch x seq order: the outputs reshape to [batch, seq, ...]
+        feeds[manifest.row_input] = row_indices(np.full(len(ids), ids.shape[1]), ids.shape[1], "all",
+                                                manifest.summary_row)
     return {name: out.reshape(ids.shape + out.shape[1:]) if manifest.row_input else out
             for name, out in zip(names, session.run(None, feeds))}
 
