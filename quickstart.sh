@@ -37,9 +37,11 @@ else
 fi
 
 if [ "$MODEL" = gemma ]; then
-  ENGINE="$OUT/engine-gemma-3-270m"
-  echo "== 2/5 export the real Gemma 3 270M (GGUF -> fp32 checkpoint, cached once; tapped nf4 ONNX engine)"
-  [ -f "$ENGINE/manifest.json" ] || export-backbone gemma-3-270m --out "$ENGINE" --quant nf4 --force
+  ENGINE="$OUT/engine-gemma-3-270m-channel"
+  echo "== 2/5 export the real Gemma 3 270M (GGUF -> fp32 checkpoint, cached once; tapped nf4 ONNX engine,"
+  echo "   every tap channel standardized with statistics calibrated on 256 of the train rows, summary rows)"
+  [ -f "$ENGINE/manifest.json" ] || export-backbone gemma-3-270m --out "$ENGINE" --quant nf4 --force \
+    --calibration "$OUT/train.tsv" --calibration-rows 256
 else
   ENGINE="$OUT/engine-opt-random"
   TOKENIZER="$SHARED/tokenizer/opt"
@@ -55,7 +57,8 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null && break; sleep 0.2; done
 
-echo "== 4/5 edge-run train: forward passes only, nf4 taps streamed once (pooled mode), $EPOCHS epochs on the server"
+echo "== 4/5 edge-run train: forward passes only, nf4 taps streamed once (summary mode: the last token and the"
+echo "   tokens' mean, two rows a sample), $EPOCHS epochs on the server"
 edge-run train --engine "$ENGINE" --data "$OUT/train.tsv" --task sst2 --server "ws://127.0.0.1:$PORT" \
   --epochs "$EPOCHS" --batch-size 16 --max-len 64 --side-out "$OUT/side_sst2.onnx" --run "quickstart-$MODEL-$$"
 

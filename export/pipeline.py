@@ -98,6 +98,8 @@ def make_plan(options: ExportOptions) -> Plan:
     typed = apply_overrides(config, options.overrides)
     family = families.family_for(config.model_type)
     opts = dataclasses.replace(options, overrides=typed).resolved(family, family.num_layers(config))
+    if opts.tap_norm == "channel":  # a bad --calibration fails here, before any model is built
+        calibration.calibration_texts(opts.calibration, opts.calibration_cols, opts.calibration_rows)
     tok, tok_from = load_tokenizer(source, opts.tokenizer)
     if len(tok) > config.vocab_size:
         raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}; "
