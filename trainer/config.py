@@ -21,6 +21,7 @@ ACTIVATIONS = ("relu", "gelu")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 POOLINGS = ("last", "mean")
+INPUT_NORMS = ("none", "channel")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -58,6 +59,10 @@ class SideConfig:
     ln_eps: float = option(1e-5, "LayerNorm epsilon", cli=False)
     adapter_per_tap: bool = option(False, "give tap 1 its own adapter too (Eq. 5 from s_0 = 0): M taps -> M adapters "
                                           "(default: s_1 = b_1, M-1 adapters)")
+    input_norm: str = option("none", "channel: the side network standardizes every tap channel by its mean and spread "
+                                     "over the first --stats-rows training rows, then frozen (kept in the checkpoint "
+                                     "and in the exported ONNX); none: taps as they arrive", choices=INPUT_NORMS)
+    stats_rows: int = option(1024, "--input-norm channel: training rows the statistics are measured on")
 
     def to_meta(self) -> dict:
         """This config as the MODEL meta carries it; `adapter_per_tap` only when set, so frames of
@@ -65,6 +70,8 @@ class SideConfig:
         meta = dataclasses.asdict(self)
         if not self.adapter_per_tap:
             del meta["adapter_per_tap"]
+        if self.input_norm == "none":  # likewise for runs without server-side standardization
+            del meta["input_norm"], meta["stats_rows"]
         return meta
 
     def validate(self) -> None:
@@ -72,6 +79,10 @@ class SideConfig:
             raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ConfigError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if self.stats_rows < 1:
+            raise ConfigError(f"stats_rows must be >= 1, got {self.stats_rows}")
         if self.bottleneck < 1:
             raise ConfigError(f"bottleneck must be >= 1, got {self.bottleneck}")
         if self.side_width is not None and self.side_width < 1:
@@ -290,6 +301,9 @@ class ServerConfig:
     def validate(self) -> None:
         if self.federated and self.cache:
             raise ConfigError("--federated and --cache do not combine: federated devices stream every epoch")
+        if self.federated and self.side.input_norm != "none":
+            raise ConfigError("--input-norm channel is for single-device runs: the federated network aligns each "
+                              "backbone's taps with its own projection (docs/federated.md)")
         if self.federated:
             self.fed.validate()
         if self.queue_size < 1:

@@ -106,6 +106,40 @@ class PerTokenSide(nn.Module):
         return self.head(summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
 
 
+class TapStandardizer(nn.Module):
+    """Per-tap, per-channel (x - mean) / spread, measured on the first `rows` training rows and then
+    frozen (`--input-norm channel`). Buffers, so the checkpoint keeps them and the ONNX export bakes
+    them in: the device's joint model reads taps exactly as the side network learned them."""
+
+    def __init__(self, widths: list[int], rows: int):
+        super().__init__()
+        self.rows = rows
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        for k, w in enumerate(widths):
+            self.register_buffer(f"sum{k}", torch.zeros(w, dtype=torch.float64))
+            self.register_buffer(f"sumsq{k}", torch.zeros(w, dtype=torch.float64))
+            self.register_buffer(f"mean{k}", torch.zeros(w))
+            self.register_buffer(f"std{k}", torch.ones(w))
+
+    @torch.no_grad()
+    def _measure(self, taps: list[torch.Tensor]) -> None:
+        take = min(self.rows - int(self.seen), taps[0].reshape(-1, taps[0].shape[-1]).shape[0])
+        for k, t in enumerate(taps):
+            rows = t.reshape(-1, t.shape[-1])[:take].double()
+            s1, s2 = getattr(self, f"sum{k}").add_(rows.sum(0)), getattr(self, f"sumsq{k}").add_((rows ** 2).sum(0))
+            n = float(int(self.seen) + take)
+            mean = s1 / n
+            std = (s2 / n - mean ** 2).clamp_min(0).sqrt()
+            getattr(self, f"mean{k}").copy_(mean)
+            getattr(self, f"std{k}").copy_(std.clamp_min(float(std.median()) * 1e-3 + 1e-6))
+        self.seen += take
+
+    def forward(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.training and int(self.seen) < self.rows:
+            self._measure(taps)
+        return [(t - getattr(self, f"mean{k}")) / getattr(self, f"std{k}") for k, t in enumerate(taps)]
+
+
 class SideNetwork(PerTokenSide):
     def __init__(self, cfg: SideConfig):
         super().__init__()
@@ -119,6 +153,7 @@ class SideNetwork(PerTokenSide):
         self.adapters = nn.ModuleList([Adapter(width, cfg.bottleneck, cfg.activation) for _ in range(n)])
         self.norms = nn.ModuleList([nn.LayerNorm(width, eps=cfg.ln_eps) for _ in range(n)])
         self.head = nn.Linear(width, cfg.out_dim)
+        self.standardize = TapStandardizer(cfg.tap_widths, cfg.stats_rows) if cfg.input_norm == "channel" else None
 
     def init_weights(self, seed: int) -> None:
         """Seeded initialisation from a private generator (several runs share one process)."""
@@ -132,6 +167,8 @@ class SideNetwork(PerTokenSide):
 
     def features(self, taps: list[torch.Tensor]) -> torch.Tensor:
         """Per-token b_M + s_M [..., D] from taps [..., H_i] (any leading shape)."""
+        if self.standardize is not None:
+            taps = self.standardize(taps)
         b = [proj(t) for proj, t in zip(self.projections, taps)]
         return b[-1] + adapter_stack(self.adapters, self.norms, b, self.cfg.adapter_per_tap)
 

@@ -157,7 +157,10 @@ class Session:
         callable gives it back when the batch's training step ends. ERROR `over_budget` when it
         cannot fit."""
         config = self.server.config
-        rows = len(batch.sample_ids) if config.side.pooling == "last" else int(batch.lengths.sum())
+        # Rows decoded for training: one a sample under last-token pooling, else every row sent
+        # (summary runs are always read with mean pooling: policy.run_side_config).
+        last_only = config.side.pooling == "last" and batch.mode != "summary"
+        rows = len(batch.sample_ids) if last_only else int(batch.lengths.sum())
         cost = mem.batch_cost(nbytes, rows, [t.hidden for t in batch.taps])
         if cost > config.batch_limit():
             raise ProtocolError(messages.OVER_BUDGET, f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded "
