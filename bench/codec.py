@@ -64,8 +64,8 @@ def codec_table(x: np.ndarray, formats: list[str], bs: int, repeat: int, custom_
     copy_gbs = gb / best_time(lambda: np.copyto(copy_dst, x), repeat)
     rate = lambda seconds: f"{gb / seconds:6.2f}"  # noqa: E731
     lines = [
-        f"| format | bytes/elem (incl. scales) | numpy enc | numpy dec | ORT in-graph enc | torch enc | torch dec "
-        f"| C++ custom op enc | C++ raw enc | C++ raw dec | numpy.copyto |",
+        "| format | bytes/elem (incl. scales) | numpy enc | numpy dec | ORT in-graph enc | torch enc | torch dec "
+        "| C++ custom op enc | C++ raw enc | C++ raw dec | numpy.copyto |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)

@@ -9,30 +9,9 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 from compare_config import BYTES_GOAL, GOALS, METHODS, Settings
 from compare_curves import metric_after_budget, time_to_stay, time_to_target
-from paper_bytes import paper_scheme_bytes
-
-
-def wire_bytes_per_sample(taps, tokens: int, mode: str, fmt: str | None = None, rows: int = 16) -> float:
-    """Bytes of one BATCH frame per row, every row carrying `tokens` tokens of every tap."""
-    from mobillm.common import wire
-    from mobillm.kernels import codec
-
-    n = rows * tokens
-    payloads = []
-    for k, t in enumerate(taps):
-        f = fmt or t.fmt
-        if f == "fp16":
-            codes, scales = np.zeros((n, t.hidden), np.float16), np.zeros((n, 0), np.float16)
-        else:
-            codes = np.zeros((n, codec.code_bytes(f, t.hidden)), np.uint8)
-            scales = np.zeros((n, codec.n_blocks(t.hidden, t.block_size)), np.float16)
-        payloads.append(wire.TapPayload(f, t.block_size, t.hidden, codes, scales, k))
-    batch = wire.Batch(0, np.arange(rows, dtype=np.uint64), np.zeros(rows, np.int64),
-                       np.full(rows, tokens, np.uint32), payloads, mode)
-    return len(wire.batch_frame(batch)) / rows
+from paper_bytes import paper_scheme_bytes, wire_bytes_per_sample
 
 
 def summarize(s: Settings, data: dict, results: dict) -> dict:

@@ -16,10 +16,11 @@ taps (9 on a 24-layer OPT), padded to 256 tokens, as BATCH frames. Pooled bytes 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TOKENS, PAPER_ROWS, FP16_BYTES = 256, 16, 2
@@ -34,6 +35,26 @@ def paper_scheme_bytes(layers: int, hidden: int, tokens: int = PAPER_TOKENS, row
                        bytes_per_value: float = FP16_BYTES) -> float:
     """Bytes the paper's scheme sends for `rows` rows: every layer's hidden state, every padded token."""
     return layers * hidden * tokens * rows * bytes_per_value
+
+
+def wire_bytes_per_sample(taps, tokens: int, mode: str, fmt: str | None = None, rows: int = 16) -> float:
+    """Bytes of one BATCH frame per row, every row carrying `tokens` tokens of every tap."""
+    from mobillm.common import wire
+    from mobillm.kernels import codec
+
+    n = rows * tokens
+    payloads = []
+    for k, t in enumerate(taps):
+        f = fmt or t.fmt
+        if f == "fp16":
+            codes, scales = np.zeros((n, t.hidden), np.float16), np.zeros((n, 0), np.float16)
+        else:
+            codes = np.zeros((n, codec.code_bytes(f, t.hidden)), np.uint8)
+            scales = np.zeros((n, codec.n_blocks(t.hidden, t.block_size)), np.float16)
+        payloads.append(wire.TapPayload(f, t.block_size, t.hidden, codes, scales, k))
+    batch = wire.Batch(0, np.arange(rows, dtype=np.uint64), np.zeros(rows, np.int64),
+                       np.full(rows, tokens, np.uint32), payloads, mode)
+    return len(wire.batch_frame(batch)) / rows
 
 
 @dataclass(frozen=True)
@@ -59,9 +80,6 @@ class Backbone:
 def taps_bytes(bb: Backbone, tokens: int, mode: str, fmt: str, rows: int = PAPER_ROWS, block_size: int = 64) -> float:
     """Bytes per sample of BATCH frames carrying mobillm's taps of `bb` (the doc's earlier baseline
     with tokens=256, fp16 or nf4; pooled with tokens=1)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compare_report import wire_bytes_per_sample
-
     taps = [SimpleNamespace(fmt=fmt, hidden=w, block_size=block_size) for _, w in bb.taps]
     # A frame is a fixed part plus the same bytes per row: two small frames give the 16-row one
     # without building it (fp16 OPT-1.3B rows would take 150 MB).

@@ -12,27 +12,10 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-BAD_INPUT = 2
-CHECK_FAILED = 1
-INTERRUPTED = 130
+# The classes sit in the lowest layer (kernels/ raises BadInput too); these are the same objects.
+from mobillm.kernels.errors import BAD_INPUT, CHECK_FAILED, INTERRUPTED, BadInput, CheckFailed, MobillmError
 
-
-class MobillmError(Exception):
-    """An error the user can act on; `exit_code` is what the command exits with."""
-
-    exit_code = BAD_INPUT
-
-
-class BadInput(MobillmError):
-    """Wrong arguments, files or data: nothing was done (exit 2)."""
-
-    exit_code = BAD_INPUT
-
-
-class CheckFailed(MobillmError):
-    """A check ran to the end and did not pass (exit 1)."""
-
-    exit_code = CHECK_FAILED
+__all__ = ["BAD_INPUT", "CHECK_FAILED", "INTERRUPTED", "BadInput", "CheckFailed", "MobillmError", "run_command"]
 
 
 def run_command(prog: str, body: Callable[[], int | None]) -> int:

@@ -102,7 +102,7 @@ class TapInfo:
     def from_meta(cls, meta, index: int = 0) -> "TapInfo":
         if not isinstance(meta, dict):
             raise ProtocolError("bad_hello", f"taps[{index}] must be an object")
-        values = {k: meta.get(k) for k in ("layer", "hidden", "fmt", "block_size")}
+        values: dict = {k: meta.get(k) for k in ("layer", "hidden", "fmt", "block_size")}
         ints = ("layer", "hidden", "block_size")
         if not all(isinstance(values[k], int) and not isinstance(values[k], bool) for k in ints):
             raise ProtocolError("bad_hello", f"taps[{index}] needs integer layer, hidden and block_size")

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
-from mobillm.common.errors import BadInput
+from mobillm.common.errors import BAD_INPUT, BadInput
 
 _META = "mobillm.option"
 
@@ -48,6 +49,16 @@ def option_fields(cls) -> list[tuple[dataclasses.Field, dict, Any]]:
     hints = typing.get_type_hints(cls)
     return [(f, f.metadata[_META], hints[f.name]) for f in dataclasses.fields(cls)
             if _META in f.metadata and f.metadata[_META]["cli"]]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse under the one error policy (common/errors.py): a usage error is one line on stderr,
+    `PROG: error: MESSAGE; see PROG --help`, and exit status 2, without the usage block. Every
+    mobillm command parses with it; its subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(BAD_INPUT)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

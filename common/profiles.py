@@ -39,7 +39,7 @@ def parse_with_profile(build_parser: Callable[[dict], argparse.ArgumentParser], 
     """Parse `argv` with `build_parser(defaults)`, the defaults being the `side` ("trainer" or
     "device") values of the --profile that `argv` names, if any (so `--help` shows them too)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--profile")
+    pre.add_argument("--profile", nargs="?")  # a missing name is the real parser's one-line error
     name = pre.parse_known_args(argv)[0].profile
     # An unknown name falls through to the real parser, which refuses it (exit 2, listing the choices).
     return build_parser(getattr(PROFILES[name], side) if name in PROFILES else {}).parse_args(argv)

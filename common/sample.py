@@ -56,5 +56,28 @@ def write_sample(path: Path | str, rows: int, seed: int = 0, **style) -> Path:
     return path
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mobillm.common.sample OUT.tsv ROWS [SEED]`, under the error policy (exit 2, one line)."""
+    from mobillm.common.errors import BadInput, run_command
+    from mobillm.common.options import Parser
+
+    p = Parser(prog="python -m mobillm.common.sample", description="Write the synthetic sentiment sample (SST-2 "
+                                                                   "layout: sentence<TAB>label).")
+    p.add_argument("out", type=Path, help="the .tsv file to write")
+    p.add_argument("rows", type=int, help="how many rows")
+    p.add_argument("seed", type=int, nargs="?", default=0, help="which rows (default: 0)")
+    args = p.parse_args(argv)
+    if args.rows < 1:
+        p.error(f"ROWS must be at least 1, got {args.rows}")
+
+    def write() -> None:
+        try:
+            write_sample(args.out, args.rows, args.seed)
+        except OSError as exc:
+            raise BadInput(f"cannot write {args.out}: {exc.strerror or exc}") from None
+
+    return run_command(p.prog, write)
+
+
 if __name__ == "__main__":
-    write_sample(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    sys.exit(main())

@@ -50,7 +50,7 @@ MODES = {"tokens": 0, "pooled": 1, "summary": 2}
 ROWS_PER_SAMPLE = {"pooled": 1, "summary": 2}  # fixed rows per sample; tokens mode: the sample's length
 MODE_NAMES = {v: k for k, v in MODES.items()}
 LABEL_KINDS = {"class": 0, "regression": 1}
-LABEL_DTYPES = {0: np.dtype("<i8"), 1: np.dtype("<f4")}
+LABEL_DTYPES: dict[int, np.dtype] = {0: np.dtype("<i8"), 1: np.dtype("<f4")}
 
 BATCH_HEADER = struct.Struct("<QIHBB")  # seq, n_rows, n_taps, mode, label_kind
 TAP_HEADER = struct.Struct("<BBHIQI")  # fmt, tap index, block_size, hidden, codes_nbytes, scales_nbytes
@@ -78,7 +78,7 @@ def encode_frame(msg_type: MsgType, meta: dict | None = None, body: bytes | memo
     return b"".join([header, meta_bytes, body])
 
 
-def decode_frame(data: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME,
+def decode_frame(data: bytes | bytearray | memoryview | str, max_frame: int = DEFAULT_MAX_FRAME,
                  max_model_frame: int | None = None) -> Frame:
     """Parse and validate one message; raises WireError on any inconsistency.
 

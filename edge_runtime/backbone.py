@@ -114,6 +114,9 @@ class Backbone:
 
     def _switch_outputs(self, formats: list[str]) -> list[str]:
         """Per tap, the format-switch outputs that hold `formats[k]`: (codes, scales), or (fp16, fp16)."""
+        if not self.manifest.tap_switch:
+            raise ManifestError(f"{self.folder}: this engine has no run-time format switch; re-export it to send "
+                                f"{formats}")
         names = []
         for k, fmt in enumerate(formats):
             out = self.manifest.tap_switch["outputs"][k]
@@ -202,7 +205,7 @@ def choose_providers(provider: str, folder: Path) -> list:
                     "Install onnxruntime-gpu (or the JetPack wheel on Jetson) to use it.", provider,
                     ", ".join(sorted(available)))
         return ["CPUExecutionProvider"]
-    out = []
+    out: list[str | tuple[str, dict]] = []
     for name in wanted:
         if name == "TensorrtExecutionProvider":
             cache = folder / "trt_cache"

@@ -75,7 +75,7 @@ def allocate(hidden: list[int], tokens: int, importance: list[float], budget_byt
     plan exceeds the budget, the cheapest plan is returned."""
     eps, level, cost = _start(hidden, tokens, importance, block_size, ladder, eps)
     while True:
-        best, best_ratio, best_extra = None, 0.0, 0.0
+        best, best_ratio, best_extra = None, 0.0, 0
         for m, h in enumerate(hidden):
             if level[m] + 1 >= len(ladder):
                 continue

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from mobillm.common.errors import BadInput, MobillmError, run_command
-from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, read_token_file
+from mobillm.common.options import HelpFormatter, Parser, add_options, all_but, from_args, read_token_file
 from mobillm.common.profiles import add_profile_flag, parse_with_profile
 from mobillm.common.tasks import Task
 
@@ -44,8 +44,7 @@ def _subcommand(sub, name: str, help: str, train: bool, defaults: dict) -> argpa
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     """The `edge-run` parser; `defaults` (a --profile's device values) replace the training flags' defaults."""
-    parser = argparse.ArgumentParser(prog="edge-run", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="edge-run", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = defaults or {}
 

@@ -59,7 +59,7 @@ def load_examples(path: Path | str, task: Task, limit: int | None = None, requir
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     records = _read_records(path, task)
-    examples = []
+    examples: list[Example] = []
     for i, rec in enumerate(records):
         if limit is not None and len(examples) >= limit:
             break

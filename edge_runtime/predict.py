@@ -58,7 +58,7 @@ class JointModel:
         # Only the rows the side network reads are quantized: each row's last real token, or
         # (mean pooling) every real token, put back in place in a zero-padded batch under the mask.
         taps, lengths = self.bb.forward(rows, keep=self.mode)
-        feeds = {}
+        feeds: dict[str, np.ndarray] = {}
         if self.mode == "summary":  # two rows a sample: the last token and the tokens' mean, both real
             for name, tap in zip(self.inputs, taps):
                 s = tap.spec
@@ -90,7 +90,7 @@ class JointModel:
             if out is None:
                 out = np.zeros((len(rows), logits.shape[-1]), np.float32)
             out[idx] = logits
-        return out
+        return out if out is not None else np.zeros((0, 0), np.float32)
 
     def evaluate(self, examples: list[Example], task: Task, max_len: int, batch_size: int = 16,
                  progress: bool = True) -> dict:

@@ -86,7 +86,8 @@ def open_session(folder: Path | str, manifest: Manifest, options: ort.SessionOpt
 def op_version(folder: Path, manifest: Manifest) -> int:
     """The com.mobillm op set version the engine's fused graph needs; ManifestError (exit 2),
     naming both versions, when this mobillm does not know it."""
-    domain, version = manifest.custom_op.get("domain"), manifest.custom_op.get("version")
+    custom_op = manifest.custom_op or {}
+    domain, version = custom_op.get("domain"), custom_op.get("version")
     if domain != native.OP_DOMAIN:
         raise ManifestError(f"{folder}: the engine's fused quantizer uses op domain {domain!r}; this mobillm runs "
                             f"{native.OP_DOMAIN!r}")
@@ -104,6 +105,7 @@ def _open_legacy(folder: Path, manifest: Manifest, options, providers, quantizer
     if quantizer == "standard":
         raise QuantizerUnavailable(f"{folder}: this engine (exported before portable engines) has only the fused "
                                    f"quantizer graph; re-export it to get a standard-op graph too")
+    assert manifest.custom_op_library, "open_session sends only engines that carry a library here"
     shipped = folder / manifest.custom_op_library
     try:
         path = native.register_op_library(options, LEGACY_OP_VERSION, op_library)

@@ -128,7 +128,8 @@ class SimDevice:
         To test resume, `stop_after_batches` drops the connection after that many batches, and
         `send_done=False` drops it once streaming is over; neither sends DONE. A WELCOME that
         redirects (a trainer of several ranks) is followed, as `edge-run` does."""
-        url, redirects = self.url, []
+        url = self.url
+        redirects: list[str] = []
         while True:
             result = self._connection(url, stop_after_batches, send_done, timeout)
             redirect = result.welcome.get("redirect")
@@ -198,17 +199,17 @@ class SimDevice:
                 return result
             ws.send(messages.frame(StreamDone(len(stream))))
             while result.done is None:
-                frame = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
-                if frame.type == wire.MsgType.MODEL:
-                    result.model_meta, result.model = ModelMeta.check(frame.meta), bytes(frame.body)
-                elif frame.type == wire.MsgType.DONE:
-                    TrainingDone.from_meta(frame.meta)
-                    result.done = frame.meta
-                elif frame.type == wire.MsgType.ERROR:
-                    result.error = frame.meta
+                reply = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
+                if reply.type == wire.MsgType.MODEL:
+                    result.model_meta, result.model = ModelMeta.check(reply.meta), bytes(reply.body)
+                elif reply.type == wire.MsgType.DONE:
+                    TrainingDone.from_meta(reply.meta)
+                    result.done = reply.meta
+                elif reply.type == wire.MsgType.ERROR:
+                    result.error = reply.meta
                     return result
                 else:
-                    handle(frame)
+                    handle(reply)
             ws.send(wire.encode_frame(wire.MsgType.BYE, {}))
         result.seconds = time.perf_counter() - t0
         return result

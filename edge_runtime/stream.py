@@ -149,9 +149,9 @@ class StreamClient:
         self.total_samples = sum(len(b) for b in self.batches)
         specs = backbone.manifest.taps
         self.fixed_plan, self.planner, self.plan_in_graph = fixed_formats(opts.bits, len(specs)), None, False
-        if self.fixed_plan is None and opts.bits != "engine":
-            self.planner, self.plan_in_graph = make_planner(backbone, self.rows, auto_rule(opts.bits),
-                                                            opts.latency_target_s)
+        rule = auto_rule(opts.bits)  # None unless --bits auto[:RULE]
+        if rule is not None:
+            self.planner, self.plan_in_graph = make_planner(backbone, self.rows, rule, opts.latency_target_s)
         self.model_bytes: bytes | None = None
         self.model_meta: dict = {}
         self._unacked: deque[_Sent] = deque()
@@ -188,17 +188,18 @@ class StreamClient:
                  stop: threading.Event):
         try:
             end = start_sample
+            mode = self.opts.mode or default_mode(self.bb.manifest)  # __init__ filled it in
             for b in range(start_batch, len(self.batches)):
                 if self._stop.is_set() or stop.is_set():
                     return
                 idx = self.batches[b]
                 t0 = time.perf_counter()
-                per_sample = wire.ROWS_PER_SAMPLE.get(self.opts.mode)
+                per_sample = wire.ROWS_PER_SAMPLE.get(mode)
                 tokens = per_sample * len(idx) if per_sample else sum(len(self.rows[i]) for i in idx)
                 plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
-                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.opts.mode,
+                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=mode,
                                                 formats=plan if self.plan_in_graph else None)
-                batch = build_batch(b, idx, self.labels[idx], taps, lengths, self.opts.mode, plan)
+                batch = build_batch(b, idx, self.labels[idx], taps, lengths, mode, plan)
                 frame = wire.batch_frame(batch)
                 self.stats.forward_s += time.perf_counter() - t0
                 end += len(idx)
@@ -297,8 +298,9 @@ class StreamClient:
         except (OSError, ssl.SSLError) as exc:
             raise BadInput(f"--ca {self.opts.ca}: not a readable PEM certificate ({exc})") from None
 
-    async def _session(self, state: dict) -> bool:
-        """One connection. Returns True when the run is complete (model received)."""
+    async def _session(self, state: dict) -> bool | str:
+        """One connection. Returns True when the run is complete (model received), REDIRECTED when
+        WELCOME sent this device to another rank."""
         async with websockets.connect(self._url, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
                                       open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
             self._opened = True
@@ -341,7 +343,7 @@ class StreamClient:
                     pass
             return finished.is_set()
 
-    def _follow(self, url: str) -> object:
+    def _follow(self, url: str) -> str:
         """WELCOME said another rank owns this device: the next connection goes there."""
         self._redirects += 1
         if self._redirects > MAX_REDIRECTS:
@@ -497,8 +499,9 @@ async def _unless_closed(coro, receiver: asyncio.Task):
     if task.done():
         return task.result()
     task.cancel()
-    if receiver.exception() is not None:
-        raise receiver.exception()
+    error = receiver.exception()
+    if error is not None:
+        raise error
     raise websockets.ConnectionClosedOK(None, None)
 
 

@@ -14,19 +14,11 @@ import sys
 from pathlib import Path
 
 from mobillm.common.errors import INTERRUPTED, MobillmError, run_command
-from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, option_fields
+from mobillm.common.options import HelpFormatter, Parser, add_options, all_but, from_args, option_fields
 
 from .options import ExportOptions, parse_set_args
 
 PROG = "export-backbone"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit status 2."""
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
-        raise SystemExit(2)
 
 
 class Interrupted(MobillmError):
@@ -49,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     MODEL is positional and --set repeats, which `add_options` does not express; they take their
     help from their fields all the same. Groups keep the flags in the order of the docs."""
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", help=_help("model"))
     _add(p, "out", "force", "random_init", "seed")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
@@ -65,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_verify_parser() -> argparse.ArgumentParser:
     """The parser of `export-backbone verify DIR`."""
-    p = _Parser(prog=f"{PROG} verify", description="Run an engine in ONNX Runtime on a few sentences and compare "
+    p = Parser(prog=f"{PROG} verify", description="Run an engine in ONNX Runtime on a few sentences and compare "
                                                    "every decoded tap with the torch model recorded in its manifest.")
     p.add_argument("engine", type=Path, help="engine folder written by export-backbone")
     return p
@@ -73,7 +65,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
 
 def build_trt_parser() -> argparse.ArgumentParser:
     """The parser of `export-backbone trt DIR`."""
-    p = _Parser(prog=f"{PROG} trt", description="Build the TensorRT plan (ENGINE/backbone.plan) of an existing "
+    p = Parser(prog=f"{PROG} trt", description="Build the TensorRT plan (ENGINE/backbone.plan) of an existing "
                                                 "engine on the machine that will run it, and record it in the "
                                                 "manifest; needs TensorRT and an NVIDIA GPU, not torch.")
     p.add_argument("engine", type=Path, help="engine folder written by export-backbone (weights fp32 or fp16)")

@@ -31,6 +31,26 @@ def build_fallback_tokenizer(folder: Path | str, texts: list[str] | None = None,
     return folder
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mobillm.export.fallback_tokenizer OUT_DIR [TEXT_FILE]`, under the error policy (exit 2, one line)."""
+    from mobillm.common.errors import BadInput, run_command
+    from mobillm.common.options import Parser
+
+    p = Parser(prog="python -m mobillm.export.fallback_tokenizer",
+               description="Train a tiny OPT-style BPE tokenizer and save it in OUT_DIR.")
+    p.add_argument("out", type=Path, help="folder to write tokenizer.json and tokenizer_config.json into")
+    p.add_argument("texts", type=Path, nargs="?", help="text file to train on, one text a line (default: built-in)")
+    args = p.parse_args(argv)
+
+    def build() -> None:
+        try:
+            lines = args.texts.read_text().splitlines() if args.texts else None
+            build_fallback_tokenizer(args.out, lines)
+        except OSError as exc:
+            raise BadInput(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+
+    return run_command(p.prog, build)
+
+
 if __name__ == "__main__":
-    lines = Path(sys.argv[2]).read_text().splitlines() if len(sys.argv) > 2 else None
-    build_fallback_tokenizer(sys.argv[1], lines)
+    sys.exit(main())

@@ -177,7 +177,8 @@ def build_model(source: Source, config, seed: int | None, dtype: str = "fp32"):
         raise ExportError(f"cannot load weights of {source.model_id} ({_first_line(exc)}); no network here: "
                           f"pass a checkpoint folder, or --random-init") from None
     except (ValueError, RuntimeError) as exc:
-        raise ExportError(f"cannot build {source.model_id} from its config ({_first_line(exc)}); check --set values")
+        raise ExportError(f"cannot build {source.model_id} from its config ({_first_line(exc)}); "
+                          f"check --set values") from exc
     model = model.to(torch.float16 if dtype == "fp16" else torch.float32)
     return model.eval()
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobillm.common.errors import BadInput
+from .errors import BadInput
 
 FORMATS = ("int8", "fp8", "int4", "nf4", "fp16", "fp4")  # new formats go at the end: ids never move
 # Each format's number, in one order: the C API counts from 0 (enum mobillm_format in

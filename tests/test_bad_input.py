@@ -3,6 +3,8 @@ traceback: each case runs the command's real entry point on real files."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from helpers import write_rows
@@ -77,3 +79,39 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny_engine, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert status == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and ": error: " in lines[0] and says in lines[0], err
+
+
+# A bad flag or a missing argument: argparse's message on one line (common.options.Parser), no usage block.
+USAGE_ERRORS = {
+    "edge-run": (edge_cli.main, ["train", "--engine", "e", "--data", "d.tsv", "--epochs", "two"],
+                 "edge-run train: error: argument --epochs: invalid int value: 'two'"),
+    "edge-run-profile": (edge_cli.main, ["train", "--engine", "e", "--data", "d.tsv", "--profile"],
+                         "edge-run train: error: argument --profile: expected one argument"),
+    "trainer": (trainer_main, ["serve", "--queue", "many"], "trainer serve: error: argument --queue"),
+    "export-backbone": (export_cli.main, ["opt-125m", "--out", "x", "--bogus"],
+                        "export-backbone: error: unrecognized arguments: --bogus"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USAGE_ERRORS))
+def test_a_bad_flag_is_one_line_and_exit_2(name, capsys):
+    main, argv, says = USAGE_ERRORS[name]
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # edge-run and trainer exit from argparse; export-backbone returns the status
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith(says) and "usage:" not in err, err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["mobillm.common.sample"], "the following arguments are required: out, rows"),
+    (["mobillm.common.sample", "{tmp}/no/such/folder/x.tsv", "4"], "cannot write"),
+    (["mobillm.export.fallback_tokenizer", "{tmp}/tok", "{tmp}/missing.txt"], "missing.txt: No such file"),
+])
+def test_module_entry_points_follow_the_policy(argv, says, tmp_path):
+    args = [a.format(tmp=tmp_path) for a in argv]
+    run = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and says in lines[0], run.stderr
+    assert lines[0].startswith(f"python -m {args[0]}: error: ")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from mobillm.common.errors import BadInput, run_command
-from mobillm.common.options import HelpFormatter, add_options, all_but, from_args, read_token_file
+from mobillm.common.options import HelpFormatter, Parser, add_options, all_but, from_args, read_token_file
 from mobillm.common.profiles import add_profile_flag, parse_with_profile
 
 from .config import FedConfig, OptimConfig, ServerConfig, SideConfig, WorldConfig
@@ -26,7 +26,7 @@ from .config import FedConfig, OptimConfig, ServerConfig, SideConfig, WorldConfi
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     """The `trainer` parser; `defaults` (a --profile's trainer values) replace the serve flags' defaults."""
-    parser = argparse.ArgumentParser(prog="trainer", description=__doc__, formatter_class=HelpFormatter)
+    parser = Parser(prog="trainer", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve devices over WebSocket and train their side networks",

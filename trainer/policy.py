@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from mobillm.common import wire
 from mobillm.common.messages import (NAME_RULE, RUN_EXISTS, TOO_MANY_RUNS, FedWelcome, Hello, ProtocolError,
@@ -32,13 +32,10 @@ from mobillm.common.messages import (NAME_RULE, RUN_EXISTS, TOO_MANY_RUNS, FedWe
 
 from . import budget as mem
 from .config import RunConfig, ServerConfig
-from .core import CHECKPOINT, METRICS, load_checkpoint, open_metrics
+from .core import CHECKPOINT, METRICS, Link, load_checkpoint, open_metrics
 from .federated import Device, Federated
 from .run import TRAINED_IDS, SingleDevice
 from .training import SHUTTING_DOWN, TrainingRun
-
-if TYPE_CHECKING:
-    from .server import Session
 
 log = logging.getLogger("mobillm.trainer")
 
@@ -52,6 +49,13 @@ class Joined:
     stop_streaming: bool
     total_samples: int
     federated: FedWelcome | None = None
+
+
+class SessionLink(Link, Protocol):
+    """The connection a policy attaches to a run (trainer/server.py's `Session`; typed here, not
+    imported, so policy.py and server.py do not import each other)."""
+
+    stop_sent: bool  # STOP already sent: the run has every sample it needs from this device
 
 
 class Membership(Protocol):
@@ -72,7 +76,7 @@ class Membership(Protocol):
 class RunPolicy(Protocol):
     """How sessions map onto runs."""
 
-    async def join(self, session: "Session", hello: Hello) -> Membership:
+    async def join(self, session: SessionLink, hello: Hello) -> Membership:
         """Open or resume the HELLO's run and attach the session to it (credits set on the session)."""
 
     def stop(self) -> None:
@@ -248,7 +252,7 @@ def remove_new_folder(folder: Path, existed: bool) -> None:
 class SingleMember:
     """A session feeding a single-device run; it is replaced when the same device connects again."""
 
-    def __init__(self, run: TrainingRun, session: "Session"):
+    def __init__(self, run: TrainingRun, session: SessionLink):
         self.run, self.session = run, session
         self.strategy: SingleDevice = run.strategy
         member = self.strategy.member
@@ -281,7 +285,7 @@ class SingleDevicePolicy(RunTable):
 
     forget_untrained = True  # its folder holds only its own HELLO: the next one makes the same run again
 
-    async def join(self, session: "Session", hello: Hello) -> SingleMember:
+    async def join(self, session: SessionLink, hello: Hello) -> SingleMember:
         """The run for this HELLO (created, resumed or taken over), drained so its resume point is exact."""
         name = hello.run_name
         async with self.lock(name):
@@ -361,7 +365,7 @@ def check_identity(cfg: RunConfig, hello: Hello) -> None:
 class FedMember:
     """A session feeding a federated run as one of its devices."""
 
-    def __init__(self, run: TrainingRun, dev: Device, session: "Session"):
+    def __init__(self, run: TrainingRun, dev: Device, session: SessionLink):
         self.run, self.dev, self.session = run, dev, session
         self.strategy: Federated = run.strategy
         family = self.strategy.model.families[dev.family]
@@ -390,7 +394,7 @@ class FedMember:
 class FederatedPolicy(RunTable):
     """One federated run per task for every device that sends it (created on first use)."""
 
-    async def join(self, session: "Session", hello: Hello) -> FedMember:
+    async def join(self, session: SessionLink, hello: Hello) -> FedMember:
         name = hello.run or f"fed-{hello.task}"
         if not is_name(name):
             raise ProtocolError("bad_hello", f"run {name!r}: a run name is {NAME_RULE}; send a shorter run name")

@@ -61,7 +61,8 @@ def test_predict_batches_with_training_defaults():
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
-    assert exc.value.code == 2 and "usage: edge-run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("edge-run") and ": error: " in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("command", ["train", "predict", "eval"])

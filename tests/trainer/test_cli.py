@@ -83,7 +83,8 @@ def test_config_errors_are_bad_input_and_value_errors():
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
-    assert exc.value.code == 2 and "usage: trainer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("trainer") and ": error: " in err and err.count("\n") == 1, err
 
 
 def test_missing_run_folders_and_files_exit_2(tmp_path, capsys):

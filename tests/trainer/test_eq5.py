@@ -31,12 +31,12 @@ def reference_logits(taps, mask, w, adapter_per_tap, pooling, eps=1e-5):
             b = [x[i, t] @ w[f"projections.{k}.weight"].T + w[f"projections.{k}.bias"]
                  if f"projections.{k}.weight" in w else x[i, t] for k, x in enumerate(taps)]
             s, rest = (torch.zeros_like(b[0]), b) if adapter_per_tap else (b[0], b[1:])
-            for l, b_next in enumerate(rest):
+            for j, b_next in enumerate(rest):
                 x = s + b_next
-                a = torch.relu(x @ w[f"adapters.{l}.down.weight"].T + w[f"adapters.{l}.down.bias"])
-                h = a @ w[f"adapters.{l}.up.weight"].T + w[f"adapters.{l}.up.bias"] + x
-                s = (h - h.mean()) / torch.sqrt(((h - h.mean()) ** 2).mean() + eps) * w[f"norms.{l}.weight"] \
-                    + w[f"norms.{l}.bias"]
+                a = torch.relu(x @ w[f"adapters.{j}.down.weight"].T + w[f"adapters.{j}.down.bias"])
+                h = a @ w[f"adapters.{j}.up.weight"].T + w[f"adapters.{j}.up.bias"] + x
+                s = (h - h.mean()) / torch.sqrt(((h - h.mean()) ** 2).mean() + eps) * w[f"norms.{j}.weight"] \
+                    + w[f"norms.{j}.bias"]
             feats.append(b[-1] + s)
         out.append(torch.stack(feats).mean(0) @ w["head.weight"].T + w["head.bias"])
     return torch.stack(out)
