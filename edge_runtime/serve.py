@@ -182,7 +182,7 @@ class PredictionService:
 
     def start(self) -> int:
         """Bind and serve in a background thread; returns the port."""
-        self.httpd = ThreadingHTTPServer((self.opts.host, self.opts.port), _handler(self))
+        self.httpd = _Server((self.opts.host, self.opts.port), _handler(self))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
         self._thread.start()
@@ -194,6 +194,10 @@ class PredictionService:
             self.httpd.server_close()
             self._thread.join(timeout=10)
         self.batcher.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # listen backlog: a burst of connections waits instead of being reset (default 5)
 
 
 def _handler(service: PredictionService):
