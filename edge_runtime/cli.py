@@ -59,7 +59,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     t = _subcommand(sub, "train", "stream quantized activations of local data to a trainer server", train=True,
                     defaults=defaults)
     t.add_argument("--data", required=True, type=Path,
-                   help="training data: .tsv (GLUE), .csv, .jsonl or datasets folder")
+                   help="training data: .tsv (GLUE), .csv, .jsonl, .parquet (needs pyarrow) or datasets folder")
     t.add_argument("--token-file", type=Path, default=None,
                    help="file holding the server's bearer token (default: none sent)")
     t.add_argument("--stats-out", type=Path, default=None,
