@@ -43,6 +43,9 @@ def _subcommand(sub, name: str, help: str, train: bool, defaults: dict) -> argpa
     add_options(p.add_argument_group("engine"), EngineOptions)
     # predict/eval: the task defaults to the one the side network was trained for (else sst2).
     add_options(p.add_argument_group("data"), DataOptions, defaults=None if train else {"task": None})
+    if not train:
+        task_flag = next(a for a in p._actions if a.dest == "task")
+        task_flag.help += " (default: the task the side network was trained for, else sst2)"
     group = p.add_argument_group("training" if train else "batching")
     add_options(group, TrainOptions, skip=() if train else all_but(TrainOptions, *BATCH_FIELDS), defaults=defaults)
     add_profile_flag(group)
