@@ -18,18 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from serve_latency import random_side  # bench/ scripts run as scripts: their folder is on sys.path
+
 TEXTS = ["a gripping, funny film", "the most boring two hours of my life", "ok",
          "an utterly forgettable, if well-meaning, attempt at comedy", "i laughed, i cried, i bought the soundtrack"]
 
 
 def tiny_engines(folder: Path) -> list[tuple[Path, Path]]:
     """Tiny random OPT engines, one per --weights format, each with a random side network."""
-    from mobillm.common.manifest import Manifest, manifest_digest
     from mobillm.common.sample import TINY_OPT
     from mobillm.export.pipeline import export_engine
-    from mobillm.trainer.config import SideConfig
-    from mobillm.trainer.export import export_onnx
-    from mobillm.trainer.model import build_side_network
 
     shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tokenizer" / "opt"
     out = []
@@ -39,13 +37,7 @@ def tiny_engines(folder: Path) -> list[tuple[Path, Path]]:
             export_engine("opt-125m", engine, random_init=True, overrides={**TINY_OPT, "hidden_size": 256,
                                                                          "ffn_dim": 1024, "num_attention_heads": 4},
                           quant="nf4", weights=weights, progress=False, tokenizer=shared)
-        m = Manifest.load(engine, verify=False)
-        cfg = SideConfig().for_taps([t.hidden for t in m.taps], 2)
-        side = folder / f"side-{weights}.onnx"
-        side.write_bytes(export_onnx(build_side_network(cfg, seed=0).eval()))
-        side.with_suffix(".json").write_text(json.dumps({"config": cfg.to_meta(), "task": "sst2",
-                                                         "engine_sha256": manifest_digest(engine)}))
-        out.append((engine, side))
+        out.append((engine, random_side(engine, folder / f"side-{weights}.onnx")))
     return out
 
 
@@ -58,7 +50,10 @@ def measure(engine: Path, side: Path, work: Path) -> dict:
     bundle = work / f"bundle-{engine.name}"
     assert cli.main(["bundle", "--engine", str(engine), "--side", str(side), "--out", str(bundle)]) == 0
     preds = work / "p.jsonl"
-    assert cli.main(["predict", "--engine", str(engine), "--side", str(side), "--out", str(preds), "-q", *TEXTS]) == 0
+    # One text per batch: with int8 weights the activations are quantized per tensor (ORT dynamic
+    # quantization), so a padded batch changes every row a little, in predict and bundle alike.
+    assert cli.main(["predict", "--engine", str(engine), "--side", str(side), "--out", str(preds), "-q",
+                     "--batch-size", "1", *TEXTS]) == 0
     want = np.array([json.loads(line)["logits"] for line in preds.read_text().splitlines()])
     model = BundleModel(bundle)
     got = np.concatenate([model.logits([model.tokenize((t,))]) for t in TEXTS])
@@ -75,9 +70,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make-tiny", type=Path, default=None, metavar="DIR")
     ap.add_argument("--engine", type=Path, action="append", default=[])
-    ap.add_argument("--side", type=Path, action="append", default=[], help="one per --engine, same order")
+    ap.add_argument("--side", type=Path, action="append", default=[],
+                    help="one per --engine, same order (default: untrained side networks, made here)")
     args = ap.parse_args()
-    pairs = list(zip(args.engine, args.side))
+    sides = args.side or [random_side(e, Path(tempfile.mkdtemp()) / "side.onnx") for e in args.engine]
+    pairs = list(zip(args.engine, sides))
     if args.make_tiny:
         args.make_tiny.mkdir(parents=True, exist_ok=True)
         pairs += tiny_engines(args.make_tiny)

@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,18 +32,31 @@ from mobillm.common.procfs import rss_mb
 SENTENCE = "the most boring two hours of my life, and the popcorn was stale too"
 
 
-def make_tiny(folder: Path) -> tuple[Path, Path]:
-    """A tiny random OPT engine (nf4 taps) and a random side network for it (needs torch)."""
+def random_side(engine: Path, side: Path, seed: int = 0) -> Path:
+    """An untrained side network for `engine` (needs torch): its cost is a trained one's."""
     import torch
 
     from mobillm.common.manifest import Manifest, manifest_digest
-    from mobillm.common.sample import TINY_OPT
-    from mobillm.export.pipeline import export_engine
     from mobillm.trainer.config import SideConfig
     from mobillm.trainer.export import export_onnx
     from mobillm.trainer.model import build_side_network
 
-    engine, side = folder / "engine", folder / "side_sst2.onnx"
+    m = Manifest.load(engine, verify=False)
+    cfg = SideConfig().for_taps([t.hidden for t in m.taps], 2)
+    torch.manual_seed(seed)
+    side.write_bytes(export_onnx(build_side_network(cfg, seed=seed).eval()))
+    side.with_suffix(".json").write_text(json.dumps({"config": cfg.to_meta(), "task": "sst2", "num_labels": 2,
+                                                     "engine_sha256": manifest_digest(engine),
+                                                     "model_id": m.model_id, "engine": str(engine)}))
+    return side
+
+
+def make_tiny(folder: Path) -> tuple[Path, Path]:
+    """A tiny random OPT engine (nf4 taps) and a random side network for it (needs torch)."""
+    from mobillm.common.sample import TINY_OPT
+    from mobillm.export.pipeline import export_engine
+
+    engine = folder / "engine"
     if not engine.is_dir():
         from mobillm.export.fallback_tokenizer import build_fallback_tokenizer
 
@@ -50,14 +64,7 @@ def make_tiny(folder: Path) -> tuple[Path, Path]:
         tokenizer = shared if (shared / "vocab.json").is_file() else build_fallback_tokenizer(folder / "tokenizer")
         export_engine("opt-125m", engine, random_init=True, overrides=TINY_OPT, quant="nf4", progress=False,
                       tokenizer=tokenizer)
-    m = Manifest.load(engine, verify=False)
-    cfg = SideConfig().for_taps([t.hidden for t in m.taps], 2)
-    torch.manual_seed(0)
-    side.write_bytes(export_onnx(build_side_network(cfg, seed=0).eval()))
-    side.with_suffix(".json").write_text(json.dumps({"config": cfg.to_meta(), "task": "sst2", "num_labels": 2,
-                                                     "engine_sha256": manifest_digest(engine),
-                                                     "model_id": m.model_id, "engine": str(engine)}))
-    return engine, side
+    return engine, random_side(engine, folder / "side_sst2.onnx")
 
 
 def start_server(args) -> tuple[subprocess.Popen, int]:
@@ -101,7 +108,7 @@ def pct(values: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", type=Path)
-    ap.add_argument("--side", type=Path)
+    ap.add_argument("--side", type=Path, help="side network (default with --engine: an untrained one, made here)")
     ap.add_argument("--bundle", type=Path, default=None, help="serve this bundle instead of --engine/--side")
     ap.add_argument("--make-tiny", type=Path, default=None, metavar="DIR", help="make a tiny engine + side here")
     ap.add_argument("--threads", type=int, default=2)
@@ -109,8 +116,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.make_tiny:
         args.engine, args.side = make_tiny(args.make_tiny)
-    if not (args.engine and args.side):
-        ap.error("give --engine and --side (or --make-tiny DIR)")
+    if args.engine and not args.side and not args.bundle:
+        args.side = random_side(args.engine, Path(tempfile.mkdtemp()) / "side_sst2.onnx")
+    if not (args.engine and (args.side or args.bundle)):
+        ap.error("give --engine (and --side), --bundle, or --make-tiny DIR")
 
     from mobillm.edge_runtime.backbone import Backbone
     from mobillm.edge_runtime.predict import JointModel

@@ -27,10 +27,10 @@ TEXTS = ["a gripping, funny film", "the most boring two hours of my life", "ok",
          "  spaces around and\ta tab  ", "an utterly forgettable, if well-meaning, attempt at a long comedy"]
 
 
-def predict_logits(engine: Path, side: Path, tmp_path: Path, texts=TEXTS) -> np.ndarray:
+def predict_logits(engine: Path, side: Path, tmp_path: Path, batch_size: int = 2) -> np.ndarray:
     out = tmp_path / "predict.jsonl"
     assert cli.main(["predict", "--engine", str(engine), "--side", str(side), "--out", str(out), "-q",
-                     "--batch-size", "2", *texts]) == 0
+                     "--batch-size", str(batch_size), *TEXTS]) == 0
     return np.array([json.loads(line)["logits"] for line in out.read_text().splitlines()], np.float32)
 
 
@@ -66,7 +66,9 @@ def test_bundle_logits_equal_predict(tiny_engine, tmp_path, pooling):
 def test_bundle_equals_predict_on_other_engines(tiny_engine_factory, tmp_path, variant):
     engine = tiny_engine_factory(**variant)
     side = write_side(engine, tmp_path / "side.onnx", "last")
-    want = predict_logits(engine, side, tmp_path)
+    # One text per batch: int8 weights quantize activations per tensor (ORT dynamic quantization), so
+    # padding changes every row a little, in predict and in the bundle alike.
+    want = predict_logits(engine, side, tmp_path, batch_size=1)
     model = BundleModel(make_bundle(engine, side, tmp_path / "bundle"))
     got = np.concatenate([model.logits([model.tokenize((t,))]) for t in TEXTS])
     assert np.abs(got - want).max() < 1e-4
