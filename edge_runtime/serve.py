@@ -203,6 +203,9 @@ class _Server(ThreadingHTTPServer):
 def _handler(service: PredictionService):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+        # Headers and body go out as two writes: with Nagle's algorithm the second waits for the
+        # client's delayed ACK (~40 ms on Linux) on every response.
+        disable_nagle_algorithm = True
 
         def log_message(self, format, *args):  # one line per request comes from _reply instead
             pass
