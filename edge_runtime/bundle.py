@@ -100,7 +100,7 @@ def build_bundle(engine: Path | str, side: Path | str, out: Path | str, task: Ta
     stride = b.op("Add", [width, b.const(1)], "stride") if manifest.summary_row else width
     starts = b.op("Mul", [b.op("Range", [b.const(0), batch, b.const(1)], "row"), stride], "row_start")
     last = b.op("Sub", [b.op("ReduceSum", [mask, b.const([1])], "lengths", keepdims=0), b.const(1)], "last")
-    rows = layout = None
+    rows = layout = place = None
     for step in feed.steps:
         if step == "rows:pooled":  # each row's last real token, as backbone.row_indices
             rows = b.op("Add", [starts, last], "rows")
@@ -112,6 +112,7 @@ def build_bundle(engine: Path | str, side: Path | str, out: Path | str, task: Ta
             nz = b.op("NonZero", [mask], "real")  # [2, n]: batch row, token
             row_of, tok = (b.op("Gather", [nz, b.const(k)], axis=0) for k in (0, 1))
             rows = b.op("Add", [b.op("Mul", [row_of, stride]), tok], "rows")
+            place = b.op("Add", [b.op("Mul", [row_of, width]), tok], "place")  # in [batch, width]
         elif step == "dequantize":
             pass  # below, per tap, after the rows are gathered
         elif step in ("layout:row", "layout:padded", "layout:summary"):
@@ -153,7 +154,9 @@ def build_bundle(engine: Path | str, side: Path | str, out: Path | str, task: Ta
             zeros = b.op("ConstantOfShape", [b.op("Concat", [b.op("Unsqueeze", [cells, b.const([0])]),
                                                              b.const([spec.hidden])], axis=0)], f"tap{k}_zeros",
                          value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
-            placed = b.op("ScatterND", [zeros, b.op("Unsqueeze", [rows, b.const([1])]), values], f"tap{k}_placed")
+            if place is None:
+                raise BundleError(f"side-network feed {feed.steps}: a padded layout needs every real token's rows")
+            placed = b.op("ScatterND", [zeros, b.op("Unsqueeze", [place, b.const([1])]), values], f"tap{k}_placed")
             dims = b.op("Concat", [b.op("Unsqueeze", [batch, b.const([0])]), b.op("Unsqueeze", [width, b.const([0])]),
                                    b.const([spec.hidden])], f"tap{k}_dims", axis=0)
             nodes.append(onnx.helper.make_node("Reshape", [placed, dims], [side_inputs[k]], name=PREFIX + f"tap{k}_pad"))

@@ -109,8 +109,9 @@ def make_certs_with_openssl(folder):
 
 
 def write_side(engine: Path, out: Path, pooling: str = "last", task: str = "sst2", out_dim: int = 2,
-               seed: int = 3) -> Path:
-    """A side network for `engine`'s taps at `out` (+ out.json), with weights that matter."""
+               seed: int = 3, mode: str | None = None) -> Path:
+    """A side network for `engine`'s taps at `out` (+ out.json), with weights that matter; `mode`: the
+    rows it was trained on (None: pooled for last pooling, else tokens)."""
     torch = pytest.importorskip("torch")
     from mobillm.common.manifest import Manifest, manifest_digest
     from mobillm.trainer.config import SideConfig
@@ -128,6 +129,7 @@ def write_side(engine: Path, out: Path, pooling: str = "last", task: str = "sst2
     meta = {"config": cfg.to_meta(), "task": task, "num_labels": out_dim, "run": "test",
             "taps": [{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size}
                      for t in manifest.taps],
-            "engine": str(engine), "model_id": manifest.model_id, "engine_sha256": manifest_digest(engine)}
+            "engine": str(engine), "model_id": manifest.model_id, "engine_sha256": manifest_digest(engine),
+            "mode": mode or ("pooled" if pooling == "last" else "tokens"), "preparation": manifest.preparation}
     out.with_suffix(".json").write_text(json.dumps(meta))
     return out

@@ -46,9 +46,9 @@ def last_bundle(tiny_engine, tmp_path_factory):
     return side, make_bundle(tiny_engine, side, tmp / "bundle")
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_bundle_logits_equal_predict(tiny_engine, tmp_path, pooling):
-    side = write_side(tiny_engine, tmp_path / "side.onnx", pooling)
+@pytest.mark.parametrize("pooling,mode", [("last", "pooled"), ("mean", "tokens"), ("mean", "summary")])
+def test_bundle_logits_equal_predict(tiny_engine, tmp_path, pooling, mode):
+    side = write_side(tiny_engine, tmp_path / "side.onnx", pooling, mode=mode)
     want = predict_logits(tiny_engine, side, tmp_path)
     model = BundleModel(make_bundle(tiny_engine, side, tmp_path / "bundle"))
     rows = [model.tokenize((t,)) for t in TEXTS]
@@ -58,6 +58,7 @@ def test_bundle_logits_equal_predict(tiny_engine, tmp_path, pooling):
     assert np.ptp(want[:, 0]) > 1e-3, "the side network gives every text the same logits: the test would prove little"
     meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert meta["labels"] == ["negative", "positive"] and meta["task"] == "sst2" and meta["max_length"] == 128
+    assert meta["feed"][0] == f"rows:{mode}" and meta["tokenizer"]["strip"] is True
 
 
 @pytest.mark.slow
@@ -85,6 +86,7 @@ rules = meta["tokenizer"]
 tok = Tokenizer.from_file(f"{folder}/{rules['file']}")
 rows = []
 for text in texts:
+    text = text.strip() if rules["strip"] else text
     ids = ([rules["bos_id"]] if rules["bos_id"] is not None else []) + tok.encode(text, add_special_tokens=False).ids
     ids += [rules["eos_id"]] if rules["eos_id"] is not None else []
     rows.append(ids[: meta["max_length"]])
@@ -149,6 +151,11 @@ def test_side_for_another_engine_or_task_is_refused(tiny_engine_factory, tiny_en
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "trained for engine" in err and str(other) in err and str(tiny_engine) in err, err
+    side = write_side(tiny_engine, tmp_path / "prep.onnx", "last")
+    meta = json.loads(side.with_suffix(".json").read_text())
+    side.with_suffix(".json").write_text(json.dumps({**meta, "preparation": {**meta["preparation"], "tap_norm": "x"}}))
+    assert cli.main(["bundle", "--engine", str(tiny_engine), "--side", str(side), "--out", str(tmp_path / "b")]) == 2
+    assert "trained on taps prepared as" in capsys.readouterr().err
     side = write_side(tiny_engine, tmp_path / "cola.onnx", "last", task="cola")
     assert cli.main(["predict", "--engine", str(tiny_engine), "--side", str(side), "--task", "sst2", "hi"]) == 2
     err = capsys.readouterr().err
