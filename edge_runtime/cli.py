@@ -270,8 +270,7 @@ def cmd_serve(args) -> int:
         model = BundleModel(args.bundle, threads=args.threads)
         meta = {"task": model.meta["task"]}
         task = resolve_task(args.task, args.bundle / "bundle.json", meta)
-        labels = tuple(model.meta.get("labels") or ()) if not args.labels else resolve_labels(args.labels, task)
-        labels = labels or resolve_labels(None, task)
+        labels = resolve_labels(args.labels, task) if args.labels else tuple(model.meta["labels"])
         max_len = min(args.max_len, model.max_length)
         describe = {"model": model.meta["model"], "bundle": str(args.bundle), "engine_sha256": model.meta["engine_sha256"]}
         tokenize, logits = (lambda texts: model.tokenize(texts, max_len)), model.logits
