@@ -224,6 +224,8 @@ def cmd_predict(args) -> int:
 
 def table(records: list[dict], task: Task) -> str:
     """Predictions as a plain table for a person at a terminal."""
+    head: tuple[str, ...]
+    cells: list[tuple[str, ...]]
     if task.kind == "regression":
         head, cells = ("value", "text"), [(f"{r['value']:.4f}", r["text"]) for r in records]
     else:

@@ -117,12 +117,12 @@ class Batcher:
         try:
             # Longest first, chunks of max_batch: a request larger than max_batch is split, never refused.
             order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-            out = None
+            parts = []
             for start in range(0, len(order), self.max_batch):
                 idx = order[start:start + self.max_batch]
-                part = self._logits([rows[i] for i in idx])
-                if out is None:
-                    out = np.zeros((len(rows), part.shape[-1]), np.float32)
+                parts.append((idx, self._logits([rows[i] for i in idx])))
+            out = np.zeros((len(rows), parts[0][1].shape[-1]), np.float32)
+            for idx, part in parts:
                 out[idx] = part
             at = 0
             for j in jobs:
@@ -176,8 +176,8 @@ class PredictionService:
 
     def predict(self, texts: list[tuple[str, ...]]) -> tuple[list[dict], int]:
         job = self.batcher.submit([self.tokenize(t) for t in texts])
-        if job.error is not None:
-            raise job.error
+        if job.error is not None or job.logits is None:
+            raise job.error or RuntimeError("no logits came back")
         return readable([" | ".join(t) for t in texts], job.logits, self.task, self.labels), job.batch
 
     def start(self) -> int:
@@ -189,7 +189,7 @@ class PredictionService:
         return self.httpd.server_address[1]
 
     def stop(self) -> None:
-        if self.httpd is not None:
+        if self.httpd is not None and self._thread is not None:
             self.httpd.shutdown()
             self.httpd.server_close()
             self._thread.join(timeout=10)

@@ -120,7 +120,7 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     return b.sub
 
 
-_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_NP: dict[int, type] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
 def _int8_codes(b: _Builder, y: str) -> str:
@@ -421,7 +421,8 @@ def fuse_quantizers(model: onnx.ModelProto, taps: list[dict]) -> onnx.ModelProto
     """
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
-    fused, all_prefixes = [], ()
+    fused: list = []
+    all_prefixes: tuple[str, ...] = ()
     for tap in taps:
         prefixes = (tap["codes"] + "/", tap["scales"] + "/")
         all_prefixes += prefixes
