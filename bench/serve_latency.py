@@ -67,21 +67,20 @@ def make_tiny(folder: Path) -> tuple[Path, Path]:
     return engine, random_side(engine, folder / "side_sst2.onnx")
 
 
-def start_server(args) -> tuple[subprocess.Popen, int]:
+def start_server(args, log: Path) -> tuple[subprocess.Popen, int]:
+    """`edge-run serve` in its own process, its stderr (one line per request) in `log`."""
     source = ["--bundle", str(args.bundle)] if args.bundle else ["--engine", str(args.engine), "--side", str(args.side)]
     cmd = [sys.executable, "-m", "mobillm.edge_runtime.cli", "serve", *source, "--port", "0",
            "--threads", str(args.threads), "--max-batch", "16"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    match = re.search(r":(\d+) \(POST", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"serve did not start: {line}{proc.stderr.read()}")
-    # Drain the per-request log lines so the pipe never fills.
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    return proc, int(match.group(1))
+    proc = subprocess.Popen(cmd, stderr=open(log, "w"), text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        match = re.search(r":(\d+) \(POST", log.read_text())
+        if match:
+            return proc, int(match.group(1))
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"serve did not start: {log.read_text()[-2000:]}")
 
 
 class Client:
@@ -112,6 +111,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="serve this bundle instead of --engine/--side")
     ap.add_argument("--make-tiny", type=Path, default=None, metavar="DIR", help="make a tiny engine + side here")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server-log", type=Path, default=None, help="keep the server's stderr here")
     ap.add_argument("--repeats", type=int, default=200, help="one-sentence calls of each kind")
     args = ap.parse_args()
     if args.make_tiny:
@@ -125,7 +125,8 @@ def main() -> None:
     from mobillm.edge_runtime.predict import JointModel
 
     joint = JointModel(Backbone(args.engine, threads=args.threads), args.side)
-    proc, port = start_server(args)
+    log = args.server_log or Path(tempfile.mkdtemp()) / "serve.log"
+    proc, port = start_server(args, log)
     try:
         client = Client(port)
         for _ in range(10):  # warm-up both
@@ -167,6 +168,9 @@ def main() -> None:
 
                 answered = sum(pool.map(one, range(100)))
                 burst.append({"answered": answered, "server_rss_mib": round(rss_mb(proc.pid), 1)})
+    except Exception:
+        print(f"server exit status {proc.poll()}; its last log lines:\n{log.read_text()[-3000:]}", file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         proc.wait(timeout=30)
