@@ -36,7 +36,7 @@ log = logging.getLogger("mobillm.serve")
 class ServeOptions:
     """Where `edge-run serve` listens and what it accepts (its flags)."""
 
-    host: str = option("127.0.0.1", "address to bind (default: this machine only)")
+    host: str = option("127.0.0.1", "address to bind; 127.0.0.1 answers this machine only, 0.0.0.0 every network")
     port: int = option(8080, "TCP port (0: any free port, printed at start)")
     max_batch: int = option(16, "most texts in one forward pass")
     batch_wait_ms: float = option(2.0, "how long a batch waits for requests still being read (a lone request "
