@@ -28,6 +28,18 @@ class Task:
     label_map: dict = field(default_factory=dict)
     extra_metrics: tuple[str, ...] = ()
     dev_splits: tuple[str, ...] = ("dev",)
+    labels: tuple[str, ...] = ()  # class names in class-id order (what `edge-run predict` prints)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Name of each class id: `labels`, else the words of `label_map`, else "0", "1", ...
+        (regression: empty)."""
+        if self.kind == "regression":
+            return ()
+        if len(self.labels) == self.num_labels:
+            return tuple(self.labels)
+        by_id = {v: k for k, v in self.label_map.items()}
+        return tuple(by_id.get(i, str(i)) for i in range(self.num_labels))
 
     @property
     def out_dim(self) -> int:
@@ -38,13 +50,15 @@ class Task:
 ENTAIL = {"entailment": 0, "not_entailment": 1}
 NLI3 = {"entailment": 0, "neutral": 1, "contradiction": 2}  # MNLI's gold_label words, GLUE's class order
 TASKS = {
-    "sst2": Task("sst2", "class", 2, ("sentence",), "label", "accuracy"),
-    "cola": Task("cola", "class", 2, (3,), 1, "matthews", has_header=False),
-    "mrpc": Task("mrpc", "class", 2, ("#1 String", "#2 String"), "Quality", "f1"),
+    "sst2": Task("sst2", "class", 2, ("sentence",), "label", "accuracy", labels=("negative", "positive")),
+    "cola": Task("cola", "class", 2, (3,), 1, "matthews", has_header=False, labels=("unacceptable", "acceptable")),
+    "mrpc": Task("mrpc", "class", 2, ("#1 String", "#2 String"), "Quality", "f1",
+                 labels=("not_equivalent", "equivalent")),
     "stsb": Task("stsb", "regression", 1, ("sentence1", "sentence2"), "score", "pearson"),
     "rte": Task("rte", "class", 2, ("sentence1", "sentence2"), "label", "accuracy", label_map=ENTAIL),
     "qnli": Task("qnli", "class", 2, ("question", "sentence"), "label", "accuracy", label_map=ENTAIL),
-    "qqp": Task("qqp", "class", 2, ("question1", "question2"), "is_duplicate", "accuracy", extra_metrics=("f1",)),
+    "qqp": Task("qqp", "class", 2, ("question1", "question2"), "is_duplicate", "accuracy", extra_metrics=("f1",),
+                labels=("not_duplicate", "duplicate")),
     "mnli": Task("mnli", "class", 3, ("sentence1", "sentence2"), "gold_label", "accuracy", label_map=NLI3,
                  dev_splits=("dev_matched", "dev_mismatched")),
 }
@@ -87,6 +101,19 @@ def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
 
 
 METRICS = {"accuracy": accuracy, "f1": f1_binary, "matthews": matthews, "pearson": pearson}
+
+
+def confusion(task: Task, outputs: np.ndarray, gold: np.ndarray) -> dict:
+    """Per-class counts and the confusion matrix (rows: gold class, columns: predicted), by class name."""
+    names = task.class_names
+    pred = np.asarray(outputs).argmax(axis=-1)
+    gold = np.asarray(gold).astype(np.int64)
+    matrix = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(matrix, (gold, pred), 1)
+    return {"labels": list(names),
+            "per_class": {n: {"gold": int(matrix[i].sum()), "predicted": int(matrix[:, i].sum()),
+                              "correct": int(matrix[i, i])} for i, n in enumerate(names)},
+            "confusion": matrix.tolist()}
 
 
 def score(task: Task, outputs: np.ndarray, gold: np.ndarray) -> dict:

@@ -1,4 +1,4 @@
-"""Local training data: GLUE TSV, CSV, JSONL or a saved HF `datasets` folder -> examples.
+"""Local data: GLUE TSV, CSV, JSONL, Parquet (with pyarrow) or a saved HF `datasets` folder -> examples.
 
 Rows stay on the device; only their labels (and sample ids) ever reach the server.
 """
@@ -59,6 +59,8 @@ def load_examples(path: Path | str, task: Task, limit: int | None = None, requir
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     records = _read_records(path, task)
+    if records:
+        _check_columns(records[0], task, path, require_labels)
     examples: list[Example] = []
     for i, rec in enumerate(records):
         if limit is not None and len(examples) >= limit:
@@ -96,8 +98,36 @@ def _read_records(path: Path, task: Task) -> list:
         raise DataError(f"{path}: not readable as {path.suffix.lstrip('.')} ({exc})") from None
 
 
+def _check_columns(first, task: Task, path: Path, require_labels: bool) -> None:
+    """One line naming the columns the task needs that the file lacks, and the columns it has."""
+    needed = list(task.text_cols) + ([task.label_col] if require_labels else [])
+    if isinstance(first, dict):
+        missing = [c for c in needed if c not in first]
+        have = ", ".join(map(str, first)) or "none"
+    else:
+        missing = [c for c in needed if not (isinstance(c, int) and 0 <= c < len(first))]
+        have = f"{len(first)} unnamed columns (task {task.name} reads a header-less file by position)"
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} for task {task.name}; columns "
+                        f"found: {have}; pass --text-cols/--label-col or the --task preset that matches the file")
+
+
+def _read_parquet(path: Path) -> list:
+    try:
+        import pyarrow.parquet as pq  # optional, as datasets: not a device dependency
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs `pip install pyarrow` (or convert it to .tsv, .csv or "
+                        f".jsonl)") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid/OSError family for a bad file
+        raise DataError(f"{path}: not readable as Parquet ({str(exc).splitlines()[0]})") from None
+
+
 def _read_file(path: Path, task: Task) -> list:
     suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path)
     with open(path, encoding="utf-8-sig", newline="") as f:
         if suffix == ".jsonl":
             out = []
@@ -114,7 +144,8 @@ def _read_file(path: Path, task: Task) -> list:
         elif suffix == ".csv":
             reader = csv.reader(f)
         else:
-            raise DataError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or a datasets folder")
+            raise DataError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl, .parquet or a datasets "
+                            f"folder")
         rows = list(reader)
     if not task.has_header:
         return rows
@@ -143,6 +174,8 @@ def _parse_label(raw, task: Task, path: Path, i: int):
             raise DataError(f"{path}: row {i + 1}: regression label {raw!r} is not a number") from None
     if isinstance(raw, str) and raw in task.label_map:
         return task.label_map[raw]
+    if isinstance(raw, str) and raw in task.class_names:  # a file that stores the class names ("positive")
+        return task.class_names.index(raw)
     try:
         value = int(raw)
     except (TypeError, ValueError):

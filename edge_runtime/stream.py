@@ -469,8 +469,10 @@ class StreamClient:
         tmp = path.with_suffix(".onnx.part")
         tmp.write_bytes(self.model_bytes)
         tmp.replace(path)
+        # The engine it was trained on, so predict/bundle/serve refuse it on another (edge_runtime/predict.py).
         meta = dict(self.model_meta, task=self.task.name, engine=str(self.bb.folder), mode=self.opts.mode,
-                    preparation=self.bb.manifest.preparation)
+                    preparation=self.bb.manifest.preparation, model_id=self.bb.manifest.model_id,
+                    engine_sha256=manifest_digest(self.bb.folder))
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         return path
 

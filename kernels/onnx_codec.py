@@ -120,7 +120,7 @@ def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: st
     return b.sub
 
 
-_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_NP: dict[int, type] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
 def _int8_codes(b: _Builder, y: str) -> str:
@@ -230,6 +230,55 @@ def _pack_nibbles(b: _Builder, codes: str, hidden: int) -> str:
     packed = b.op("ReduceSum", [b.op("Mul", [pairs, b.const([1.0, 16.0])]), b.const([-1], np.int64)], "packed",
                   keepdims=0)
     return b.op("Cast", [packed], "packed_u8", to=TensorProto.UINT8)
+
+
+def dequantize_subgraph(codes: str, scales: str, fmt: str, block_size: int, hidden: int, prefix: str) -> tuple[list, list, str]:
+    """Nodes that turn one tap's flat rows back into fp32, as `codec.decode_arrays`: `codes` [rows, code_bytes]
+    (uint8; fp16 format: float16 [rows, hidden]) and `scales` [rows, n_blocks] (fp16) -> [rows, hidden].
+
+    value(code) comes from `codec.code_values` by Gather (4-bit codes unpacked low nibble first) and is
+    multiplied by its block's fp32 scale: the same fp32 product as the reference, so the same bits.
+    Returns (nodes, initializers, output name)."""
+    fmt = codec.check_format(fmt)
+    b = _Builder(prefix)
+    if fmt == "fp16":
+        return b.sub.nodes, b.sub.initializers, b.op("Cast", [codes], "values", to=TensorProto.FLOAT)
+    c = b.op("Cast", [codes], "codes_i64", to=TensorProto.INT64)
+    if codec.BITS[fmt] == 4:
+        hi = b.op("Div", [c, b.const(16, np.int64)], "hi")
+        lo = b.op("Sub", [c, b.op("Mul", [hi, b.const(16, np.int64)])], "lo")
+        pairs = b.op("Concat", [b.op("Unsqueeze", [lo, b.const([-1], np.int64)]),
+                                b.op("Unsqueeze", [hi, b.const([-1], np.int64)])], "pairs", axis=-1)
+        flat = b.op("Reshape", [pairs, b.const([0, -1], np.int64)], "nibbles")
+        c = b.op("Slice", [flat, b.const([0], np.int64), b.const([hidden], np.int64), b.const([-1], np.int64)],
+                 "codes_h")
+    values = b.op("Gather", [b.const(codec.code_values(fmt), np.float32, "table"), c], "values", axis=0)
+    nb, bs = codec.n_blocks(hidden, block_size), codec.row_block_size(hidden, block_size)
+    s = b.op("Unsqueeze", [b.op("Cast", [scales], "scales_f32", to=TensorProto.FLOAT), b.const([-1], np.int64)])
+    s = b.op("Mul", [s, b.const(np.ones(bs, np.float32), hint="ones")], "scale_blocks")  # [rows, nb, bs], exact
+    s = b.op("Reshape", [s, b.const([0, nb * bs], np.int64)], "scale_rows")
+    if nb * bs != hidden:
+        s = b.op("Slice", [s, b.const([0], np.int64), b.const([hidden], np.int64), b.const([-1], np.int64)], "scale_h")
+    return b.sub.nodes, b.sub.initializers, b.op("Mul", [values, s], "decoded")
+
+
+def standalone_dequantizer(fmt: str, block_size: int, hidden: int) -> onnx.ModelProto:
+    """A model holding only `dequantize_subgraph`: `codes`, `scales` -> `values` [rows, hidden]."""
+    fmt = codec.check_format(fmt)
+    if fmt == "fp16":
+        codes = helper.make_tensor_value_info("codes", TensorProto.FLOAT16, ["rows", hidden])
+    else:
+        codes = helper.make_tensor_value_info("codes", TensorProto.UINT8, ["rows", codec.code_bytes(fmt, hidden)])
+    nb = 0 if fmt == "fp16" else codec.n_blocks(hidden, block_size)
+    scales = helper.make_tensor_value_info("scales", TensorProto.FLOAT16, ["rows", nb])
+    nodes, inits, out = dequantize_subgraph("codes", "scales", fmt, block_size, hidden, "dq")
+    nodes.append(helper.make_node("Identity", [out], ["values"]))
+    graph = helper.make_graph(nodes, "dequantize", [codes, scales],
+                              [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["rows", hidden])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
 
 
 def append_quantizers(model: onnx.ModelProto, taps: list[dict], op: str = "onnx",
@@ -372,7 +421,8 @@ def fuse_quantizers(model: onnx.ModelProto, taps: list[dict]) -> onnx.ModelProto
     """
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
-    fused, all_prefixes = [], ()
+    fused: list = []
+    all_prefixes: tuple[str, ...] = ()
     for tap in taps:
         prefixes = (tap["codes"] + "/", tap["scales"] + "/")
         all_prefixes += prefixes

@@ -1,4 +1,5 @@
-"""What several test folders share: the synthetic sentiment rows they train on and the
+"""What several test folders share: the synthetic sentiment rows they train on, a side network
+without a training run (`write_side`), and the
 start-many, stop-all-at-teardown shape of their server and proxy fixtures.
 
 Importable as `helpers` from any test module or conftest (pyproject.toml puts tests/ on the
@@ -9,6 +10,7 @@ because bench/ exports it too.
 from __future__ import annotations
 
 import datetime
+import json
 import ipaddress
 import shutil
 import subprocess
@@ -104,3 +106,30 @@ def make_certs_with_openssl(folder):
     (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
         "-extfile", "ext.cnf", "-out", "server.pem")
+
+
+def write_side(engine: Path, out: Path, pooling: str = "last", task: str = "sst2", out_dim: int = 2,
+               seed: int = 3, mode: str | None = None) -> Path:
+    """A side network for `engine`'s taps at `out` (+ out.json), with weights that matter; `mode`: the
+    rows it was trained on (None: pooled for last pooling, else tokens)."""
+    torch = pytest.importorskip("torch")
+    from mobillm.common.manifest import Manifest, manifest_digest
+    from mobillm.trainer.config import SideConfig
+    from mobillm.trainer.export import export_onnx
+    from mobillm.trainer.model import build_side_network
+
+    manifest = Manifest.load(engine, verify=False)
+    cfg = SideConfig(pooling=pooling, bottleneck=8).for_taps([t.hidden for t in manifest.taps], out_dim)
+    model = build_side_network(cfg, seed=seed).eval()
+    with torch.no_grad():  # make the adapters matter, as after training
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    out.write_bytes(export_onnx(model))
+    meta = {"config": cfg.to_meta(), "task": task, "num_labels": out_dim, "run": "test",
+            "taps": [{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size}
+                     for t in manifest.taps],
+            "engine": str(engine), "model_id": manifest.model_id, "engine_sha256": manifest_digest(engine),
+            "mode": mode or ("pooled" if pooling == "last" else "tokens"), "preparation": manifest.preparation}
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    return out
