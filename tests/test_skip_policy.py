@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from skip_gate import ACCEPTED_FILE, accepted_patterns
+from skip_gate import accepted_patterns
 
 TESTS = Path(__file__).resolve().parent
 
