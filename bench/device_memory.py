@@ -14,6 +14,8 @@ variants): one that passes it is killed and reported as "> cap", a lower bound, 
         --weights fp32,int8,int4 --engines /work/engines --missing skip --lora-cap 20000
 
 Engines are exported into --engines (default engines/) when missing (--missing skip: left out).
+Exit status 1 when a variant asked for failed (a "failed:" row); a process killed at its cap is a
+bound, not a failure.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def measure(variant: str, args: dict, cap_mb: float, mem_limit_gb: float = 0.0) 
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="opt-125m,opt-350m", help="short model names (comma list)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
@@ -227,6 +229,11 @@ def main() -> None:
     print_table(results)
     if a.json_out:
         a.json_out.write_text(json.dumps(results, indent=2))
+    # A process killed at its cap is a measurement (a bound); one that failed is not: exit 1.
+    failed = [f"{row['model']} {k}" for row in results for k, v in row.items() if k != "model" and "error" in v]
+    if failed:
+        print(f"device_memory: not measured: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def ratio(mb: float, ref: dict) -> str:
@@ -266,4 +273,4 @@ def print_table(results: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

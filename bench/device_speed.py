@@ -15,7 +15,8 @@ load average sampled before every measurement.
 Variants are rows of `VARIANTS`: export-backbone flags plus the device's session options, so a
 new engine option is one more row. A row whose flag the installed export-backbone does not know,
 or whose export fails (e.g. --quant-op custom without the op library), is kept in the table as
-skipped, with the reason. Engines are exported once into --engines/MODEL/ROW-FLAGS and reused.
+skipped, with the reason, and the script then exits 1: a row asked for and not measured is a
+failed benchmark. Engines are exported once into --engines/MODEL/ROW-FLAGS and reused.
 """
 
 from __future__ import annotations
@@ -320,6 +321,11 @@ def parse_args(argv=None):
     return a
 
 
+def unmeasured(result: dict) -> list[str]:
+    """'model variant: why' for every row that was asked for and has no measurement."""
+    return [f"{r['model']} {r['variant']}: {r['note'] or r['status']}" for r in result["rows"] if r["status"] != "ok"]
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     result = run(a)
@@ -327,7 +333,10 @@ def main(argv=None) -> int:
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)
         a.json_out.write_text(json.dumps(result, indent=1))
-    return 0
+    missing = unmeasured(result)
+    for line in missing:
+        print(f"device_speed: not measured: {line}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":

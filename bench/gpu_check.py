@@ -7,6 +7,7 @@
    same buffer, for [16,128,2048] (fits in L2) and a 16x larger tensor (DRAM-bound).
 3. torch_codec encode/decode on CUDA against the reference (skipped without torch+CUDA).
 4. The com.mobillm custom op on ONNX Runtime's CUDA provider (skipped without onnxruntime-gpu).
+A skipped check is recorded in gpu_check.json and exits 1 unless --allow-skipped.
 
 Needs python3 and numpy; imports the repository's kernels/ without installing it.
 
@@ -275,6 +276,9 @@ def main() -> int:
                         help="folder for gpu_check.json (default: $OUT if set)")
     parser.add_argument("--random-cases", type=int, default=300, help="random shapes in the bit-identity check")
     parser.add_argument("--iters", type=int, default=50, help="timed iterations per benchmark row")
+    parser.add_argument("--allow-skipped", action="store_true",
+                        help="exit 0 even when a check was skipped (no torch CUDA, no onnxruntime-gpu); "
+                             "by default a skipped check is a failure, exit 1")
     args = parser.parse_args()
 
     status = 0
@@ -300,6 +304,9 @@ def main() -> int:
             RESULTS["errors"].append(f"{name}: {traceback.format_exc()}")
             log(f"{name} failed:\n{traceback.format_exc()}")
         log(f"[{name}: {time.perf_counter() - t:.1f} s]")
+    if RESULTS["skipped"] and not args.allow_skipped:
+        log(f"not measured (skipped): {'; '.join(RESULTS['skipped'])}; exit 1 (--allow-skipped accepts it)")
+        status = 1
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))

@@ -112,7 +112,7 @@ def write_side(engine: Path, out: Path, pooling: str = "last", task: str = "sst2
                seed: int = 3, mode: str | None = None) -> Path:
     """A side network for `engine`'s taps at `out` (+ out.json), with weights that matter; `mode`: the
     rows it was trained on (None: pooled for last pooling, else tokens)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
     from mobillm.common.manifest import Manifest, manifest_digest
     from mobillm.trainer.config import SideConfig
     from mobillm.trainer.export import export_onnx

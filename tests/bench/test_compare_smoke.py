@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("matplotlib")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
+pytest.importorskip("peft", exc_type=ModuleNotFoundError)
+pytest.importorskip("matplotlib", exc_type=ModuleNotFoundError)
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ["full", "lora", "lora64", "bitfit", "split", "split-bitfit", "lst", "mobillm-local", "mobillm-pooled",

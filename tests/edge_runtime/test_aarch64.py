@@ -44,8 +44,8 @@ if shutil.which("qemu-aarch64-static") is None:
                 allow_module_level=True)
 if not (AARCH64 / "edge-run").is_file():
     pytest.skip(f"no aarch64 sysroot in {AARCH64}: run bench/aarch64/setup.sh", allow_module_level=True)
-torch = pytest.importorskip("torch")  # the x86 trainer server
-onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)  # the x86 trainer server
+onnx = pytest.importorskip("onnx", exc_type=ModuleNotFoundError)
 
 from mobillm.common.netsim import LinkProxy  # noqa: E402
 from mobillm.edge_runtime import cli  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import write_side
 
-pytest.importorskip("onnx")
+pytest.importorskip("onnx", exc_type=ModuleNotFoundError)
 
 from mobillm.edge_runtime import cli  # noqa: E402
 from mobillm.edge_runtime.bundle import BundleModel  # noqa: E402

@@ -98,7 +98,7 @@ def test_every_format_reads_the_same_rows(tmp_path):
 
 
 def test_parquet_with_other_columns(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = pytest.importorskip("pyarrow", exc_type=ModuleNotFoundError)
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"review": "great", "stars": "positive"}, {"review": "bad", "stars": "negative"}]),

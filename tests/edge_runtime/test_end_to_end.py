@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import write_rows as write_data
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.common import wire  # noqa: E402
 from mobillm.common.netsim import free_port  # noqa: E402

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.common.tasks import get_task  # noqa: E402
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402

@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import write_rows as write_data
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.common.messages import allowed_formats  # noqa: E402
 from mobillm.edge_runtime import cli  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import write_rows, write_side
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.common.tasks import TASKS, get_task  # noqa: E402
 from mobillm.edge_runtime import cli  # noqa: E402

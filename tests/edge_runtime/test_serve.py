@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import write_side
 
-pytest.importorskip("onnx")
+pytest.importorskip("onnx", exc_type=ModuleNotFoundError)
 
 from mobillm.common.tasks import get_task  # noqa: E402
 from mobillm.edge_runtime import cli  # noqa: E402

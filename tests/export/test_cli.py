@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
 
 from mobillm.export.cli import main  # noqa: E402
 

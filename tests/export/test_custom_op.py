@@ -122,7 +122,7 @@ def test_verify_checks_the_fused_graph_bytes(tiny_engine_factory, op_library):
 
 
 def test_trt_without_tensorrt_is_a_clear_exit_2(tmp_path, capsys):
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", exc_type=ModuleNotFoundError)
     try:
         import tensorrt  # noqa: F401
         pytest.skip("TensorRT is installed here")

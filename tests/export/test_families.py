@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+transformers = pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
 
 from mobillm.export import families  # noqa: E402
 from mobillm.export.pipeline import export_engine  # noqa: E402

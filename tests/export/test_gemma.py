@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
 
 from mobillm.export import cli  # noqa: E402
 from mobillm.export.pipeline import export_engine  # noqa: E402
@@ -49,7 +49,7 @@ def test_tap_norm_none_is_the_raw_stream_and_also_verifies(tmp_path, fallback_to
 
 
 def _write_gguf(path: Path, architecture: str) -> Path:
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", exc_type=ModuleNotFoundError)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((64, 16), np.float32))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402

@@ -11,8 +11,8 @@ from mobillm.edge_runtime.backbone import row_indices
 
 from mobillm.kernels import codec
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
 
 from mobillm.export import graph  # noqa: E402
 from mobillm.export.options import ExportOptions  # noqa: E402

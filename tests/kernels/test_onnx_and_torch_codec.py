@@ -9,7 +9,7 @@ from onnx import TensorProto
 from mobillm.kernels import codec, onnx_codec
 from mobillm.kernels.conformance import rounding_edges
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 from mobillm.kernels import torch_codec  # noqa: E402
 
 _SESSIONS = {}

@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-pytest.importorskip("onnx")
+pytest.importorskip("onnx", exc_type=ModuleNotFoundError)
 
 from mobillm.kernels import codec, onnx_codec  # noqa: E402
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
 from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.common import wire  # noqa: E402
 from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask  # noqa: E402

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402
 from mobillm.edge_runtime.stream import StreamClient, TrainOptions  # noqa: E402

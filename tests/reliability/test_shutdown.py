@@ -9,7 +9,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.common import wire  # noqa: E402
 from mobillm.edge_runtime.backbone import Backbone  # noqa: E402

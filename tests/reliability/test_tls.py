@@ -7,7 +7,7 @@ import pytest
 from helpers import make_certs
 from websockets.sync.client import connect
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 from mobillm.edge_runtime import cli  # noqa: E402
 

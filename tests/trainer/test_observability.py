@@ -65,7 +65,7 @@ def wait_for(predicate, timeout: float = 20.0):
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(start_server, taps):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator", exc_type=ModuleNotFoundError)
     server = start_server()
     result = SimDevice(server.url, SyntheticTask(taps, n_samples=64), task="sst2", epochs=2, batch_size=16).run()
     assert result.error is None and result.done["steps"] == 8
@@ -88,7 +88,7 @@ def test_tensorboard_event_files_hold_the_logged_scalars(start_server, taps):
 
 
 def test_federated_tensorboard_has_per_device_throughput(start_server, taps):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator", exc_type=ModuleNotFoundError)
     server = start_server(federated=True)
     threads = [in_background(SimDevice(server.url, SyntheticTask(taps, n_samples=48, seed=i), task="sst2",
                                        batch_size=8, device_id=f"phone-{i}")) for i in range(2)]
@@ -120,7 +120,7 @@ def sample(fams: dict, family: str, name: str | None = None, default=None, **lab
 
 
 def test_metrics_scraped_during_a_real_run(start_server, taps):
-    pytest.importorskip("prometheus_client")
+    pytest.importorskip("prometheus_client", exc_type=ModuleNotFoundError)
     server = start_server(token=TOKEN)
     bad = SimDevice(server.url, SyntheticTask(taps, n_samples=8), token="wrong").run()
     assert bad.error["code"] == "unauthorized"
@@ -153,7 +153,7 @@ def test_metrics_scraped_during_a_real_run(start_server, taps):
 
 
 def test_metrics_port_serves_the_same_registry(start_server, taps):
-    pytest.importorskip("prometheus_client")
+    pytest.importorskip("prometheus_client", exc_type=ModuleNotFoundError)
     server = start_server(metrics_port=0)
     assert server.http.metrics_port not in (None, server.port)
     result = SimDevice(server.url, SyntheticTask(taps, n_samples=32), task="sst2", batch_size=16).run()
@@ -216,7 +216,7 @@ def browser_paths() -> tuple[str, str]:
 
 @pytest.fixture
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed", exc_type=ModuleNotFoundError)
     chromium, driver = browser_paths()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -351,7 +351,7 @@ def test_traces_of_runs_the_server_let_go_are_bounded(tmp_path):
 def test_a_fast_loop_folds_its_steps_into_few_events(tmp_path):
     """500 steps queued at once become a handful of events (at most one per MIN_EVENT_S), each with
     the newest values; the last step and every device's latest rate survive the folding."""
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator", exc_type=ModuleNotFoundError)
     from types import SimpleNamespace
 
     from torch.utils.tensorboard import SummaryWriter
