@@ -23,7 +23,7 @@ from mobillm.kernels import codec
 from .families import GGUF_SHORT_NAMES, SHORT_NAMES, TAP_NORMS, Family
 
 COMPUTE_DTYPES = ("fp32", "fp16")
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
 EXPORTERS = ("auto", "torchscript", "dynamo")
 QUANT_OPS = ("onnx", "custom")
 
@@ -77,8 +77,12 @@ class ExportOptions:
                                                        "scheme; standard-op quantizers only, docs/formats.md)")
     dtype: str = option("fp32", "compute precision of the graph", choices=COMPUTE_DTYPES)
     weights: str | None = option(None, "weight storage: fp32/fp16, or ORT weight-only int8 (quantize_dynamic) / "
-                                       "int4 (MatMulNBits); int8 and int4 need --dtype fp32 (default: same as "
-                                       "--dtype)", choices=WEIGHT_FORMATS)
+                                       "int4 (MatMulNBits), or gguf: a GGUF's own quantized tensors, held exactly (MatMulNBits / "
+                                       "GatherBlockQuantized, docs/export.md); int8, int4 and gguf need --dtype fp32 "
+                                       "(default: same as --dtype)", choices=WEIGHT_FORMATS)
+    widen: bool = option(True, "--weights gguf: a GGUF tensor type no ONNX Runtime operator holds exactly is stored "
+                               "as fp32 (its exact dequantized values), named on stderr; --no-widen exits 2 naming "
+                               "the tensor and type instead")
     exporter: str = option("auto", "torch exporter: torchscript (fast, peak memory ~4x the weights), dynamo (slower, "
                                    "streams weights to disk), auto = dynamo once fp32 weights pass 2 GB",
                            choices=EXPORTERS)

@@ -100,6 +100,9 @@ def make_plan(options: ExportOptions) -> Plan:
     opts = dataclasses.replace(options, overrides=typed).resolved(family, family.num_layers(config))
     if opts.tap_norm == "channel":  # a bad --calibration fails here, before any model is built
         calibration.calibration_texts(opts.calibration, opts.calibration_cols, opts.calibration_rows)
+    if opts.weights == "gguf" and source.gguf is None:
+        raise ExportError(f"--weights gguf keeps a GGUF's own quantized tensors; {options.model} is not a GGUF "
+                          f"(give a .gguf file or a GGUF short name such as gemma-3-270m)")
     tok, tok_from = load_tokenizer(source, opts.tokenizer)
     if len(tok) > config.vocab_size:
         raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}; "
@@ -229,6 +232,10 @@ def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _
     weight_quant = {}
     if weights.streamed_as_exported(onnx_model, raw, opts.dtype, opts.weights):
         external = weights.keep_streamed(onnx_model, raw, folder)
+    elif opts.weights == "gguf":
+        weight_quant, external = weights.write_gguf(onnx_model, raw, folder, plan.source.gguf.file, opts.widen,
+                                                    opts.progress)
+        del onnx_model
     elif opts.weights in weights.QUANTIZED:
         stage = folder / "_stage"
         weights.stage_for_quantization(onnx_model, raw, stage)

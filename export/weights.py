@@ -49,6 +49,20 @@ def write_float(model, raw: Path, folder: Path, dtype: str, weights: str) -> str
     return graph_ops.save_onnx(model, folder / GRAPH_NAME)
 
 
+def write_gguf(model, raw: Path, folder: Path, gguf_file: Path, widen: bool, progress: bool) -> tuple[dict, str | None]:
+    """--weights gguf: the traced fp32 graph with its GGUF tensors replaced by the GGUF's own codes
+    (export/gguf_weights.py); (weight_quant record, external-data name)."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from . import gguf_weights
+
+    load_external_data_for_model(model, str(raw))
+    shutil.rmtree(raw)
+    graph_ops.gemm_to_matmul(model)
+    record = gguf_weights.apply(model, gguf_file, widen=widen, progress=progress)
+    return record, graph_ops.save_onnx(model, folder / GRAPH_NAME)
+
+
 def stage_for_quantization(model, raw: Path, stage: Path) -> None:
     """Write the graph with its Gemms rewritten as MatMuls into `stage`, the quantizer's input.
 
