@@ -253,7 +253,7 @@ def apply(model, gguf_file: Path, widen: bool = True, progress: bool = True) -> 
     unmatched = sorted(n for n in candidates if n not in removed and arrays[n].size >= 4096)
     by_type: dict[str, dict] = {}
     for rec in held.values():
-        key = rec["type"]
+        key = f"{rec['type']} {rec['op']}"
         row = by_type.setdefault(key, {k: rec[k] for k in ("op", "bits", "block_size", "zero_points")} | {"tensors": 0})
         row["tensors"] += 1
     if progress:

@@ -120,8 +120,10 @@ def test_graph_runs_the_gguf_codes_and_matches_the_fp32_graph(tmp_path):
     ops = sorted(n.op_type for n in model.graph.node)
     assert ops.count("MatMulNBits") == 5 and ops.count("GatherBlockQuantized") == 1 and ops.count("MatMul") == 1
     assert record["widened"] == [{"tensor": "q2k", "type": "Q2_K", "stored_as": "fp32"}]
-    assert record["types"]["Q4_K"]["bits"] == 4 and record["types"]["Q6_K"]["block_size"] == 16
-    assert record["types"]["Q8_0"]["tensors"] == 2
+    types = record["types"]
+    assert types["Q4_K MatMulNBits"]["bits"] == 4 and types["Q4_K MatMulNBits"]["zero_points"] == "float"
+    assert types["Q6_K MatMulNBits"]["block_size"] == 16 and types["Q5_0 MatMulNBits"]["bits"] == 8
+    assert types["Q8_0 MatMulNBits"]["tensors"] == 1 and types["Q8_0 GatherBlockQuantized"]["bits"] == 8
     got = _run(model, x, ids)
     for name, ref in want.items():
         exact = name in ("y_embd",)  # a gather copies the exact dequantized rows
