@@ -98,7 +98,8 @@ def make_plan(options: ExportOptions) -> Plan:
     typed = apply_overrides(config, options.overrides)
     family = families.family_for(config.model_type)
     opts = dataclasses.replace(options, overrides=typed).resolved(family, family.num_layers(config))
-    if opts.tap_norm == "channel":  # a bad --calibration fails here, before any model is built
+    if opts.tap_norm == "channel" or (opts.weights in weights.QUANTIZED and opts.smooth_alpha > 0):
+        # a bad --calibration fails here, before any model is built
         calibration.calibration_texts(opts.calibration, opts.calibration_cols, opts.calibration_rows)
     if opts.weights == "gguf" and source.gguf is None:
         raise ExportError(f"--weights gguf keeps a GGUF's own quantized tensors; {options.model} is not a GGUF "
@@ -115,6 +116,14 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     step(f"building {family.name} model, {family.num_layers(config)} layers"
          + (f", random init seed {opts.seed}" if source.kind == "random-init" else ""))
     torch_model = build_model(source, config, opts.seed, opts.dtype)
+    smoothing = None
+    if opts.weights in weights.QUANTIZED and opts.smooth_alpha > 0:
+        from . import smooth
+
+        texts, source_record = calibration.calibration_texts(opts.calibration, opts.calibration_cols,
+                                                             opts.calibration_rows)
+        smoothing = smooth.migrate(torch_model, family, plan.tokenizer, opts.smooth_alpha, texts, source_record,
+                                   opts.progress)
     exporter = choose_exporter(torch_model, opts.exporter)
 
     step(f"copying tokenizer from {plan.tokenizer_from}")
@@ -149,6 +158,8 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
 
     specs = tap_specs(opts.tap_layers, widths, opts.formats, opts.block_size)
     inputs, outputs, external, weight_quant, fusions = _write_graph(folder, raw, plan, specs, step)
+    if smoothing:
+        weight_quant = {**weight_quant, "smoothing": smoothing}
     fused = None
     if opts.quant_op == "custom":
         step(f"writing {FUSED_GRAPH_NAME} (com.mobillm quantizers, weights shared with {GRAPH_NAME})")

@@ -20,6 +20,8 @@ from . import graph as graph_ops
 from .graph import EXTERNAL_DATA_NAME, GRAPH_NAME
 
 INT4_BLOCK_SIZE = 32  # MatMulNBits block along the input dimension
+# MatMulNBits compute: 4 = activations quantized to int8 per block, integer dot products (VNNI where the CPU has it).
+INT4_ACCURACY_LEVEL = 4
 QUANTIZED = ("int8", "int4")
 
 
@@ -149,11 +151,13 @@ def quantize_weights(src: Path, dst: Path, weights: str, exclude: list[str]) -> 
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         nodes_to_exclude=exclude, op_types_to_quantize=tuple(op_types))
+                                         accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=exclude,
+                                         op_types_to_quantize=tuple(op_types))
         quantizer.process()
         graph_ops.save_onnx(quantizer.model.model, dst)
     return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
-            "block_size": INT4_BLOCK_SIZE, "is_symmetric": True, "op_types": op_types}
+            "block_size": INT4_BLOCK_SIZE, "is_symmetric": True, "op_types": op_types,
+            "accuracy_level": INT4_ACCURACY_LEVEL}
 
 
 CHUNK_BYTES = 512 * 2**20  # fp32 weights per quantize_dynamic call; its peak is ~3x what it is given
