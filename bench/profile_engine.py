@@ -4,7 +4,7 @@
 
 Each engine is opened as the device opens it (standard quantizers, weight pre-packing off), run
 once to warm up, then `--runs` times with SessionOptions.enable_profiling on random token ids
-(every row full length, every position tapped). The profiler's per-node kernel times are summed by
+(every row full length, every position tapped; `--prepack` lets ORT pre-pack weights). The profiler's per-node kernel times are summed by
 operator type (MatMulNBits, DynamicQuantizeMatMul, MatMul, ...); printed as a table and written
 as JSON with the load average at the start and end.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 
-def profile(engine: Path, batch: int, seq: int, runs: int, threads: int) -> dict:
+def profile(engine: Path, batch: int, seq: int, runs: int, threads: int, prepack: bool = False) -> dict:
     import onnxruntime as ort
 
     from mobillm.common.manifest import Manifest
@@ -31,7 +31,7 @@ def profile(engine: Path, batch: int, seq: int, runs: int, threads: int) -> dict
     manifest = Manifest.load(engine)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"ortprof-{os.getpid()}")
     session = open_session(engine, manifest, opts, ["CPUExecutionProvider"], "standard").session
@@ -60,7 +60,7 @@ def profile(engine: Path, batch: int, seq: int, runs: int, threads: int) -> dict
             by_op[e["args"].get("op_name", "?")] += e["dur"] / 1e3 / runs  # ms per forward
     total = sum(by_op.values())
     ops = sorted(by_op.items(), key=lambda kv: -kv[1])
-    return {"engine": str(engine), "weights": manifest.weights, "weight_quant": {
+    return {"engine": str(engine), "weights": manifest.weights, "prepack": prepack, "weight_quant": {
                 k: v for k, v in (manifest.weight_quant or {}).items() if k in ("tool", "bits", "accuracy_level")},
             "batch": batch, "seq": seq, "threads": threads, "runs": runs,
             "wall_ms": [1e3 * w for w in walls], "wall_ms_median": 1e3 * float(np.median(walls)),
@@ -74,12 +74,13 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prepack", action="store_true", help="let ORT pre-pack weights (edge-run --prepack)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     record = {"command": "python bench/profile_engine.py " + " ".join(argv or os.sys.argv[1:]),
               "load_average_start": os.getloadavg(), "engines": []}
     for engine in a.engines:
-        r = profile(engine, a.batch, a.seq, a.runs, a.threads)
+        r = profile(engine, a.batch, a.seq, a.runs, a.threads, a.prepack)
         record["engines"].append(r)
         print(f"{engine} ({r['weights']}): {r['wall_ms_median']:.0f} ms per forward (median of {a.runs}), "
               f"kernels {r['kernel_ms']:.0f} ms")
