@@ -48,9 +48,9 @@ SENTENCES = [
 ]
 MARGIN = 1.25
 # Per-channel standardized error ORT's weights may add (quantized weight formats only).
-CHANNEL_TOLERANCE = {"gguf": 0.05, "int8": 0.30, "int4": 0.35}
+CHANNEL_TOLERANCE = {"gguf": 0.05, "int8": 0.30, "int4": 0.80}
 # Minimum sign agreement of the random probes with torch (quantized weight formats only).
-PROBE_AGREEMENT = {"gguf": 0.98, "int8": 0.90, "int4": 0.85}
+PROBE_AGREEMENT = {"gguf": 0.98, "int8": 0.90, "int4": 0.75}
 PROBES = 64
 
 
