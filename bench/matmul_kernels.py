@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
     print(f"load average (1 min) during the run: {min(load):.1f}-{max(load):.1f}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"command": "python bench/matmul_kernels.py " + " ".join(argv or os.sys.argv[1:]),
+        a.out.write_text(json.dumps({"command": "python bench/matmul_kernels.py " + " ".join(argv or sys.argv[1:]),
                                      "m": a.m, "k": a.k, "n": a.n, "threads": a.threads, "load_average": load,
                                      "onnxruntime": ort.__version__, "rows": rows}, indent=1) + "\n")
 

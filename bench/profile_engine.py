@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
     p.add_argument("--prepack", action="store_true", help="let ORT pre-pack weights (edge-run --prepack)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    record = {"command": "python bench/profile_engine.py " + " ".join(argv or os.sys.argv[1:]),
+    record = {"command": "python bench/profile_engine.py " + " ".join(argv or sys.argv[1:]),
               "load_average_start": os.getloadavg(), "engines": []}
     for engine in a.engines:
         r = profile(engine, a.batch, a.seq, a.runs, a.threads, a.prepack)

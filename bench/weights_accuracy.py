@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
         print(f"{name:>6}: dev accuracy {r['accuracy_mean']:.4f} ({', '.join(f'{x:.3f}' for x in r['accuracy'])}), "
               f"{r['delta_vs_ref_points']:+.2f} pt vs {ref}, agreement {np.mean(r['agreement']):.3f}, tap rel RMS vs "
               f"{ref} max {max(r['tap_rel_rms_vs_ref']):.2e}", flush=True)
-    record = {"command": "python bench/weights_accuracy.py " + " ".join(argv or os.sys.argv[1:]),
+    record = {"command": "python bench/weights_accuracy.py " + " ".join(argv or sys.argv[1:]),
               "train_rows": len(train_x), "dev_rows": len(dev_x), "max_len": a.max_len, "epochs": a.epochs,
               "seeds": a.seeds, "load_average": os.getloadavg(), "results": results}
     a.out.parent.mkdir(parents=True, exist_ok=True)
