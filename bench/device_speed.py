@@ -62,6 +62,10 @@ VARIANTS = [
     Variant("default-fp16taps", FP16_TAPS),
     Variant("default-notaprows", ("--no-tap-rows",)),  # every token quantized, as engines before tap_rows
     Variant("int4", ("--weights", "int4")),
+    Variant("gguf", ("--weights", "gguf")),  # GGUF models only: the file's own quantized tensors
+    Variant("int4-prepack", ("--weights", "int4"), {"prepack": True}),  # MatMulNBits packs its weights at load
+    Variant("gguf-prepack", ("--weights", "gguf"), {"prepack": True}),
+    Variant("int8-nosmooth", ("--weights", "int8", "--smooth-alpha", "0")),  # int8 without outlier migration
     Variant("int4-fp16taps", ("--weights", "int4", *FP16_TAPS)),
     # every weight format x tap quantizer x ORT transformer optimizer (the exporter's default, on, off)
     *(Variant(f"{w}-{q}-{o}".rstrip("-"), ("--weights", w, *QUANTIZERS[q], *OPTIMIZED.get(o, ())))

@@ -23,7 +23,7 @@ from mobillm.kernels import codec
 from .families import GGUF_SHORT_NAMES, SHORT_NAMES, TAP_NORMS, Family
 
 COMPUTE_DTYPES = ("fp32", "fp16")
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
 EXPORTERS = ("auto", "torchscript", "dynamo")
 QUANT_OPS = ("onnx", "custom")
 
@@ -77,8 +77,15 @@ class ExportOptions:
                                                        "scheme; standard-op quantizers only, docs/formats.md)")
     dtype: str = option("fp32", "compute precision of the graph", choices=COMPUTE_DTYPES)
     weights: str | None = option(None, "weight storage: fp32/fp16, or ORT weight-only int8 (quantize_dynamic) / "
-                                       "int4 (MatMulNBits); int8 and int4 need --dtype fp32 (default: same as "
-                                       "--dtype)", choices=WEIGHT_FORMATS)
+                                       "int4 (MatMulNBits), or gguf: a GGUF's own quantized tensors, held exactly (MatMulNBits / "
+                                       "GatherBlockQuantized, docs/export.md); int8, int4 and gguf need --dtype fp32 "
+                                       "(default: same as --dtype)", choices=WEIGHT_FORMATS)
+    widen: bool = option(True, "--weights gguf: a GGUF tensor type no ONNX Runtime operator holds exactly is stored "
+                               "as fp32 (its exact dequantized values), named on stderr; --no-widen exits 2 naming "
+                               "the tensor and type instead")
+    smooth_alpha: float = option(0.5, "--weights int8/int4: outlier migration (SmoothQuant) strength for the layers "
+                                       "whose activations have outlier channels (measured at export); 0 turns it "
+                                       "off (docs/export.md)")
     exporter: str = option("auto", "torch exporter: torchscript (fast, peak memory ~4x the weights), dynamo (slower, "
                                    "streams weights to disk), auto = dynamo once fp32 weights pass 2 GB",
                            choices=EXPORTERS)
@@ -98,13 +105,15 @@ class ExportOptions:
     summary_row: bool = option(True, "each tap also carries, after a row's tokens, the masked mean of its real tokens "
                                      "(a summary row, in the graph): edge-run --send summary sends it beside the last "
                                      "token, and the side network reads both; only with --tap-rows (off without)")
-    calibration: Path | None = option(None, "--tap-norm channel: text to measure each tap's per-channel mean and "
-                                            "spread on (.txt one text per line, or .tsv/.csv/.jsonl/datasets "
+    calibration: Path | None = option(None, "--tap-norm channel, and --weights int8/int4's outlier migration: "
+                                            "text to measure each tap's per-channel mean and spread (and each "
+                                            "layer's activation outliers) on (.txt one text per line, or .tsv/.csv/.jsonl/datasets "
                                             "folder; default: built-in sentences); never a dev set", parse=Path,
                                       metavar="FILE")
     calibration_cols: str | None = option(None, "text columns of --calibration (default: the first of sentence, "
                                                 "text, sentence1, question, premise it has)", metavar="COL,COL")
-    calibration_rows: int = option(256, "--tap-norm channel: rows of calibration text to measure on")
+    calibration_rows: int = option(256, "--tap-norm channel and outlier migration: rows of calibration text to "
+                                        "measure on")
     tap_rows: bool = option(True, "give the graph a tap_rows input (flat indices into batch x seq) and quantize only "
                                   "those rows, the ones the device sends; --no-tap-rows quantizes every token "
                                   "(the layout of engines made before this option)")
@@ -131,6 +140,8 @@ class ExportOptions:
     def validate(self) -> None:
         """Every check that needs no model; ExportError says what to change."""
         resolve_weights(self.dtype, self.weights)
+        if not 0 <= self.smooth_alpha <= 1:
+            raise ExportError(f"--smooth-alpha {self.smooth_alpha}: must be in [0, 1] (0: no outlier migration)")
         if self.block_size < 0:
             raise ExportError(f"--block-size {self.block_size}: must be >= 1, or 0 for one scale per tap tensor")
         if self.block_size == codec.PER_TENSOR and self.quant_op == "custom":

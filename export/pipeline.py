@@ -98,8 +98,12 @@ def make_plan(options: ExportOptions) -> Plan:
     typed = apply_overrides(config, options.overrides)
     family = families.family_for(config.model_type)
     opts = dataclasses.replace(options, overrides=typed).resolved(family, family.num_layers(config))
-    if opts.tap_norm == "channel":  # a bad --calibration fails here, before any model is built
+    if opts.tap_norm == "channel" or (opts.weights in weights.QUANTIZED and opts.smooth_alpha > 0):
+        # a bad --calibration fails here, before any model is built
         calibration.calibration_texts(opts.calibration, opts.calibration_cols, opts.calibration_rows)
+    if opts.weights == "gguf" and source.gguf is None:
+        raise ExportError(f"--weights gguf keeps a GGUF's own quantized tensors; {options.model} is not a GGUF "
+                          f"(give a .gguf file or a GGUF short name such as gemma-3-270m)")
     tok, tok_from = load_tokenizer(source, opts.tokenizer)
     if len(tok) > config.vocab_size:
         raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}; "
@@ -112,6 +116,14 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     step(f"building {family.name} model, {family.num_layers(config)} layers"
          + (f", random init seed {opts.seed}" if source.kind == "random-init" else ""))
     torch_model = build_model(source, config, opts.seed, opts.dtype)
+    smoothing = None
+    if opts.weights in weights.QUANTIZED and opts.smooth_alpha > 0:
+        from . import smooth
+
+        texts, source_record = calibration.calibration_texts(opts.calibration, opts.calibration_cols,
+                                                             opts.calibration_rows)
+        smoothing = smooth.migrate(torch_model, family, plan.tokenizer, opts.smooth_alpha, texts, source_record,
+                                   opts.progress)
     exporter = choose_exporter(torch_model, opts.exporter)
 
     step(f"copying tokenizer from {plan.tokenizer_from}")
@@ -146,6 +158,8 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
 
     specs = tap_specs(opts.tap_layers, widths, opts.formats, opts.block_size)
     inputs, outputs, external, weight_quant, fusions = _write_graph(folder, raw, plan, specs, step)
+    if smoothing:
+        weight_quant = {**weight_quant, "smoothing": smoothing}
     fused = None
     if opts.quant_op == "custom":
         step(f"writing {FUSED_GRAPH_NAME} (com.mobillm quantizers, weights shared with {GRAPH_NAME})")
@@ -229,6 +243,10 @@ def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _
     weight_quant = {}
     if weights.streamed_as_exported(onnx_model, raw, opts.dtype, opts.weights):
         external = weights.keep_streamed(onnx_model, raw, folder)
+    elif opts.weights == "gguf":
+        weight_quant, external = weights.write_gguf(onnx_model, raw, folder, plan.source.gguf.file, opts.widen,
+                                                    opts.progress)
+        del onnx_model
     elif opts.weights in weights.QUANTIZED:
         stage = folder / "_stage"
         weights.stage_for_quantization(onnx_model, raw, stage)
