@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+gguf = pytest.importorskip("gguf", exc_type=ModuleNotFoundError)
+ort = pytest.importorskip("onnxruntime", exc_type=ModuleNotFoundError)
+onnx = pytest.importorskip("onnx", exc_type=ModuleNotFoundError)
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 

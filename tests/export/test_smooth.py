@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
 
 from mobillm.common.sample import TINY_OPT  # noqa: E402
 from mobillm.export import calibrate, cli, families, smooth  # noqa: E402
