@@ -67,7 +67,7 @@ def build_bundle(engine: Path | str, side: Path | str, out: Path | str, task: Ta
     except ImportError:
         raise BundleError("edge-run bundle needs the onnx package on this machine (pip install onnx); "
                           "the bundle it writes runs without it") from None
-    from mobillm.kernels.onnx_codec import dequantize_subgraph
+    from mobillm.kernels.onnx_codec import dequantize_subgraph, merge_opsets
 
     engine, side, out = Path(engine), Path(side), Path(out)
     if not engine.is_dir():
@@ -185,7 +185,7 @@ def build_bundle(engine: Path | str, side: Path | str, out: Path | str, task: Ta
     del graph.output[:]
     graph.output.extend(outputs)
     _prune(graph)
-    _merge_opsets(backbone, side_model)
+    merge_opsets(backbone, side_model)
     missing = [n for n in INPUTS if n not in {i.name for i in graph.input}]
     if missing:
         raise BundleError(f"{engine / manifest.graph}: the backbone has no graph input {missing}; re-export the engine")
@@ -291,17 +291,6 @@ def _topological(nodes: list, available: set[str]) -> list:
             raise BundleError(f"the bundle graph has a cycle or a missing input at node {rest[0].name!r}")
         pending = rest
     return order
-
-
-def _merge_opsets(model, other) -> None:
-    """`model` imports every op set `other` uses, each at the higher of the two versions."""
-    have = {o.domain: o for o in model.opset_import}
-    for o in other.opset_import:
-        if o.domain not in have:
-            model.opset_import.append(o)
-        elif have[o.domain].version < o.version:
-            have[o.domain].version = o.version
-    model.ir_version = max(model.ir_version, other.ir_version)
 
 
 def _write(model, out: Path, engine: Path, manifest: Manifest, side: Path, meta: dict, feed: SideFeed, task: Task,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mobillm.kernels import onnx_codec
+
 from . import graph as graph_ops
 from .graph import EXTERNAL_DATA_NAME, GRAPH_NAME
 
@@ -235,7 +237,7 @@ def quantize_dynamic_in_chunks(src: Path, dst: Path, op_types: list[str], exclud
         graph.initializer.extend(i for i in out.graph.initializer if i.name not in inits and i.name not in added)
         added.update(i.name for i in out.graph.initializer)
         quantized_weights |= weights_of
-        _merge_opsets(model, out)
+        onnx_codec.merge_opsets(model, out)
         release_freed_memory()
     replaced = {id(n) for c in chunks for n in c}
     kept = [n for n in graph.node if id(n) not in replaced]
@@ -247,15 +249,6 @@ def quantize_dynamic_in_chunks(src: Path, dst: Path, op_types: list[str], exclud
     ONNXModel(model).topological_sort()
     graph_ops.save_onnx(model, dst)
     return sum(1 for c in chunks if c)
-
-
-def _merge_opsets(model, other) -> None:
-    have = {o.domain: o for o in model.opset_import}
-    for o in other.opset_import:
-        if o.domain not in have:
-            model.opset_import.append(o)
-        elif have[o.domain].version < o.version:
-            have[o.domain].version = o.version
 
 
 @contextlib.contextmanager

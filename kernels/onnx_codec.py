@@ -55,6 +55,18 @@ class _Builder:
         return out
 
 
+def merge_opsets(model, other) -> None:
+    """`model` imports every op set `other` uses, each at the higher of the two versions (and the
+    higher IR version): what grafting `other`'s nodes (a quantized weight, a side network) needs."""
+    have = {o.domain: o for o in model.opset_import}
+    for o in other.opset_import:
+        if o.domain not in have:
+            model.opset_import.append(o)
+        elif have[o.domain].version < o.version:
+            have[o.domain].version = o.version
+    model.ir_version = max(model.ir_version, other.ir_version)
+
+
 def quantize_subgraph(x: str, fmt: str, block_size: int, hidden: int, prefix: str,
                       dtype: int = TensorProto.FLOAT) -> Subgraph:
     """Nodes that turn tap `x` [..., hidden] (fp32/fp16, `dtype`) into `codes` (uint8) and `scales` (fp16).
