@@ -40,7 +40,10 @@ class SideFeed:
     def for_side(cls, meta: dict) -> "SideFeed":
         """The feed a side network's metadata (the JSON beside it) asks for."""
         pooling = meta.get("config", {}).get("pooling", "last")
-        return cls(meta.get("mode") or ("pooled" if pooling == "last" else "tokens"), pooling)
+        mode = meta.get("mode") or ("pooled" if pooling == "last" else "tokens")
+        if mode == "summary" and pooling == "last":  # a last-pooling (federated) server read the last token only
+            mode = "pooled"
+        return cls(mode, pooling)
 
     def feeds(self, taps: list[TapOutput], lengths: np.ndarray, inputs: list[str]) -> dict[str, np.ndarray]:
         """The side network's feeds (`inputs`: its tap input names, then SIDE_MASK) from `Backbone.forward`'s

@@ -38,10 +38,11 @@ class Rows:
 
 def rows_for_model(batch: wire.Batch, pooling: str) -> Rows:
     """The rows the head reads. With last-token pooling only each sample's last token is kept,
-    so a `tokens` batch and the `pooled` batch of the same samples yield identical Rows."""
+    so a `tokens` batch, a `summary` batch and the `pooled` batch of the same samples yield identical Rows."""
     lengths = batch.lengths.astype(np.int64)
     if pooling == "last":
-        pick = last_token_rows(lengths)
+        # A summary sample's rows are (last token, tokens' mean): a last-token head reads the first.
+        pick = last_token_rows(lengths) - (1 if batch.mode == "summary" else 0)
         codes = [np.ascontiguousarray(t.codes[pick]) for t in batch.taps]
         scales = [np.ascontiguousarray(t.scales[pick]) for t in batch.taps]
         lengths = np.ones_like(lengths)

@@ -87,14 +87,10 @@ class RunPolicy(Protocol):
         returns how many were released."""
 
 
-def check_pooling(config: ServerConfig, hello: Hello, federated: bool = False) -> None:
+def check_pooling(config: ServerConfig, hello: Hello) -> None:
     if config.side.pooling == "mean" and hello.mode == "pooled":
         raise ProtocolError("bad_hello", "pooled mode sends one token per sample, but this server pools "
                                          "with a masked mean over all tokens; use mode 'tokens' or 'summary'")
-    if federated and hello.mode == "summary" and config.side.pooling != "mean":
-        raise ProtocolError("bad_hello", "summary mode sends two rows per sample, which the shared side network "
-                                         "reads with mean pooling; this federated server pools the last row: "
-                                         "send mode 'pooled', or ask the operator for --pooling mean")
 
 
 def run_side_config(config: ServerConfig, hello: Hello):
@@ -398,7 +394,7 @@ class FederatedPolicy(RunTable):
         name = hello.run or f"fed-{hello.task}"
         if not is_name(name):
             raise ProtocolError("bad_hello", f"run {name!r}: a run name is {NAME_RULE}; send a shorter run name")
-        check_pooling(self.config, hello, federated=True)
+        check_pooling(self.config, hello)
         run = await self.open_run(name, hello)
         dev = await run.strategy.join(run, session, hello)
         return FedMember(run, dev, session)

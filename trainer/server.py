@@ -158,9 +158,9 @@ class Session:
         cannot fit."""
         config = self.server.config
         # Rows decoded for training: one a sample under last-token pooling, else every row sent
-        # (summary runs are always read with mean pooling: policy.run_side_config).
-        last_only = config.side.pooling == "last" and batch.mode != "summary"
-        rows = len(batch.sample_ids) if last_only else int(batch.lengths.sum())
+        # (a single-device summary run reads both its rows: policy.run_side_config).
+        rows = int(batch.lengths.sum()) if config.side.pooling != "last" or batch.mode == "summary" \
+            else len(batch.sample_ids)
         cost = mem.batch_cost(nbytes, rows, [t.hidden for t in batch.taps])
         if cost > config.batch_limit():
             raise ProtocolError(messages.OVER_BUDGET, f"this batch would hold {cost / mem.MIB:.1f} MiB while decoded "

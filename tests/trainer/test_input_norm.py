@@ -62,3 +62,20 @@ def test_old_configs_keep_their_meta_and_federated_refuses_it():
     assert "input_norm" not in SideConfig().to_meta()  # MODEL frames of runs without it stay byte-identical
     with pytest.raises(ConfigError, match="single-device"):
         ServerConfig(federated=True, side=SideConfig(input_norm="channel")).validate()
+
+
+def test_a_last_token_head_reads_the_first_row_of_each_summary_sample():
+    from mobillm.common import wire
+    from mobillm.kernels import codec
+    from mobillm.trainer.data import rows_for_model
+
+    values = np.arange(6 * 32, dtype=np.float32).reshape(6, 32)  # 3 samples x (last token, mean)
+    enc = codec.encode(values, "fp16", 32)
+    tap = wire.TapPayload("fp16", 32, 32, enc.codes, enc.scales, 0)
+    batch = wire.Batch(1, np.array([7, 8, 9], np.uint64), np.array([0, 1, 0]), np.full(3, 2, np.uint32), [tap],
+                       "summary")
+    last = rows_for_model(batch, "last")
+    assert list(last.lengths) == [1, 1, 1]
+    assert np.array_equal(last.codes[0], enc.codes[[0, 2, 4]])  # each sample's last token, not its mean row
+    mean = rows_for_model(batch, "mean")
+    assert list(mean.lengths) == [2, 2, 2] and np.array_equal(mean.codes[0], enc.codes)
