@@ -62,8 +62,8 @@ from pathlib import Path
 from compare_config import METHODS, Settings
 from compare_data import ensure_engine, prepare_data
 from compare_harness import Harness, log, run_jobs
-from compare_methods import (evaluate_side_networks, local_jobs, merge_split, run_edge, size_mobillm_runs,
-                             start_servers, warm_up)
+from compare_methods import (evaluate_side_networks, local_jobs, merge_split, run_edge, size_cache_epochs,
+                             size_mobillm_runs, start_servers, warm_up)
 from compare_report import brief, report
 
 from mobillm.common.errors import BadInput, run_command
@@ -137,12 +137,19 @@ def run_methods(s: Settings, servers: dict, argv, t_start: float) -> int:
         s = size_mobillm_runs(h, results)
         start_servers(s, work, remote, servers, data["train_rows"])
         for m in remote:
+            cache = METHODS[m].server.cache
             server = servers[METHODS[m].server.key]
             if not server.ready:
                 server.wait_ready()
-                warm_up(h, server)
-            log(f"{m}: {METHODS[m].description}")
-            results[m] = run_edge(h, m, server, s.mobillm_epochs)
+                cached_s = warm_up(h, server, cache)
+                if cache:
+                    s = replace(s, cached_s_per_step=cached_s)
+            epochs, rule = size_cache_epochs(s, data["train_rows"], s.cached_s_per_step) if cache else \
+                (s.mobillm_epochs, "sized from the forward rate")
+            log(f"{m}: {METHODS[m].description}; {epochs} epochs ({rule})")
+            results[m] = run_edge(h, m, server, epochs)
+            results[m]["epochs_rule"] = rule
+            results[m]["cached_s_per_step"] = s.cached_s_per_step if cache else None
             log(f"{m}: {brief(results[m])}")
     for server in servers.values():
         server.stop()

@@ -44,6 +44,10 @@ class Data:
         self.plan = _split_rows(z["plan_idx"], z["plan_offsets"])  # training batches, epoch after epoch
         self.dev_plan = _split_rows(z["dev_plan_idx"], z["dev_plan_offsets"])
         self.pad_id = int(z["pad_id"])
+        has_holdout = "holdout_ids" in z and len(z["holdout_offsets"]) > 1
+        self.holdout = _split_rows(z["holdout_ids"], z["holdout_offsets"]) if has_holdout else []
+        self.holdout_labels = z["holdout_labels"] if has_holdout else np.zeros(0)
+        self.holdout_plan = _split_rows(z["holdout_plan_idx"], z["holdout_plan_offsets"]) if has_holdout else []
 
 
 def _split_rows(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
@@ -89,6 +93,13 @@ def score(task_spec: dict, outputs: np.ndarray, labels: np.ndarray) -> float:
 
     task = get_task(task_spec["name"])
     return float(task_score(task, outputs, labels)[task.metric])
+
+
+def predictions(task_spec: dict, outputs: np.ndarray) -> list:
+    """Per-example predictions (class index, or the regression value), for paired comparisons."""
+    if task_spec.get("kind", "class") == "regression":
+        return [round(float(v), 5) for v in outputs.reshape(-1)]
+    return outputs.argmax(axis=-1).astype(int).tolist()
 
 
 def dev_point(task_spec: dict, outputs: np.ndarray, labels: np.ndarray, split: np.ndarray) -> dict:
@@ -177,15 +188,24 @@ def torch_worker(spec: dict) -> dict:
     opts = [torch.optim.AdamW(g, lr=spec["lr"], weight_decay=0.01) for g in groups]
     trainable = sum(p.numel() for g in groups for p in g)
 
-    def evaluate() -> dict:
-        model.eval()
-        out = np.zeros((len(data.dev), spec["task"]["out_dim"]), np.float32)
+    def outputs(rows: list, plan: list) -> np.ndarray:
+        out = np.zeros((len(rows), spec["task"]["out_dim"]), np.float32)
         with torch.no_grad():
-            for idx in data.dev_plan:
-                ids, mask = padded([data.dev[i] for i in idx], data.pad_id)
+            for idx in plan:
+                ids, mask = padded([rows[i] for i in idx], data.pad_id)
                 out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+        return out
+
+    def evaluate() -> dict:
+        """The dev metric (+ per-example predictions) and, with held-out train rows, their metric."""
+        model.eval()
+        out = outputs(data.dev, data.dev_plan)
+        point = {**dev_point(spec["task"], out, data.dev_labels, data.dev_split),
+                 "dev_pred": predictions(spec["task"], out)}
+        if data.holdout:
+            point["holdout"] = score(spec["task"], outputs(data.holdout, data.holdout_plan), data.holdout_labels)
         model.train()
-        return dev_point(spec["task"], out, data.dev_labels, data.dev_split)
+        return point
 
     curve = [{"t": 0.0, **evaluate(), "step": 0, "samples": 0}] if spec["eval_at_zero"] else []
     schedule = Schedule(budget, spec["evals"])
@@ -326,7 +346,7 @@ def side_local_worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     bb = Backbone(spec["engine"], threads=spec.get("threads"))
     taps = bb.manifest.taps
-    optim = OptimConfig(lr=spec["lr"])
+    optim = OptimConfig(lr=spec["lr"], seed=spec["seed"])  # (the server's --seed: init and order)
     side = SideConfig().for_taps([t.hidden for t in taps], task["out_dim"])
     run_config = RunConfig(
         run="mobillm-local", task=task["name"], task_type=task["kind"], num_labels=task["num_labels"],
@@ -456,7 +476,9 @@ def evaluate_worker(spec: dict) -> dict:
     backbones: dict[str, MemoBackbone] = {}
     dev_files = spec.get("dev_files") or {"dev": spec["dev_file"]}
     devs = {split: load_examples(path, task) for split, path in dev_files.items()}
-    metrics, steps, by_split = [], [], []
+    holdout = load_examples(spec["holdout_file"], task) if spec.get("holdout_file") else []
+    holdout_gold = np.array([e.label for e in holdout])
+    metrics, steps, by_split, holdout_metrics, dev_preds = [], [], [], [], []
     for item in spec["items"]:
         engine = item.get("engine", spec["engine"])
         if engine not in backbones:
@@ -474,12 +496,19 @@ def evaluate_worker(spec: dict) -> dict:
             step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
             path, _ = reexport(folder)
         joint = JointModel(bb, path)
-        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"], False)[task.metric])
-                  for split, dev in devs.items()}  # each dev split on its own (MNLI: matched, mismatched)
+        scores, preds = {}, []
+        for split, dev in devs.items():  # each dev split on its own (MNLI: matched, mismatched)
+            out = joint.predict(dev, spec["max_len"], spec["batch_size"], False)
+            scores[split] = score(spec["task"], out, np.array([e.label for e in dev]))
+            preds += predictions(spec["task"], out)
         metrics.append(next(iter(scores.values())))
         by_split.append(scores if len(scores) > 1 else None)
         steps.append(step)
-    return {"metrics": metrics, "steps": steps, "by_split": by_split}
+        dev_preds.append(preds)
+        holdout_metrics.append(score(spec["task"], joint.predict(holdout, spec["max_len"], spec["batch_size"], False),
+                                     holdout_gold) if holdout else None)
+    return {"metrics": metrics, "steps": steps, "by_split": by_split, "holdout": holdout_metrics,
+            "dev_preds": dev_preds}
 
 
 WORKERS = {"torch": torch_worker, "split-device": split_device_worker, "side-local": side_local_worker,
