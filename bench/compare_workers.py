@@ -423,15 +423,18 @@ def edge_worker(spec: dict) -> dict:
     task = get_task(spec["task"]["name"])
     bb = Backbone(spec["engine"], threads=spec.get("threads"))
     examples = load_examples(spec["train_file"], task)
+    # "pooled" rows read the engine's pooled readout: `edge-run train`'s default, the last token and the
+    # masked mean (--send summary) where the engine has a summary row, else the last token
+    mode = "summary" if spec["mode"] == "pooled" and bb.manifest.summary_row else spec["mode"]
     opts = TrainOptions(server=spec["server"], epochs=spec["epochs"], batch_size=spec["batch_size"],
-                        max_len=spec["max_len"], mode=spec["mode"], seed=spec["seed"], run=spec["run"],
+                        max_len=spec["max_len"], mode=mode, seed=spec["seed"], run=spec["run"],
                         progress=False)
     trainer = StreamClient(bb, examples, task, opts)
     t0, c0 = time.time(), time.process_time()
     stats = trainer.run()
     t_model, cpu = time.time(), time.process_time() - c0  # every thread: forward, quantize, frames, sends
     side = trainer.save_model(Path(spec["side_out"]))
-    return {"t0": t0, "t_model": t_model, "stats": stats_dict(stats), "side": str(side),
+    return {"t0": t0, "t_model": t_model, "stats": stats_dict(stats), "side": str(side), "send": mode,
             "steps": stats.batches_sent, "samples": stats.samples_sent,
             "bytes_per_sample": stats.bytes_sent / max(stats.samples_sent, 1), "bytes_sent": stats.bytes_sent,
             "device_s_per_iter": stats.forward_s / max(stats.batches_sent, 1),
