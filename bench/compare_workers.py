@@ -498,6 +498,11 @@ def evaluate_worker(spec: dict) -> dict:
                             "progress": {"step": 0}}, folder / "checkpoint.pt")
             step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
             path, _ = reexport(folder)
+            # the rows it reads (summary: last token + mean, mean pooling), as the device records beside a
+            # returned model: without it JointModel would feed a summary-trained network the last token only
+            cfg = RunConfig.load(folder)
+            path.with_suffix(".json").write_text(json.dumps({"config": {"pooling": cfg.side.pooling},
+                                                             "mode": cfg.mode}))
         joint = JointModel(bb, path)
         scores, preds = {}, []
         for split, dev in devs.items():  # each dev split on its own (MNLI: matched, mismatched)
