@@ -332,6 +332,8 @@ def side_local_worker(spec: dict) -> dict:
     for mobillm), decodes each row's last token with the reference codec and trains the same
     SideNetwork, optimizer and loss as `trainer serve` in torch, in this one process.
     """
+    import dataclasses
+
     import torch
 
     from mobillm.edge_runtime.backbone import Backbone
@@ -347,11 +349,16 @@ def side_local_worker(spec: dict) -> dict:
     bb = Backbone(spec["engine"], threads=spec.get("threads"))
     taps = bb.manifest.taps
     optim = OptimConfig(lr=spec["lr"], seed=spec["seed"])  # (the server's --seed: init and order)
+    # The pooled readout mobillm's device sends: the last token and the tokens' masked mean (summary
+    # rows, read through mean pooling as the server does) where the engine has them, else the last token.
+    summary = bool(bb.manifest.summary_row)
+    keep, per_sample = ("summary", 2) if summary else ("pooled", 1)
     side = SideConfig().for_taps([t.hidden for t in taps], task["out_dim"])
+    side = dataclasses.replace(side, pooling="mean") if summary else side
     run_config = RunConfig(
         run="mobillm-local", task=task["name"], task_type=task["kind"], num_labels=task["num_labels"],
         model_id=bb.manifest.model_id, manifest_sha256=manifest_digest(bb.folder), device_id="local",
-        mode="pooled", epochs=1, samples_per_epoch=len(data.train),
+        mode=keep, epochs=1, samples_per_epoch=len(data.train),
         taps=[{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size} for t in taps],
         cache=False, side=side, optim=optim)
     model = build_side_network(side, optim.seed)
@@ -368,14 +375,13 @@ def side_local_worker(spec: dict) -> dict:
         if elapsed >= budget:
             break
         t0, c0 = time.perf_counter(), time.process_time()
-        outs, lengths = bb.forward([data.train[i] for i in idx])
-        rows = np.arange(len(idx))
-        inputs = [torch.from_numpy(codec.decode_arrays(t.codes[rows, lengths - 1], t.scales[rows, lengths - 1],
-                                                       t.spec.fmt, t.spec.hidden, t.spec.block_size)) for t in outs]
+        outs, _ = bb.forward([data.train[i] for i in idx], keep=keep)  # per_sample rows per sample, in order
+        inputs = [torch.from_numpy(codec.decode_arrays(t.codes, t.scales, t.spec.fmt, t.spec.hidden,
+                                                       t.spec.block_size)) for t in outs]
         t_fwd = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = optim.lr * lr_factor(step, elapsed, budget)
-        logits = model.logits_from_rows(inputs, torch.ones(len(idx), dtype=torch.long))
+        logits = model.logits_from_rows(inputs, torch.full((len(idx),), per_sample, dtype=torch.long))
         loss = task_loss(logits, torch.from_numpy(data.train_labels[idx]), task["kind"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
