@@ -10,6 +10,21 @@ config and seed. Per method: device peak RSS (VmHWM), device compute seconds per
 bytes per sample on the link, the dev metric against wall-clock, the time to reach a target
 metric and the metric after the budget. Evaluation pauses each method's clock.
 
+Early stopping, the same rule for every method (issue 26): `--holdout-rows` train rows (the next
+rows of the same seeded permutation, never dev) are scored beside dev at every evaluation, and each
+method's reported point is the evaluation within the budget with the best holdout metric (a tie goes
+to the later point, so t = 0 is chosen only when it is strictly best), shown beside its dev metric
+after the budget. Learning rates are each method's documented default, never tuned on dev.
+`--data-seed` fixes the rows while `--seed` changes the initialisation and the data order
+(bench/parity.py runs seeds and reports mean ± sd and a paired bootstrap CI over dev examples).
+
+Schedules end at the budget: the on-device methods decay their lr to 0 at it; a `--cache` run's
+declared epochs (and so the server's linear decay over declared samples) are sized after its
+server's warm-up, which streams 8 batches and trains 3 more epochs from the cache:
+epochs = 1 + floor((--cache-fill x budget - rows x forward s/row) / (steps/epoch x cached s/step)),
+at least 2. A mobillm run whose declared epochs do not end within the budget is cut at it, and the
+early-stopping table says so.
+
 The target is `--target-frac` x the best metric after the budget. A time-to-target ratio is only
 reported when it means something: not when the target is not above a method's untrained
 (t = 0) metric, and not when the best method ended within two binomial standard errors of the
