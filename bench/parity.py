@@ -26,7 +26,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples")
     p.add_argument("--out", type=Path, required=True, help="parity.json, parity.md and each run's summary")
     p.add_argument("--work-root", type=Path, default=None, help="compare.py work folders (default: OUT/work)")
+    p.add_argument("--jobs", type=int, default=1, help="compare.py runs at a time (above 1 they share the CPU: "
+                                                       "every method of every run meets the same contention)")
     a = p.parse_args(own)
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     a.out.mkdir(parents=True, exist_ok=True)
@@ -177,31 +181,40 @@ def main(argv=None) -> int:
     plan = [(f"seed-{k}", k, a.methods.split(",")) for k in seeds]
     if a.once.strip():
         plan.append(("once", seeds[0], a.once.split(",")))
-    runs, failed = [], 0
-    for tag, seed, methods in plan:
+    runs, failed, lock = [], [], threading.Lock()
+
+    def one(tag: str, seed: int, methods: list[str]) -> None:
         cmd = [sys.executable, str(COMPARE), *rest, "--seed", str(seed), "--data-seed", str(a.data_seed),
                "--methods", ",".join(methods), "--work", str(work_root / tag), "--json-out", str(a.out / f"{tag}.json"),
                "--markdown-out", str(a.out / f"{tag}.md"), "--plot", str(a.out / f"{tag}.png")]
         print(f"[parity {time.strftime('%H:%M:%S')}] {tag}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0, load0 = time.monotonic(), os.getloadavg()
-        rc = subprocess.run(cmd).returncode
+        with open(a.out / f"{tag}.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         load1, minutes = os.getloadavg(), (time.monotonic() - t0) / 60
         print(f"[parity {time.strftime('%H:%M:%S')}] {tag}: rc {rc}, {minutes:.1f} min, load {load0} -> {load1}",
               file=sys.stderr, flush=True)
-        failed += rc != 0
         out = a.out / f"{tag}.json"
-        if not out.is_file():
-            continue
-        runs.append({"tag": tag, "seed": seed, "methods": methods, "rc": rc, "minutes": minutes,
-                     "loadavg": [list(load0), list(load1)], "command": " ".join(cmd[1:]),
-                     "summary": json.loads(out.read_text())})
-        agg = aggregate(runs, a.reference, a.versus, a.target_frac, a.bootstrap)  # after every run: partial results
-        agg["command"] = "python bench/parity.py " + " ".join(argv)
-        (a.out / "parity.json").write_text(json.dumps(agg, indent=1, default=str))
-        (a.out / "parity.md").write_text(markdown(agg) + "\n")
+        with lock:
+            if rc != 0:
+                failed.append(tag)
+            if not out.is_file():
+                return
+            runs.append({"tag": tag, "seed": seed, "methods": methods, "rc": rc, "minutes": minutes,
+                         "loadavg": [list(load0), list(load1)], "command": " ".join(cmd[1:]),
+                         "summary": json.loads(out.read_text())})
+            runs.sort(key=lambda r: [x[0] for x in plan].index(r["tag"]))
+            agg = aggregate(runs, a.reference, a.versus, a.target_frac, a.bootstrap)  # after every run: partial
+            agg["command"] = "python bench/parity.py " + " ".join(argv)
+            agg["jobs"] = a.jobs
+            (a.out / "parity.json").write_text(json.dumps(agg, indent=1, default=str))
+            (a.out / "parity.md").write_text(markdown(agg) + "\n")
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        list(pool.map(lambda job: one(*job), plan))
     if (a.out / "parity.md").is_file():
         print((a.out / "parity.md").read_text())
-    return 1 if failed or not runs else 0
+    return 1 if failed or not runs else 0  # (each run's log: OUT/TAG.log)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 UPTIME_PID=$!
 trap 'kill $UPTIME_PID' EXIT
 /work/shared/tools/memcap 14000 "${PYTHON:-python}" bench/parity.py --seeds 0,1,2 --methods lora,mobillm-cache \
-    --once lst,mobillm-local --out "$OUT" --work-root /tmp/parity-work -- \
+    --once lst,mobillm-local --jobs "${JOBS:-3}" --out "$OUT" --work-root /tmp/parity-work -- \
     --engine "$ENGINE" --task sst2 --train-rows 4000 --holdout-rows 400 --dev-rows 872 --max-len 64 \
-    --budget-minutes 3 --evals 4 --threads 1 --server-threads 1 >> "$LOG" 2>&1
+    --budget-minutes 3 --evals 4 --threads 1 --server-threads 1 --timeout-factor 8 >> "$LOG" 2>&1
 echo "[parity done rc $?] $(uptime)" >> "$LOG"
