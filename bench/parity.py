@@ -81,7 +81,9 @@ def aggregate(runs: list[dict], reference: str = "lora", versus: str = "mobillm-
                       "threads": rows[0]["threads"], "lr": rows[0]["lr"],
                       "schedule_cut": [r["schedule_cut"] for r in rows], "epochs": [r["epochs"] for r in rows],
                       "epochs_rule": [r.get("epochs_rule") for r in rows],
-                      "samples_per_s": [r.get("samples_per_s") for r in rows]}
+                      "samples_per_s": [r.get("samples_per_s") for r in rows],
+                      "samples_trained": [r.get("samples_trained") for r in rows],
+                      "loadavg_1min": [r.get("loadavg_1min") for r in rows]}
     diffs = {}
     ref_rows = per.get(reference, [])
     ref_correct = [r["dev_correct_at_holdout_best"] for r in ref_rows if r.get("dev_correct_at_holdout_best")]
@@ -120,7 +122,7 @@ def pct(v, sign: bool = False) -> str:
 def markdown(agg: dict) -> str:
     ref = agg["reference"]
     lines = ["| method | seeds | cores | peak lr | dev acc at holdout-best point (mean ± sd) | per seed | "
-             "dev acc after budget (mean ± sd) | chosen at (s) | schedule | samples trained / s |",
+             "dev acc after budget (mean ± sd) | chosen at (s) | schedule | samples trained / s (samples) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in agg["methods"].items():
         sd = "" if r["chosen_sd"] is None else f" ± {r['chosen_sd']:.3f}"
@@ -129,7 +131,8 @@ def markdown(agg: dict) -> str:
         sched = (f"{'/'.join(str(e) for e in r['epochs'])} epochs; " if any(r["epochs"]) else "lr to 0 at the budget; ") + \
             (f"**cut at the budget in {len(cut)} of {len(r['schedule_cut'])}**" if cut else "ended in the budget")
         sps = [v for v in r["samples_per_s"] if v]
-        rate = f"{np.mean(sps):.1f}" if sps else "—"
+        trained = [v for v in r.get("samples_trained", []) if v]
+        rate = (f"{np.mean(sps):.1f}" if sps else "—") + (f" ({np.mean(trained):,.0f})" if trained else "")
         lines.append(f"| {m} | {len(r['seeds'])} | {r['threads']} | {r['lr']:g} | {r['chosen_mean']:.3f}{sd} | "
                      f"{', '.join(f'{v:.3f}' for v in r['chosen'])} | {pct(r['after_mean'])}{sd_after} | "
                      f"{', '.join(f'{t:.0f}' for t in r['chosen_t'])} | {sched} | {rate} |")
@@ -174,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-root", type=Path, default=None, help="compare.py work folders (default: OUT/work)")
     p.add_argument("--jobs", type=int, default=1, help="compare.py runs at a time (above 1 they share the CPU: "
                                                        "every method of every run meets the same contention)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="rebuild parity.json / parity.md from the runs already in OUT (their TAG.json); nothing runs")
     a = p.parse_args(own)
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     a.out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +215,20 @@ def main(argv=None) -> int:
             (a.out / "parity.json").write_text(json.dumps(agg, indent=1, default=str))
             (a.out / "parity.md").write_text(markdown(agg) + "\n")
 
+    if a.aggregate_only:
+        before = json.loads((a.out / "parity.json").read_text()) if (a.out / "parity.json").is_file() else {}
+        known = {r["tag"]: r for r in before.get("runs", [])}
+        for tag, seed, methods in plan:
+            if (a.out / f"{tag}.json").is_file():
+                run = known.get(tag, {"tag": tag, "seed": seed, "methods": methods, "rc": None, "minutes": float("nan"),
+                                      "loadavg": [[float("nan")] * 3] * 2, "command": None})
+                runs.append({**run, "summary": json.loads((a.out / f"{tag}.json").read_text())})
+        agg = aggregate(runs, a.reference, a.versus, a.target_frac, a.bootstrap)
+        agg["command"], agg["jobs"] = before.get("command"), before.get("jobs")
+        (a.out / "parity.json").write_text(json.dumps(agg, indent=1, default=str))
+        (a.out / "parity.md").write_text(markdown(agg) + "\n")
+        print(markdown(agg))
+        return 0 if runs else 1
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         list(pool.map(lambda job: one(*job), plan))
     if (a.out / "parity.md").is_file():
