@@ -104,3 +104,43 @@ def test_parity_driver_end_to_end_on_a_tiny_model(tiny_engine_factory, tmp_path)
     assert d["mean"] == pytest.approx(m["mobillm-cache"]["chosen_mean"] - m["lora"]["chosen_mean"])
     assert len(m["lora"]["chosen"]) == 2 and m["lora"]["chosen_sd"] is not None
     assert "| lora | 2 |" in (out / "parity.md").read_text()
+
+
+def fake_row(method, correct, holdout_t=60.0, curve=((60.0, 0.8), (120.0, 0.9))):
+    acc = float(np.mean(correct))
+    return {"method": method, "error": None, "metric_at_holdout_best": acc, "metric_after_budget": acc - 0.01,
+            "holdout_choice": {"t": holdout_t, "holdout": 0.9, "metric": acc}, "dev_correct_at_holdout_best": correct,
+            "best_dev_in_budget": max(m for _, m in curve), "dev_curve": [list(p) for p in curve],
+            "threads": "1 thread(s), 1 process", "lr": 1e-3, "schedule_cut": False, "epochs": None,
+            "samples_per_s": 10.0, "samples_trained": 100}
+
+
+def test_aggregate_reports_seed_means_the_paired_difference_and_time_ratio_and_rebuilds_from_files(tmp_path):
+    from parity import aggregate, main
+
+    rng = np.random.default_rng(0)
+    truth = (rng.random(200) < 0.85).astype(int)
+    runs = []
+    for seed in range(3):
+        lora = truth.copy()
+        cache = truth.copy()
+        cache[rng.choice(200, 6, replace=False)] ^= 1
+        rows = [fake_row("lora", lora.tolist(), curve=((60.0, 0.86), (120.0, 0.9))),
+                fake_row("mobillm-cache", cache.tolist(), curve=((30.0, 0.5), (90.0, 0.88)))]
+        summary = {"rows": rows}
+        (tmp_path / f"seed-{seed}.json").write_text(json.dumps(summary))
+        runs.append({"tag": f"seed-{seed}", "seed": seed, "methods": ["lora", "mobillm-cache"], "rc": 0,
+                     "minutes": 1.0, "loadavg": [[1.0] * 3] * 2, "command": "x", "summary": summary})
+    agg = aggregate(runs, bootstrap=2000)
+    m, d = agg["methods"], agg["differences"]["mobillm-cache"]
+    assert m["lora"]["chosen_mean"] == pytest.approx(truth.mean()) and m["lora"]["chosen_sd"] == 0.0
+    assert d["mean"] == pytest.approx(m["mobillm-cache"]["chosen_mean"] - m["lora"]["chosen_mean"])
+    assert d["lo"] <= d["mean"] <= d["hi"] < 0.0  # (seeded: most of the flips turn a correct answer wrong)
+    # target 0.95 x 0.9 = 0.855: LoRA at 60 s, mobillm-cache at 90 s -> 1.5
+    assert agg["timing"]["ratio"] == pytest.approx(1.5)
+    assert [g["met"] for g in agg["goals"]][2] is False
+    # --aggregate-only reads the runs in OUT and gives the same statistics
+    assert main(["--seeds", "0,1,2", "--once", "", "--bootstrap", "2000", "--out", str(tmp_path), "--aggregate-only"]) == 0
+    again = json.loads((tmp_path / "parity.json").read_text())
+    assert again["differences"]["mobillm-cache"] == pytest.approx(d)
+    assert "| mobillm-cache | 3 |" in (tmp_path / "parity.md").read_text()
