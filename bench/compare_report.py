@@ -37,7 +37,7 @@ def summarize(s: Settings, data: dict, results: dict) -> dict:
     for m in methods:
         r = results[m]
         ttt = time_to_target(r.get("curve", []), target, budget) if target is not None else None
-        stopping = early_stopping(s, m, r, dev_labels, data["task"]["kind"])
+        stopping = early_stopping(s, m, r, dev_labels, data["task"].get("kind", "class"))
         if METHODS[m].server and "t_model" in r:  # the server trained them; the run ends when the model is back
             trained, train_s = r["stats"]["server_metrics"].get("samples_trained"), r["t_model"] - r["t0"]
         else:
