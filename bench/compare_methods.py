@@ -92,12 +92,13 @@ def warm_up(h: Harness, server: TrainerProcess, cache: bool = False) -> float | 
     head = 1 if h.data["header"] else 0
     batches, epochs = (CALIBRATION_BATCHES, CALIBRATION_EPOCHS) if cache else (1, 1)
     warm = h.work / "warmup.tsv"
-    warm.write_text("\n".join(rows[: head + batches * h.s.batch_size]) + "\n", encoding="utf-8")
+    warm_rows = rows[head: head + batches * h.s.batch_size]
+    warm.write_text("\n".join(rows[:head] + warm_rows) + "\n", encoding="utf-8")
     r = h.run(f"warmup-{server.name}", worker="edge", server=server.url, mode="pooled", epochs=epochs,
               run="warmup", train_file=str(warm), side_out=str(h.work / "side" / f"warmup-{server.name}.onnx"))
     if "error" in r:
         raise RuntimeError(f"warm-up run on trainer serve ({server.name}) failed: {r['error']}")
-    return cached_step_s(server.runs / "warmup" / "metrics.jsonl", len(rows) - head) if cache else None
+    return cached_step_s(server.runs / "warmup" / "metrics.jsonl", len(warm_rows)) if cache else None
 
 
 def cached_step_s(metrics: Path, rows_per_epoch: int) -> float | None:
