@@ -179,6 +179,9 @@ def main(argv=None) -> int:
                                                        "every method of every run meets the same contention)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="rebuild parity.json / parity.md from the runs already in OUT (their TAG.json); nothing runs")
+    p.add_argument("--rows-from", type=Path, default=None,
+                   help="with --aggregate-only: a rerun's OUT; its methods' rows replace these runs' rows of the same "
+                        "tag (a method rerun on its own, e.g. at another load)")
     a = p.parse_args(own)
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     a.out.mkdir(parents=True, exist_ok=True)
@@ -222,11 +225,18 @@ def main(argv=None) -> int:
             if (a.out / f"{tag}.json").is_file():
                 run = known.get(tag, {"tag": tag, "seed": seed, "methods": methods, "rc": None, "minutes": float("nan"),
                                       "loadavg": [[float("nan")] * 3] * 2, "command": None})
-                runs.append({**run, "summary": json.loads((a.out / f"{tag}.json").read_text())})
+                summary = json.loads((a.out / f"{tag}.json").read_text())
+                other = a.rows_from / f"{tag}.json" if a.rows_from else None
+                if other is not None and other.is_file():
+                    new_rows = {r["method"]: r for r in json.loads(other.read_text())["rows"]}
+                    summary["rows"] = [new_rows.get(r["method"], r) for r in summary["rows"]]
+                    run = {**run, "rows_from": str(other)}
+                runs.append({**run, "summary": summary})
         agg = aggregate(runs, a.reference, a.versus, a.target_frac, a.bootstrap)
         agg["command"], agg["jobs"] = before.get("command"), before.get("jobs")
-        (a.out / "parity.json").write_text(json.dumps(agg, indent=1, default=str))
-        (a.out / "parity.md").write_text(markdown(agg) + "\n")
+        name = "parity" if a.rows_from is None else f"parity-rows-from-{a.rows_from.name}"
+        (a.out / f"{name}.json").write_text(json.dumps(agg, indent=1, default=str))
+        (a.out / f"{name}.md").write_text(markdown(agg) + "\n")
         print(markdown(agg))
         return 0 if runs else 1
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
