@@ -10,6 +10,21 @@ config and seed. Per method: device peak RSS (VmHWM), device compute seconds per
 bytes per sample on the link, the dev metric against wall-clock, the time to reach a target
 metric and the metric after the budget. Evaluation pauses each method's clock.
 
+Early stopping, the same rule for every method (issue 26): `--holdout-rows` train rows (the next
+rows of the same seeded permutation, never dev) are scored beside dev at every evaluation, and each
+method's reported point is the evaluation within the budget with the best holdout metric (a tie goes
+to the later point, so t = 0 is chosen only when it is strictly best), shown beside its dev metric
+after the budget. Learning rates are each method's documented default, never tuned on dev.
+`--data-seed` fixes the rows while `--seed` changes the initialisation and the data order
+(bench/parity.py runs seeds and reports mean ± sd and a paired bootstrap CI over dev examples).
+
+Schedules end at the budget: the on-device methods decay their lr to 0 at it; a `--cache` run's
+declared epochs (and so the server's linear decay over declared samples) are sized after its
+server's warm-up, which streams 8 batches and trains 3 more epochs from the cache:
+epochs = 1 + floor((--cache-fill x budget - rows x forward s/row) / (steps/epoch x cached s/step)),
+at least 2. A mobillm run whose declared epochs do not end within the budget is cut at it, and the
+early-stopping table says so.
+
 The target is `--target-frac` x the best metric after the budget. A time-to-target ratio is only
 reported when it means something: not when the target is not above a method's untrained
 (t = 0) metric, and not when the best method ended within two binomial standard errors of the
@@ -62,8 +77,8 @@ from pathlib import Path
 from compare_config import METHODS, Settings
 from compare_data import ensure_engine, prepare_data
 from compare_harness import Harness, log, run_jobs
-from compare_methods import (evaluate_side_networks, local_jobs, merge_split, run_edge, size_mobillm_runs,
-                             start_servers, warm_up)
+from compare_methods import (evaluate_side_networks, local_jobs, merge_split, run_edge, size_cache_epochs,
+                             size_mobillm_runs, start_servers, warm_up)
 from compare_report import brief, report
 
 from mobillm.common.errors import BadInput, run_command
@@ -137,12 +152,19 @@ def run_methods(s: Settings, servers: dict, argv, t_start: float) -> int:
         s = size_mobillm_runs(h, results)
         start_servers(s, work, remote, servers, data["train_rows"])
         for m in remote:
+            cache = METHODS[m].server.cache
             server = servers[METHODS[m].server.key]
             if not server.ready:
                 server.wait_ready()
-                warm_up(h, server)
-            log(f"{m}: {METHODS[m].description}")
-            results[m] = run_edge(h, m, server, s.mobillm_epochs)
+                cached_s = warm_up(h, server, cache)
+                if cache:
+                    s = replace(s, cached_s_per_step=cached_s)
+            epochs, rule = size_cache_epochs(s, data["train_rows"], s.cached_s_per_step) if cache else \
+                (s.mobillm_epochs, "sized from the forward rate")
+            log(f"{m}: {METHODS[m].description}; {epochs} epochs ({rule})")
+            results[m] = run_edge(h, m, server, epochs)
+            results[m]["epochs_rule"] = rule
+            results[m]["cached_s_per_step"] = s.cached_s_per_step if cache else None
             log(f"{m}: {brief(results[m])}")
     for server in servers.values():
         server.stop()

@@ -112,6 +112,11 @@ class Settings:
                                     parse=Path)
     quant: str = option("nf4", "tap format of the engine")
     seed: int = option(0, "random-init, data subset and data order seed")
+    data_seed: int | None = option(None, "seed of the train / holdout / dev subsets alone (default: --seed): "
+                                         "bench/parity.py keeps the rows and varies --seed")
+    holdout_rows: int = option(400, "train rows held out (never the dev set): every method is scored on them at "
+                                    "every evaluation, and its reported point is the one with the best holdout "
+                                    "metric (0: off)")
     evals: int = option(4, "evaluations per run (plus one at t = 0)")
     no_zero_eval: bool = option(False, "skip the evaluation at t = 0")
     target_frac: float = option(0.95, "target = this x the best metric after the budget")
@@ -127,6 +132,9 @@ class Settings:
     mobillm_epochs: int | None = option(None, "epochs of the mobillm runs (default: sized to the budget from the "
                                               "measured forward rate)")
     fill: float = option(0.7, "share of the budget the mobillm runs are sized to")
+    cache_epochs: int | None = option(None, "epochs of the --cache runs (default: sized to --cache-fill of the budget "
+                                            "from the measured forward rate and cached step rate)")
+    cache_fill: float = option(0.9, "share of the budget the --cache runs' declared epochs are sized to")
     max_epochs: int = option(50, "cap on the sized mobillm epochs")
     threads: int | None = option(None, "torch/ORT threads in the method processes")
     jobs: int = option(1, "on-device methods run this many at a time; above 1 the timings are not comparable "
@@ -151,6 +159,12 @@ class Settings:
     markdown_out: Path | None = option(None, "write the table here", parse=Path)
     plot: Path = option(ROOT / "docs" / "img" / "compare.png", "plot path", parse=Path)
     forward_s_per_row: float | None = option(None, "the device's measured forward seconds per row", cli=False)
+    cached_s_per_step: float | None = option(None, "the --cache server's measured seconds per cached step", cli=False)
+
+    @property
+    def subset_seed(self) -> int:
+        """Which rows: --data-seed, or --seed."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def budget_s(self) -> float:

@@ -44,3 +44,11 @@ def time_to_stay(curve: list[dict], target: float, budget: float) -> float | Non
     """The first evaluation from which every later one (within the budget) stays at or above the target."""
     points = in_budget(curve, budget)
     return next((p["t"] for k, p in enumerate(points) if all(q["metric"] >= target for q in points[k:])), None)
+
+
+def holdout_choice(curve: list[dict], budget: float) -> dict | None:
+    """Early stopping on held-out train rows, the one rule for every method: the scored point within
+    the budget with the best holdout metric; on a tie the later point (so t = 0 is chosen only when it
+    is strictly better than every trained point). None without holdout scores."""
+    points = [p for p in in_budget(curve, budget) if p.get("holdout") is not None]
+    return max(points, key=lambda p: (p["holdout"], p["t"])) if points else None

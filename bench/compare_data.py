@@ -55,13 +55,20 @@ def ensure_engine(s: Settings, work: Path, weights: str = "fp32") -> Path:
     return out
 
 
-def subset_file(src: Path, dest: Path, rows: int, seed: int, has_header: bool) -> Path:
-    """`rows` random lines of a TSV (header kept), written as they are (GLUE quoting untouched)."""
+def subset_file(src: Path, dest: Path, rows: int, seed: int, has_header: bool, holdout: Path | None = None,
+                holdout_rows: int = 0) -> Path:
+    """`rows` random lines of a TSV (header kept), written as they are (GLUE quoting untouched). With
+    `holdout`: the next `holdout_rows` lines of the same seeded permutation go there (disjoint from
+    `dest`; `dest` holds the same rows as without a holdout)."""
     lines = src.read_text(encoding="utf-8").splitlines()
     header, body = (lines[:1], lines[1:]) if has_header else ([], lines)
     body = [ln for ln in body if ln.strip()]
-    pick = np.random.default_rng(seed).permutation(len(body))[: min(rows, len(body))]
+    order = np.random.default_rng(seed).permutation(len(body))
+    pick = order[: min(rows, len(body))]
     dest.write_text("\n".join(header + [body[i] for i in pick]) + "\n", encoding="utf-8")
+    if holdout is not None:
+        held = order[len(pick): len(pick) + holdout_rows]
+        holdout.write_text("\n".join(header + [body[i] for i in held]) + "\n", encoding="utf-8")
     return dest
 
 
@@ -82,11 +89,15 @@ def prepare_data(s: Settings, engine: Path, work: Path) -> dict:
         if task.name != "sst2":
             raise BadInput(f"no {train_src} / {' / '.join(map(str, dev_srcs.values()))}; pass --data-dir")
         log(f"{folder} not found: using the built-in sentiment sample (mobillm.common.sample)")
-        train_src = write_sample(work / "sample_train.tsv", s.train_rows, s.seed)
-        dev_srcs = {"dev": write_sample(work / "sample_dev.tsv", s.dev_rows, s.seed + 1)}
-    train_file = subset_file(train_src, work / "train.tsv", s.train_rows, s.seed, task.has_header)
+        train_src = write_sample(work / "sample_train.tsv", s.train_rows + s.holdout_rows, s.subset_seed)
+        dev_srcs = {"dev": write_sample(work / "sample_dev.tsv", s.dev_rows, s.subset_seed + 1)}
+    # --train-rows to train on and, after them in the same seeded order, --holdout-rows held out (early
+    # stopping is chosen on those, never on dev)
+    holdout_file = work / "holdout.tsv"
+    train_file = subset_file(train_src, work / "train.tsv", s.train_rows, s.subset_seed, task.has_header,
+                             holdout_file, s.holdout_rows)
     # --dev-rows rows of each dev split, each scored on its own (the first is the headline metric)
-    dev_files = {split: subset_file(src, work / f"{split}.tsv", s.dev_rows, s.seed, task.has_header)
+    dev_files = {split: subset_file(src, work / f"{split}.tsv", s.dev_rows, s.subset_seed, task.has_header)
                  for split, src in dev_srcs.items()}
     manifest = Manifest.load(engine, verify=False)
     tok = EngineTokenizer(engine / manifest.tokenizer_dir, manifest.token_rules)
@@ -99,6 +110,8 @@ def prepare_data(s: Settings, engine: Path, work: Path) -> dict:
         return rows, labels
 
     train, train_labels = encode(train_file)
+    held = len([ln for ln in holdout_file.read_text(encoding="utf-8").splitlines() if ln.strip()]) - task.has_header
+    holdout, holdout_labels = encode(holdout_file) if held > 0 else ([], train_labels[:0])
     dev, dev_labels, dev_split = [], [], []
     for k, path in enumerate(dev_files.values()):
         rows, labels = encode(path)
@@ -111,17 +124,21 @@ def prepare_data(s: Settings, engine: Path, work: Path) -> dict:
     def flat(parts):
         return np.concatenate(parts), np.cumsum([0] + [len(p) for p in parts])
 
+    holdout_plan = plan_batches(np.array([len(r) for r in holdout]), s.batch_size, 1, seed=0) if holdout else []
     arrays = {}
-    for name, parts in (("train", train), ("dev", dev), ("plan", plan), ("dev_plan", dev_plan)):
-        values, offsets = flat(parts)
+    for name, parts in (("train", train), ("dev", dev), ("plan", plan), ("dev_plan", dev_plan),
+                        ("holdout", holdout), ("holdout_plan", holdout_plan)):
+        values, offsets = flat(parts) if len(parts) else (np.zeros(0, np.int64), np.zeros(1, np.int64))
         arrays[f"{name}_{'idx' if 'plan' in name else 'ids'}"] = values
         arrays[f"{name}_offsets"] = offsets
-    np.savez(work / "data.npz", train_labels=train_labels, dev_labels=dev_labels, pad_id=manifest.pad_token_id,
+    np.savez(work / "data.npz", train_labels=train_labels, dev_labels=dev_labels, holdout_labels=holdout_labels,
+             pad_id=manifest.pad_token_id,
              dev_split=np.array(dev_split, np.int64), **arrays)
     return {"task": {"name": task.name, "kind": task.kind, "num_labels": task.num_labels, "out_dim": task.out_dim,
                      "metric": task.metric, "dev_splits": list(dev_files)},
             "train_file": str(train_file), "dev_file": str(next(iter(dev_files.values()))),
             "dev_files": {k: str(v) for k, v in dev_files.items()}, "data": str(work / "data.npz"),
+            "holdout_file": str(holdout_file) if holdout else None, "holdout_rows": len(holdout),
             "train_rows": len(train), "dev_rows": len(dev), "manifest": manifest, "header": task.has_header,
             "mean_train_tokens": float(lengths.mean()),
             "mean_padded_tokens": float(np.mean([lengths[b].max() for b in plan[: max(1, len(plan) // PLAN_EPOCHS)]]))}

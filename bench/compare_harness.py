@@ -118,7 +118,7 @@ class TrainerProcess:
         shutil.rmtree(self.runs, ignore_errors=True)  # a --reuse rerun: the server's runs start afresh
         cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--host", "127.0.0.1", "--port", self.port,
                "--runs", self.runs, "--threads", s.server_threads, "--checkpoint-every", checkpoint_every,
-               "--lr", s.lr_side, "--device", s.server_device] + (["--cache"] if cache else [])
+               "--lr", s.lr_side, "--seed", s.seed, "--device", s.server_device] + (["--cache"] if cache else [])
         logf = open(work / "logs" / f"server-{name}.log", "w")
         self.proc = subprocess.Popen(limited(cmd, s.mem_limit), stdout=logf, stderr=subprocess.STDOUT)
         logf.close()

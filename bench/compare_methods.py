@@ -78,17 +78,41 @@ def run_edge(h: Harness, method: str, server: TrainerProcess, epochs: int) -> di
     return result
 
 
-def warm_up(h: Harness, server: TrainerProcess) -> None:
-    """One tiny run on a fresh server, untimed: a server in service is warm (torch kernels, the
-    lazy ONNX exporter import); without this the first variant on each server pays for it."""
+CALIBRATION_BATCHES, CALIBRATION_EPOCHS = 8, 4  # the --cache server's warm-up: 1 streamed + 3 cached epochs
+
+
+def warm_up(h: Harness, server: TrainerProcess, cache: bool = False) -> float | None:
+    """One small run on a fresh server, untimed: a server in service is warm (torch kernels, the
+    lazy ONNX exporter import); without this the first variant on each server pays for it.
+
+    On a --cache server the warm-up is also the calibration of its cached epochs: 8 batches, 1 epoch
+    streamed and 3 trained from the cache; returns the seconds per cached step, measured from the
+    step times in the server's metrics.jsonl (steps after the first epoch)."""
     rows = Path(h.data["train_file"]).read_text(encoding="utf-8").splitlines()
     head = 1 if h.data["header"] else 0
+    batches, epochs = (CALIBRATION_BATCHES, CALIBRATION_EPOCHS) if cache else (1, 1)
     warm = h.work / "warmup.tsv"
-    warm.write_text("\n".join(rows[: head + h.s.batch_size]) + "\n", encoding="utf-8")
-    r = h.run(f"warmup-{server.name}", worker="edge", server=server.url, mode="pooled", epochs=1,
+    warm_rows = rows[head: head + batches * h.s.batch_size]
+    warm.write_text("\n".join(rows[:head] + warm_rows) + "\n", encoding="utf-8")
+    r = h.run(f"warmup-{server.name}", worker="edge", server=server.url, mode="pooled", epochs=epochs,
               run="warmup", train_file=str(warm), side_out=str(h.work / "side" / f"warmup-{server.name}.onnx"))
     if "error" in r:
         raise RuntimeError(f"warm-up run on trainer serve ({server.name}) failed: {r['error']}")
+    return cached_step_s(server.runs / "warmup" / "metrics.jsonl", len(warm_rows)) if cache else None
+
+
+def cached_step_s(metrics: Path, rows_per_epoch: int) -> float | None:
+    """Seconds per step of the epochs a --cache server trains from its cache: the spacing of the
+    metrics.jsonl records whose samples are past the first (streamed) epoch."""
+    import json
+
+    if not metrics.is_file():
+        return None
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    cached = [r for r in recs if r["samples"] - r["rows"] >= rows_per_epoch]  # steps that started after epoch 1
+    if len(cached) < 2:
+        return None
+    return (cached[-1]["time"] - cached[0]["time"]) / (len(cached) - 1)
 
 
 def evaluate_side_networks(h: "Harness", results: dict) -> None:
@@ -107,7 +131,8 @@ def evaluate_side_networks(h: "Harness", results: dict) -> None:
             if r.get("init_folder") and not h.s.no_zero_eval:
                 items.append({"folder": r["init_folder"], "init": True, "engine": engine})
                 where.append((method, "init", None))
-            for k, snap in enumerate(r["snapshots"]):
+            for k in on_grid(r["snapshots"], r["t0"], h.s.budget_s, h.s.evals):
+                snap = r["snapshots"][k]
                 items.append({"folder": snap["folder"], "engine": engine})
                 where.append((method, "snapshot", k))
             if r.get("side"):
@@ -117,15 +142,18 @@ def evaluate_side_networks(h: "Harness", results: dict) -> None:
         return
     log(f"evaluating {len(items)} side networks on the dev rows (JointModel)")
     out = h.run("evaluate", worker="evaluate", items=items, dev_file=h.data["dev_file"],
-                dev_files=h.data.get("dev_files"))
+                dev_files=h.data.get("dev_files"), holdout_file=h.data.get("holdout_file"))
     if "error" in out:
         for method, *_ in where:
             results[method].setdefault("error", f"evaluate: {out['error']}")
         return
-    for (method, kind, k), metric, step, by_split in zip(where, out["metrics"], out["steps"],
-                                                         out.get("by_split") or [None] * len(where)):
+    none = [None] * len(where)
+    for (method, kind, k), metric, step, by_split, held, preds in zip(
+            where, out["metrics"], out["steps"], out.get("by_split") or none, out.get("holdout") or none,
+            out.get("dev_preds") or none):
         r = results[method]
-        scores = {"metric": metric, **({"by_split": by_split} if by_split else {})}
+        scores = {"metric": metric, **({"by_split": by_split} if by_split else {}),
+                  **({"holdout": held} if held is not None else {}), **({"dev_pred": preds} if preds else {})}
         if kind == "curve":
             r["curve"][k].update(scores)
         elif kind == "init":
@@ -142,6 +170,38 @@ def evaluate_side_networks(h: "Harness", results: dict) -> None:
         r = results.get(method)
         if r and "server_curve" in r:
             r["curve"] = dedupe_by_step(r.pop("server_curve"))
+
+
+def on_grid(snapshots: list[dict], t0: float, budget: float, evals: int) -> list[int]:
+    """Which server checkpoints to score: all of them when there are few; else the latest one at or
+    before each of `evals` evenly spaced points of the budget (a --cache run checkpoints --evals times
+    per epoch, and its cached epochs are short: scoring all would cost more than training)."""
+    if len(snapshots) <= 2 * max(1, evals):
+        return list(range(len(snapshots)))
+    picked = []
+    for i in range(1, evals + 1):
+        before = [k for k, snap in enumerate(snapshots) if snap["mtime"] - t0 <= budget * i / evals]
+        if before and before[-1] not in picked:
+            picked.append(before[-1])
+    return picked
+
+
+def size_cache_epochs(s: Settings, train_rows: int, cached_s: float | None) -> tuple[int, str]:
+    """Declared epochs of the --cache runs (and so the server's linear decay) that fill --cache-fill of
+    the budget: the first epoch at the device's forward rate (the server trains as batches arrive),
+    every later one at the server's measured cached step rate:
+        epochs = 1 + floor((cache_fill x budget - rows x forward_s_per_row) / (steps per epoch x cached s/step)),
+    at least 2, at most --max-epochs. Returns (epochs, the rule with its numbers, for the report)."""
+    if s.cache_epochs:
+        return s.cache_epochs, f"{s.cache_epochs} epochs (--cache-epochs)"
+    first = train_rows * s.forward_s_per_row if s.forward_s_per_row else None
+    epoch_s = math.ceil(train_rows / s.batch_size) * cached_s if cached_s else None
+    if first is None or not epoch_s:
+        return max(2, s.mobillm_epochs or 2), "not sized (no forward or cached step rate measured)"
+    epochs = 1 + math.floor((s.cache_fill * s.budget_s - first) / epoch_s)
+    epochs = int(max(2, min(s.max_epochs, epochs)))
+    return epochs, (f"1 + ({s.cache_fill:g} x {s.budget_s:.0f} s - first epoch {first:.1f} s) / cached epoch "
+                    f"{epoch_s:.2f} s -> {epochs} epochs (at least 2, at most {s.max_epochs})")
 
 
 def size_mobillm_runs(h: Harness, results: dict) -> Settings:
@@ -170,9 +230,13 @@ def start_servers(s: Settings, work: Path, remote: list[str], servers: dict, tra
     if s.forward_s_per_row:
         steps = min(steps, max(1, int(s.budget_s / (s.forward_s_per_row * s.batch_size))))
     every = max(1, math.ceil(steps / max(1, s.evals)))
+    # --cache: the epochs are sized after the server's warm-up (its cached step rate); --evals checkpoints
+    # per epoch, and the evaluation keeps the latest one before each of --evals points of the budget
+    every_cached = max(1, math.ceil(math.ceil(train_rows / s.batch_size) / max(1, s.evals)))
     for m in remote:
         key = METHODS[m].server.key
         if key not in servers:
-            log(f"trainer serve ({key}): {s.mobillm_epochs} epochs x {train_rows} rows per run, "
-                f"checkpoint every {every} steps")
-            servers[key] = TrainerProcess(s, work, key, METHODS[m].server.cache, every)
+            cache = METHODS[m].server.cache
+            log(f"trainer serve ({key}): {'sized after its warm-up' if cache else s.mobillm_epochs} epochs x "
+                f"{train_rows} rows per run, checkpoint every {every_cached if cache else every} steps")
+            servers[key] = TrainerProcess(s, work, key, cache, every_cached if cache else every)

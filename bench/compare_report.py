@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from compare_config import BYTES_GOAL, GOALS, METHODS, Settings
-from compare_curves import metric_after_budget, time_to_stay, time_to_target
+from compare_curves import holdout_choice, in_budget, metric_after_budget, time_to_stay, time_to_target
 from paper_bytes import paper_scheme_bytes, wire_bytes_per_sample
 
 
@@ -30,10 +32,12 @@ def summarize(s: Settings, data: dict, results: dict) -> dict:
     signal = None if best is None or start_best is None or noise is None else best - start_best > noise
     # Methods whose untrained metric already meets the target: their time to target is 0 and says nothing.
     at_zero = [m for m in methods if start[m] is not None and target is not None and start[m] >= target]
+    dev_labels = np.load(data["data"])["dev_labels"] if data.get("data") and Path(data["data"]).is_file() else None
     rows = []
     for m in methods:
         r = results[m]
         ttt = time_to_target(r.get("curve", []), target, budget) if target is not None else None
+        stopping = early_stopping(s, m, r, dev_labels, data["task"].get("kind", "class"))
         if METHODS[m].server and "t_model" in r:  # the server trained them; the run ends when the model is back
             trained, train_s = r["stats"]["server_metrics"].get("samples_trained"), r["t_model"] - r["t0"]
         else:
@@ -48,7 +52,8 @@ def summarize(s: Settings, data: dict, results: dict) -> dict:
                      "metric_after_budget": finals[m], "time_to_target_s": ttt,
                      "by_split_after_budget": metric_after_budget(r.get("curve", []), budget, "by_split"),
                      "time_to_stay_s": time_to_stay(r.get("curve", []), target, budget) if target is not None else None,
-                     "error": r.get("error"), "curve": r.get("curve", [])})
+                     "error": r.get("error"), **stopping,
+                     "curve": [{k: v for k, v in p.items() if k != "dev_pred"} for p in r.get("curve", [])]})
     by = {row["method"]: row for row in rows}
     taps = data["manifest"].taps
     padded = wire_bytes_per_sample(taps, 256, "tokens")
@@ -89,6 +94,8 @@ def summarize(s: Settings, data: dict, results: dict) -> dict:
                   "text": f"{bytes_cmp['ratio']:.0f}x", "met": bytes_cmp["ratio"] >= at_least, "at_least": True})
     return {"model": s.model, "task": s.task, "batch_size": s.batch_size, "max_len": s.max_len,
             "budget_s": budget, "train_rows": data["train_rows"], "dev_rows": data["dev_rows"],
+            "holdout_rows": data.get("holdout_rows", 0), "data_seed": s.subset_seed,
+            "threads": s.threads, "server_threads": s.server_threads, "loadavg_end": list(os.getloadavg()),
             "overrides": list(s.overrides), "seed": s.seed, "target_frac": s.target_frac, "best_method": best_method,
             "best_metric": best, "target": target, "metric": data["task"]["metric"], "rows": rows,
             "start_metrics": start, "start_best": start_best, "at_zero": at_zero, "noise": noise, "signal": signal,
@@ -96,6 +103,40 @@ def summarize(s: Settings, data: dict, results: dict) -> dict:
             "num_layers": data["manifest"].num_layers, "random_init": data["manifest"].source == "random-init",
             "mobillm_epochs": s.mobillm_epochs,
             "mean_train_tokens": data["mean_train_tokens"], "mean_padded_tokens": data["mean_padded_tokens"]}
+
+
+def threads_used(s: Settings, method: str) -> str:
+    """The cores a method's row used: one process, or a device and a server process for mobillm."""
+    threads = s.threads or "default"
+    if METHODS[method].server:
+        return f"device {threads} + server {s.server_threads} thread(s), 2 processes"
+    return f"{threads} thread(s), 1 process"
+
+
+def early_stopping(s: Settings, method: str, r: dict, dev_labels, kind: str) -> dict:
+    """The reported point (best holdout metric within the budget), its dev metric and per-example
+    correctness, the best dev metric in the budget (for time-to-target), and whether the run's
+    schedule was cut at the budget (a mobillm run whose declared epochs did not end within it)."""
+    curve, budget = r.get("curve", []), s.budget_s
+    choice = holdout_choice(curve, budget)
+    correct = None
+    if choice is not None and choice.get("dev_pred") is not None and dev_labels is not None and kind != "regression":
+        correct = (np.asarray(choice["dev_pred"]) == dev_labels[: len(choice["dev_pred"])]).astype(int).tolist()
+    cut = None
+    if METHODS[method].server and "t_model" in r:
+        cut = r["t_model"] - r["t0"] > budget
+    elif "curve" in r:
+        cut = False  # the time-budgeted workers decay their lr to 0 at the budget
+    lr = getattr(s, METHODS[method].lr) if METHODS[method].lr else s.lr_side
+    scored = in_budget(curve, budget)
+    return {"holdout_choice": None if choice is None else
+            {"t": choice["t"], "step": choice.get("step"), "holdout": choice["holdout"], "metric": choice["metric"]},
+            "metric_at_holdout_best": None if choice is None else choice["metric"],
+            "dev_correct_at_holdout_best": correct,
+            "best_dev_in_budget": max((p["metric"] for p in scored), default=None),
+            "dev_curve": [(p["t"], p["metric"]) for p in scored],
+            "schedule_cut": cut, "epochs": r.get("epochs"), "epochs_rule": r.get("epochs_rule"),
+            "lr": lr, "threads": threads_used(s, method)}
 
 
 def fmt_num(v, spec: str, none: str = "—") -> str:
@@ -121,7 +162,7 @@ def markdown(s: dict) -> str:
                      f"{fmt_num(r['metric_after_budget'], '.3f')} | "
                      f"{fmt_num(r['time_to_target_s'], '.1f', 'not reached')} | "
                      f"{fmt_num(r.get('time_to_stay_s'), '.1f', 'not reached')} |")
-    lines += split_table(s)
+    lines += split_table(s) + stopping_table(s)
     if s["at_zero"]:
         lines += ["", f"Note: the target is not above the untrained (t = 0) metric of {', '.join(s['at_zero'])}: "
                       f"their time to target is 0 and says nothing."]
@@ -142,6 +183,26 @@ def markdown(s: dict) -> str:
         met = "—" if g["met"] is None else "yes" if g["met"] else "**no**"
         lines.append(f"| {g['goal']} | {limit} | {g['text']} | {met} |")
     return "\n".join(lines)
+
+
+def stopping_table(s: dict) -> list[str]:
+    """Early stopping on the held-out train rows: each method's reported point, beside its metric after the budget."""
+    if not any(r.get("holdout_choice") for r in s["rows"]):
+        return []
+    lines = ["", f"Early stopping on {s.get('holdout_rows')} held-out train rows (the same rule for every method: "
+                 f"the evaluation with the best holdout {s['metric']}; learning rates are the documented defaults, "
+                 f"not tuned on dev):", "",
+             f"| method | cores | peak lr | chosen at (s) | holdout {s['metric']} | dev {s['metric']} there | "
+             f"dev after budget | schedule |", "|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        c = r.get("holdout_choice")
+        if r["error"] or not c:
+            continue
+        sched = ("cut at the budget (declared epochs did not end)" if r.get("schedule_cut") else
+                 "ends at the budget" if r.get("epochs") is None else f"{r['epochs']} epochs, ended in the budget")
+        lines.append(f"| {r['method']} | {r['threads']} | {r['lr']:g} | {c['t']:.1f} | {c['holdout']:.3f} | "
+                     f"{c['metric']:.3f} | {fmt_num(r['metric_after_budget'], '.3f')} | {sched} |")
+    return lines
 
 
 def split_table(s: dict) -> list[str]:

@@ -44,6 +44,10 @@ class Data:
         self.plan = _split_rows(z["plan_idx"], z["plan_offsets"])  # training batches, epoch after epoch
         self.dev_plan = _split_rows(z["dev_plan_idx"], z["dev_plan_offsets"])
         self.pad_id = int(z["pad_id"])
+        has_holdout = "holdout_ids" in z and len(z["holdout_offsets"]) > 1
+        self.holdout = _split_rows(z["holdout_ids"], z["holdout_offsets"]) if has_holdout else []
+        self.holdout_labels = z["holdout_labels"] if has_holdout else np.zeros(0)
+        self.holdout_plan = _split_rows(z["holdout_plan_idx"], z["holdout_plan_offsets"]) if has_holdout else []
 
 
 def _split_rows(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
@@ -89,6 +93,13 @@ def score(task_spec: dict, outputs: np.ndarray, labels: np.ndarray) -> float:
 
     task = get_task(task_spec["name"])
     return float(task_score(task, outputs, labels)[task.metric])
+
+
+def predictions(task_spec: dict, outputs: np.ndarray) -> list:
+    """Per-example predictions (class index, or the regression value), for paired comparisons."""
+    if task_spec.get("kind", "class") == "regression":
+        return [round(float(v), 5) for v in outputs.reshape(-1)]
+    return outputs.argmax(axis=-1).astype(int).tolist()
 
 
 def dev_point(task_spec: dict, outputs: np.ndarray, labels: np.ndarray, split: np.ndarray) -> dict:
@@ -177,15 +188,24 @@ def torch_worker(spec: dict) -> dict:
     opts = [torch.optim.AdamW(g, lr=spec["lr"], weight_decay=0.01) for g in groups]
     trainable = sum(p.numel() for g in groups for p in g)
 
-    def evaluate() -> dict:
-        model.eval()
-        out = np.zeros((len(data.dev), spec["task"]["out_dim"]), np.float32)
+    def outputs(rows: list, plan: list) -> np.ndarray:
+        out = np.zeros((len(rows), spec["task"]["out_dim"]), np.float32)
         with torch.no_grad():
-            for idx in data.dev_plan:
-                ids, mask = padded([data.dev[i] for i in idx], data.pad_id)
+            for idx in plan:
+                ids, mask = padded([rows[i] for i in idx], data.pad_id)
                 out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+        return out
+
+    def evaluate() -> dict:
+        """The dev metric (+ per-example predictions) and, with held-out train rows, their metric."""
+        model.eval()
+        out = outputs(data.dev, data.dev_plan)
+        point = {**dev_point(spec["task"], out, data.dev_labels, data.dev_split),
+                 "dev_pred": predictions(spec["task"], out)}
+        if data.holdout:
+            point["holdout"] = score(spec["task"], outputs(data.holdout, data.holdout_plan), data.holdout_labels)
         model.train()
-        return dev_point(spec["task"], out, data.dev_labels, data.dev_split)
+        return point
 
     curve = [{"t": 0.0, **evaluate(), "step": 0, "samples": 0}] if spec["eval_at_zero"] else []
     schedule = Schedule(budget, spec["evals"])
@@ -312,6 +332,8 @@ def side_local_worker(spec: dict) -> dict:
     for mobillm), decodes each row's last token with the reference codec and trains the same
     SideNetwork, optimizer and loss as `trainer serve` in torch, in this one process.
     """
+    import dataclasses
+
     import torch
 
     from mobillm.edge_runtime.backbone import Backbone
@@ -326,12 +348,17 @@ def side_local_worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     bb = Backbone(spec["engine"], threads=spec.get("threads"))
     taps = bb.manifest.taps
-    optim = OptimConfig(lr=spec["lr"])
+    optim = OptimConfig(lr=spec["lr"], seed=spec["seed"])  # (the server's --seed: init and order)
+    # The pooled readout mobillm's device sends: the last token and the tokens' masked mean (summary
+    # rows, read through mean pooling as the server does) where the engine has them, else the last token.
+    summary = bool(bb.manifest.summary_row)
+    keep, per_sample = ("summary", 2) if summary else ("pooled", 1)
     side = SideConfig().for_taps([t.hidden for t in taps], task["out_dim"])
+    side = dataclasses.replace(side, pooling="mean") if summary else side
     run_config = RunConfig(
         run="mobillm-local", task=task["name"], task_type=task["kind"], num_labels=task["num_labels"],
         model_id=bb.manifest.model_id, manifest_sha256=manifest_digest(bb.folder), device_id="local",
-        mode="pooled", epochs=1, samples_per_epoch=len(data.train),
+        mode=keep, epochs=1, samples_per_epoch=len(data.train),
         taps=[{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size} for t in taps],
         cache=False, side=side, optim=optim)
     model = build_side_network(side, optim.seed)
@@ -348,14 +375,13 @@ def side_local_worker(spec: dict) -> dict:
         if elapsed >= budget:
             break
         t0, c0 = time.perf_counter(), time.process_time()
-        outs, lengths = bb.forward([data.train[i] for i in idx])
-        rows = np.arange(len(idx))
-        inputs = [torch.from_numpy(codec.decode_arrays(t.codes[rows, lengths - 1], t.scales[rows, lengths - 1],
-                                                       t.spec.fmt, t.spec.hidden, t.spec.block_size)) for t in outs]
+        outs, _ = bb.forward([data.train[i] for i in idx], keep=keep)  # per_sample rows per sample, in order
+        inputs = [torch.from_numpy(codec.decode_arrays(t.codes, t.scales, t.spec.fmt, t.spec.hidden,
+                                                       t.spec.block_size)) for t in outs]
         t_fwd = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = optim.lr * lr_factor(step, elapsed, budget)
-        logits = model.logits_from_rows(inputs, torch.ones(len(idx), dtype=torch.long))
+        logits = model.logits_from_rows(inputs, torch.full((len(idx),), per_sample, dtype=torch.long))
         loss = task_loss(logits, torch.from_numpy(data.train_labels[idx]), task["kind"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -403,15 +429,18 @@ def edge_worker(spec: dict) -> dict:
     task = get_task(spec["task"]["name"])
     bb = Backbone(spec["engine"], threads=spec.get("threads"))
     examples = load_examples(spec["train_file"], task)
+    # "pooled" rows read the engine's pooled readout: `edge-run train`'s default, the last token and the
+    # masked mean (--send summary) where the engine has a summary row, else the last token
+    mode = "summary" if spec["mode"] == "pooled" and bb.manifest.summary_row else spec["mode"]
     opts = TrainOptions(server=spec["server"], epochs=spec["epochs"], batch_size=spec["batch_size"],
-                        max_len=spec["max_len"], mode=spec["mode"], seed=spec["seed"], run=spec["run"],
+                        max_len=spec["max_len"], mode=mode, seed=spec["seed"], run=spec["run"],
                         progress=False)
     trainer = StreamClient(bb, examples, task, opts)
     t0, c0 = time.time(), time.process_time()
     stats = trainer.run()
     t_model, cpu = time.time(), time.process_time() - c0  # every thread: forward, quantize, frames, sends
     side = trainer.save_model(Path(spec["side_out"]))
-    return {"t0": t0, "t_model": t_model, "stats": stats_dict(stats), "side": str(side),
+    return {"t0": t0, "t_model": t_model, "stats": stats_dict(stats), "side": str(side), "send": mode,
             "steps": stats.batches_sent, "samples": stats.samples_sent,
             "bytes_per_sample": stats.bytes_sent / max(stats.samples_sent, 1), "bytes_sent": stats.bytes_sent,
             "device_s_per_iter": stats.forward_s / max(stats.batches_sent, 1),
@@ -456,7 +485,9 @@ def evaluate_worker(spec: dict) -> dict:
     backbones: dict[str, MemoBackbone] = {}
     dev_files = spec.get("dev_files") or {"dev": spec["dev_file"]}
     devs = {split: load_examples(path, task) for split, path in dev_files.items()}
-    metrics, steps, by_split = [], [], []
+    holdout = load_examples(spec["holdout_file"], task) if spec.get("holdout_file") else []
+    holdout_gold = np.array([e.label for e in holdout])
+    metrics, steps, by_split, holdout_metrics, dev_preds = [], [], [], [], []
     for item in spec["items"]:
         engine = item.get("engine", spec["engine"])
         if engine not in backbones:
@@ -473,13 +504,25 @@ def evaluate_worker(spec: dict) -> dict:
                             "progress": {"step": 0}}, folder / "checkpoint.pt")
             step = int(torch.load(folder / "checkpoint.pt", weights_only=True)["progress"]["step"])
             path, _ = reexport(folder)
+            # the rows it reads (summary: last token + mean, mean pooling), as the device records beside a
+            # returned model: without it JointModel would feed a summary-trained network the last token only
+            cfg = RunConfig.load(folder)
+            path.with_suffix(".json").write_text(json.dumps({"config": {"pooling": cfg.side.pooling},
+                                                             "mode": cfg.mode}))
         joint = JointModel(bb, path)
-        scores = {split: float(joint.evaluate(dev, task, spec["max_len"], spec["batch_size"], False)[task.metric])
-                  for split, dev in devs.items()}  # each dev split on its own (MNLI: matched, mismatched)
+        scores, preds = {}, []
+        for split, dev in devs.items():  # each dev split on its own (MNLI: matched, mismatched)
+            out = joint.predict(dev, spec["max_len"], spec["batch_size"], False)
+            scores[split] = score(spec["task"], out, np.array([e.label for e in dev]))
+            preds += predictions(spec["task"], out)
         metrics.append(next(iter(scores.values())))
         by_split.append(scores if len(scores) > 1 else None)
         steps.append(step)
-    return {"metrics": metrics, "steps": steps, "by_split": by_split}
+        dev_preds.append(preds)
+        holdout_metrics.append(score(spec["task"], joint.predict(holdout, spec["max_len"], spec["batch_size"], False),
+                                     holdout_gold) if holdout else None)
+    return {"metrics": metrics, "steps": steps, "by_split": by_split, "holdout": holdout_metrics,
+            "dev_preds": dev_preds}
 
 
 WORKERS = {"torch": torch_worker, "split-device": split_device_worker, "side-local": side_local_worker,
