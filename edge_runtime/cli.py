@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
     examples = load_examples(args.data, task, limit=data.limit)
     trainer = StreamClient(bb, examples, task, opts)
     print(f"edge-run: {len(examples)} rows x {opts.epochs} epoch(s), {len(trainer.batches)} batches -> {opts.server} "
-          f"({trainer.opts.mode} mode, {bb.manifest.bytes_per_token()} B/token on the wire)", file=sys.stderr)
+          f"({trainer.mode} mode, {bb.manifest.bytes_per_token()} B/token on the wire)", file=sys.stderr)
     try:
         stats = trainer.run()
     except MobillmError:  # the run ended without a side network: the statistics say how far it got, and why

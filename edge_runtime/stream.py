@@ -15,7 +15,6 @@ no retry can fix end the run at once with the likely cause (failures.py).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import logging
@@ -123,24 +122,24 @@ class _Sent:
     n: int
 
 
-def default_mode(manifest) -> str:
-    """--send's default: the summary rows where the engine has them, else the last token."""
-    return "summary" if manifest.summary_row else "pooled"
+def send_mode(opts: TrainOptions, manifest) -> str:
+    """The rows this device sends: --send, or by default the summary rows where the engine has them,
+    else the last token. Resolved once per client (`StreamClient.mode`)."""
+    return opts.mode or ("summary" if manifest.summary_row else "pooled")
 
 
 class StreamClient:
     """One device's side of a training run: forward passes here, taps streamed to the server that trains."""
 
     def __init__(self, backbone: Backbone, examples: list[Example], task: Task, opts: TrainOptions):
-        if opts.mode is None:
-            opts = dataclasses.replace(opts, mode=default_mode(backbone.manifest))
-        if opts.mode not in wire.MODES:
-            raise ValueError(f"unknown send mode {opts.mode!r}; choose {', '.join(sorted(wire.MODES))}")
-        if opts.mode == "summary" and not backbone.manifest.summary_row:
+        mode = send_mode(opts, backbone.manifest)
+        if mode not in wire.MODES:
+            raise ValueError(f"unknown send mode {mode!r}; choose {', '.join(sorted(wire.MODES))}")
+        if mode == "summary" and not backbone.manifest.summary_row:
             raise BadInput(f"--send summary: the engine {backbone.folder} has no summary row (exported before "
                            f"--summary-row); re-export it, or send pooled or tokens")
         opts.check()
-        self.bb, self.examples, self.task, self.opts = backbone, examples, task, opts
+        self.bb, self.examples, self.task, self.opts, self.mode = backbone, examples, task, opts, mode
         self.stats = TrainStats()
         self.rows, self.stats.truncated_rows = self._tokenize()
         label_dtype = np.float32 if task.kind == "regression" else np.int64
@@ -180,7 +179,7 @@ class StreamClient:
         m = self.bb.manifest
         taps = tuple(TapInfo(t.layer, t.hidden, t.fmt, t.block_size) for t in m.taps)
         return Hello(manifest_digest(self.bb.folder), m.model_id, self.task.name, self.task.kind,
-                     self.task.num_labels, self.opts.mode or default_mode(m), taps, self.opts.device_id, self.opts.run,
+                     self.task.num_labels, self.mode, taps, self.opts.device_id, self.opts.run,
                      self.opts.epochs, len(self.examples), self.opts.token, self.opts.bits, m.num_layers).to_meta()
 
     # -- producer thread ---------------------------------------------------------------
@@ -188,18 +187,17 @@ class StreamClient:
                  stop: threading.Event):
         try:
             end = start_sample
-            mode = self.opts.mode or default_mode(self.bb.manifest)  # __init__ filled it in
             for b in range(start_batch, len(self.batches)):
                 if self._stop.is_set() or stop.is_set():
                     return
                 idx = self.batches[b]
                 t0 = time.perf_counter()
-                per_sample = wire.ROWS_PER_SAMPLE.get(mode)
+                per_sample = wire.ROWS_PER_SAMPLE.get(self.mode)
                 tokens = per_sample * len(idx) if per_sample else sum(len(self.rows[i]) for i in idx)
                 plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
-                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=mode,
+                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.mode,
                                                 formats=plan if self.plan_in_graph else None)
-                batch = build_batch(b, idx, self.labels[idx], taps, lengths, mode, plan)
+                batch = build_batch(b, idx, self.labels[idx], taps, lengths, self.mode, plan)
                 frame = wire.batch_frame(batch)
                 self.stats.forward_s += time.perf_counter() - t0
                 end += len(idx)
@@ -470,7 +468,7 @@ class StreamClient:
         tmp.write_bytes(self.model_bytes)
         tmp.replace(path)
         # The engine it was trained on, so predict/bundle/serve refuse it on another (edge_runtime/predict.py).
-        meta = dict(self.model_meta, task=self.task.name, engine=str(self.bb.folder), mode=self.opts.mode,
+        meta = dict(self.model_meta, task=self.task.name, engine=str(self.bb.folder), mode=self.mode,
                     preparation=self.bb.manifest.preparation, model_id=self.bb.manifest.model_id,
                     engine_sha256=manifest_digest(self.bb.folder))
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))

@@ -18,7 +18,7 @@ from mobillm.common import messages, wire
 from mobillm.common.messages import (BitPlan, Credit, ErrorReport, FedModel, FedWelcome, ModelMeta, StreamDone,
                                      TrainingDone, Welcome)
 from mobillm.common.tasks import Task
-from mobillm.edge_runtime.stream import StreamClient, TrainOptions
+from mobillm.edge_runtime.stream import StreamClient, TrainOptions, send_mode
 from mobillm.kernels import codec
 from mobillm.trainer.config import SideConfig
 
@@ -36,6 +36,7 @@ def device_hello(tmp_path, **opts) -> bytes:
     client.bb = SimpleNamespace(manifest=manifest, folder=tmp_path)
     client.task = Task("sst2", "class", 2, ("sentence",), "label", "accuracy")
     client.opts = TrainOptions(**(opts or dict(device_id="phone-1", run="golden", token="s3cret", epochs=2)))
+    client.mode = send_mode(client.opts, manifest)  # as StreamClient.__init__ resolves --send
     client.examples = [None] * 96
     return wire.encode_frame(wire.MsgType.HELLO, client.hello())
 
