@@ -10,7 +10,9 @@ onnxruntime or the edge runtime; the edge device never imports torch.
 Clocks. Each worker times its own training and stops the clock while it evaluates or writes a
 snapshot. Next to wall seconds per step it reports CPU seconds per step (all threads), which
 other work on a shared machine barely moves. The lr of the time-budgeted methods warms up over 3
-steps and decays linearly to 0 at the budget.
+steps and decays linearly to 0 at the budget. A method whose planned batches (PLAN_EPOCHS epochs)
+all run inside the budget stops there: its last step is scored, counts as the budget's point
+(`final`), and the result says `plan_exhausted` (tiny models on an idle machine).
 """
 
 from __future__ import annotations
@@ -249,7 +251,11 @@ def torch_worker(spec: dict) -> dict:
         if schedule.due(elapsed) or elapsed >= budget:
             curve.append({"t": elapsed, **evaluate(), "step": step, "samples": samples,
                           "final": elapsed >= budget})
+    exhausted = elapsed < budget  # every planned batch ran inside the budget: the run ends here
+    if exhausted and step and (not curve or curve[-1]["step"] != step):
+        curve.append({"t": elapsed, **evaluate(), "step": step, "samples": samples, "final": True})
     result = {"curve": curve, "steps": step, "samples": samples, "trainable_params": trainable,
+              "plan_exhausted": exhausted,
               "device_s_per_iter": float(np.mean(step_s)) if step_s else float("nan"),
               "device_cpu_s_per_iter": float(np.mean(cpu_s)) if cpu_s else float("nan"),
               "bytes_per_sample": 0.0, "bytes_sent": 0}
@@ -398,7 +404,12 @@ def side_local_worker(spec: dict) -> dict:
             folder = write_snapshot(snaps / f"s{step:04d}", run_config, model.state_dict(), step)
             curve.append({"t": elapsed, "step": step, "samples": samples, "snapshot": str(folder),
                           "final": elapsed >= budget})
+    exhausted = elapsed < budget  # every planned batch ran inside the budget: the run ends here
+    if exhausted and step and (not curve or curve[-1]["step"] != step):
+        folder = write_snapshot(snaps / f"s{step:04d}", run_config, model.state_dict(), step)
+        curve.append({"t": elapsed, "step": step, "samples": samples, "snapshot": str(folder), "final": True})
     return {"curve": curve, "steps": step, "samples": samples, "bytes_per_sample": 0.0, "bytes_sent": 0,
+            "plan_exhausted": exhausted,
             "device_s_per_iter": float(np.mean(step_s)) if step_s else float("nan"),
             "device_cpu_s_per_iter": float(np.mean(cpu_s)) if cpu_s else float("nan"),
             "forward_s_per_row": float(np.sum(fwd_s) / max(samples, 1))}

@@ -72,3 +72,20 @@ def test_evaluate_worker_scores_matched_and_mismatched_on_the_device_path(tiny_e
     assert out["metrics"] == [scores["dev_matched"]]
     # a constant-ish untrained head: each split's accuracy is a multiple of 1/3 and 1/4 (3 and 4 rows)
     assert round(scores["dev_matched"] * 3, 6) % 1 == 0 and round(scores["dev_mismatched"] * 4, 6) % 1 == 0
+
+
+def test_a_run_whose_planned_batches_end_before_the_budget_is_scored_at_its_last_step(tiny_engine, tmp_path):
+    """Tiny models on an idle machine can run every planned batch inside the budget: the run ends
+    there, its last step is scored and counts as the budget's point (CI once saw lora with no point)."""
+    from compare_harness import Harness
+    from compare_workers import torch_worker
+
+    s = Settings(task="qqp", data_dir=REPO / "tests" / "common" / "fixtures" / "glue" / "QQP",
+                 train_rows=4, dev_rows=4, batch_size=2, budget_minutes=60.0, evals=1, no_zero_eval=True)
+    data = prepare_data(s, tiny_engine, tmp_path)
+    h = Harness(s, tmp_path, {"fp32": tiny_engine}, data)
+    spec = dict(h.common, method="lora", config=h.config, lr=1e-3, cut=1)
+    out = torch_worker(spec)
+    assert out["plan_exhausted"] is True and out["steps"] == len(Data(data["data"]).plan)
+    (point,) = out["curve"]  # the one evaluation (at the budget) never came: the last step's stands in
+    assert point["final"] is True and point["step"] == out["steps"] and 0 <= point["metric"] <= 1
