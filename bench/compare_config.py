@@ -134,7 +134,13 @@ class Settings:
     fill: float = option(0.7, "share of the budget the mobillm runs are sized to")
     cache_epochs: int | None = option(None, "epochs of the --cache runs (default: sized to --cache-fill of the budget "
                                             "from the measured forward rate and cached step rate)")
-    cache_fill: float = option(0.9, "share of the budget the --cache runs' declared epochs are sized to")
+    cache_fill: float = option(0.9, "share of the budget the --cache runs' declared epochs are sized to "
+                                    "(with --cache-select \"\")")
+    cache_select: list[int] = option(help="candidate cached epochs the --cache server chooses among on its own "
+                                          "held-out cached samples (trainer serve --select-epochs; its lr stays "
+                                          "--lr-side); the device declares 2 epochs, which shape only the streamed "
+                                          "epoch's schedule. \"\": no selection, the epochs sized to --cache-fill",
+                                     default_factory=lambda: [1, 2, 3, 4, 6, 8])
     max_epochs: int = option(50, "cap on the sized mobillm epochs")
     threads: int | None = option(None, "torch/ORT threads in the method processes")
     jobs: int = option(1, "on-device methods run this many at a time; above 1 the timings are not comparable "

@@ -119,6 +119,8 @@ class TrainerProcess:
         cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--host", "127.0.0.1", "--port", self.port,
                "--runs", self.runs, "--threads", s.server_threads, "--checkpoint-every", checkpoint_every,
                "--lr", s.lr_side, "--seed", s.seed, "--device", s.server_device] + (["--cache"] if cache else [])
+        if cache and s.cache_select and not s.cache_epochs:  # cached epochs chosen on held-out cached samples
+            cmd += ["--select-epochs", ",".join(map(str, s.cache_select))]
         logf = open(work / "logs" / f"server-{name}.log", "w")
         self.proc = subprocess.Popen(limited(cmd, s.mem_limit), stdout=logf, stderr=subprocess.STDOUT)
         logf.close()

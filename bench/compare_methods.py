@@ -5,6 +5,7 @@ every side network they produced.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import replace
@@ -70,6 +71,11 @@ def run_edge(h: Harness, method: str, server: TrainerProcess, epochs: int) -> di
         result["proxy_bytes_up"] = proxy.bytes_up
     result["snapshots"] = watcher.snapshots
     result["epochs"] = epochs
+    summary = server.runs / method / "summary.json"
+    selection = json.loads(summary.read_text()).get("selection") if summary.is_file() else None
+    if selection:  # --select-epochs: the run trained 1 streamed + the chosen cached epochs
+        result["selection"] = selection
+        result["epochs"] = 1 + selection["epochs"]
     if (server.runs / method / "config.json").is_file():
         init = h.work / "snaps" / method / "init"
         init.mkdir(parents=True, exist_ok=True)
@@ -194,6 +200,9 @@ def size_cache_epochs(s: Settings, train_rows: int, cached_s: float | None) -> t
     at least 2, at most --max-epochs. Returns (epochs, the rule with its numbers, for the report)."""
     if s.cache_epochs:
         return s.cache_epochs, f"{s.cache_epochs} epochs (--cache-epochs)"
+    if s.cache_select:
+        return 2, (f"declared 2 (the streamed epoch's schedule); the server chooses the cached epochs among "
+                   f"{','.join(map(str, s.cache_select))} on 10 % of the cached samples held out")
     first = train_rows * s.forward_s_per_row if s.forward_s_per_row else None
     epoch_s = math.ceil(train_rows / s.batch_size) * cached_s if cached_s else None
     if first is None or not epoch_s:

@@ -110,6 +110,15 @@ class OptimConfig:
     cache_batch_size: int | None = option(None, "rows per step in cached epochs (default: the device's batch size)")
     precision: str = option("fp32", "training precision: fp32; fp16 (autocast + loss scaling, CUDA only: on a CPU "
                                     "server it falls back to fp32 with one line); bf16 (autocast)", choices=PRECISIONS)
+    # --cache runs: the cached epochs (and peak lr) chosen on held-out cached samples (trainer/select.py)
+    select_epochs: list[int] = option(help="with --cache: candidate epoch counts, e.g. 1,2,3,4,6,8; once the first "
+                                           "epoch is cached, each is trained on the cached samples but "
+                                           "--select-share and scored on those; the run then trains the best on "
+                                           "every cached sample (default: off, the device's --epochs)",
+                                      default_factory=list)
+    select_lrs: list[float] = option(help="candidate peak learning rates for --select-epochs, e.g. 5e-4,1e-3 "
+                                          "(default: --lr alone)", default_factory=list)
+    select_share: float = option(0.1, "share of the cached samples --select-epochs holds out to score candidates")
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -122,6 +131,14 @@ class OptimConfig:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.cache_batch_size is not None and self.cache_batch_size < 1:
             raise ConfigError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
+        if any(e < 1 for e in self.select_epochs):
+            raise ConfigError(f"select_epochs must all be >= 1, got {self.select_epochs}")
+        if any(not lr > 0 for lr in self.select_lrs):
+            raise ConfigError(f"select_lrs must all be > 0, got {self.select_lrs}")
+        if self.select_lrs and not self.select_epochs:
+            raise ConfigError("select_lrs needs select_epochs (the candidates are epochs x learning rates)")
+        if not 0 < self.select_share < 1:
+            raise ConfigError(f"select_share must be in (0, 1), got {self.select_share}")
 
 
 @dataclass
@@ -301,6 +318,8 @@ class ServerConfig:
     def validate(self) -> None:
         if self.federated and self.cache:
             raise ConfigError("--federated and --cache do not combine: federated devices stream every epoch")
+        if self.optim.select_epochs and not self.cache:
+            raise ConfigError("--select-epochs needs --cache: the candidates train on the cached first epoch")
         if self.federated and self.side.input_norm != "none":
             raise ConfigError("--input-norm channel is for single-device runs: the federated network aligns each "
                               "backbone's taps with its own projection (docs/federated.md)")

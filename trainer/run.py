@@ -6,7 +6,12 @@ later epochs come from the on-disk cache in a seeded order. The learning rate wa
 linearly to zero over the declared samples (`WarmupLinear`). When training is complete the run
 exports its side network (ONNX, checked against torch) and writes summary.json.
 
-Phases: stream -> cache (`--cache` only) -> export -> finished; any exception fails the run.
+With `--cache --select-epochs` the cached epochs are chosen instead of declared: after the stream,
+candidate schedules are scored on held-out cached samples (`select.py`), and a fresh side network
+is trained on every cached sample with the best one; its schedule (`WarmupLinear` over its own
+epochs, from the sample it starts at) replaces the device's.
+
+Phases: stream -> [select ->] cache (`--cache` only) -> export -> finished; any exception fails the run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .core import MODEL_FILE, SUMMARY, MixedPrecision, append_record, last_epoch
 from .data import TapCache, rows_for_model
 from .export import check_onnx, export_onnx
 from .model import build_side_network
+from .select import select_schedule, selectable
 from .training import END, Fit, Member, TrainingRun, Work
 
 log = logging.getLogger("mobillm.trainer")
@@ -40,19 +46,21 @@ class WarmupLinear:
 
     Counted in samples, not steps, because the device chooses the batch size."""
 
-    def __init__(self, warmup_samples: int, total_samples: int):
-        self.warmup, self.total = max(0, warmup_samples), max(1, total_samples)
+    def __init__(self, warmup_samples: int, total_samples: int, start: int = 0):
+        self.warmup, self.total, self.start = max(0, warmup_samples), max(1, total_samples), start
 
     def factor(self, samples_done: int) -> float:
+        """The factor `samples_done` samples into the run (the schedule begins at sample `start`)."""
+        samples_done -= self.start
         if samples_done < self.warmup:
             return (samples_done + 1) / self.warmup
         return max(0.0, (self.total - samples_done) / max(1, self.total - self.warmup))
 
     def state_dict(self) -> dict:
-        return {"warmup": self.warmup, "total": self.total}
+        return {"warmup": self.warmup, "total": self.total, "start": self.start}
 
     def load_state_dict(self, state: dict) -> None:
-        self.warmup, self.total = int(state["warmup"]), int(state["total"])
+        self.warmup, self.total, self.start = int(state["warmup"]), int(state["total"]), int(state.get("start", 0))
 
 
 class SingleDevice:
@@ -72,6 +80,10 @@ class SingleDevice:
         self.cache_epoch = 1
         self.cache_pos = 0
         self.first_batch_rows = 0
+        self.peak_lr = cfg.optim.lr
+        self.last_cache_epoch = cfg.epochs  # cached epochs run while cache_epoch < this
+        self.end_samples = cfg.total_samples  # the run's last epoch ends here
+        self.selection: dict | None = None
         self.cache = None
         if cfg.cache:  # the cache keeps each tap in the one format the device sends it in
             fmts = allowed_formats([t.fmt for t in self.taps], cfg.bits)
@@ -112,7 +124,7 @@ class SingleDevice:
             if not self.member.done:
                 return None  # the device streams on
             self._end_stream()  # DONE, and every batch before it trained
-        return Work(source="cache") if self.phase == "cache" else END
+        return Work(source=self.phase) if self.phase in ("select", "cache") else END
 
     def _end_stream(self) -> None:
         """The stream is over (DONE, or with --cache a whole epoch trained): cached epochs, or export."""
@@ -120,9 +132,35 @@ class SingleDevice:
         if self.cache is None:
             self.phase = "export"
             return
+        if self.cfg.optim.select_epochs and selectable(self.cfg, len(self.cache)):
+            self.phase = "select"
+            log.info("run %s: %d samples cached; choosing the cached epochs on held-out samples", self.cfg.run,
+                     len(self.cache))
+            return
         self.phase = "cache" if self.cfg.epochs > 1 and len(self.cache) else "export"
         log.info("run %s: %d samples cached; %s", self.cfg.run, len(self.cache),
                  f"training {self.cfg.epochs - 1} more epochs from the cache" if self.phase == "cache" else "exporting")
+
+    def _select(self, run: TrainingRun) -> None:
+        """Choose (epochs, lr) on held-out cached samples, then start a fresh side network on every
+        cached sample with them: a schedule of its own from this sample on (the training thread, no lock)."""
+        batch = self.cfg.optim.cache_batch_size or self.first_batch_rows or 32
+        choice = select_schedule(self.cfg, self.cache, self.taps, batch, self.device, self.amp)
+        self.selection = choice.to_dict()
+        fresh = build_side_network(self.cfg.side, self.cfg.optim.seed)
+        self.model.load_state_dict(fresh.state_dict())
+        self.optimizer = make_optimizer(self.model, self.cfg.optim)
+        self.amp = MixedPrecision(self.cfg.optim.precision, self.device)
+        n = len(self.cache)
+        self.peak_lr = choice.lr
+        self.end_samples = run.samples_trained + choice.epochs * n
+        self.schedule = WarmupLinear(round(self.cfg.optim.warmup_ratio * choice.epochs * n), choice.epochs * n,
+                                     start=run.samples_trained)
+        self.cache_epoch, self.cache_pos, self.last_cache_epoch = 1, 0, 1 + choice.epochs
+        self._last_epoch = {"loss_sum": 0.0, "rows": 0, "outputs": [], "labels": []}
+        self.phase = "cache"
+        log.info("run %s: training %d epoch(s) from the cache at lr %g on all %d samples", self.cfg.run,
+                 choice.epochs, choice.lr, n)
 
     def _cached_rows(self):
         if self._order_epoch != self.cache_epoch:
@@ -141,9 +179,12 @@ class SingleDevice:
             if self.cache is not None:
                 self.cache.append(rows)
         else:
+            if work.source == "select":  # the selection runs first; this step is the chosen schedule's first
+                self._select(run)
+                work.source = "cache"
             rows = self._cached_rows()
         want_importance = self.bitplan_every > 0
-        lr = self.cfg.optim.lr * self.schedule.factor(run.samples_trained)
+        lr = self.peak_lr * self.schedule.factor(run.samples_trained)
         step = train_step(self.model, self.optimizer, rows, self.taps, self.cfg.task_type, self.device, lambda _: lr,
                           self.cfg.optim.grad_clip, want_importance, self.amp)
         if want_importance:
@@ -155,7 +196,8 @@ class SingleDevice:
 
     def aggregate(self, work: Work, fit: Fit, run: TrainingRun) -> dict:
         cfg, rows, n = self.cfg, fit.rows, len(fit.rows)
-        if run.samples_trained > cfg.total_samples - cfg.samples_per_epoch:
+        epoch_len = len(self.cache) if self.selection else cfg.samples_per_epoch
+        if run.samples_trained > self.end_samples - epoch_len:
             self._last_epoch["loss_sum"] += fit.step.loss * n
             self._last_epoch["rows"] += n
             self._last_epoch["outputs"].append(fit.step.logits.detach().float().cpu().numpy())
@@ -164,7 +206,7 @@ class SingleDevice:
             self.cache_pos += n
             if self.cache_pos >= len(self.cache):
                 self.cache_epoch, self.cache_pos = self.cache_epoch + 1, 0
-                if self.cache_epoch >= cfg.epochs:
+                if self.cache_epoch >= self.last_cache_epoch:
                     self.phase = "export"
         elif self.cache is not None and self.member.trained >= cfg.samples_per_epoch:
             self._end_stream()
@@ -215,6 +257,8 @@ class SingleDevice:
             summary["last_epoch_loss"] = last["loss_sum"] / last["rows"]
             outputs, labels = np.concatenate(last["outputs"]), np.concatenate(last["labels"])
             summary.update(last_epoch_scores(self.cfg.task, self.cfg.task_type, self.cfg.num_labels, outputs, labels))
+        if self.selection is not None:
+            summary["selection"] = self.selection
         return summary
 
     # ---- checkpoints ----
@@ -231,6 +275,9 @@ class SingleDevice:
             "summary": self.summary,
             "last_epoch": self._last_epoch_state(),
         }
+        if self.selection is not None:  # the chosen schedule (a run without selection keeps its old layout)
+            state["selection"] = {"choice": self.selection, "peak_lr": self.peak_lr,
+                                  "last_cache_epoch": self.last_cache_epoch, "end_samples": self.end_samples}
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         return self.amp.save_to(state)
@@ -255,6 +302,10 @@ class SingleDevice:
         self.first_batch_rows = p["first_batch_rows"]
         self.phase = p["phase"]
         self.summary = state.get("summary") or {}
+        if state.get("selection"):
+            sel = state["selection"]
+            self.selection, self.peak_lr = sel["choice"], float(sel["peak_lr"])
+            self.last_cache_epoch, self.end_samples = int(sel["last_cache_epoch"]), int(sel["end_samples"])
         last = state.get("last_epoch")
         if last:
             self._last_epoch = {"loss_sum": float(last["loss_sum"]), "rows": int(last["rows"]),

@@ -42,11 +42,13 @@ def test_paired_bootstrap_brackets_the_mean_difference_and_narrows_with_pairing(
 
 
 def test_cache_epochs_fill_the_budget_from_forward_and_cached_step_rates(tmp_path):
-    s = Settings(budget_minutes=3, batch_size=16, cache_fill=0.9, forward_s_per_row=0.03)
+    s = Settings(budget_minutes=3, batch_size=16, cache_fill=0.9, forward_s_per_row=0.03, cache_select=[])
     epochs, rule = size_cache_epochs(s, 4000, cached_s=0.02)  # first epoch 120 s, cached epoch 5 s
     assert epochs == 1 + int((0.9 * 180 - 120) // 5) == 9 and "cached epoch" in rule
     assert size_cache_epochs(s, 4000, cached_s=None)[0] == 2  # nothing measured: the old 2 epochs
-    assert size_cache_epochs(Settings(forward_s_per_row=1.0), 4000, 0.02)[0] == 2  # first epoch past the budget
+    assert size_cache_epochs(Settings(forward_s_per_row=1.0, cache_select=[]), 4000, 0.02)[0] == 2  # past the budget
+    chosen = size_cache_epochs(Settings(forward_s_per_row=0.03), 4000, 0.02)  # the default: the server chooses
+    assert chosen[0] == 2 and "chooses the cached epochs among 1,2,3,4,6,8" in chosen[1]
     lines = [{"step": k + 1, "samples": 16 * (k + 1), "rows": 16, "time": 100.0 + (k if k < 4 else 4 + (k - 4) * 0.1)}
              for k in range(8)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -80,7 +82,7 @@ def test_parity_driver_end_to_end_on_a_tiny_model(tiny_engine_factory, tmp_path)
     out = tmp_path / "parity"
     cmd = [sys.executable, str(REPO / "bench" / "parity.py"), "--seeds", "0,1", "--methods", "lora,mobillm-cache",
            "--once", "mobillm-local", "--bootstrap", "500", "--out", str(out), "--",
-           "--engine", str(engine), "--train-rows", "64", "--holdout-rows", "32", "--dev-rows", "32",
+           "--engine", str(engine), "--train-rows", "96", "--holdout-rows", "32", "--dev-rows", "32",
            "--budget-minutes", "0.1", "--evals", "2", "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -96,7 +98,7 @@ def test_parity_driver_end_to_end_on_a_tiny_model(tiny_engine_factory, tmp_path)
             assert len(row["dev_correct_at_holdout_best"]) == summary["dev_rows"]
             assert np.mean(row["dev_correct_at_holdout_best"]) == pytest.approx(row["metric_at_holdout_best"])
         cache = next(r for r in summary["rows"] if r["method"] == "mobillm-cache")
-        assert cache["epochs"] >= 2 and "cached epoch" in cache["epochs_rule"]
+        assert 2 <= cache["epochs"] <= 9 and "chooses the cached epochs" in cache["epochs_rule"]
         assert "2 processes" in cache["threads"]
     d = agg["differences"]["mobillm-cache"]
     m = agg["methods"]
