@@ -248,8 +248,9 @@ class TrainingRun:
         with self.cond:
             member.accepted = member.trained
             member.session = session
+            stopped = member.done or member.accepted >= member.limit  # it owes nothing more: no credit comes back
             self.cond.notify_all()
-        session.credits = self.queue_size
+        session.credits.open(self.queue_size, stopped)
 
     def detach(self, member: Member, session: Link) -> None:
         """The session closed: the run stops counting on it (its queued batches still train)."""
@@ -265,10 +266,8 @@ class TrainingRun:
             raise ProtocolError("replaced", "a newer connection of this device took over the run")
         self.check_alive()
         config = session.server.config
-        batch = accept_batch(frame.body, session.hello, session.formats, session.credits, session.last_seq,
-                             config.max_rows, config.max_tokens)
-        session.credits -= 1
-        session.last_seq = batch.seq
+        batch = accept_batch(frame.body, session.hello, session.formats, session.credits, config.max_rows,
+                             config.max_tokens)
         self.last_active = time.monotonic()
         member.bytes_received += nbytes
         self.bytes_received += nbytes
@@ -284,7 +283,7 @@ class TrainingRun:
             member.accepted += len(batch.sample_ids)
             member.queue.append(Item(batch, nbytes, session, self.step, release))
             self.cond.notify_all()
-        if member.cached and member.accepted >= member.limit and not session.stop_sent:
+        if member.cached and member.accepted >= member.limit and not session.credits.stopped:
             session.stop_streaming(batch.seq, member.trained)
 
     def end_stream(self, member: Member) -> None:
