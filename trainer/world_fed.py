@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import torch.distributed as dist
 from mobillm.common.messages import Hello, ProtocolError
 
 from .config import ServerConfig
-from .core import Step, append_record, load_checkpoint, open_metrics, step_loss, write_checkpoint
+from .core import Step, append_record, apply_gradients, load_checkpoint, open_metrics, step_loss, write_checkpoint
 from .data import Rows, rows_for_model
 from .federated import Federated, lr_factor
 from .fed_model import Family
@@ -102,11 +101,8 @@ def shared_step(strategy: Federated, rows: Rows | None, family: str | None, taps
     warmup = strategy.fed.warmup_samples
     lr = strategy.optim.lr * lr_factor(samples_before, warmup)
     align_lr = {f: strategy.optim.lr * lr_factor(strategy.family_samples[f], warmup) for f in used}
-    for group in optimizer.param_groups:
-        group["lr"] = align_lr.get(group["family"], 0.0) if "family" in group else lr
-    clip = strategy.optim.grad_clip
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
-    optimizer.step()
+    norm = float(apply_gradients(optimizer, params, lambda g: align_lr.get(g["family"], 0.0) if "family" in g else lr,
+                                 strategy.optim.grad_clip, strategy.amp))
     lrs = {"lr": lr, "align_lr": align_lr.get(family, lr) if family else lr}
     return local, float(flat[-1]) / total, norm, lrs
 
