@@ -156,7 +156,7 @@ class StepRecord:
 
 class Strategy(Protocol):
     """What a `TrainingRun` asks its scheduling policy. `pick`, `idle_work` and `aggregate` are called
-    with the run's `cond` held; the rest on the training thread without it."""
+    with the run's `cond` held; the rest on the training thread (a world's coordinator) without it."""
 
     phase: str
 
