@@ -128,19 +128,29 @@ def train_step(model: SideNetwork, optimizer: torch.optim.Optimizer, rows: Rows,
     model.train()
     with amp.autocast():
         loss, logits, inputs = step_loss(model, rows, taps, task_type, device, input_grads)
-    for group in optimizer.param_groups:
-        group["lr"] = lr_of(group)
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(loss).backward()
     if input_grads and amp.scaler.is_enabled():  # unscale_ unscales the parameters' grads only
         for t in inputs:  # an overflowing step (skipped below) adds nothing to the per-tap importance
             torch.nan_to_num_(t.grad.mul_(1.0 / amp.scaler.get_scale()), nan=0.0, posinf=0.0, neginf=0.0)
-    amp.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    amp.scaler.step(optimizer)
-    amp.scaler.update()
+    grad_norm = apply_gradients(optimizer, model.parameters(), lr_of, grad_clip, amp)
     loss_value, norm = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
     return Step(loss_value, norm, logits.float(), inputs)
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, params, lr_of: Callable[[dict], float], grad_clip: float,
+                    amp: MixedPrecision) -> torch.Tensor:
+    """The optimizer half of a step, once for every kind of step (`train_step`; a world's step sums the
+    gradients over its ranks first, `world_fed.shared_step`): each group's learning rate, the
+    gradients unscaled (fp16), `params`' clipped to `grad_clip` (0: not clipped), the AdamW step.
+    Returns the norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_of(group)
+    amp.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    amp.scaler.step(optimizer)
+    amp.scaler.update()
+    return grad_norm
 
 
 def check_finite(loss: float, step: int, where: str = "") -> None:

@@ -34,6 +34,7 @@ from . import budget as mem
 from .config import RunConfig, ServerConfig
 from .core import CHECKPOINT, METRICS, Link, load_checkpoint, open_metrics
 from .federated import Device, Federated
+from .protocol import Credits
 from .run import TRAINED_IDS, SingleDevice
 from .training import SHUTTING_DOWN, TrainingRun
 
@@ -55,7 +56,7 @@ class SessionLink(Link, Protocol):
     """The connection a policy attaches to a run (trainer/server.py's `Session`; typed here, not
     imported, so policy.py and server.py do not import each other)."""
 
-    stop_sent: bool  # STOP already sent: the run has every sample it needs from this device
+    credits: Credits  # its flow control (set when attached to a run, spent by its BATCHes)
 
 
 class Membership(Protocol):
@@ -252,9 +253,8 @@ class SingleMember:
         self.run, self.session = run, session
         self.strategy: SingleDevice = run.strategy
         member = self.strategy.member
-        session.stop_sent = member.done or member.accepted >= member.limit
         cfg = self.strategy.cfg
-        self.joined = Joined(cfg.run, member.trained, cfg.cache, session.stop_sent, cfg.total_samples)
+        self.joined = Joined(cfg.run, member.trained, cfg.cache, session.credits.stopped, cfg.total_samples)
 
     def receive(self, frame: wire.Frame, nbytes: int) -> None:
         self.run.receive(self.strategy.member, self.session, frame, nbytes)
@@ -366,8 +366,7 @@ class FedMember:
         self.strategy: Federated = run.strategy
         family = self.strategy.model.families[dev.family]
         slots = self.strategy.fed.slots
-        session.stop_sent = dev.done or dev.accepted >= dev.limit
-        self.joined = Joined(run.name, dev.trained, False, session.stop_sent, dev.limit, FedWelcome(
+        self.joined = Joined(run.name, dev.trained, False, session.credits.stopped, dev.limit, FedWelcome(
             dev.family, family.slots(slots), slots, len(run.members)))
 
     def receive(self, frame: wire.Frame, nbytes: int) -> None:

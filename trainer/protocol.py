@@ -7,10 +7,56 @@ with a stable code; the server answers it with an ERROR frame and closes that se
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from mobillm.common import wire
 from mobillm.common.messages import Hello, ProtocolError
+
+
+@dataclass
+class Credits:
+    """One session's flow control, owned here so that no other module does the arithmetic: the
+    batches its device may still send, the seq it spent the last credit on, and whether it was told
+    to stop streaming (after that a freed queue slot grants nothing)."""
+
+    held: int = 0
+    last_seq: int = -1
+    stopped: bool = False
+
+    def open(self, queue_size: int, stopped: bool) -> None:
+        """The session was attached to its run: a full queue's worth, and whether its stream is already complete."""
+        self.held, self.stopped = queue_size, stopped
+
+    def check(self) -> None:
+        """ERROR `no_credit` when the device sent a BATCH holding none (checked before the body is parsed)."""
+        if self.held <= 0:
+            raise ProtocolError("no_credit", "BATCH sent without a credit; wait for a CREDIT frame")
+
+    def spend(self, seq: int) -> None:
+        """A valid BATCH `seq` was accepted: it takes one credit; seqs must increase."""
+        self.check()
+        if seq <= self.last_seq:
+            raise ProtocolError("bad_batch", f"seq {seq} does not increase (last was {self.last_seq})")
+        self.held -= 1
+        self.last_seq = seq
+
+    def grant(self) -> int:
+        """A queue slot freed: the credits to send back (one, none once streaming stopped)."""
+        grant = 0 if self.stopped else 1
+        self.held += grant
+        return grant
+
+    def stop(self) -> None:
+        """The device was told to send no more batches."""
+        self.stopped = True
+
+    @property
+    def awaited(self) -> bool:
+        """The device holds credits it may still spend: silence from it is a timeout, not back-pressure."""
+        return self.held > 0 and not self.stopped
+
 
 def check_batch(batch: wire.Batch, hello: Hello, formats: list[str] | None) -> None:
     """A parsed BATCH against the session's HELLO: mode, taps (count, widths, block sizes, and the
@@ -38,20 +84,17 @@ def check_batch(batch: wire.Batch, hello: Hello, formats: list[str] | None) -> N
         raise ProtocolError("bad_batch", "regression labels must travel as float32 (label kind 1)")
 
 
-def accept_batch(body: bytes, hello: Hello, formats: list[str] | None, credits: int, last_seq: int,
+def accept_batch(body: bytes, hello: Hello, formats: list[str] | None, credits: Credits,
                  max_rows: int, max_tokens: int) -> wire.Batch:
-    """A BATCH body from a session holding `credits`, whose last accepted seq is `last_seq`: it must
-    come with a credit, parse within the server's limits, match the HELLO (`check_batch`) and have
-    a larger seq. The caller takes the credit and records the seq."""
-    if credits <= 0:
-        raise ProtocolError("no_credit", "BATCH sent without a credit; wait for a CREDIT frame")
+    """A BATCH body from a session with `credits`: it must come with a credit, parse within the
+    server's limits, match the HELLO (`check_batch`) and have a larger seq; then it spends the credit."""
+    credits.check()
     try:
         batch = wire.Batch.from_body(body, max_rows, max_tokens)
     except wire.WireError as exc:
         raise ProtocolError("bad_batch", str(exc)) from None
     check_batch(batch, hello, formats)
-    if batch.seq <= last_seq:
-        raise ProtocolError("bad_batch", f"seq {batch.seq} does not increase (last was {last_seq})")
+    credits.spend(batch.seq)
     return batch
 
 

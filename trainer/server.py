@@ -38,6 +38,7 @@ from .config import ServerConfig, tls_context
 from .core import make_optimizer
 from .gate import AdmissionGate
 from .policy import FederatedPolicy, Membership, RunPolicy, SingleDevicePolicy
+from .protocol import Credits
 from .status import StatusEndpoints
 
 log = logging.getLogger("mobillm.trainer")
@@ -54,9 +55,7 @@ class Session:
         self.server, self.ws, self.id = server, ws, f"s{number}"
         self.hello: Hello | None = None
         self.formats: list[str] | None = None  # per-tap BATCH formats the HELLO allows (None: any)
-        self.credits = 0
-        self.last_seq = -1
-        self.stop_sent = False
+        self.credits = Credits()  # the run it joins opens them; BATCHes spend them, freed queue slots grant them
         self.failed = False
         self.allowance: mem.Allowance | None = None  # this device's memory share, once admitted
         self.address = ws.remote_address[0] if ws.remote_address else "?"
@@ -67,16 +66,14 @@ class Session:
     # Called on the loop for the run's training thread.
     def grant_credit(self, seq: int, samples_done: int) -> None:
         """One queue slot freed: one more credit (none once streaming has stopped)."""
-        grant = 0 if self.stop_sent else 1
-        self.credits += grant
-        self.post(Credit(grant, seq, samples_done))
+        self.post(Credit(self.credits.grant(), seq, samples_done))
 
     def post_bitplan(self, plan: BitPlan) -> None:
         self.post(plan)
 
     def stop_streaming(self, seq: int, samples_done: int) -> None:
         """Tell the device to send no more batches (the run trains on from its cache)."""
-        self.stop_sent = True
+        self.credits.stop()
         self.post(Credit(0, seq, samples_done, stop_streaming=True))
 
     def post(self, message) -> None:
@@ -116,7 +113,7 @@ class Session:
         self.ws.protocol.max_message_size = self.server.config.max_frame  # admitted: batches may come
         try:
             j = member.joined
-            await self.ws.send(messages.frame(Welcome(self.id, j.run, self.credits, j.samples_done, j.cache,
+            await self.ws.send(messages.frame(Welcome(self.id, j.run, self.credits.held, j.samples_done, j.cache,
                                                       j.stop_streaming, j.total_samples, j.federated)))
             log.info("session %s: device %s on run %s%s, resume at %d", self.id, self.hello.device_id, j.run,
                      f" (family {j.federated.family})" if j.federated else "", j.samples_done)
@@ -148,9 +145,9 @@ class Session:
             try:
                 return await asyncio.wait_for(self.ws.recv(), limit)
             except TimeoutError:
-                if self.credits > 0 and not self.stop_sent:
+                if self.credits.awaited:
                     raise ProtocolError("timeout", f"no BATCH or DONE for {limit:g} s while holding "
-                                                   f"{self.credits} credits") from None
+                                                   f"{self.credits.held} credits") from None
 
     def charge(self, batch: wire.Batch, nbytes: int):
         """Take a batch's memory (frame + decoded peak) from this device's share; the returned

@@ -17,7 +17,11 @@ exports a snapshot for each member on its DONE.
 
 Threads. The server's asyncio loop calls `attach`, `receive`, `end_stream` and `detach`; the
 run's training thread runs the loop and reports back with `deliver` / `notify`; `cond` guards the
-members, their FIFOs and the counters the loop side reads.
+members, their FIFOs and the counters the loop side reads. A run of a world of ranks has no thread
+of its own: `world_fed.Coordinator` takes its batches (`take`) and trains them (`train`) in steps
+every rank takes together, so the step, its record and its checkpoints are still this module's.
+
+Every step writes one `StepRecord` to metrics.jsonl, with the same fields whatever the run kind.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -92,16 +96,67 @@ class Work:
 
 @dataclass
 class Fit:
-    """What `Strategy.fit` trained: the step, its rows, and its learning rate(s) as metric fields."""
+    """What `Strategy.fit` trained: this process's step and rows, its learning rate(s) as metric fields,
+    and the step's totals. The totals default to this process's; a step of a world of ranks
+    (`world_fed`) sets them to every rank's, and has no step or rows on a rank that had none."""
 
-    step: Step
-    rows: Rows
+    step: Step | None
+    rows: Rows | None
     lr: dict
+    samples: int | None = None  # rows trained by the step (all ranks'); None: len(rows)
+    tokens: int | None = None  # their tokens; None: the batch's tokens, or the strategy's rows' tokens
+    loss: float | None = None  # the step's mean loss over those rows; None: step.loss
+    grad_norm: float | None = None  # None: step.grad_norm
+
+    def __post_init__(self):
+        if self.samples is None:
+            self.samples = len(self.rows)
+        if self.loss is None:
+            self.loss = self.step.loss
+        if self.grad_norm is None:
+            self.grad_norm = self.step.grad_norm
+
+
+@dataclass
+class StepRecord:
+    """One line of metrics.jsonl, whatever the run kind: every record of every run (one device,
+    federated, a world of ranks) has every field, None where the run has no such thing, so readers
+    (plot, TensorBoard, the status page, bench/) see one schema. A strategy's `aggregate` fills the
+    fields after `queue_depth`; a field it does not declare here is a bug (TypeError)."""
+
+    step: int
+    time: float
+    samples: int  # trained by the run so far (every rank's)
+    rows: int  # trained by this step (every rank's)
+    tokens: int
+    loss: float
+    lr: float
+    grad_norm: float
+    wait_s: float  # the training thread's wait for this step's work
+    step_s: float
+    idle_frac: float  # share of the run's time spent waiting for work
+    bytes_received: int
+    queue_depth: int  # batches queued after the step
+    align_lr: float | None = None  # federated: the learning rate of the device family's alignment
+    epoch: float | None = None  # one device: epochs trained
+    source: str | None = None  # one device: "stream" or "cache"
+    samples_per_s: float | None = None  # one device: this step's rows over the time since the last step
+    device: str | None = None  # federated: the device whose batch this process trained (None: it had none)
+    family: str | None = None
+    device_samples: int | None = None
+    device_epoch: float | None = None
+    staleness: int | None = None  # steps the batch waited in its FIFO
+    device_lag: int | None = None  # steps since the device's previous batch trained
+    share: float | None = None  # the device's share of the last --share-window samples
+    window: int | None = None
+    streaming_devices: int | None = None
+    rank_rows: int | None = None  # a world of ranks: this rank's rows of the step
+    world_rows: list[int] | None = None  # a world of ranks: every rank's rows, in rank order
 
 
 class Strategy(Protocol):
     """What a `TrainingRun` asks its scheduling policy. `pick`, `idle_work` and `aggregate` are called
-    with the run's `cond` held; the rest on the training thread without it."""
+    with the run's `cond` held; the rest on the training thread (a world's coordinator) without it."""
 
     phase: str
 
@@ -118,7 +173,7 @@ class Strategy(Protocol):
         """One optimizer step on the work's rows."""
 
     def aggregate(self, work: Work, fit: Fit, run: "TrainingRun") -> dict:
-        """Fold a step in (the run's counters already count it); its metric fields beyond the common ones."""
+        """Fold a step in (the run's counters already count it); its `StepRecord` fields beyond the common ones."""
 
     def bitplan(self, step: int) -> BitPlan | None:
         """A BITPLAN for the members after this step, if one is due."""
@@ -169,6 +224,7 @@ class TrainingRun:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future] = []
         self._thread = threading.Thread(target=self._guarded_loop, name=f"train-{name}", daemon=True)
+        self._closing = threading.Lock()
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
         self._metrics = open_metrics(self.folder / self.metrics_name, self.step if checkpoint is not None else None)
@@ -205,14 +261,23 @@ class TrainingRun:
         self.request_stop()
         if self._thread.is_alive():
             self._thread.join()
-        if not self.stopped:
-            self.stopped = True
-            self._metrics.close()
-            self.strategy.close(self)
-            with self.cond:  # a failed run leaves batches queued: their memory goes back
-                for member in self.members.values():
-                    while member.queue:
-                        release_item(member.queue.popleft())
+        self.close_files()
+
+    def close_files(self, observe_end: bool = False) -> None:
+        """Training has ended: close the run's files and give its queued batches' memory back (a failed
+        run leaves batches queued). `observe_end`: tell the observers, for a run without a thread of
+        its own. Safe to call twice, from two threads."""
+        with self._closing:
+            if not self.stopped:
+                self.stopped = True
+                if observe_end:
+                    self._observe("end")
+                self._metrics.close()
+                self.strategy.close(self)
+                with self.cond:
+                    for member in self.members.values():
+                        while member.queue:
+                            release_item(member.queue.popleft())
         self.notify()
 
     def idle_since(self) -> float | None:
@@ -248,8 +313,9 @@ class TrainingRun:
         with self.cond:
             member.accepted = member.trained
             member.session = session
+            stopped = member.done or member.accepted >= member.limit  # it owes nothing more: no credit comes back
             self.cond.notify_all()
-        session.credits = self.queue_size
+        session.credits.open(self.queue_size, stopped)
 
     def detach(self, member: Member, session: Link) -> None:
         """The session closed: the run stops counting on it (its queued batches still train)."""
@@ -265,10 +331,8 @@ class TrainingRun:
             raise ProtocolError("replaced", "a newer connection of this device took over the run")
         self.check_alive()
         config = session.server.config
-        batch = accept_batch(frame.body, session.hello, session.formats, session.credits, session.last_seq,
-                             config.max_rows, config.max_tokens)
-        session.credits -= 1
-        session.last_seq = batch.seq
+        batch = accept_batch(frame.body, session.hello, session.formats, session.credits, config.max_rows,
+                             config.max_tokens)
         self.last_active = time.monotonic()
         member.bytes_received += nbytes
         self.bytes_received += nbytes
@@ -284,7 +348,7 @@ class TrainingRun:
             member.accepted += len(batch.sample_ids)
             member.queue.append(Item(batch, nbytes, session, self.step, release))
             self.cond.notify_all()
-        if member.cached and member.accepted >= member.limit and not session.stop_sent:
+        if member.cached and member.accepted >= member.limit and not session.credits.stopped:
             session.stop_streaming(batch.seq, member.trained)
 
     def end_stream(self, member: Member) -> None:
@@ -318,35 +382,33 @@ class TrainingRun:
             if work is END:
                 self.strategy.finish(self)
                 return
-            waited = time.perf_counter() - t0
-            self._wait_s += waited
-            if work.item is not None:
-                self._credit(work.member, work.item, work.member.trained)
-            try:
-                self._train(work, waited)
-            finally:
-                if work.item is not None:
-                    release_item(work.item)
-                if work.member is not None:
-                    with self.cond:
-                        work.member.in_step = False
-                        self.cond.notify_all()
-            if self.step % self.checkpoint_every == 0:
-                self.save_checkpoint()
-            plan = self.strategy.bitplan(self.step)
-            if plan is not None:
-                for member in list(self.members.values()):
-                    self._tell(member, lambda session: session.post_bitplan(plan))
-            self.notify()
+            self.train(work, time.perf_counter() - t0)
+
+    def _pick(self) -> Work | None:
+        """The head batch of the member the strategy picks, marked in its step (`cond` held), or None."""
+        member = self.strategy.pick(list(self.members.values()))
+        if member is None:
+            return None
+        member.in_step = True
+        return Work(member, member.queue.popleft())
+
+    def take(self) -> Work | None:
+        """The batch due now, without waiting (its credit goes back at once), or None: for a caller
+        that schedules the steps itself (`world_fed.Coordinator`) and then calls `train`."""
+        with self.cond:
+            work = self._pick()
+        if work is not None:
+            self._credit(work.member, work.item, work.member.trained)
+        return work
 
     def _next_work(self) -> Work | object | None:
-        """The next step's work (waiting for it), `END`, or None when a stop leaves nothing queued to train."""
+        """The next step's work (waiting for it), `END`, or None when a stop leaves nothing queued to train.
+        A batch's credit goes back as it leaves the queue."""
         with self.cond:
             while True:
-                member = self.strategy.pick(list(self.members.values()))
-                if member is not None:
-                    member.in_step = True
-                    return Work(member, member.queue.popleft())
+                work = self._pick()
+                if work is not None:
+                    break
                 if self.stop_requested.is_set():
                     return None
                 work = self.strategy.idle_work(self)
@@ -355,26 +417,50 @@ class TrainingRun:
                 self.waiting = True
                 self.cond.wait()
                 self.waiting = False
+        self._credit(work.member, work.item, work.member.trained)
+        return work
+
+    def train(self, work: Work, waited: float) -> None:
+        """One step of the loop on `work` after `waited` seconds without any: fit, count, log, give the
+        batch's memory back, then a checkpoint and a BITPLAN when due."""
+        self._wait_s += waited
+        try:
+            self._train(work, waited)
+        finally:
+            if work.item is not None:
+                release_item(work.item)
+            if work.member is not None:
+                with self.cond:
+                    work.member.in_step = False
+                    self.cond.notify_all()
+        if self.step % self.checkpoint_every == 0:
+            self.save_checkpoint()
+        plan = self.strategy.bitplan(self.step)
+        if plan is not None:
+            for member in list(self.members.values()):
+                self._tell(member, lambda session: session.post_bitplan(plan))
+        self.notify()
 
     def _train(self, work: Work, waited: float) -> None:
         t0 = time.perf_counter()
         fit = self.strategy.fit(work, self)
-        n = len(fit.rows)
         with self.cond:
             self.step += 1
-            self.samples_trained += n
+            self.samples_trained += fit.samples
             if work.item is not None:
-                work.member.trained += n
+                work.member.trained += len(fit.rows)
             fields = self.strategy.aggregate(work, fit, self)
             queued = sum(len(m.queue) for m in self.members.values())
-        tokens = work.item.batch.n_tokens if work.item is not None else int(fit.rows.lengths.sum())
-        record = {"step": self.step, "time": time.time(), "samples": self.samples_trained, "rows": n,
-                  "tokens": tokens, "loss": fit.step.loss, **fit.lr, "grad_norm": fit.step.grad_norm,
-                  "wait_s": waited, "step_s": time.perf_counter() - t0, "idle_frac": self.idle_frac(),
-                  "bytes_received": self.bytes_received, "queue_depth": queued, **fields}
+        tokens = fit.tokens
+        if tokens is None:
+            tokens = work.item.batch.n_tokens if work.item is not None else int(fit.rows.lengths.sum())
+        record = asdict(StepRecord(
+            step=self.step, time=time.time(), samples=self.samples_trained, rows=fit.samples, tokens=tokens,
+            loss=fit.loss, **fit.lr, grad_norm=fit.grad_norm, wait_s=waited, step_s=time.perf_counter() - t0,
+            idle_frac=self.idle_frac(), bytes_received=self.bytes_received, queue_depth=queued, **fields))
         append_record(self._metrics, record)
         self._observe("step", record)
-        check_finite(fit.step.loss, self.step, f" (device {work.member.device_id})" if work.member else "")
+        check_finite(fit.loss, self.step, f" (device {work.member.device_id})" if work.member else "")
 
     def _observe(self, event: str, *args) -> None:
         """Tell every observer; one that raises is dropped (with a warning), never the run."""

@@ -12,6 +12,11 @@ federated run of the rank in *steps the whole world takes together*:
    and every rank applies the same clip + AdamW step. The result is the step a single process would
    take on all the world's rows of that step; the parameters stay bit-identical on every rank.
 
+The step itself is `training.TrainingRun`'s, as for every run: the coordinator takes each run's
+batch (`TrainingRun.take`), and once the world agreed, calls `TrainingRun.train` with a `WorldWork`;
+the strategy `WorldFederated` does the all-reduce in its `fit` and folds the other ranks' rows in
+its `aggregate`, and the run writes the common metrics record and checkpoints (a collective) when due.
+
 Cadence: while any rank had rows or queued batches in the last step, no rank waits: ranks with an
 empty queue join the collective with zero rows (zero weight: nothing to stall, nothing to bias).
 When the whole world is idle, each rank waits up to `--tick-s` for a batch before the next step,
@@ -25,11 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -37,7 +42,7 @@ import torch.distributed as dist
 from mobillm.common.messages import Hello, ProtocolError
 
 from .config import ServerConfig
-from .core import Step, append_record, check_finite, load_checkpoint, open_metrics, step_loss, write_checkpoint
+from .core import Step, append_record, apply_gradients, load_checkpoint, open_metrics, step_loss, write_checkpoint
 from .data import Rows, rows_for_model
 from .federated import Federated, lr_factor
 from .fed_model import Family
@@ -49,6 +54,21 @@ log = logging.getLogger("mobillm.trainer")
 
 def trained_ids_name(rank: int) -> str:
     return f"trained_ids.rank{rank}.jsonl"
+
+
+class Contribution(NamedTuple):
+    """What one rank brings to a world step of a run (all-gathered before it)."""
+
+    family: str | None  # the backbone family of its batch (None: it has none this step)
+    rows: int
+    tokens: int
+
+
+@dataclass
+class WorldWork(Work):
+    """A world step's work on one rank: its own batch, if any, and what every rank contributes."""
+
+    contributions: list[Contribution] = field(default_factory=list)
 
 
 def shared_step(strategy: Federated, rows: Rows | None, family: str | None, taps, contributions: list[tuple[str, int]],
@@ -81,11 +101,8 @@ def shared_step(strategy: Federated, rows: Rows | None, family: str | None, taps
     warmup = strategy.fed.warmup_samples
     lr = strategy.optim.lr * lr_factor(samples_before, warmup)
     align_lr = {f: strategy.optim.lr * lr_factor(strategy.family_samples[f], warmup) for f in used}
-    for group in optimizer.param_groups:
-        group["lr"] = align_lr.get(group["family"], 0.0) if "family" in group else lr
-    clip = strategy.optim.grad_clip
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
-    optimizer.step()
+    norm = float(apply_gradients(optimizer, params, lambda g: align_lr.get(g["family"], 0.0) if "family" in g else lr,
+                                 strategy.optim.grad_clip, strategy.amp))
     lrs = {"lr": lr, "align_lr": align_lr.get(family, lr) if family else lr}
     return local, float(flat[-1]) / total, norm, lrs
 
@@ -111,6 +128,34 @@ class WorldFederated(Federated):
         while not added.wait(0.5):
             if self.coordinator.ended.is_set():
                 raise ProtocolError(*SHUTTING_DOWN)
+
+    def fit(self, work: WorldWork, run: TrainingRun) -> Fit:
+        """This rank's share of the world step (zero rows: zero weight), its gradients summed over the ranks."""
+        dev = work.member
+        rows = rows_for_model(work.item.batch, self.config.side.pooling) if work.item is not None else None
+        with self.model_lock:
+            local, loss, norm, lrs = shared_step(self, rows, dev and dev.family, dev and dev.taps,
+                                                 [(c.family, c.rows) for c in work.contributions],
+                                                 run.samples_trained, self.coordinator.all_reduce)
+        if local is not None:
+            local.grad_norm = norm
+        return Fit(local, rows, lrs, samples=sum(c.rows for c in work.contributions),
+                   tokens=sum(c.tokens for c in work.contributions), loss=loss, grad_norm=norm)
+
+    def aggregate(self, work: WorldWork, fit: Fit, run: TrainingRun) -> dict:
+        """The other ranks' rows count for their families; this rank's batch, if any, as in `Federated`."""
+        for rank, c in enumerate(work.contributions):
+            if c.rows and rank != self.rank:
+                self.family_samples[c.family] += c.rows  # this rank's own rows: `Federated.aggregate` counts them
+        fields = {}
+        if work.item is not None:
+            dev, n = work.member, len(fit.rows)
+            fields = super().aggregate(work, fit, run)
+            append_record(self.trained_ids, {"step": run.step, "device": dev.device_id, "first": dev.trained - n,
+                                             "per_epoch": dev.hello.samples_per_epoch,
+                                             "ids": fit.rows.sample_ids.tolist()})
+        return dict(fields, rank_rows=0 if fit.rows is None else len(fit.rows),
+                    world_rows=[c.rows for c in work.contributions])
 
     def take_new_families(self) -> list[dict]:
         with self.model_lock:
@@ -140,13 +185,13 @@ class WorldFederated(Federated):
 
 
 class WorldRun(TrainingRun):
-    """A federated run on one rank: no training thread of its own (the coordinator trains it)."""
+    """A federated run on one rank: no training thread of its own; the coordinator calls `take` and
+    `train` in the world's steps."""
 
     def __init__(self, name, folder, strategy, queue_size, checkpoint_every, checkpoint, coordinator: "Coordinator"):
         self.coordinator = coordinator
         if coordinator.world.rank:
             self.metrics_name = f"metrics.rank{coordinator.world.rank}.jsonl"
-        self._closed = threading.Lock()
         super().__init__(name, folder, strategy, queue_size, checkpoint_every, checkpoint)
 
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -162,20 +207,19 @@ class WorldRun(TrainingRun):
             raise ProtocolError(*SHUTTING_DOWN)
         super().check_alive()
 
+    def save_checkpoint(self) -> None:
+        """Every rank's devices' progress to rank 0, which writes the run's one checkpoint (a collective:
+        every rank calls it at the same world step)."""
+        self.coordinator.checkpoint(self)
+
     def stop(self) -> None:
         """Stop after the world's final checkpoint (the coordinator ends every run together)."""
         self.request_stop()
         self.coordinator.ended.wait(self.coordinator.config.world.timeout_s + 30)
         self.close_files()
 
-    def close_files(self) -> None:
-        with self._closed:
-            if not self.stopped:
-                self.stopped = True
-                self._observe("end")
-                self._metrics.close()
-                self.strategy.close(self)
-        self.notify()
+    def close_files(self, observe_end: bool = True) -> None:
+        super().close_files(observe_end)
 
 
 class WorldFederatedPolicy(FederatedPolicy):
@@ -263,18 +307,22 @@ class Coordinator:
 
     def _loop(self) -> None:
         busy = False
+        waited: dict[str, float] = {}  # per run: the world steps' waits since it last stepped
         while True:
+            t0 = time.perf_counter()
             with self.cond:
                 if not busy:
                     self.cond.wait_for(self._has_news, timeout=self.config.world.tick_s)
                 opening, stopping = dict(self.opening), self.stop_requested
-            taken = {name: self._take(run) for name, run in sorted(self.runs.items())}
+            runs = sorted(self.runs.items())
+            taken = {name: run.take() for name, run in runs}
             mine = {"open": opening, "stop": stopping, "runs": {
-                name: {"n": len(t[1]) if t else 0, "family": t[0].member.family if t else None,
-                       "new": run.strategy.take_new_families(), "queued": sum(len(m.queue) for m in
-                                                                               list(run.members.values()))}
-                for (name, run), t in zip(sorted(self.runs.items()), taken.values())}}
+                name: {"n": len(w.item.batch.sample_ids) if w else 0, "tokens": w.item.batch.n_tokens if w else 0,
+                       "family": w.member.family if w else None, "new": run.strategy.take_new_families(),
+                       "queued": sum(len(m.queue) for m in list(run.members.values()))}
+                for (name, run), w in zip(runs, taken.values())}}
             everyone = self._gather(mine)
+            wait = time.perf_counter() - t0  # for work here, then for the other ranks
             if any(e["stop"] for e in everyone) and not self.stopping_world:
                 self.stopping_world = True  # one rank stopping stops the world (all checkpoint together)
                 for run in self.runs.values():
@@ -284,15 +332,18 @@ class Coordinator:
                 infos = [e["runs"][name] for e in everyone]
                 run = self.runs[name]
                 run.strategy.add_families([f for i in infos for f in i["new"]])
-                contributions = [(i["family"], i["n"]) for i in infos]
-                if sum(n for _, n in contributions):
-                    self._step(run, taken[name], contributions)
+                contributions = [Contribution(i["family"], i["n"], i["tokens"]) for i in infos]
+                waited[name] = waited.get(name, 0.0) + wait
+                if sum(c.rows for c in contributions):
+                    w = taken[name]
+                    run.train(WorldWork(w and w.member, w and w.item, contributions=contributions), waited.pop(name))
+                    self.steps += 1
                     busy = True
                 busy = busy or any(i["queued"] for i in infos)
             self._open_asked(everyone)
             if self.stopping_world and not busy:
                 for name in sorted(self.runs):
-                    self._checkpoint(self.runs[name])
+                    self.runs[name].save_checkpoint()
                 return
 
     def _gather(self, obj) -> list:
@@ -300,7 +351,7 @@ class Coordinator:
         dist.all_gather_object(out, obj)
         return out
 
-    def _all_reduce(self, tensor: torch.Tensor) -> None:
+    def all_reduce(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def _open_asked(self, everyone: list) -> None:
@@ -346,58 +397,7 @@ class Coordinator:
             except RuntimeError:  # the loop has closed
                 pass
 
-    def _take(self, run: WorldRun) -> tuple[Work, Rows] | None:
-        """This rank's batch for the run's next world step (its credit goes back at once), or None."""
-        with run.cond:
-            member = run.strategy.pick(list(run.members.values()))
-            if member is None:
-                return None
-            member.in_step = True
-            item = member.queue.popleft()
-        run._credit(member, item, member.trained)
-        return Work(member, item), rows_for_model(item.batch, self.config.side.pooling)
-
-    def _step(self, run: WorldRun, taken, contributions: list[tuple[str, int]]) -> None:
-        strategy: WorldFederated = run.strategy
-        work, rows = taken if taken else (None, None)
-        dev = work.member if work else None
-        t0 = time.perf_counter()
-        with strategy.model_lock:
-            local, loss, norm, lrs = shared_step(strategy, rows, dev and dev.family, dev and dev.taps, contributions,
-                                                 run.samples_trained, self._all_reduce)
-        total = sum(n for _, n in contributions)
-        with run.cond:
-            run.step += 1
-            run.samples_trained += total
-            for rank, (family, n) in enumerate(contributions):
-                if n and rank != self.world.rank:
-                    strategy.family_samples[family] += n  # this rank's own rows: `aggregate` counts them
-            fields = {}
-            if work is not None:
-                dev.trained += len(rows)
-                local.grad_norm = norm
-                fields = strategy.aggregate(work, Fit(local, rows, lrs), run)
-                dev.in_step = False
-            queued = sum(len(m.queue) for m in run.members.values())
-            run.cond.notify_all()
-        if work is not None:
-            append_record(strategy.trained_ids, {"step": run.step, "device": dev.device_id, "first": dev.trained - len(rows),
-                                                 "per_epoch": dev.hello.samples_per_epoch,
-                                                 "ids": rows.sample_ids.tolist()})
-        self.steps += 1
-        record = {"step": run.step, "time": time.time(), "samples": run.samples_trained,
-                  "rows": total, "rank_rows": len(rows) if rows is not None else 0,
-                  "world_rows": [n for _, n in contributions], "loss": loss, **lrs,
-                  "grad_norm": norm, "step_s": time.perf_counter() - t0,
-                  "bytes_received": run.bytes_received, "queue_depth": queued, **fields}
-        append_record(run._metrics, record)
-        run._observe("step", record)
-        check_finite(loss, run.step)
-        if run.step % run.checkpoint_every == 0:
-            self._checkpoint(run)
-        run.notify()
-
-    def _checkpoint(self, run: WorldRun) -> None:
+    def checkpoint(self, run: WorldRun) -> None:
         """Every rank's devices' progress to rank 0, which writes the run's one checkpoint."""
         progress = {"step": run.step, "samples_trained": run.samples_trained, "world_size": self.world.size}
         state = run.strategy.state_dict(progress, run)
@@ -406,4 +406,3 @@ class Coordinator:
             for live in devices:  # a device's own rank knows its progress; the rest is from the last checkpoint
                 state["devices"].update(live)
             write_checkpoint(run.folder, state)
-

@@ -311,3 +311,51 @@ def test_world_federated_run_is_observed(tmp_path):
             server.stop()
     finally:
         dist.destroy_process_group()
+
+
+def test_every_run_kind_writes_one_step_record_schema(start_server, tmp_path):
+    """One device, federated, and a world of ranks (one gloo rank here) train through the one loop, so
+    every metrics.jsonl record has the same keys: `training.StepRecord`'s fields."""
+    import dataclasses
+
+    from mobillm.trainer.server import TrainerServer
+    from mobillm.trainer.training import StepRecord
+    from mobillm.trainer.world_fed import Coordinator
+
+    def records(folder: Path) -> list[dict]:
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    def device(url: str, **kw) -> None:
+        result = SimDevice(url, SyntheticTask(TAPS, n_samples=16), device_id="phone-0", epochs=1, batch_size=8,
+                           **kw).run()
+        assert result.done is not None, result.error
+
+    single = start_server(bitplan_every=0, tensorboard=False)
+    device(single.url, run="solo")
+    fed = start_server(federated=True, fed=FedConfig(width=32), bitplan_every=0, tensorboard=False,
+                       runs_dir=str(tmp_path / "fed-runs"))
+    device(fed.url)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        config = ServerConfig(port=0, runs_dir=str(tmp_path / "world-runs"), federated=True, threads=1,
+                              fed=FedConfig(width=32), tensorboard=False, bitplan_every=0)
+        coordinator = Coordinator(World(0, 1), config)
+        server = TrainerServer(config, world=World(0, 1), coordinator=coordinator)
+        server.start()
+        coordinator.start()
+        try:
+            device(server.url)
+        finally:
+            server.stop()
+    finally:
+        dist.destroy_process_group()
+    kinds = {"single": records(tmp_path / "runs" / "solo"), "federated": records(tmp_path / "fed-runs" / "fed-synth"),
+             "world": records(tmp_path / "world-runs" / "fed-synth")}
+    schema = {f.name for f in dataclasses.fields(StepRecord)}
+    for kind, steps in kinds.items():
+        assert len(steps) == 2, kind
+        assert [set(s) for s in steps] == [schema] * 2, kind
+    world = kinds["world"]
+    assert all(s["tokens"] > 0 and s["wait_s"] >= 0 and 0 <= s["idle_frac"] <= 1 for s in world)
+    assert [(s["rows"], s["rank_rows"], s["world_rows"], s["device"]) for s in world] == [(8, 8, [8], "phone-0")] * 2
+    assert [s["tokens"] for s in world] == [s["tokens"] for s in kinds["federated"]]  # the same device's batches
