@@ -141,6 +141,8 @@ class Settings:
                                           "--lr-side); the device declares 2 epochs, which shape only the streamed "
                                           "epoch's schedule. \"\": no selection, the epochs sized to --cache-fill",
                                      default_factory=lambda: [1, 2, 3, 4, 6, 8])
+    cache_select_lrs: list[float] = option(help="with --cache-select: candidate peak lrs too (trainer serve "
+                                                "--select-lrs; default: --lr-side alone)", default_factory=list)
     max_epochs: int = option(50, "cap on the sized mobillm epochs")
     threads: int | None = option(None, "torch/ORT threads in the method processes")
     jobs: int = option(1, "on-device methods run this many at a time; above 1 the timings are not comparable "

@@ -121,6 +121,8 @@ class TrainerProcess:
                "--lr", s.lr_side, "--seed", s.seed, "--device", s.server_device] + (["--cache"] if cache else [])
         if cache and s.cache_select and not s.cache_epochs:  # cached epochs chosen on held-out cached samples
             cmd += ["--select-epochs", ",".join(map(str, s.cache_select))]
+            if s.cache_select_lrs:
+                cmd += ["--select-lrs", ",".join(f"{lr:g}" for lr in s.cache_select_lrs)]
         logf = open(work / "logs" / f"server-{name}.log", "w")
         self.proc = subprocess.Popen(limited(cmd, s.mem_limit), stdout=logf, stderr=subprocess.STDOUT)
         logf.close()

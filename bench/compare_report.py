@@ -128,6 +128,8 @@ def early_stopping(s: Settings, method: str, r: dict, dev_labels, kind: str) -> 
     elif "curve" in r:
         cut = False  # the time-budgeted workers decay their lr to 0 at the budget
     lr = getattr(s, METHODS[method].lr) if METHODS[method].lr else s.lr_side
+    if r.get("selection"):  # --cache-select: the lr the server chose for its cached epochs
+        lr = r["selection"]["lr"]
     scored = in_budget(curve, budget)
     return {"holdout_choice": None if choice is None else
             {"t": choice["t"], "step": choice.get("step"), "holdout": choice["holdout"], "metric": choice["metric"]},

@@ -60,6 +60,11 @@ def first_at(curve: list, target: float) -> float | None:
     return next((t for t, m in curve if m >= target), None)
 
 
+def lr_text(lrs: list[float]) -> str:
+    """One lr, or each seed's when they differ (a --cache-select run chooses its own)."""
+    return f"{lrs[0]:g}" if len(set(lrs)) == 1 else "/".join(f"{lr:g}" for lr in lrs)
+
+
 def aggregate(runs: list[dict], reference: str = "lora", versus: str = "mobillm-cache", target_frac: float = 0.95,
               bootstrap: int = 10_000) -> dict:
     """Per-method statistics over the runs' compare.py summaries, the paired differences to
@@ -78,7 +83,7 @@ def aggregate(runs: list[dict], reference: str = "lora", versus: str = "mobillm-
                       "after_budget": [r["metric_after_budget"] for r in rows], "after_mean": after[0], "after_sd": after[1],
                       "chosen_t": [r["holdout_choice"]["t"] for r in rows],
                       "best_dev": [r["best_dev_in_budget"] for r in rows],
-                      "threads": rows[0]["threads"], "lr": rows[0]["lr"],
+                      "threads": rows[0]["threads"], "lr": rows[0]["lr"], "lrs": [r["lr"] for r in rows],
                       "schedule_cut": [r["schedule_cut"] for r in rows], "epochs": [r["epochs"] for r in rows],
                       "epochs_rule": [r.get("epochs_rule") for r in rows],
                       "samples_per_s": [r.get("samples_per_s") for r in rows],
@@ -133,7 +138,7 @@ def markdown(agg: dict) -> str:
         sps = [v for v in r["samples_per_s"] if v]
         trained = [v for v in r.get("samples_trained", []) if v]
         rate = (f"{np.mean(sps):.1f}" if sps else "—") + (f" ({np.mean(trained):,.0f})" if trained else "")
-        lines.append(f"| {m} | {len(r['seeds'])} | {r['threads']} | {r['lr']:g} | {r['chosen_mean']:.3f}{sd} | "
+        lines.append(f"| {m} | {len(r['seeds'])} | {r['threads']} | {lr_text(r.get('lrs') or [r['lr']])} | {r['chosen_mean']:.3f}{sd} | "
                      f"{', '.join(f'{v:.3f}' for v in r['chosen'])} | {pct(r['after_mean'])}{sd_after} | "
                      f"{', '.join(f'{t:.0f}' for t in r['chosen_t'])} | {sched} | {rate} |")
     lines += ["", f"Difference to {ref} (dev accuracy points at each method's holdout-best point; paired by dev "
