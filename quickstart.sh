@@ -11,6 +11,8 @@ OUT=${OUT:-quickstart_out}
 SHARED=../shared/data
 TRAIN_ROWS=${TRAIN_ROWS:-4000}
 EPOCHS=${EPOCHS:-3}
+SELECT_EPOCHS=${SELECT_EPOCHS:-1,2,3,4,6}
+SELECT_LRS=${SELECT_LRS:-5e-4,1e-3}
 MODEL=${MODEL:-gemma}
 PORT=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 
@@ -51,14 +53,16 @@ else
     --quant nf4 --out "$ENGINE" --force
 fi
 
-echo "== 3/5 start the trainer server on 127.0.0.1:$PORT (--cache: later epochs train from the first one's taps)"
-trainer serve --host 127.0.0.1 --port "$PORT" --runs "$OUT/runs" --cache --threads 1 > "$OUT/server.log" 2>&1 &
+echo "== 3/5 start the trainer server on 127.0.0.1:$PORT (--cache: later epochs train from the first one's taps;"
+echo "   how many, and at which lr, is chosen on 10 % of the cached train samples held out: epochs $SELECT_EPOCHS x lr $SELECT_LRS)"
+trainer serve --host 127.0.0.1 --port "$PORT" --runs "$OUT/runs" --cache --threads 1 \
+  --select-epochs "$SELECT_EPOCHS" --select-lrs "$SELECT_LRS" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null && break; sleep 0.2; done
 
 echo "== 4/5 edge-run train: forward passes only, nf4 taps streamed once (summary mode: the last token and the"
-echo "   tokens' mean, two rows a sample), $EPOCHS epochs on the server"
+echo "   tokens' mean, two rows a sample); the server trains the streamed epoch, then the chosen cached epochs"
 edge-run train --engine "$ENGINE" --data "$OUT/train.tsv" --task sst2 --server "ws://127.0.0.1:$PORT" \
   --epochs "$EPOCHS" --batch-size 16 --max-len 64 --side-out "$OUT/side_sst2.onnx" --run "quickstart-$MODEL-$$"
 

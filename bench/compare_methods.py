@@ -247,6 +247,8 @@ def start_servers(s: Settings, work: Path, remote: list[str], servers: dict, tra
         key = METHODS[m].server.key
         if key not in servers:
             cache = METHODS[m].server.cache
-            log(f"trainer serve ({key}): {'sized after its warm-up' if cache else s.mobillm_epochs} epochs x "
+            sized = "chosen by the server (--cache-select)" if s.cache_select and not s.cache_epochs else \
+                "sized after its warm-up"
+            log(f"trainer serve ({key}): {sized if cache else s.mobillm_epochs} epochs x "
                 f"{train_rows} rows per run, checkpoint every {every_cached if cache else every} steps")
             servers[key] = TrainerProcess(s, work, key, cache, every_cached if cache else every)
