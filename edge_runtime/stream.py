@@ -9,7 +9,8 @@ pauses the producer. Dropped connections (mid-frame or mid-handshake), a restart
 ERROR `shutting_down` are retried with jittered exponential back-off; acknowledged samples are
 never sent again, unacknowledged ones are re-sent from memory, and if the server resumed from a
 checkpoint older than its acknowledgements the producer computes those batches again. Failures
-no retry can fix end the run at once with the likely cause (failures.py).
+no retry can fix end the run at once with the likely cause (failures.py). What each server frame
+means, and what a resume re-sends, is decided by the transport-free core in protocol.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import websockets
@@ -110,14 +112,54 @@ class TrainStats:
     error: dict | None = None  # why the run ended without a side network: {"code", "message"}
 
 
-@dataclass
 class Producer:
-    """The thread that computes batches ahead of the sender, and the queue it fills in order."""
+    """A thread computing BATCH frames from one start point, in order, a few ahead of the sender
+    (`queue`, `prefetch` deep): only a full queue pauses it. `stop` ends this producer (a restart,
+    or the server stopped the streaming); `halt` ends every producer (the run is over)."""
 
-    thread: threading.Thread
-    queue: asyncio.Queue  # Sent items, then None at the end (or the exception that stopped it)
-    stop: threading.Event  # ends this producer only (a restart, or the server stopped the streaming)
-    finished: bool = False  # the sender took its last batch
+    def __init__(self, compute: Callable[[int], bytes], sizes: list[int], start_batch: int, start_sample: int,
+                 prefetch: int, halt: threading.Event, stats: TrainStats):
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=prefetch)  # Sent, then None (or the exception)
+        self.stop = threading.Event()
+        self.finished = False  # the sender took the last batch
+        self._halt, self._stats, self._loop = halt, stats, asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._produce, args=(compute, sizes, start_batch, start_sample),
+                                       daemon=True, name="edge-producer")
+        self.thread.start()
+
+    def _stopped(self) -> bool:
+        return self._halt.is_set() or self.stop.is_set()
+
+    def _produce(self, compute: Callable[[int], bytes], sizes: list[int], start_batch: int, end: int) -> None:
+        try:
+            for b in range(start_batch, len(sizes)):
+                if self._stopped():
+                    return
+                frame = compute(b)
+                end += sizes[b]
+                t1 = time.perf_counter()
+                if not self._put(Sent(b, end, frame, sizes[b])):
+                    return
+                self._stats.producer_wait_s += time.perf_counter() - t1
+        except Exception as exc:  # surfaced to the event loop, which re-raises it
+            self._put(exc)
+            return
+        self._put(None)
+
+    def _put(self, item: Sent | Exception | None) -> bool:
+        """Hand `item` to the event loop, waiting while the prefetch queue is full; False once stopped."""
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self.queue.put(item), self._loop)
+        except RuntimeError:  # the event loop is gone: the run ended
+            return False
+        while True:
+            try:
+                fut.result(timeout=0.2)
+                return True
+            except TimeoutError:
+                if self._stopped():
+                    fut.cancel()
+                    return False
 
 
 def send_mode(opts: TrainOptions, manifest) -> str:
@@ -187,48 +229,18 @@ class StreamClient:
                      self.task.num_labels, self.mode, taps, self.opts.device_id, self.opts.run,
                      self.opts.epochs, len(self.examples), self.opts.token, self.opts.bits, m.num_layers).to_meta()
 
-    # -- producer thread ---------------------------------------------------------------
-    def _produce(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, start_batch: int, start_sample: int,
-                 stop: threading.Event):
-        try:
-            end = start_sample
-            for b in range(start_batch, len(self.batches)):
-                if self._stop.is_set() or stop.is_set():
-                    return
-                idx = self.batches[b]
-                t0 = time.perf_counter()
-                per_sample = wire.ROWS_PER_SAMPLE.get(self.mode)
-                tokens = per_sample * len(idx) if per_sample else sum(len(self.rows[i]) for i in idx)
-                plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
-                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.mode,
-                                                formats=plan if self.plan_in_graph else None)
-                batch = build_batch(b, idx, self.labels[idx], taps, lengths, self.mode, plan)
-                frame = wire.batch_frame(batch)
-                self.stats.forward_s += time.perf_counter() - t0
-                end += len(idx)
-                t1 = time.perf_counter()
-                if not self._put(loop, out, Sent(b, end, frame, len(idx)), stop):
-                    return
-                self.stats.producer_wait_s += time.perf_counter() - t1
-        except Exception as exc:  # surfaced to the event loop, which re-raises it
-            self._put(loop, out, exc, stop)
-            return
-        self._put(loop, out, None, stop)
-
-    def _put(self, loop, out: asyncio.Queue, item, stop: threading.Event) -> bool:
-        """Hand `item` to the event loop, waiting while the prefetch queue is full; False once stopped."""
-        try:
-            fut = asyncio.run_coroutine_threadsafe(out.put(item), loop)
-        except RuntimeError:  # the event loop is gone: the run ended
-            return False
-        while True:
-            try:
-                fut.result(timeout=0.2)
-                return True
-            except TimeoutError:
-                if self._stop.is_set() or stop.is_set():
-                    fut.cancel()
-                    return False
+    def _batch_frame(self, b: int) -> bytes:
+        """Batch `b`'s forward pass, quantized taps and BATCH frame (on the producer's thread)."""
+        idx = self.batches[b]
+        t0 = time.perf_counter()
+        per_sample = wire.ROWS_PER_SAMPLE.get(self.mode)
+        tokens = per_sample * len(idx) if per_sample else sum(len(self.rows[i]) for i in idx)
+        plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
+        taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.mode,
+                                        formats=plan if self.plan_in_graph else None)
+        frame = wire.batch_frame(build_batch(b, idx, self.labels[idx], taps, lengths, self.mode, plan))
+        self.stats.forward_s += time.perf_counter() - t0
+        return frame
 
     # -- asyncio side --------------------------------------------------------------------
     def run(self) -> TrainStats:
@@ -341,14 +353,11 @@ class StreamClient:
                         samples_done)
             self._producer.stop.set()
             await asyncio.to_thread(self._producer.thread.join)
-        start_batch, start_sample = resume_point([len(b) for b in self.batches], samples_done)
+        sizes = [len(b) for b in self.batches]
+        start_batch, start_sample = resume_point(sizes, samples_done)
         self.ledger.restart(start_sample)
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.opts.prefetch)
-        stop = threading.Event()
-        thread = threading.Thread(target=self._produce, args=(asyncio.get_running_loop(), queue, start_batch,
-                                                              start_sample, stop), daemon=True, name="edge-producer")
-        self._producer = Producer(thread, queue, stop)
-        thread.start()
+        self._producer = Producer(self._batch_frame, sizes, start_batch, start_sample, self.opts.prefetch,
+                                  self._stop, self.stats)
 
     async def _send(self, ws, item: Sent, credited: asyncio.Event, receiver: asyncio.Task):
         # Send time (stats) includes the credit wait; the uplink meter times delivery instead (send_timed).
