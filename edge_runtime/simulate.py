@@ -1,8 +1,9 @@
-"""The reference device: synthetic activations, quantized with the real codec, streamed over the real protocol.
+"""A simulated device: synthetic activations, quantized with the real codec, streamed over the real protocol.
 
-For tests, the benchmarks and trying a server without a phone. It follows the device side of
-`docs/protocol.md` (credits, stop_streaming, resume) with numpy and websockets only (no torch, no
-backbone), building and reading messages through `mobillm.common.messages` as `edge-run` does.
+For the benchmarks that flood a trainer with devices (bench/trainer.py, bench/scale_out.py), the
+server's tests and trying a server without a phone. The protocol is the device's own
+(`protocol.DeviceSession`, which `edge-run`'s StreamClient uses too); this module adds only
+synthetic data and a blocking WebSocket, numpy and websockets only (no torch, no backbone).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Callable
 import numpy as np
 from websockets.sync.client import connect
 
-from mobillm.common import messages, wire
-from mobillm.common.messages import BitPlan, Credit, ErrorReport, Hello, ModelMeta, StreamDone, TapInfo, \
-    TrainingDone, Welcome
+from mobillm.common import wire
+from mobillm.common.messages import Hello, TapInfo
 from mobillm.kernels import codec
+
+from .protocol import (Credited, DeviceSession, Finished, ModelReceived, Phase, Planned, Redirected, Refused,
+                       Welcomed, read_frame)
 
 SHA = "ab" * 32
 
@@ -102,7 +105,8 @@ class DeviceResult:
 
 
 class SimDevice:
-    """Streams a SyntheticTask to a trainer server the way the device runtime does."""
+    """Streams a SyntheticTask to a trainer server through the device's own protocol core
+    (`DeviceSession`, as `edge-run` does), over a blocking WebSocket."""
 
     def __init__(self, url: str, data: SyntheticTask, *, task: str = "synth", mode: str = "tokens", epochs: int = 1,
                  batch_size: int = 16, device_id: str = "sim-device", run: str | None = None,
@@ -127,89 +131,80 @@ class SimDevice:
 
         To test resume, `stop_after_batches` drops the connection after that many batches, and
         `send_done=False` drops it once streaming is over; neither sends DONE. A WELCOME that
-        redirects (a trainer of several ranks) is followed, as `edge-run` does."""
-        url = self.url
+        redirects (a trainer of several ranks) is followed, as `edge-run` does. An ERROR from the
+        server ends the connection with `error` set; a server that breaks the protocol raises."""
+        session = DeviceSession(self.url)
         redirects: list[str] = []
         while True:
-            result = self._connection(url, stop_after_batches, send_done, timeout)
-            redirect = result.welcome.get("redirect")
-            if redirect is None:
+            result = self._connection(session, stop_after_batches, send_done, timeout)
+            if session.phase is not Phase.REDIRECTED:
                 result.redirects = redirects
                 return result
-            if len(redirects) == 3:
-                raise RuntimeError(f"redirected 3 times in a row: {redirects + [redirect]}")
-            redirects.append(redirect)
-            url = redirect
+            redirects.append(session.url)
 
-    def _connection(self, url: str, stop_after_batches: int | None, send_done: bool, timeout: float) -> DeviceResult:
+    def _connection(self, session: DeviceSession, stop_after_batches: int | None, send_done: bool,
+                    timeout: float) -> DeviceResult:
         result = DeviceResult()
         t0 = time.perf_counter()
-        with connect(url, max_size=wire.MAX_MODEL_FRAME, compression=None, open_timeout=timeout) as ws:
-            ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
-            first = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
-            if first.type == wire.MsgType.ERROR:
-                result.error = first.meta
-                return result
-            result.welcome = first.meta
-            welcome = Welcome.from_meta(first.meta)
-            if welcome.redirect is not None:
-                return result
-            credits, stop = welcome.credits, welcome.stop_streaming
-            stream = self.data.stream(self.epochs)
-            pos, seq = welcome.samples_done, 0
+        with connect(session.url, max_size=wire.MAX_MODEL_FRAME, compression=None, open_timeout=timeout) as ws:
+            ws.send(session.open(self.hello()))
 
-            def handle(frame: wire.Frame) -> None:
-                nonlocal credits, stop
-                if frame.type == wire.MsgType.CREDIT:
-                    credit = Credit.from_meta(frame.meta)
-                    credits += credit.credits
+            def receive(wait: float) -> None:
+                """Read one frame into the session and record what it said (TimeoutError: none came)."""
+                frame = read_frame(ws.recv(timeout=wait))
+                event = session.receive(frame)
+                if isinstance(event, (Welcomed, Redirected)):
+                    result.welcome = frame.meta
+                elif isinstance(event, Credited):
                     result.credits.append(frame.meta)
-                    if credit.stop_streaming:
-                        stop = result.stop_streaming = True
-                elif frame.type == wire.MsgType.BITPLAN:
-                    BitPlan.from_meta(frame.meta)
+                    result.stop_streaming = result.stop_streaming or event.credit.stop_streaming
+                elif isinstance(event, Planned):
                     result.bitplans.append(frame.meta)
-                elif frame.type == wire.MsgType.ERROR:
-                    raise RuntimeError(f"server error: {ErrorReport.from_meta(frame.meta)}")
+                elif isinstance(event, ModelReceived):
+                    result.model_meta, result.model = event.meta, event.model
+                elif isinstance(event, Finished):
+                    result.done = frame.meta
+                elif isinstance(event, Refused):
+                    result.error = frame.meta
 
-            while pos < len(stream) and not stop:
-                if stop_after_batches is not None and result.batches_sent >= stop_after_batches:
-                    result.seconds = time.perf_counter() - t0
+            try:
+                receive(timeout)
+                if session.phase is not Phase.STREAMING:  # refused, or redirected
                     return result
-                while credits <= 0 and not stop:  # back-pressure: only when the server's queue is full
-                    handle(wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME))
-                while True:  # take whatever the server already sent, without waiting
-                    try:
-                        handle(wire.decode_frame(ws.recv(timeout=0), wire.MAX_MODEL_FRAME))
-                    except TimeoutError:
+                stream = self.data.stream(self.epochs)
+                pos, seq = result.welcome["resume"]["samples_done"], 0
+                while pos < len(stream) and not session.stop_streaming:
+                    if stop_after_batches is not None and result.batches_sent >= stop_after_batches:
+                        return result
+                    while session.credits <= 0 and not session.stop_streaming:  # back-pressure: a full server queue
+                        receive(timeout)
+                        if session.phase is Phase.REFUSED:
+                            return result
+                    while session.phase is Phase.STREAMING:  # take whatever the server already sent, without waiting
+                        try:
+                            receive(0)
+                        except TimeoutError:
+                            break
+                    if session.phase is Phase.REFUSED:
+                        return result
+                    if session.stop_streaming:
                         break
-                if stop:
-                    break
-                ids = stream[pos:pos + self.batch_size]
-                frame = self.frame_source(seq, ids)
-                ws.send(frame)
-                credits -= 1
-                seq += 1
-                pos += len(ids)
-                result.samples_sent += len(ids)
-                result.batches_sent += 1
-                result.bytes_sent += len(frame)
-            if not send_done:
-                result.seconds = time.perf_counter() - t0
-                return result
-            ws.send(messages.frame(StreamDone(len(stream))))
-            while result.done is None:
-                reply = wire.decode_frame(ws.recv(timeout=timeout), wire.MAX_MODEL_FRAME)
-                if reply.type == wire.MsgType.MODEL:
-                    result.model_meta, result.model = ModelMeta.check(reply.meta), bytes(reply.body)
-                elif reply.type == wire.MsgType.DONE:
-                    TrainingDone.from_meta(reply.meta)
-                    result.done = reply.meta
-                elif reply.type == wire.MsgType.ERROR:
-                    result.error = reply.meta
+                    session.take_credit()
+                    ids = stream[pos:pos + self.batch_size]
+                    frame = self.frame_source(seq, ids)
+                    ws.send(frame)
+                    seq += 1
+                    pos += len(ids)
+                    result.samples_sent += len(ids)
+                    result.batches_sent += 1
+                    result.bytes_sent += len(frame)
+                if not send_done:
                     return result
-                else:
-                    handle(reply)
-            ws.send(wire.encode_frame(wire.MsgType.BYE, {}))
-        result.seconds = time.perf_counter() - t0
-        return result
+                ws.send(session.finish(len(stream)))
+                while result.done is None and result.error is None:
+                    receive(timeout)
+                if result.done is not None:
+                    ws.send(session.bye())
+                return result
+            finally:
+                result.seconds = time.perf_counter() - t0

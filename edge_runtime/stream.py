@@ -9,7 +9,8 @@ pauses the producer. Dropped connections (mid-frame or mid-handshake), a restart
 ERROR `shutting_down` are retried with jittered exponential back-off; acknowledged samples are
 never sent again, unacknowledged ones are re-sent from memory, and if the server resumed from a
 checkpoint older than its acknowledgements the producer computes those batches again. Failures
-no retry can fix end the run at once with the likely cause (failures.py).
+no retry can fix end the run at once with the likely cause (failures.py). What each server frame
+means, and what a resume re-sends, is decided by the transport-free core in protocol.py.
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ import logging
 import random
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import websockets
 
-from mobillm.common import messages, wire
+from mobillm.common import wire
 from mobillm.common.errors import BadInput, MobillmError
 from mobillm.common.manifest import manifest_digest
-from mobillm.common.messages import (NAME_RULE, BitPlan, Credit, ErrorReport, Hello, ModelMeta, StreamDone, TapInfo,
-                                     Welcome, is_name)
+from mobillm.common.messages import NAME_RULE, Hello, TapInfo, is_name
 from mobillm.common.options import option
 from mobillm.common.procfs import peak_rss_mb
 from mobillm.common.tasks import Task
@@ -44,12 +44,10 @@ from .bitplan import UplinkMeter, auto_rule
 from .data import Example
 from .distortion import make_planner
 from .failures import RETRYABLE, ServerError, check_server_url, final_error, refusal, retry_reason
+from .protocol import (Credited, DeviceSession, Finished, Ledger, ModelReceived, Phase, Planned, Redirected, Refused,
+                       Sent, Welcomed, read_frame, resume_point)
 
 log = logging.getLogger("mobillm.edge")
-
-REDIRECTED = "redirected"  # `_session`: WELCOME sent this device to another rank
-MAX_REDIRECTS = 3
-
 
 @dataclass
 class TrainOptions:
@@ -114,12 +112,54 @@ class TrainStats:
     error: dict | None = None  # why the run ended without a side network: {"code", "message"}
 
 
-@dataclass
-class _Sent:
-    seq: int
-    end_sample: int  # position in the run's sample order just after this batch
-    frame: bytes
-    n: int
+class Producer:
+    """A thread computing BATCH frames from one start point, in order, a few ahead of the sender
+    (`queue`, `prefetch` deep): only a full queue pauses it. `stop` ends this producer (a restart,
+    or the server stopped the streaming); `halt` ends every producer (the run is over)."""
+
+    def __init__(self, compute: Callable[[int], bytes], sizes: list[int], start_batch: int, start_sample: int,
+                 prefetch: int, halt: threading.Event, stats: TrainStats):
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=prefetch)  # Sent, then None (or the exception)
+        self.stop = threading.Event()
+        self.finished = False  # the sender took the last batch
+        self._halt, self._stats, self._loop = halt, stats, asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._produce, args=(compute, sizes, start_batch, start_sample),
+                                       daemon=True, name="edge-producer")
+        self.thread.start()
+
+    def _stopped(self) -> bool:
+        return self._halt.is_set() or self.stop.is_set()
+
+    def _produce(self, compute: Callable[[int], bytes], sizes: list[int], start_batch: int, end: int) -> None:
+        try:
+            for b in range(start_batch, len(sizes)):
+                if self._stopped():
+                    return
+                frame = compute(b)
+                end += sizes[b]
+                t1 = time.perf_counter()
+                if not self._put(Sent(b, end, frame, sizes[b])):
+                    return
+                self._stats.producer_wait_s += time.perf_counter() - t1
+        except Exception as exc:  # surfaced to the event loop, which re-raises it
+            self._put(exc)
+            return
+        self._put(None)
+
+    def _put(self, item: Sent | Exception | None) -> bool:
+        """Hand `item` to the event loop, waiting while the prefetch queue is full; False once stopped."""
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self.queue.put(item), self._loop)
+        except RuntimeError:  # the event loop is gone: the run ended
+            return False
+        while True:
+            try:
+                fut.result(timeout=0.2)
+                return True
+            except TimeoutError:
+                if self._stopped():
+                    fut.cancel()
+                    return False
 
 
 def send_mode(opts: TrainOptions, manifest) -> str:
@@ -129,7 +169,10 @@ def send_mode(opts: TrainOptions, manifest) -> str:
 
 
 class StreamClient:
-    """One device's side of a training run: forward passes here, taps streamed to the server that trains."""
+    """One device's side of a training run: forward passes here, taps streamed to the server that trains.
+
+    The protocol's decisions (handshake, redirects, credits, resume, refusals) are `DeviceSession`'s
+    and `Ledger`'s (protocol.py); this class computes the batches and moves the frames."""
 
     def __init__(self, backbone: Backbone, examples: list[Example], task: Task, opts: TrainOptions):
         mode = send_mode(opts, backbone.manifest)
@@ -151,17 +194,21 @@ class StreamClient:
         rule = auto_rule(opts.bits)  # None unless --bits auto[:RULE]
         if rule is not None:
             self.planner, self.plan_in_graph = make_planner(backbone, self.rows, rule, opts.latency_target_s)
-        self.model_bytes: bytes | None = None
-        self.model_meta: dict = {}
-        self._unacked: deque[_Sent] = deque()
-        self._next_sample = 0  # position of the first sample of the next batch the sender takes from the queue
-        self._acked = 0  # the furthest samples_done the server has reported
-        self._progressed = False  # this connection got a new acknowledgement (resets the retry count)
+        self.session = DeviceSession(opts.server)
+        self.ledger = Ledger()
+        self._producer: Producer | None = None
         self._opened = False  # a WebSocket to the server has opened (so its scheme, ws or wss, is right)
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the run is over: every producer ends
         self._rng = random.Random()
-        self._url = opts.server  # where the next connection goes: the server, or the rank it redirected us to
-        self._redirects = 0  # redirects followed in a row (a loop between ranks is an error)
+
+    @property
+    def model_bytes(self) -> bytes | None:
+        """The returned side network (ONNX), once it arrived."""
+        return self.session.model
+
+    @property
+    def model_meta(self) -> dict:
+        return self.session.model_meta or {}
 
     def _tokenize(self) -> tuple[list[np.ndarray], int]:
         rows, cut = [], 0
@@ -182,48 +229,18 @@ class StreamClient:
                      self.task.num_labels, self.mode, taps, self.opts.device_id, self.opts.run,
                      self.opts.epochs, len(self.examples), self.opts.token, self.opts.bits, m.num_layers).to_meta()
 
-    # -- producer thread ---------------------------------------------------------------
-    def _produce(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, start_batch: int, start_sample: int,
-                 stop: threading.Event):
-        try:
-            end = start_sample
-            for b in range(start_batch, len(self.batches)):
-                if self._stop.is_set() or stop.is_set():
-                    return
-                idx = self.batches[b]
-                t0 = time.perf_counter()
-                per_sample = wire.ROWS_PER_SAMPLE.get(self.mode)
-                tokens = per_sample * len(idx) if per_sample else sum(len(self.rows[i]) for i in idx)
-                plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
-                taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.mode,
-                                                formats=plan if self.plan_in_graph else None)
-                batch = build_batch(b, idx, self.labels[idx], taps, lengths, self.mode, plan)
-                frame = wire.batch_frame(batch)
-                self.stats.forward_s += time.perf_counter() - t0
-                end += len(idx)
-                t1 = time.perf_counter()
-                if not self._put(loop, out, _Sent(b, end, frame, len(idx)), stop):
-                    return
-                self.stats.producer_wait_s += time.perf_counter() - t1
-        except Exception as exc:  # surfaced to the event loop, which re-raises it
-            self._put(loop, out, exc, stop)
-            return
-        self._put(loop, out, None, stop)
-
-    def _put(self, loop, out: asyncio.Queue, item, stop: threading.Event) -> bool:
-        """Hand `item` to the event loop, waiting while the prefetch queue is full; False once stopped."""
-        try:
-            fut = asyncio.run_coroutine_threadsafe(out.put(item), loop)
-        except RuntimeError:  # the event loop is gone: the run ended
-            return False
-        while True:
-            try:
-                fut.result(timeout=0.2)
-                return True
-            except TimeoutError:
-                if self._stop.is_set() or stop.is_set():
-                    fut.cancel()
-                    return False
+    def _batch_frame(self, b: int) -> bytes:
+        """Batch `b`'s forward pass, quantized taps and BATCH frame (on the producer's thread)."""
+        idx = self.batches[b]
+        t0 = time.perf_counter()
+        per_sample = wire.ROWS_PER_SAMPLE.get(self.mode)
+        tokens = per_sample * len(idx) if per_sample else sum(len(self.rows[i]) for i in idx)
+        plan = self.planner.next_plan(tokens) if self.planner else self.fixed_plan
+        taps, lengths = self.bb.forward([self.rows[i] for i in idx], keep=self.mode,
+                                        formats=plan if self.plan_in_graph else None)
+        frame = wire.batch_frame(build_batch(b, idx, self.labels[idx], taps, lengths, self.mode, plan))
+        self.stats.forward_s += time.perf_counter() - t0
+        return frame
 
     # -- asyncio side --------------------------------------------------------------------
     def run(self) -> TrainStats:
@@ -243,40 +260,35 @@ class StreamClient:
         return self.stats
 
     async def _run(self):
-        # producer: its thread; queue: what it computed, in order; stop: ends this producer only.
-        state = {"producer": None, "queue": None, "stop": None, "finished_producing": False}
         try:
-            await self._run_sessions(state)
+            await self._run_sessions()
         finally:
             self._stop.set()
-            if state["producer"] is not None:
-                await asyncio.to_thread(state["producer"].join, 5)
+            if self._producer is not None:
+                await asyncio.to_thread(self._producer.thread.join, 5)
 
-    async def _run_sessions(self, state: dict):
+    async def _run_sessions(self):
         """Connect until the side network arrives. `max_retries` counts consecutive attempts that
         made no progress; an attempt that got a new acknowledgement starts the count again."""
         attempt = 0
         while True:
-            self._progressed = False
             try:
-                outcome = await self._session(state)
-                if outcome == REDIRECTED:
+                outcome = await self._session()
+                if outcome is Phase.REDIRECTED:
                     continue  # at once: the rank that owns this device is waiting
-                if outcome:
+                if outcome is Phase.FINISHED:
                     return
                 reason = "closed before DONE"
             except (*RETRYABLE, websockets.InvalidStatus, wire.WireError) as exc:
-                final = await final_error(exc, self._url, probe=not self._opened)  # the URL that failed: maybe a rank
+                # the URL that failed (maybe a rank's) names the cause
+                final = await final_error(exc, self.session.url, probe=not self._opened)
                 if final is not None:
                     raise final from None
                 reason = retry_reason(exc)
                 detail = f"{exc.__class__.__name__}: {exc}"
             else:
                 detail = reason
-            # Reconnects ask the server again: it sends us back to the same rank (placement is stable),
-            # or, after the world restarted, to wherever it is now; a gone rank is never retried forever.
-            self._url, self._redirects = self.opts.server, 0
-            attempt = 1 if self._progressed else attempt + 1
+            attempt = 1 if self.session.lost() else attempt + 1
             if attempt > self.opts.max_retries:
                 raise ServerError(f"cannot reach the server at {self.opts.server} after "
                                   f"{self.opts.max_retries} retries ({detail})", "unreachable")
@@ -287,7 +299,7 @@ class StreamClient:
             await asyncio.sleep(delay)
 
     def _ssl(self):
-        if not self._url.startswith("wss://"):
+        if not self.session.url.startswith("wss://"):
             return None
         import ssl
 
@@ -296,167 +308,104 @@ class StreamClient:
         except (OSError, ssl.SSLError) as exc:
             raise BadInput(f"--ca {self.opts.ca}: not a readable PEM certificate ({exc})") from None
 
-    async def _session(self, state: dict) -> bool | str:
-        """One connection. Returns True when the run is complete (model received), REDIRECTED when
-        WELCOME sent this device to another rank."""
-        async with websockets.connect(self._url, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
+    async def _session(self) -> Phase:
+        """One connection. Returns FINISHED when the run is complete (model received), REDIRECTED when
+        WELCOME sent this device to another rank, else the phase the connection ended in."""
+        async with websockets.connect(self.session.url, max_size=wire.MAX_MODEL_FRAME, ssl=self._ssl(),
                                       open_timeout=self.opts.connect_timeout_s, compression=None) as ws:
             self._opened = True
             try:
-                await ws.send(wire.encode_frame(wire.MsgType.HELLO, self.hello()))
+                await ws.send(self.session.open(self.hello()))
             except websockets.ConnectionClosed:
                 pass  # the server refused before reading HELLO (e.g. bad_path): its ERROR frame is still to read
-            first = self._decode(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s))
-            if first.type == wire.MsgType.ERROR:
-                raise refusal(ErrorReport.from_meta(first.meta))
-            if first.type != wire.MsgType.WELCOME:
-                raise ServerError(f"expected WELCOME, got {first.type.name}")
-            welcome = Welcome.from_meta(first.meta)
-            if welcome.redirect is not None:
-                return self._follow(welcome.redirect)
-            self._redirects = 0
-            credits = asyncio.Semaphore(welcome.credits)
-            done_before = welcome.samples_done
-            if done_before > self._acked:
-                self._acked, self._progressed = done_before, True
-            self._acknowledge(samples_done=done_before)
-            stopped_early = state["stop"] is not None and state["stop"].is_set() and not state["finished_producing"]
-            if (state["producer"] is None or done_before < self._retained_from()
-                    or (stopped_early and not welcome.stop_streaming)):
-                await self._start_producer(state, done_before)
-            finished = asyncio.Event()
-            stop_streaming = asyncio.Event()
-            if welcome.stop_streaming:
-                stop_streaming.set()
-            receiver = asyncio.create_task(self._receive(ws, credits, finished, stop_streaming))
+            event = self.session.receive(read_frame(await asyncio.wait_for(ws.recv(), self.opts.connect_timeout_s)))
+            if isinstance(event, Refused):
+                raise refusal(event.report)
+            if isinstance(event, Redirected):
+                return Phase.REDIRECTED
+            assert isinstance(event, Welcomed), event  # DeviceSession.receive: nothing else answers a HELLO
+            done_before = event.welcome.samples_done
+            self.ledger.acknowledge(samples_done=done_before)
+            producer = self._producer
+            stopped_early = producer is not None and producer.stop.is_set() and not producer.finished
+            if (producer is None or done_before < self.ledger.retained_from()
+                    or (stopped_early and not event.welcome.stop_streaming)):
+                await self._start_producer(done_before)
+            credited = asyncio.Event()
+            receiver = asyncio.create_task(self._receive(ws, credited))
             try:
-                await self._send_all(ws, credits, state, stop_streaming, receiver)
+                await self._send_all(ws, credited, receiver)
                 await receiver
             finally:
                 receiver.cancel()
-            if finished.is_set():
+            if self.session.phase is Phase.FINISHED:
                 try:  # the side network is here; a link lost now changes nothing
-                    await ws.send(wire.encode_frame(wire.MsgType.BYE))
+                    await ws.send(self.session.bye())
                 except websockets.ConnectionClosed:
                     pass
-            return finished.is_set()
+            return self.session.phase
 
-    def _follow(self, url: str) -> str:
-        """WELCOME said another rank owns this device: the next connection goes there."""
-        self._redirects += 1
-        if self._redirects > MAX_REDIRECTS:
-            raise ServerError(f"the server redirected this device {MAX_REDIRECTS} times in a row (last to "
-                              f"{url}); its ranks disagree on placement", "redirect_loop")
-        try:
-            check_server_url(url)
-        except BadInput as exc:
-            raise ServerError(f"the server redirected this device to a bad URL: {exc}", "bad_redirect") from None
-        if self._url.startswith("wss://") and not url.startswith("wss://"):  # HELLO carries the token
-            raise ServerError(f"the server redirected this device from TLS to {url}, which would send the token and "
-                              f"activations in the clear; the trainer's --rank-url should be wss://", "bad_redirect")
-        log.info("redirected to %s", url)
-        self._url = url
-        return REDIRECTED
-
-    def _retained_from(self) -> int:
-        """The first sample this device can still send without computing it again."""
-        return self._unacked[0].end_sample - self._unacked[0].n if self._unacked else self._next_sample
-
-    async def _start_producer(self, state: dict, samples_done: int) -> None:
+    async def _start_producer(self, samples_done: int) -> None:
         """(Re)start the producer at the server's resume point. A restart happens when the server resumed
         from a checkpoint older than batches it had acknowledged (it crashed): they are computed again."""
-        if state["producer"] is not None:
+        if self._producer is not None:
             log.warning("the server resumed at sample %d, before batches it had acknowledged; computing them again",
                         samples_done)
-            state["stop"].set()
-            await asyncio.to_thread(state["producer"].join)
-        start_batch, start_sample = self._resume_point(samples_done)
-        self._unacked.clear()
-        self._next_sample = start_sample
-        state.update(queue=asyncio.Queue(maxsize=self.opts.prefetch), stop=threading.Event(), finished_producing=False)
-        state["producer"] = threading.Thread(
-            target=self._produce, args=(asyncio.get_running_loop(), state["queue"], start_batch, start_sample,
-                                        state["stop"]), daemon=True, name="edge-producer")
-        state["producer"].start()
+            self._producer.stop.set()
+            await asyncio.to_thread(self._producer.thread.join)
+        sizes = [len(b) for b in self.batches]
+        start_batch, start_sample = resume_point(sizes, samples_done)
+        self.ledger.restart(start_sample)
+        self._producer = Producer(self._batch_frame, sizes, start_batch, start_sample, self.opts.prefetch,
+                                  self._stop, self.stats)
 
-    def _resume_point(self, samples_done: int) -> tuple[int, int]:
-        pos = 0
-        for b, idx in enumerate(self.batches):
-            if pos >= samples_done:
-                if pos != samples_done:
-                    raise ServerError(f"server says {samples_done} samples are done, which is not a batch "
-                                      f"boundary of this run; use the same --batch-size and --seed")
-                return b, pos
-            pos += len(idx)
-        return len(self.batches), pos
-
-    def _acknowledge(self, acked_seq: int | None = None, samples_done: int | None = None):
-        while self._unacked and (
-            (acked_seq is not None and self._unacked[0].seq <= acked_seq)
-            or (samples_done is not None and self._unacked[0].end_sample <= samples_done)
-        ):
-            self._unacked.popleft()
-
-    async def _send(self, ws, item: _Sent, credits: asyncio.Semaphore, receiver: asyncio.Task):
+    async def _send(self, ws, item: Sent, credited: asyncio.Event, receiver: asyncio.Task):
         # Send time (stats) includes the credit wait; the uplink meter times delivery instead (send_timed).
         t0 = time.perf_counter()
-        await _unless_closed(credits.acquire(), receiver)
+        while not self.session.take_credit():
+            credited.clear()
+            await _unless_closed(credited.wait(), receiver)
         await send_timed(ws, item.frame, self.planner.meter if self.planner else None)
         self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += len(item.frame)
 
-    async def _send_all(self, ws, credits, state, stop_streaming, receiver):
-        for item in list(self._unacked):  # re-send what the server never acknowledged
-            await self._send(ws, item, credits, receiver)
-        while not state["finished_producing"] and not stop_streaming.is_set():
-            item = await _unless_closed(state["queue"].get(), receiver)
+    async def _send_all(self, ws, credited: asyncio.Event, receiver: asyncio.Task):
+        producer = self._producer
+        assert producer is not None, "_session starts a producer before streaming"
+        for item in list(self.ledger.unacked):  # re-send what the server never acknowledged
+            await self._send(ws, item, credited, receiver)
+        while not producer.finished and not self.session.stop_streaming:
+            item = await _unless_closed(producer.queue.get(), receiver)
             if isinstance(item, BaseException):
                 raise item
             if item is None:
-                state["finished_producing"] = True
+                producer.finished = True
                 break
-            self._unacked.append(item)
-            self._next_sample = item.end_sample
-            await self._send(ws, item, credits, receiver)
+            self.ledger.sent(item)
+            await self._send(ws, item, credited, receiver)
             self.stats.batches_sent += 1
             self.stats.samples_sent += item.n
-        if stop_streaming.is_set():
-            state["stop"].set()  # the server trains on from its cache: no more forward passes
+        if self.session.stop_streaming:
+            producer.stop.set()  # the server trains on from its cache: no more forward passes
         if not self.stats.stream_s:
             self.stats.stream_s = time.perf_counter() - self._t0
-        await ws.send(messages.frame(StreamDone(self.total_samples)))
+        await ws.send(self.session.finish(self.total_samples))
 
-    async def _receive(self, ws, credits: asyncio.Semaphore, finished: asyncio.Event, stop_streaming: asyncio.Event):
+    async def _receive(self, ws, credited: asyncio.Event):
         async for data in ws:
-            frame = self._decode(data)
-            if frame.type == wire.MsgType.CREDIT:
-                credit = Credit.from_meta(frame.meta)
-                self._progressed = True
-                for _ in range(credit.credits):
-                    credits.release()
-                self._acknowledge(credit.acked_seq, credit.samples_done)
-                if credit.stop_streaming:
-                    stop_streaming.set()
-            elif frame.type == wire.MsgType.BITPLAN:
-                plan = BitPlan.from_meta(frame.meta)
+            event = self.session.receive(read_frame(data))
+            if isinstance(event, Credited):
+                credited.set()
+                self.ledger.acknowledge(event.credit.acked_seq, event.credit.samples_done)
+            elif isinstance(event, Planned):
                 if self.planner:
-                    self.planner.importance = plan.importance
-            elif frame.type == wire.MsgType.MODEL:
-                self.model_bytes = bytes(frame.body)
-                self.model_meta = ModelMeta.check(frame.meta)
-                self.stats.server_metrics = frame.meta.get("metrics", {})
-            elif frame.type == wire.MsgType.ERROR:
-                raise refusal(ErrorReport.from_meta(frame.meta))
-            elif frame.type == wire.MsgType.DONE:
-                if self.model_bytes is None:
-                    raise ServerError("server finished without sending the side network")
-                finished.set()
+                    self.planner.importance = event.plan.importance
+            elif isinstance(event, ModelReceived):
+                self.stats.server_metrics = event.meta.get("metrics", {})
+            elif isinstance(event, Refused):
+                raise refusal(event.report)
+            elif isinstance(event, Finished):
                 return
-
-    @staticmethod
-    def _decode(data) -> wire.Frame:
-        """A frame from the server: MODEL may be up to the protocol's MAX_MODEL_FRAME, the rest DEFAULT_MAX_FRAME."""
-        return wire.decode_frame(data, wire.DEFAULT_MAX_FRAME, max_model_frame=wire.MAX_MODEL_FRAME)
 
     def save_model(self, path: Path | str) -> Path:
         """Write the returned side network (ONNX) and its metadata (JSON beside it), atomically."""

@@ -271,3 +271,14 @@ def test_failure_at_a_redirect_target_names_that_target(backbone, ws_server):
     """The rank a device was sent to cannot be resolved: the error names that host, not the front door's."""
     err = fails_at_once(client(backbone, ws_server(redirecting("ws://rank1.invalid:9/"))), "dns")
     assert "'rank1.invalid'" in str(err)
+
+
+def test_the_simulated_device_follows_redirects_as_edge_run_does(ws_server):
+    """SimDevice reads WELCOME through the same protocol core: a redirect loop ends it the same way."""
+    from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
+
+    device = SimDevice(ws_server(redirecting()), SyntheticTask([{"layer": 1, "hidden": 8, "fmt": "int8",
+                                                                 "block_size": 8}], n_samples=4))
+    with pytest.raises(ServerError, match="redirected this device 3 times") as err:
+        device.run(timeout=10)
+    assert err.value.code == "redirect_loop"
