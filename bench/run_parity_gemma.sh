@@ -9,9 +9,8 @@ OUT=${OUT:-docs/runs/parity-gemma-sst2-select}
 LOG=${LOG:-$OUT/parity-gemma.log}
 ENGINE=${ENGINE:-/work/qs_out/engine-gemma-3-270m-channel}
 mkdir -p "$OUT"
-( while true; do echo "[uptime $(date +%H:%M:%S)] $(uptime)"; sleep 60; done ) >> "$LOG" 2>&1 &
-UPTIME_PID=$!
-trap 'kill $UPTIME_PID' EXIT
+. bench/uptime_log.sh
+log_uptime "$LOG"
 /work/shared/tools/memcap 14000 "${PYTHON:-python3}" bench/parity.py --seeds "${SEEDS:-0,1,2}" \
     --methods lora,mobillm-cache --once "${ONCE-lst,mobillm-local}" --jobs "${JOBS:-1}" --out "$OUT" \
     --work-root "${WORK_ROOT:-/tmp/parity-work-select}" -- \
