@@ -13,6 +13,7 @@ TRAIN_ROWS=${TRAIN_ROWS:-4000}
 EPOCHS=${EPOCHS:-3}
 SELECT_EPOCHS=${SELECT_EPOCHS:-1,2,3,4,6}
 SELECT_LRS=${SELECT_LRS:-5e-4,1e-3}
+ENSEMBLE=${ENSEMBLE:-3}
 MODEL=${MODEL:-gemma}
 PORT=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 
@@ -54,9 +55,10 @@ else
 fi
 
 echo "== 3/5 start the trainer server on 127.0.0.1:$PORT (--cache: later epochs train from the first one's taps;"
-echo "   how many, and at which lr, is chosen on 10 % of the cached train samples held out: epochs $SELECT_EPOCHS x lr $SELECT_LRS)"
+echo "   how many, and at which lr, is chosen on 10 % of the cached train samples held out: epochs $SELECT_EPOCHS x lr $SELECT_LRS;"
+echo "   then $ENSEMBLE side networks train with the choice, and the one ONNX sent back averages them)"
 trainer serve --host 127.0.0.1 --port "$PORT" --runs "$OUT/runs" --cache --threads 1 \
-  --select-epochs "$SELECT_EPOCHS" --select-lrs "$SELECT_LRS" > "$OUT/server.log" 2>&1 &
+  --select-epochs "$SELECT_EPOCHS" --select-lrs "$SELECT_LRS" --ensemble "$ENSEMBLE" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null && break; sleep 0.2; done

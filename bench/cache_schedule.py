@@ -74,23 +74,26 @@ def split(taps: dict, name: str) -> tuple[list, np.ndarray]:
     return [taps[f"{name}_tap{k}"] for k in range(n)], taps[f"{name}_labels"]
 
 
-def accuracy(model, rows: list, labels: np.ndarray, batch: int = 256) -> float:
+def logits_of(model, rows: list, batch: int = 256) -> np.ndarray:
     import torch
 
     model.eval()
-    n, hits = len(labels), 0
+    n, out = len(rows[0]) // 2, []
     with torch.no_grad():
         for a in range(0, n, batch):
             b = min(n, a + batch)
             inputs = [torch.from_numpy(t[2 * a:2 * b]) for t in rows]
-            logits = model.logits_from_rows(inputs, torch.full((b - a,), 2, dtype=torch.long))
-            hits += int((logits.argmax(-1).numpy() == labels[a:b]).sum())
+            out.append(model.logits_from_rows(inputs, torch.full((b - a,), 2, dtype=torch.long)).numpy())
     model.train()
-    return hits / n
+    return np.concatenate(out)
 
 
-def train(taps: dict, epochs: int, lr: float, seed: int, batch: int, side_overrides: dict) -> list[dict]:
-    """One cached-epoch schedule: the metrics after every epoch."""
+def accuracy(model, rows: list, labels: np.ndarray) -> float:
+    return float((logits_of(model, rows).argmax(-1) == labels).mean())
+
+
+def train(taps: dict, epochs: int, lr: float, seed: int, batch: int, side_overrides: dict) -> tuple[list[dict], object]:
+    """One cached-epoch schedule: the metrics after every epoch, and the trained network."""
     import torch
 
     from mobillm.trainer.config import OptimConfig, SideConfig
@@ -127,7 +130,7 @@ def train(taps: dict, epochs: int, lr: float, seed: int, batch: int, side_overri
             done += len(idx)
         curve.append({"epoch": epoch + 1, "holdout": accuracy(model, hold, hold_labels),
                       "dev": accuracy(model, dev, dev_labels), "train_s": time.perf_counter() - t0})
-    return curve
+    return curve, model
 
 
 def main(argv=None) -> int:
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", default="0.001", help="peak learning rates")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--side", default="{}", help="SideConfig overrides as JSON, e.g. '{\"bottleneck\": 128}'")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="also score ensembles (logits averaged) of each run of K consecutive seeds: trainer serve "
+                        "--ensemble K; --seeds must hold a multiple of K")
     p.add_argument("--work", type=Path, default=Path("/tmp/cache_schedule"))
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -155,22 +161,56 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     taps = compute_taps(args, args.work)
     side = json.loads(args.side)
-    results = []
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if args.ensemble < 1 or len(seeds) % args.ensemble:
+        raise SystemExit(f"--ensemble {args.ensemble}: --seeds must hold a multiple of it ({len(seeds)} given)")
+    results, ensembles = [], []
     for lr in [float(x) for x in args.lrs.split(",")]:
         for epochs in [int(x) for x in args.epochs.split(",")]:
-            for seed in [int(x) for x in args.seeds.split(",")]:
-                curve = train(taps, epochs, lr, seed, args.batch_size, side)
+            outs: dict = {"holdout": [], "dev": []}
+            for seed in seeds:
+                curve, model = train(taps, epochs, lr, seed, args.batch_size, side)
                 results.append({"lr": lr, "epochs": epochs, "seed": seed, "side": side, "curve": curve})
+                for name in outs:
+                    outs[name].append(logits_of(model, split(taps, name)[0]))
                 last = curve[-1]
                 best = max(curve, key=lambda c: (c["holdout"], c["epoch"]))
                 print(f"lr {lr:g} epochs {epochs:2d} seed {seed}: end holdout {last['holdout']:.3f} dev {last['dev']:.3f}"
                       f" | holdout-best epoch {best['epoch']} dev {best['dev']:.3f} | {last['train_s']:.1f} s",
                       flush=True)
+            for g in range(0, len(seeds), args.ensemble) if args.ensemble > 1 else ():
+                group = {"lr": lr, "epochs": epochs, "seeds": seeds[g:g + args.ensemble], "side": side}
+                for name in outs:
+                    mean = np.mean(outs[name][g:g + args.ensemble], axis=0)
+                    group[name] = float((mean.argmax(-1) == split(taps, name)[1]).mean())
+                ensembles.append(group)
+                print(f"lr {lr:g} epochs {epochs:2d} ensemble of seeds {group['seeds']}: holdout {group['holdout']:.3f}"
+                      f" dev {group['dev']:.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
-                                                 for k, v in vars(args).items()}, "runs": results}, indent=1))
+                                                 for k, v in vars(args).items()}, "runs": results,
+                                    "ensembles": ensembles}, indent=1))
     print(table(results))
+    if ensembles:
+        print(ensemble_table(ensembles))
     return 0
+
+
+def sd(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def ensemble_table(ensembles: list[dict]) -> str:
+    """Mean over the seed groups per (lr, epochs): single networks against their ensembles."""
+    groups: dict = {}
+    for e in ensembles:
+        groups.setdefault((e["lr"], e["epochs"]), []).append(e)
+    lines = ["| lr | declared epochs | ensembles | holdout (mean ± sd) | dev (mean ± sd) |", "|---|---|---|---|---|"]
+    for (lr, epochs), es in sorted(groups.items()):
+        h, d = np.array([e["holdout"] for e in es]), np.array([e["dev"] for e in es])
+        lines.append(f"| {lr:g} | {epochs} | {len(es)} of {len(es[0]['seeds'])} | {h.mean():.3f} ± {sd(h):.3f} | "
+                     f"{d.mean():.3f} ± {sd(d):.3f} |")
+    return "\n".join(lines)
 
 
 def table(results: list[dict]) -> str:

@@ -143,6 +143,8 @@ class Settings:
                                      default_factory=lambda: [1, 2, 3, 4, 6, 8])
     cache_select_lrs: list[float] = option(help="with --cache-select: candidate peak lrs too (trainer serve "
                                                 "--select-lrs; default: --lr-side alone)", default_factory=list)
+    cache_ensemble: int = option(1, "with --cache-select: side networks the --cache server trains with its choice "
+                                    "(trainer serve --ensemble); the returned ONNX averages their logits")
     max_epochs: int = option(50, "cap on the sized mobillm epochs")
     threads: int | None = option(None, "torch/ORT threads in the method processes")
     jobs: int = option(1, "on-device methods run this many at a time; above 1 the timings are not comparable "

@@ -123,6 +123,8 @@ class TrainerProcess:
             cmd += ["--select-epochs", ",".join(map(str, s.cache_select))]
             if s.cache_select_lrs:
                 cmd += ["--select-lrs", ",".join(f"{lr:g}" for lr in s.cache_select_lrs)]
+            if s.cache_ensemble > 1:
+                cmd += ["--ensemble", s.cache_ensemble]
         logf = open(work / "logs" / f"server-{name}.log", "w")
         self.proc = subprocess.Popen(limited(cmd, s.mem_limit), stdout=logf, stderr=subprocess.STDOUT)
         logf.close()

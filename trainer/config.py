@@ -119,6 +119,8 @@ class OptimConfig:
     select_lrs: list[float] = option(help="candidate peak learning rates for --select-epochs, e.g. 5e-4,1e-3 "
                                           "(default: --lr alone)", default_factory=list)
     select_share: float = option(0.1, "share of the cached samples --select-epochs holds out to score candidates")
+    ensemble: int = option(1, "with --select-epochs: side networks trained with the chosen schedule on every "
+                              "cached sample, each from its own seed; the returned ONNX averages their logits")
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -139,6 +141,10 @@ class OptimConfig:
             raise ConfigError("select_lrs needs select_epochs (the candidates are epochs x learning rates)")
         if not 0 < self.select_share < 1:
             raise ConfigError(f"select_share must be in (0, 1), got {self.select_share}")
+        if not 1 <= self.ensemble <= 16:
+            raise ConfigError(f"ensemble must be in 1..16, got {self.ensemble}")
+        if self.ensemble > 1 and not self.select_epochs:
+            raise ConfigError("ensemble needs select_epochs (its members train with the chosen schedule)")
 
 
 @dataclass

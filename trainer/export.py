@@ -18,14 +18,14 @@ import torch
 
 from mobillm.common.messages import SIDE_MASK, SIDE_OUTPUT, side_input_names, side_tap_name
 
-from .model import SideNetwork
+from .model import EnsembleSide, SideNetwork, members_from_state
 
 OPSET = 18
 MAX_ABS_DIFF = 1e-3  # ORT vs torch on random inputs, fp32; larger means a broken export
 _EXPORT_LOCK = threading.Lock()  # torch.onnx.export keeps global state: one export at a time per process
 
 
-def export_onnx(model: SideNetwork) -> bytes:
+def export_onnx(model: SideNetwork | EnsembleSide) -> bytes:
     """The ONNX file bytes of `model` (copied to CPU, eval mode), with dynamic batch and tokens axes."""
     model = copy.deepcopy(model).float().cpu().eval()
     widths = model.cfg.tap_widths
@@ -52,7 +52,7 @@ def random_inputs(widths: list[int], batch: int = 4, tokens: int = 7, seed: int 
     return feeds
 
 
-def check_onnx(onnx_bytes: bytes, model: SideNetwork, seed: int = 0) -> float:
+def check_onnx(onnx_bytes: bytes, model: SideNetwork | EnsembleSide, seed: int = 0) -> float:
     """Max |ORT - torch| over random inputs; raises if above MAX_ABS_DIFF."""
     import onnxruntime as ort
 
@@ -82,8 +82,12 @@ def reexport(folder: Path | str) -> tuple[Path, float]:
     checkpoint = folder / CHECKPOINT
     if not checkpoint.is_file():
         raise RunFolderError(f"{checkpoint} not found; the run has not checkpointed yet")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = SideNetwork(cfg.side)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(state["model"])
+    members = members_from_state(cfg, (state.get("selection") or {}).get("members") or [])
+    if members:  # an --ensemble run: the ONNX averages its members, as the returned model does
+        model = EnsembleSide([model, *members])
     onnx_bytes = export_onnx(model)
     diff = check_onnx(onnx_bytes, model)
     path = folder / MODEL_FILE

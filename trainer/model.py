@@ -17,10 +17,11 @@ gather-first path below, are exact for last-token pooling).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from .config import SideConfig
+from .config import RunConfig, SideConfig
 
 
 def init_adapters_and_head(adapters, head: nn.Linear, cfg: SideConfig, g: torch.Generator) -> None:
@@ -171,6 +172,37 @@ class SideNetwork(PerTokenSide):
             taps = self.standardize(taps)
         b = [proj(t) for proj, t in zip(self.projections, taps)]
         return b[-1] + adapter_stack(self.adapters, self.norms, b, self.cfg.adapter_per_tap)
+
+
+class EnsembleSide(nn.Module):
+    """Side networks of one run whose logits are averaged (`--ensemble`): the same two call forms and
+    graph contract as one `SideNetwork`, so the device runs the exported ensemble unchanged."""
+
+    def __init__(self, members: list[SideNetwork]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+
+    def logits_from_rows(self, taps: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.logits_from_rows(taps, lengths) for m in self.members]).mean(0)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(*inputs) for m in self.members]).mean(0)
+
+
+def member_seed(seed: int, k: int) -> int:
+    """Member k's initialisation and data-order seed (member 0 keeps the run's own `seed`)."""
+    return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0] % (2 ** 31))
+
+
+def members_from_state(cfg: RunConfig, states: list[dict], device: torch.device | str = "cpu") -> list[SideNetwork]:
+    """An `--ensemble` run's members 1.. from their checkpointed state dicts."""
+    members = []
+    for state in states:
+        member = SideNetwork(cfg.side).to(device)
+        member.load_state_dict(state)
+        members.append(member)
+    return members
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> torch.Tensor:

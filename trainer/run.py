@@ -32,8 +32,8 @@ from .core import MODEL_FILE, SUMMARY, MixedPrecision, append_record, last_epoch
     train_step, write_json
 from .data import TapCache, rows_for_model
 from .export import check_onnx, export_onnx
-from .model import build_side_network
-from .select import select_schedule, selectable
+from .model import EnsembleSide, build_side_network, members_from_state
+from .select import select_schedule, selectable, train_members
 from .training import END, Fit, Member, TrainingRun, Work
 
 log = logging.getLogger("mobillm.trainer")
@@ -84,6 +84,7 @@ class SingleDevice:
         self.last_cache_epoch = cfg.epochs  # cached epochs run while cache_epoch < this
         self.end_samples = cfg.total_samples  # the run's last epoch ends here
         self.selection: dict | None = None
+        self.ensemble: list = []  # --ensemble: members 1.. (member 0 is self.model), trained at the selection
         self.cache = None
         if cfg.cache:  # the cache keeps each tap in the one format the device sends it in
             fmts = allowed_formats([t.fmt for t in self.taps], cfg.bits)
@@ -147,6 +148,9 @@ class SingleDevice:
         batch = self.cfg.optim.cache_batch_size or self.first_batch_rows or 32
         choice = select_schedule(self.cfg, self.cache, self.taps, batch, self.device, self.amp)
         self.selection = choice.to_dict()
+        self.ensemble = train_members(self.cfg, self.cache, choice, batch, self.taps, self.device, self.amp)
+        if self.ensemble:
+            self.selection["ensemble"] = 1 + len(self.ensemble)
         fresh = build_side_network(self.cfg.side, self.cfg.optim.seed)
         self.model.load_state_dict(fresh.state_dict())
         self.optimizer = make_optimizer(self.model, self.cfg.optim)
@@ -235,8 +239,9 @@ class SingleDevice:
         if self.phase == "finished":
             return
         run.save_checkpoint()
-        onnx_bytes = export_onnx(self.model)
-        diff = check_onnx(onnx_bytes, self.model)
+        model = EnsembleSide([self.model, *self.ensemble]) if self.ensemble else self.model
+        onnx_bytes = export_onnx(model)
+        diff = check_onnx(onnx_bytes, model)
         atomic_write(self.onnx_path, onnx_bytes)
         self.summary = self._summarize(diff, run)
         write_json(self.folder / SUMMARY, self.summary)
@@ -277,7 +282,8 @@ class SingleDevice:
         }
         if self.selection is not None:  # the chosen schedule (a run without selection keeps its old layout)
             state["selection"] = {"choice": self.selection, "peak_lr": self.peak_lr,
-                                  "last_cache_epoch": self.last_cache_epoch, "end_samples": self.end_samples}
+                                  "last_cache_epoch": self.last_cache_epoch, "end_samples": self.end_samples,
+                                  "members": [m.state_dict() for m in self.ensemble]}
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         return self.amp.save_to(state)
@@ -306,6 +312,7 @@ class SingleDevice:
             sel = state["selection"]
             self.selection, self.peak_lr = sel["choice"], float(sel["peak_lr"])
             self.last_cache_epoch, self.end_samples = int(sel["last_cache_epoch"]), int(sel["end_samples"])
+            self.ensemble = members_from_state(self.cfg, sel.get("members") or [], self.device)
         last = state.get("last_epoch")
         if last:
             self._last_epoch = {"loss_sum": float(last["loss_sum"]), "rows": int(last["rows"]),

@@ -31,7 +31,7 @@ from mobillm.common.messages import TapInfo
 from .config import RunConfig
 from .core import MixedPrecision, make_optimizer, train_step
 from .data import Rows, TapCache, decode_rows
-from .model import build_side_network
+from .model import build_side_network, member_seed
 
 log = logging.getLogger("mobillm.trainer")
 
@@ -77,15 +77,18 @@ def held_out_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def fit_candidate(cfg: RunConfig, cache: TapCache, entries: np.ndarray, epochs: int, lr: float, batch: int,
-                  taps: list[TapInfo], device: torch.device, amp: MixedPrecision) -> torch.nn.Module:
-    """A fresh side network trained on `entries` of the cache for `epochs` at peak `lr`, as the run trains."""
-    model = build_side_network(cfg.side, cfg.optim.seed).to(device)
+                  taps: list[TapInfo], device: torch.device, amp: MixedPrecision,
+                  seed: int | None = None) -> torch.nn.Module:
+    """A fresh side network trained on `entries` of the cache for `epochs` at peak `lr`, as the run trains
+    (initialised and ordered by `seed`, default the run's)."""
+    seed = cfg.optim.seed if seed is None else seed
+    model = build_side_network(cfg.side, seed).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     total = epochs * len(entries)
     warmup = round(cfg.optim.warmup_ratio * total)
     done = 0
     for epoch in range(epochs):
-        order = entries[np.random.default_rng([cfg.optim.seed, 0x5E1EC7, epoch]).permutation(len(entries))]
+        order = entries[np.random.default_rng([seed, 0x5E1EC7, epoch]).permutation(len(entries))]
         for a in range(0, len(order), batch):
             rows = cache.gather(order[a:a + batch])
             factor = warmup_linear(done, warmup, total)
@@ -93,6 +96,21 @@ def fit_candidate(cfg: RunConfig, cache: TapCache, entries: np.ndarray, epochs: 
                        cfg.optim.grad_clip, False, amp)
             done += len(rows)
     return model
+
+
+def train_members(cfg: RunConfig, cache: TapCache, choice: Choice, batch: int, taps: list[TapInfo],
+                  device: torch.device, amp: MixedPrecision) -> list[torch.nn.Module]:
+    """Members 1..ensemble-1 of an `--ensemble` run: the chosen schedule on every cached sample, each
+    from its own seed (`member_seed`); member 0 is the run's own network, trained step by step."""
+    entries = np.arange(len(cache))
+    members = []
+    for k in range(1, cfg.optim.ensemble):
+        t0 = time.perf_counter()
+        members.append(fit_candidate(cfg, cache, entries, choice.epochs, choice.lr, batch, taps, device, amp,
+                                     seed=member_seed(cfg.optim.seed, k)))
+        log.info("run %s: ensemble member %d trained (%d epoch(s) at lr %g, %.1f s)", cfg.run, k, choice.epochs,
+                 choice.lr, time.perf_counter() - t0)
+    return members
 
 
 @torch.no_grad()

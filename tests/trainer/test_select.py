@@ -94,10 +94,11 @@ def test_too_few_cached_samples_keep_the_devices_epochs(start_server, taps, capl
     assert "no selection" in caplog.text
 
 
-def test_a_selecting_run_resumes_to_the_same_weights(start_server, taps):
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_a_selecting_run_resumes_to_the_same_weights(start_server, taps, ensemble):
     """Stopped after the stream (during the selection or the chosen epochs), restarted with --resume:
-    the same choice (seeded), the same final weights as a run never stopped."""
-    optim = OptimConfig(select_epochs=[1, 2])
+    the same choice (seeded), the same final weights (every ensemble member's) as a run never stopped."""
+    optim = OptimConfig(select_epochs=[1, 2], ensemble=ensemble)
     server = start_server(cache=True, checkpoint_every=2, optim=optim)
     data = SyntheticTask(taps, n_samples=96)
     reference = SimDevice(server.url, data, run="straight", device_id="phone", epochs=2, batch_size=8).run()
@@ -110,8 +111,42 @@ def test_a_selecting_run_resumes_to_the_same_weights(start_server, taps):
     assert result.done == reference.done
     assert result.model_meta["metrics"]["selection"]["epochs"] == reference.model_meta["metrics"]["selection"]["epochs"]
     folder = Path(resumed.config.runs_dir)
-    a, b = (torch.load(folder / r / "checkpoint.pt", weights_only=True)["model"] for r in ("stopped", "straight"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    a, b = (torch.load(folder / r / "checkpoint.pt", weights_only=True) for r in ("stopped", "straight"))
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6) for k in a["model"])
+    members_a, members_b = a["selection"]["members"], b["selection"]["members"]
+    assert len(members_a) == len(members_b) == ensemble - 1
+    assert all(torch.allclose(x[k], y[k], atol=1e-6) for x, y in zip(members_a, members_b) for k in x)
+
+
+def test_an_ensemble_run_returns_one_graph_averaging_its_members(start_server, taps):
+    """--ensemble 3: members 1 and 2 trained with the chosen schedule from their own seeds; the MODEL
+    frame is one ONNX graph (the device's contract unchanged) whose logits are the members' mean, and
+    `trainer export` rebuilds the same graph from the checkpoint."""
+    import onnxruntime as ort
+
+    from mobillm.common.messages import SIDE_OUTPUT, side_input_names
+    from mobillm.trainer.config import RunConfig
+    from mobillm.trainer.export import random_inputs, reexport
+    from mobillm.trainer.model import SideNetwork, members_from_state
+
+    server = start_server(cache=True, optim=OptimConfig(select_epochs=[2], ensemble=3))
+    result = SimDevice(server.url, SyntheticTask(taps, n_samples=120), run="ens", epochs=2, batch_size=16).run()
+    assert result.error is None and result.model_meta["metrics"]["selection"]["ensemble"] == 3
+    folder = Path(server.config.runs_dir) / "ens"
+    cfg, state = RunConfig.load(folder), torch.load(folder / "checkpoint.pt", weights_only=True)
+    first = SideNetwork(cfg.side)
+    first.load_state_dict(state["model"])
+    members = [first, *members_from_state(cfg, state["selection"]["members"])]
+    assert len(members) == 3 and not torch.equal(members[0].head.weight, members[1].head.weight)
+    feeds = random_inputs(cfg.side.tap_widths, batch=5, tokens=4, seed=1)
+    names = side_input_names(len(cfg.side.tap_widths))
+    with torch.no_grad():
+        want = torch.stack([m.eval()(*(torch.from_numpy(feeds[n]) for n in names)) for m in members]).mean(0).numpy()
+    got = ort.InferenceSession(result.model, providers=["CPUExecutionProvider"]).run([SIDE_OUTPUT], feeds)[0]
+    assert np.abs(got - want).max() < 1e-4
+    path, _ = reexport(folder)
+    again = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"]).run([SIDE_OUTPUT], feeds)[0]
+    assert np.abs(again - got).max() < 1e-5
 
 
 @pytest.mark.parametrize("optim, cache, message", [
@@ -120,6 +155,8 @@ def test_a_selecting_run_resumes_to_the_same_weights(start_server, taps):
     (OptimConfig(select_lrs=[1e-3]), True, "select_lrs needs select_epochs"),
     (OptimConfig(select_epochs=[2], select_share=1.0), True, "select_share must be in (0, 1)"),
     (OptimConfig(select_epochs=[2]), False, "--select-epochs needs --cache"),
+    (OptimConfig(ensemble=2), True, "ensemble needs select_epochs"),
+    (OptimConfig(select_epochs=[2], ensemble=0), True, "ensemble must be in 1..16"),
 ])
 def test_bad_selection_options_are_refused(optim, cache, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
