@@ -153,6 +153,7 @@ class CheckpointWatcher(threading.Thread):
     def __init__(self, run_dir: Path, snap_dir: Path):
         super().__init__(daemon=True, name="checkpoint-watcher")
         self.run_dir, self.snap_dir = run_dir, snap_dir
+        shutil.rmtree(snap_dir, ignore_errors=True)  # a --reuse rerun's snapshots start afresh, as its server runs do
         self.snapshots: list[dict] = []
         self._seen: set[int] = set()
         self._done = threading.Event()

@@ -89,3 +89,22 @@ def test_a_run_whose_planned_batches_end_before_the_budget_is_scored_at_its_last
     assert out["plan_exhausted"] is True and out["steps"] == len(Data(data["data"]).plan)
     (point,) = out["curve"]  # the one evaluation (at the budget) never came: the last step's stands in
     assert point["final"] is True and point["step"] == out["steps"] and 0 <= point["metric"] <= 1
+
+
+def test_checkpoint_watcher_starts_afresh_in_a_rerun_work_folder(tmp_path):
+    """--reuse reruns a mobillm method in the same work folder: the snapshots of the earlier run
+    must not stop the watcher (os.link onto an existing c000 once killed its thread silently)."""
+    from compare_harness import CheckpointWatcher
+
+    run_dir, snaps = tmp_path / "run", tmp_path / "snaps"
+    run_dir.mkdir()
+    (snaps / "c000").mkdir(parents=True)
+    (snaps / "c000" / "checkpoint.pt").write_bytes(b"old")
+    (run_dir / "config.json").write_text("{}")
+    watcher = CheckpointWatcher(run_dir, snaps)
+    for version in (b"one", b"two"):
+        (run_dir / "new.pt").write_bytes(version)
+        (run_dir / "new.pt").replace(run_dir / "checkpoint.pt")  # a new inode each time, as the server writes
+        watcher.poll()
+    assert [Path(s["folder"]).name for s in watcher.snapshots] == ["c000", "c001"]
+    assert (snaps / "c000" / "checkpoint.pt").read_bytes() == b"one"
