@@ -109,23 +109,24 @@ def make_certs_with_openssl(folder):
 
 
 def write_side(engine: Path, out: Path, pooling: str = "last", task: str = "sst2", out_dim: int = 2,
-               seed: int = 3, mode: str | None = None) -> Path:
+               seed: int = 3, mode: str | None = None, ensemble: int = 1) -> Path:
     """A side network for `engine`'s taps at `out` (+ out.json), with weights that matter; `mode`: the
-    rows it was trained on (None: pooled for last pooling, else tokens)."""
+    rows it was trained on (None: pooled for last pooling, else tokens); `ensemble` > 1: that many
+    averaged in one graph, as `trainer serve --ensemble` exports them."""
     torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
     from mobillm.common.manifest import Manifest, manifest_digest
     from mobillm.trainer.config import SideConfig
     from mobillm.trainer.export import export_onnx
-    from mobillm.trainer.model import build_side_network
+    from mobillm.trainer.model import EnsembleSide, build_side_network
 
     manifest = Manifest.load(engine, verify=False)
     cfg = SideConfig(pooling=pooling, bottleneck=8).for_taps([t.hidden for t in manifest.taps], out_dim)
-    model = build_side_network(cfg, seed=seed).eval()
+    members = [build_side_network(cfg, seed=seed + k).eval() for k in range(ensemble)]
     with torch.no_grad():  # make the adapters matter, as after training
         gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
+        for p in (p for m in members for p in m.parameters()):
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    out.write_bytes(export_onnx(model))
+    out.write_bytes(export_onnx(members[0] if ensemble == 1 else EnsembleSide(members).eval()))
     meta = {"config": cfg.to_meta(), "task": task, "num_labels": out_dim, "run": "test",
             "taps": [{"layer": t.layer, "hidden": t.hidden, "fmt": t.fmt, "block_size": t.block_size}
                      for t in manifest.taps],

@@ -46,9 +46,11 @@ def last_bundle(tiny_engine, tmp_path_factory):
     return side, make_bundle(tiny_engine, side, tmp / "bundle")
 
 
-@pytest.mark.parametrize("pooling,mode", [("last", "pooled"), ("mean", "tokens"), ("mean", "summary")])
-def test_bundle_logits_equal_predict(tiny_engine, tmp_path, pooling, mode):
-    side = write_side(tiny_engine, tmp_path / "side.onnx", pooling, mode=mode)
+@pytest.mark.parametrize("pooling,mode,ensemble", [("last", "pooled", 1), ("mean", "tokens", 1), ("mean", "summary", 1),
+                                                   ("mean", "summary", 3)])
+def test_bundle_logits_equal_predict(tiny_engine, tmp_path, pooling, mode, ensemble):
+    """... for every readout, and for a side network of 3 averaged members (trainer serve --ensemble)."""
+    side = write_side(tiny_engine, tmp_path / "side.onnx", pooling, mode=mode, ensemble=ensemble)
     want = predict_logits(tiny_engine, side, tmp_path)
     model = BundleModel(make_bundle(tiny_engine, side, tmp_path / "bundle"))
     rows = [model.tokenize((t,)) for t in TEXTS]
