@@ -159,15 +159,41 @@ def check_finite(loss: float, step: int, where: str = "") -> None:
         raise FloatingPointError(f"loss became {loss} at step {step}{where}; lower --lr or check the taps")
 
 
-def last_epoch_scores(task: str, task_type: str, num_labels: int, outputs: np.ndarray, labels: np.ndarray) -> dict:
-    """`last_epoch_<metric>` for a task: its preset's metric when the kind matches, else accuracy
-    (classification) or Pearson (regression)."""
+def scored_task(task: str, task_type: str, num_labels: int) -> tasks.Task:
+    """The task as runs score it: its preset's metric (and extra metrics) when the kind matches, else
+    accuracy (classification) or Pearson (regression)."""
     preset = tasks.TASKS.get(task)
-    metric = preset.metric if preset and preset.kind == task_type else (
-        "pearson" if task_type == "regression" else "accuracy")
-    extra = preset.extra_metrics if preset and preset.kind == task_type else ()
-    scored = tasks.score(tasks.Task(task, task_type, num_labels, (), "", metric, extra_metrics=extra), outputs, labels)
+    if preset and preset.kind == task_type:
+        return tasks.Task(task, task_type, num_labels, (), "", preset.metric, extra_metrics=preset.extra_metrics)
+    return tasks.Task(task, task_type, num_labels, (), "", "pearson" if task_type == "regression" else "accuracy")
+
+
+def last_epoch_scores(task: str, task_type: str, num_labels: int, outputs: np.ndarray, labels: np.ndarray) -> dict:
+    """`last_epoch_<metric>` for a task (`scored_task`'s metrics)."""
+    scored = tasks.score(scored_task(task, task_type, num_labels), outputs, labels)
     return {f"last_epoch_{k}": v for k, v in scored.items()}
+
+
+class WarmupLinear:
+    """Learning-rate factor as a function of samples trained: linear warm-up, then linear decay to 0.
+
+    Counted in samples, not steps, because the device chooses the batch size."""
+
+    def __init__(self, warmup_samples: int, total_samples: int, start: int = 0):
+        self.warmup, self.total, self.start = max(0, warmup_samples), max(1, total_samples), start
+
+    def factor(self, samples_done: int) -> float:
+        """The factor `samples_done` samples into the run (the schedule begins at sample `start`)."""
+        samples_done -= self.start
+        if samples_done < self.warmup:
+            return (samples_done + 1) / self.warmup
+        return max(0.0, (self.total - samples_done) / max(1, self.total - self.warmup))
+
+    def state_dict(self) -> dict:
+        return {"warmup": self.warmup, "total": self.total, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warmup, self.total, self.start = int(state["warmup"]), int(state["total"]), int(state.get("start", 0))
 
 
 def write_checkpoint(folder: Path, state: dict, name: str = CHECKPOINT) -> None:

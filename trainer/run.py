@@ -28,7 +28,7 @@ from mobillm.common import wire
 from mobillm.common.messages import BitPlan, ModelMeta, TapInfo, allowed_formats
 
 from .config import RunConfig, atomic_write
-from .core import MODEL_FILE, SUMMARY, MixedPrecision, append_record, last_epoch_scores, make_optimizer, open_metrics, \
+from .core import MODEL_FILE, SUMMARY, MixedPrecision, WarmupLinear, append_record, last_epoch_scores, make_optimizer, open_metrics, \
     train_step, write_json
 from .data import TapCache, rows_for_model
 from .export import check_onnx, export_onnx
@@ -39,28 +39,6 @@ from .training import END, Fit, Member, TrainingRun, Work
 log = logging.getLogger("mobillm.trainer")
 
 TRAINED_IDS = "trained_ids.jsonl"  # per step: the sample ids trained and their position in the run's order
-
-
-class WarmupLinear:
-    """Learning-rate factor as a function of samples trained: linear warm-up, then linear decay to 0.
-
-    Counted in samples, not steps, because the device chooses the batch size."""
-
-    def __init__(self, warmup_samples: int, total_samples: int, start: int = 0):
-        self.warmup, self.total, self.start = max(0, warmup_samples), max(1, total_samples), start
-
-    def factor(self, samples_done: int) -> float:
-        """The factor `samples_done` samples into the run (the schedule begins at sample `start`)."""
-        samples_done -= self.start
-        if samples_done < self.warmup:
-            return (samples_done + 1) / self.warmup
-        return max(0.0, (self.total - samples_done) / max(1, self.total - self.warmup))
-
-    def state_dict(self) -> dict:
-        return {"warmup": self.warmup, "total": self.total, "start": self.start}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.warmup, self.total, self.start = int(state["warmup"]), int(state["total"]), int(state.get("start", 0))
 
 
 class SingleDevice:

@@ -29,7 +29,7 @@ from mobillm.common import tasks
 from mobillm.common.messages import TapInfo
 
 from .config import RunConfig
-from .core import MixedPrecision, make_optimizer, train_step
+from .core import MixedPrecision, WarmupLinear, make_optimizer, scored_task, train_step
 from .data import Rows, TapCache, decode_rows
 from .model import build_side_network, member_seed
 
@@ -54,21 +54,6 @@ class Choice:
                 "candidates": self.candidates, "seconds": self.seconds}
 
 
-def warmup_linear(step_samples: int, warmup: int, total: int) -> float:
-    """The run's lr factor (run.WarmupLinear) at `step_samples` samples into a schedule of `total`."""
-    if step_samples < warmup:
-        return (step_samples + 1) / warmup
-    return max(0.0, (total - step_samples) / max(1, total - warmup))
-
-
-def task_metric(cfg: RunConfig) -> tuple[str, tasks.Task]:
-    """The metric the selection maximises: the task preset's (accuracy, MCC, Pearson, ...)."""
-    preset = tasks.TASKS.get(cfg.task)
-    metric = preset.metric if preset and preset.kind == cfg.task_type else (
-        "pearson" if cfg.task_type == "regression" else "accuracy")
-    return metric, tasks.Task(cfg.task, cfg.task_type, cfg.num_labels, (), "", metric)
-
-
 def held_out_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train entries, held-out entries) of a cache of n samples: a seeded draw of round(share * n)."""
     order = np.random.default_rng([seed, 0x5E1EC7]).permutation(n)
@@ -85,13 +70,13 @@ def fit_candidate(cfg: RunConfig, cache: TapCache, entries: np.ndarray, epochs: 
     model = build_side_network(cfg.side, seed).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     total = epochs * len(entries)
-    warmup = round(cfg.optim.warmup_ratio * total)
+    schedule = WarmupLinear(round(cfg.optim.warmup_ratio * total), total)
     done = 0
     for epoch in range(epochs):
         order = entries[np.random.default_rng([seed, 0x5E1EC7, epoch]).permutation(len(entries))]
         for a in range(0, len(order), batch):
             rows = cache.gather(order[a:a + batch])
-            factor = warmup_linear(done, warmup, total)
+            factor = schedule.factor(done)
             train_step(model, optimizer, rows, taps, cfg.task_type, device, lambda _: lr * factor,
                        cfg.optim.grad_clip, False, amp)
             done += len(rows)
@@ -137,7 +122,8 @@ def select_schedule(cfg: RunConfig, cache: TapCache, taps: list[TapInfo], batch:
     """The candidate (epochs, lr) with the best held-out metric (`selectable` said there are enough samples)."""
     o = cfg.optim
     train, held = held_out_split(len(cache), o.select_share, o.seed)
-    metric, task = task_metric(cfg)
+    task = scored_task(cfg.task, cfg.task_type, cfg.num_labels)
+    metric = task.metric
     held_rows = cache.gather(held)
     t0 = time.perf_counter()
     candidates = []
