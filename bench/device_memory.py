@@ -96,6 +96,10 @@ print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() -
 '''
 
 
+# --weights rows that are more than a format: int8's quantize_dynamic kernel (the default is blocks)
+WEIGHT_FLAGS = {"int8-dynamic": ["--weights", "int8", "--int8-kernel", "dynamic"]}
+
+
 def ensure_engine(model: str, weights: str, engines: Path, export: bool = True) -> Path | None:
     """The nf4-tap engine of `model` with `weights`: real weights for a GGUF short name
     (gemma-3-270m), random init from the shipped config otherwise. Missing and not `export`: None."""
@@ -106,7 +110,7 @@ def ensure_engine(model: str, weights: str, engines: Path, export: bool = True) 
         return out
     if not export:
         return None
-    cmd = ["export-backbone", model, "--out", str(out), "--weights", weights, "--quant", "nf4"]
+    cmd = ["export-backbone", model, "--out", str(out), *WEIGHT_FLAGS.get(weights, ["--weights", weights]), "--quant", "nf4"]
     if not is_gguf_name(model):
         cmd += ["--random-init"] + (["--tokenizer", str(TOKENIZER)] if TOKENIZER.is_dir() else [])
     print("exporting:", " ".join(cmd), file=sys.stderr)
@@ -165,7 +169,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="opt-125m,opt-350m", help="short model names (comma list)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
-    p.add_argument("--weights", default="fp32", help="engine weight formats to measure for edge/ort (comma list)")
+    p.add_argument("--weights", default="fp32", help="engine weight formats to measure for edge/ort (comma list; "
+                   "int8-dynamic: --weights int8 --int8-kernel dynamic)")
     p.add_argument("--steps", type=int, default=4, help="forward (or training) steps per variant")
     p.add_argument("--batch", type=int, default=16, help="rows per batch")
     p.add_argument("--seq", type=int, default=128, help="tokens per row (every row is that long; paper: 256)")

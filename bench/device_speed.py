@@ -66,6 +66,7 @@ VARIANTS = [
     Variant("int4-prepack", ("--weights", "int4"), {"prepack": True}),  # MatMulNBits packs its weights at load
     Variant("gguf-prepack", ("--weights", "gguf"), {"prepack": True}),
     Variant("int8-nosmooth", ("--weights", "int8", "--smooth-alpha", "0")),  # int8 without outlier migration
+    Variant("int8-dynamic", ("--weights", "int8", "--int8-kernel", "dynamic")),  # quantize_dynamic, per-tensor activations
     Variant("int4-fp16taps", ("--weights", "int4", *FP16_TAPS)),
     # every weight format x tap quantizer x ORT transformer optimizer (the exporter's default, on, off)
     *(Variant(f"{w}-{q}-{o}".rstrip("-"), ("--weights", w, *QUANTIZERS[q], *OPTIMIZED.get(o, ())))

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_help("overrides"))
     _add(p, "tokenizer")
     _add(p.add_mutually_exclusive_group(), "blocks", "taps")
-    _add(p, "quant", "tap_formats", "block_size", "dtype", "weights", "widen", "smooth_alpha", "exporter", "quant_op",
+    _add(p, "quant", "tap_formats", "block_size", "dtype", "weights", "widen", "int8_kernel", "smooth_alpha", "exporter", "quant_op",
          "tap_rows", "tap_norm", "calibration", "calibration_cols", "calibration_rows", "summary_row", "trt", "verify")
     _add(p, "ort_fusions")
     p.add_argument("--quiet", action="store_true", help="no stage messages")

@@ -54,6 +54,19 @@ class Blocks:
         w = (self.codes.astype(np.float32) - zp) * self.scales[..., None]
         return w.reshape(self.codes.shape[0], -1)
 
+    @classmethod
+    def symmetric(cls, w: np.ndarray, bits: int, block: int) -> "Blocks":
+        """Absmax blocks of `block` values along each row of float32 `w` [rows, cols] (cols a multiple of
+        `block`): codes offset by the operators' default zero point 2**(bits - 1), so -(2**(bits-1) - 1) ..
+        2**(bits-1) - 1 around it."""
+        rows, cols = w.shape
+        half = 2 ** (bits - 1)
+        wb = w.reshape(rows, cols // block, block)
+        scales = (np.abs(wb).max(-1) / (half - 1)).astype(np.float32)
+        step = np.where(scales == 0, np.float32(1), scales)[..., None]
+        codes = np.clip(np.rint(wb / step), 1 - half, half - 1) + half
+        return cls(codes.astype(np.uint8), scales, None, bits, block)
+
     def packed(self) -> np.ndarray:
         """uint8 [rows, n_blocks, block * bits / 8], codes low nibble first (MatMulNBits' B)."""
         if self.bits == 8:
@@ -145,7 +158,7 @@ def dequantize(raw: np.ndarray, type_name: str, rows: int, cols: int) -> np.ndar
     return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(rows, cols).astype(np.float32)
 
 
-def _weight_users(graph, inits):
+def weight_users(graph, inits):
     """{initializer: [(node, kind)]}: kind "matmul" (B of a MatMul, W = B.T) or "gather" (Gather axis 0 table)."""
     from onnx import helper
 
@@ -173,14 +186,54 @@ def _weight_users(graph, inits):
     return found
 
 
+def use_ms_domain(model) -> None:
+    """Import the com.microsoft operator set (MatMulNBits, GatherBlockQuantized) if the model does not yet."""
+    from onnx import helper
+
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def block_initializers(blocks: Blocks, base: str, kind: str) -> list:
+    """The initializers `block_node` reads: BASE/codes, BASE/scales (and BASE/zero_points when float), laid out
+    for MatMulNBits (`kind` "matmul": W = B.T) or GatherBlockQuantized ("gather", a table quantized along axis 1)."""
+    from onnx import numpy_helper
+
+    rows = blocks.codes.shape[0]
+    flat = kind == "matmul"
+    out = [numpy_helper.from_array(blocks.packed() if flat else blocks.packed().reshape(rows, -1), base + "/codes"),
+           numpy_helper.from_array(blocks.scales.reshape(-1) if flat else blocks.scales, base + "/scales")]
+    if blocks.zero_points is not None:
+        zp = blocks.zero_points.reshape(-1) if flat else blocks.zero_points
+        out.append(numpy_helper.from_array(zp, base + "/zero_points"))
+    return out
+
+
+def block_node(node, blocks: Blocks, base: str, kind: str, accuracy_level: int = 0):
+    """The com.microsoft node that replaces MatMul / Gather `node`, computing with `blocks` (stored by
+    `block_initializers` under `base`); keeps the node's output names."""
+    from onnx import helper
+
+    zp = [base + "/zero_points"] if blocks.zero_points is not None else []
+    name = (node.name or node.output[0]) + "/" + base.split("/")[0]
+    if kind == "matmul":
+        rows, n_blocks = blocks.scales.shape
+        return helper.make_node("MatMulNBits", [node.input[0], base + "/codes", base + "/scales", *zp],
+                                list(node.output), name=name, domain=MS_DOMAIN, K=n_blocks * blocks.block, N=rows,
+                                bits=blocks.bits, block_size=blocks.block, accuracy_level=accuracy_level)
+    return helper.make_node("GatherBlockQuantized", [base + "/codes", node.input[1], base + "/scales", *zp],
+                            list(node.output), name=name, domain=MS_DOMAIN, bits=blocks.bits,
+                            block_size=blocks.block, gather_axis=0, quantize_axis=1)
+
+
 def apply(model, gguf_file: Path, widen: bool = True, progress: bool = True) -> dict:
     """Replace the graph's weights that are GGUF tensors by operators holding the GGUF's codes (in place);
     returns the manifest's weight_quant record. Raises GGUFWidening for an unheld type when `widen` is False."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    candidates = _weight_users(graph, inits)
+    candidates = weight_users(graph, inits)
     # Index by what the weight is as a GGUF row-major [rows, cols] array: shape and first column.
     index: dict[tuple, list[str]] = {}
     arrays = {}
@@ -216,25 +269,9 @@ def apply(model, gguf_file: Path, widen: bool = True, progress: bool = True) -> 
                       f"dequantized values)", file=sys.stderr)
             continue
         base = f"gguf/{gname}"
-        new_inits += [numpy_helper.from_array(blocks.packed() if kind == "matmul" else
-                                              blocks.packed().reshape(rows, -1), base + "/codes"),
-                      numpy_helper.from_array(blocks.scales.reshape(-1) if kind == "matmul" else blocks.scales,
-                                              base + "/scales")]
-        zp = []
-        if blocks.zero_points is not None:
-            zpa = blocks.zero_points.reshape(-1) if kind == "matmul" else blocks.zero_points
-            new_inits.append(numpy_helper.from_array(zpa, base + "/zero_points"))
-            zp = [base + "/zero_points"]
+        new_inits += block_initializers(blocks, base, kind)
         for node in users:
-            if kind == "matmul":
-                new = helper.make_node("MatMulNBits", [node.input[0], base + "/codes", base + "/scales", *zp],
-                                       list(node.output), name=(node.name or node.output[0]) + "/gguf", domain=MS_DOMAIN,
-                                       K=cols, N=rows, bits=blocks.bits, block_size=blocks.block, accuracy_level=0)
-            else:
-                new = helper.make_node("GatherBlockQuantized", [base + "/codes", node.input[1], base + "/scales", *zp],
-                                       list(node.output), name=(node.name or node.output[0]) + "/gguf", domain=MS_DOMAIN,
-                                       bits=blocks.bits, block_size=blocks.block, gather_axis=0, quantize_axis=1)
-            nodes_to_replace[id(node)] = new
+            nodes_to_replace[node.output[0]] = block_node(node, blocks, base, kind, accuracy_level=0)
         removed.add(name)
         held[gname] = {"type": type_name, "op": "MatMulNBits" if kind == "matmul" else "GatherBlockQuantized",
                        "bits": blocks.bits, "block_size": blocks.block,
@@ -242,14 +279,13 @@ def apply(model, gguf_file: Path, widen: bool = True, progress: bool = True) -> 
     if not held:
         raise ExportError(f"{gguf_file}: no weight of the traced graph equals a GGUF tensor; --weights gguf needs "
                           f"the engine traced from this GGUF's own conversion")
-    nodes = [nodes_to_replace.get(id(n), n) for n in graph.node]
+    nodes = [nodes_to_replace.get(n.output[0], n) if n.output else n for n in graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
     keep = [i for i in graph.initializer if i.name not in removed]
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    use_ms_domain(model)
     unmatched = sorted(n for n in candidates if n not in removed and arrays[n].size >= 4096)
     by_type: dict[str, dict] = {}
     for rec in held.values():

@@ -26,6 +26,7 @@ COMPUTE_DTYPES = ("fp32", "fp16")
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
 EXPORTERS = ("auto", "torchscript", "dynamo")
 QUANT_OPS = ("onnx", "custom")
+INT8_KERNELS = ("blocks", "dynamic")
 
 
 class ExportError(BadInput, ValueError):
@@ -76,13 +77,19 @@ class ExportOptions:
                                                        "per tap tensor (per-tensor absmax, the MobiLLM paper's "
                                                        "scheme; standard-op quantizers only, docs/formats.md)")
     dtype: str = option("fp32", "compute precision of the graph", choices=COMPUTE_DTYPES)
-    weights: str | None = option(None, "weight storage: fp32/fp16, or ORT weight-only int8 (quantize_dynamic) / "
+    weights: str | None = option(None, "weight storage: fp32/fp16, or ORT weight-only int8 (--int8-kernel) / "
                                        "int4 (MatMulNBits), or gguf: a GGUF's own quantized tensors, held exactly (MatMulNBits / "
                                        "GatherBlockQuantized, docs/export.md); int8, int4 and gguf need --dtype fp32 "
                                        "(default: same as --dtype)", choices=WEIGHT_FORMATS)
     widen: bool = option(True, "--weights gguf: a GGUF tensor type no ONNX Runtime operator holds exactly is stored "
                                "as fp32 (its exact dequantized values), named on stderr; --no-widen exits 2 naming "
                                "the tensor and type instead")
+    int8_kernel: str = option("blocks", "--weights int8: blocks = MatMulNBits 8-bit, one weight scale per 32 inputs, "
+                                        "activations quantized to int8 per row and block of 32 (an outlier channel "
+                                        "coarsens only its own block: fp32 accuracy on Gemma 3); dynamic = "
+                                        "quantize_dynamic, activations uint8 per tensor (the fastest kernel, but one "
+                                        "outlier sets every value's step: costs accuracy where activations carry "
+                                        "outliers; docs/export.md)", choices=INT8_KERNELS)
     smooth_alpha: float = option(0.5, "--weights int8/int4: outlier migration (SmoothQuant) strength for the layers "
                                        "whose activations have outlier channels (measured at export); 0 turns it "
                                        "off (docs/export.md)")
@@ -146,6 +153,8 @@ class ExportOptions:
             raise ExportError(f"--block-size {self.block_size}: must be >= 1, or 0 for one scale per tap tensor")
         if self.block_size == codec.PER_TENSOR and self.quant_op == "custom":
             raise ExportError("--block-size 0 (one scale per tap tensor) has no fused quantizer; use --quant-op onnx")
+        if self.int8_kernel not in INT8_KERNELS:
+            raise ExportError(f"--int8-kernel {self.int8_kernel!r} unknown; choose one of {', '.join(INT8_KERNELS)}")
         if self.exporter not in EXPORTERS:
             raise ExportError(f"--exporter {self.exporter!r} unknown; choose one of {', '.join(EXPORTERS)}")
         if self.quant_op not in QUANT_OPS:
@@ -204,6 +213,9 @@ class ExportOptions:
     def from_dict(cls, data: dict) -> "ExportOptions":
         """Options from `to_dict` output (unknown keys, e.g. from a newer mobillm, are ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        if data.get("weights") == "int8" and "int8_kernel" not in data:
+            data["int8_kernel"] = "dynamic"  # engines from before --int8-kernel: quantize_dynamic was the only one
         return cls(**{k: v for k, v in data.items() if k in known})
 
 

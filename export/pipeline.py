@@ -253,7 +253,7 @@ def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _
         del onnx_model  # here, in its owner's frame: ORT's quantizer loads its own copy next
         shutil.rmtree(raw)
         gc.collect()
-        weight_quant, external = weights.quantize_staged(stage, folder, opts.weights, exclude)
+        weight_quant, external = weights.quantize_staged(stage, folder, opts.weights, exclude, opts.int8_kernel)
     else:
         external = weights.write_float(onnx_model, raw, folder, opts.dtype, opts.weights)
         del onnx_model

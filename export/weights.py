@@ -25,8 +25,9 @@ from .graph import EXTERNAL_DATA_NAME, GRAPH_NAME
 # 0.9 %; docs/export.md).
 INT8_PER_CHANNEL = True
 INT4_BLOCK_SIZE = 32  # MatMulNBits block along the input dimension
+INT8_BLOCK_SIZE = 32  # --int8-kernel blocks: MatMulNBits / GatherBlockQuantized, 8 bits
 # MatMulNBits compute: 4 = activations quantized to int8 per block, integer dot products (VNNI where the CPU has it).
-INT4_ACCURACY_LEVEL = 4
+NBITS_ACCURACY_LEVEL = 4
 QUANTIZED = ("int8", "int4")
 
 
@@ -86,10 +87,11 @@ def stage_for_quantization(model, raw: Path, stage: Path) -> None:
         graph_ops.save_onnx(model, stage / GRAPH_NAME)
 
 
-def quantize_staged(stage: Path, folder: Path, weights: str, exclude: list[str]) -> tuple[dict, str | None]:
+def quantize_staged(stage: Path, folder: Path, weights: str, exclude: list[str],
+                    int8_kernel: str = "blocks") -> tuple[dict, str | None]:
     """(settings for the manifest's weight_quant, external-data name) after quantizing the staged graph."""
     release_freed_memory()  # the traced model and the exporter's buffers: ORT's quantizer needs ~3x the weights
-    weight_quant = quantize_weights(stage / GRAPH_NAME, folder / GRAPH_NAME, weights, exclude)
+    weight_quant = quantize_weights(stage / GRAPH_NAME, folder / GRAPH_NAME, weights, exclude, int8_kernel)
     shutil.rmtree(stage)
     external = EXTERNAL_DATA_NAME if (folder / EXTERNAL_DATA_NAME).exists() else None
     if any(p.name not in (GRAPH_NAME, EXTERNAL_DATA_NAME) for p in folder.iterdir()):
@@ -138,11 +140,14 @@ def weights_to_fp16(model) -> None:
     graph.node.extend(nodes)
 
 
-def quantize_weights(src: Path, dst: Path, weights: str, exclude: list[str]) -> dict:
+def quantize_weights(src: Path, dst: Path, weights: str, exclude: list[str], int8_kernel: str = "blocks") -> dict:
     """ORT weight-only quantization of MatMul weights and the embedding Gathers.
 
-    int8: `quantize_dynamic` (int8 weights, one scale per output channel; activations quantized per call by
-    DynamicQuantizeLinear);
+    int8, kernel "blocks": `MatMulNBitsQuantizer` at 8 bits (MatMulNBits, symmetric blocks of INT8_BLOCK_SIZE
+    inputs, accuracy_level 4: activations int8 per row and block, integer dot products), the embedding as
+    GatherBlockQuantized 8-bit blocks (ORT's quantizer does Gather at 4 bits only: `quantize_tables`);
+    int8, kernel "dynamic": `quantize_dynamic` (int8 weights, one scale per output channel; activations
+    quantized per call and per tensor by DynamicQuantizeLinear);
     int4: `MatMulNBitsQuantizer` (MatMulNBits / GatherBlockQuantized, blocks of INT4_BLOCK_SIZE).
     The codec nodes are excluded, so the taps stay bit-exact with kernels/codec.py.
     """
@@ -150,20 +155,63 @@ def quantize_weights(src: Path, dst: Path, weights: str, exclude: list[str]) -> 
 
     op_types = ["MatMul", "Gather"]
     with _quiet_ort_quantization():
-        if weights == "int8":
+        if weights == "int8" and int8_kernel == "dynamic":
             chunks = quantize_dynamic_in_chunks(src, dst, op_types, exclude)
-            return {"tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
+            return {"tool": "onnxruntime.quantization.quantize_dynamic", "kernel": "dynamic", "weight_type": "QInt8",
                     "op_types": op_types, "per_channel": INT8_PER_CHANNEL, "chunks": chunks}
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=exclude,
-                                         op_types_to_quantize=tuple(op_types))
+        bits, block = (8, INT8_BLOCK_SIZE) if weights == "int8" else (4, INT4_BLOCK_SIZE)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True,
+                                         accuracy_level=NBITS_ACCURACY_LEVEL, nodes_to_exclude=exclude,
+                                         op_types_to_quantize=tuple(op_types if bits == 4 else ["MatMul"]))
         quantizer.process()
-        graph_ops.save_onnx(quantizer.model.model, dst)
-    return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
-            "block_size": INT4_BLOCK_SIZE, "is_symmetric": True, "op_types": op_types,
-            "accuracy_level": INT4_ACCURACY_LEVEL}
+        model = quantizer.model.model
+        tables = quantize_tables(model, bits, block, exclude) if bits == 8 else None
+        graph_ops.save_onnx(model, dst)
+    record = {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": bits,
+              "block_size": block, "is_symmetric": True, "op_types": op_types, "accuracy_level": NBITS_ACCURACY_LEVEL}
+    if bits == 8:
+        record.update(kernel="blocks", tables=tables)
+    return record
+
+
+def quantize_tables(model, bits: int, block: int, exclude: list[str]) -> dict:
+    """Embedding tables (initializers read only as a Gather's axis-0 table) as GatherBlockQuantized blocks of
+    `block` values along the hidden dimension, symmetric absmax; a table whose width `block` does not divide
+    stays fp32. In place; returns {"quantized": [...], "kept_fp32": [...]} for the manifest."""
+    from onnx import numpy_helper
+
+    from .gguf_weights import Blocks, block_initializers, block_node, use_ms_domain, weight_users
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    skip = set(exclude)
+    replace, removed, new_inits = {}, set(), []
+    record: dict[str, list] = {"quantized": [], "kept_fp32": []}
+    for name, (kind, users) in weight_users(graph, inits).items():
+        init = inits[name]
+        if kind != "gather" or int(np.prod(init.dims)) < 4096 or any(n.name in skip for n in users):
+            continue
+        if init.dims[1] % block:
+            record["kept_fp32"].append(name)
+            continue
+        blocks = Blocks.symmetric(numpy_helper.to_array(init).astype(np.float32), bits, block)
+        base = f"int{bits}/{name}"
+        new_inits += block_initializers(blocks, base, kind)
+        for node in users:
+            replace[node.output[0]] = block_node(node, blocks, base, kind)
+        removed.add(name)
+        record["quantized"].append(name)
+    if replace:
+        nodes = [replace.get(n.output[0], n) if n.output else n for n in graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        keep = [i for i in graph.initializer if i.name not in removed]
+        del graph.initializer[:]
+        graph.initializer.extend(keep + new_inits)
+        use_ms_domain(model)
+    return record
 
 
 CHUNK_BYTES = 512 * 2**20  # fp32 weights per quantize_dynamic call; its peak is ~3x what it is given
