@@ -8,7 +8,7 @@ computed once (ORT, the device's path, decoded from the wire format as the serve
 kept in `--work`; then, per configuration and seed, the project's own side network is trained as a
 `--cache` server trains it (AdamW, warm-up 6 %, linear decay to 0 over the declared epochs, batches
 of `--batch-size` in a seeded order per epoch) and scored on the holdout rows (train rows, never
-trained on) and on dev after every epoch.
+trained on) and on dev after every epoch, with the task's metric (accuracy, MCC, Pearson, ...).
 
 It answers what the parity harness cannot afford to sweep: how the declared epoch count (which sets
 the decay) and the peak learning rate move the holdout and dev metrics. The choice the server makes
@@ -88,16 +88,26 @@ def logits_of(model, rows: list, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
-def accuracy(model, rows: list, labels: np.ndarray) -> float:
-    return float((logits_of(model, rows).argmax(-1) == labels).mean())
+def scored(task_name: str, out_dim: int):
+    """The task as the server scores it (its preset's metric: accuracy, MCC, Pearson, ...)."""
+    from mobillm.trainer.core import scored_task
+
+    return scored_task(task_name, "regression" if out_dim == 1 else "class", out_dim)
 
 
-def train(taps: dict, epochs: int, lr: float, seed: int, batch: int, side_overrides: dict) -> tuple[list[dict], object]:
-    """One cached-epoch schedule: the metrics after every epoch, and the trained network."""
+def metric_of(task, outputs: np.ndarray, labels: np.ndarray) -> float:
+    from mobillm.common import tasks
+
+    return float(tasks.score(task, outputs, labels)[task.metric])
+
+
+def train(taps: dict, epochs: int, lr: float, seed: int, batch: int, side_overrides: dict,
+          task_name: str = "sst2") -> tuple[list[dict], object]:
+    """One cached-epoch schedule: the task metric after every epoch, and the trained network."""
     import torch
 
     from mobillm.trainer.config import OptimConfig, SideConfig
-    from mobillm.trainer.core import make_optimizer
+    from mobillm.trainer.core import WarmupLinear, make_optimizer
     from mobillm.trainer.model import build_side_network, task_loss
 
     rows, labels = split(taps, "train")
@@ -107,9 +117,10 @@ def train(taps: dict, epochs: int, lr: float, seed: int, batch: int, side_overri
     optim = OptimConfig(lr=lr, seed=seed)
     model = build_side_network(side, seed)
     opt = make_optimizer(model, optim)
+    task = scored(task_name, int(taps["out_dim"]))
     n = len(labels)
     steps_per_epoch = -(-n // batch)
-    total, warm = epochs * n, round(optim.warmup_ratio * epochs * n)
+    schedule = WarmupLinear(round(optim.warmup_ratio * epochs * n), epochs * n)
     done, curve = 0, []
     t0 = time.perf_counter()
     for epoch in range(epochs):
@@ -118,18 +129,17 @@ def train(taps: dict, epochs: int, lr: float, seed: int, batch: int, side_overri
             idx = order[s * batch:(s + 1) * batch]
             pick = np.stack([2 * idx, 2 * idx + 1], 1).reshape(-1)
             inputs = [torch.from_numpy(t[pick]) for t in rows]
-            factor = (done + 1) / warm if done < warm else max(0.0, (total - done) / max(1, total - warm))
             for g in opt.param_groups:
-                g["lr"] = lr * factor
+                g["lr"] = lr * schedule.factor(done)
             logits = model.logits_from_rows(inputs, torch.full((len(idx),), 2, dtype=torch.long))
-            loss = task_loss(logits, torch.from_numpy(labels[idx]), "class")
+            loss = task_loss(logits, torch.from_numpy(labels[idx]), task.kind)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
             done += len(idx)
-        curve.append({"epoch": epoch + 1, "holdout": accuracy(model, hold, hold_labels),
-                      "dev": accuracy(model, dev, dev_labels), "train_s": time.perf_counter() - t0})
+        curve.append({"epoch": epoch + 1, "holdout": metric_of(task, logits_of(model, hold), hold_labels),
+                      "dev": metric_of(task, logits_of(model, dev), dev_labels), "train_s": time.perf_counter() - t0})
     return curve, model
 
 
@@ -152,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--ensemble", type=int, default=1,
                    help="also score ensembles (logits averaged) of each run of K consecutive seeds: trainer serve "
                         "--ensemble K; --seeds must hold a multiple of K")
+    p.add_argument("--by", default=None, metavar="COLUMN",
+                   help="also score dev per value of this column of the dev file (e.g. genre for STS-B), beside "
+                        "each value's share of the train and dev rows")
     p.add_argument("--work", type=Path, default=Path("/tmp/cache_schedule"))
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -161,6 +174,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     taps = compute_taps(args, args.work)
     side = json.loads(args.side)
+    groups = column_values(args.work, args.by, taps) if args.by else None
     seeds = [int(x) for x in args.seeds.split(",")]
     if args.ensemble < 1 or len(seeds) % args.ensemble:
         raise SystemExit(f"--ensemble {args.ensemble}: --seeds must hold a multiple of it ({len(seeds)} given)")
@@ -169,8 +183,13 @@ def main(argv=None) -> int:
         for epochs in [int(x) for x in args.epochs.split(",")]:
             outs: dict = {"holdout": [], "dev": []}
             for seed in seeds:
-                curve, model = train(taps, epochs, lr, seed, args.batch_size, side)
+                curve, model = train(taps, epochs, lr, seed, args.batch_size, side, args.task)
                 results.append({"lr": lr, "epochs": epochs, "seed": seed, "side": side, "curve": curve})
+                if groups:
+                    task = scored(args.task, int(taps["out_dim"]))
+                    dev_out, dev_labels = logits_of(model, split(taps, "dev")[0]), split(taps, "dev")[1]
+                    results[-1]["dev_by"] = {g: metric_of(task, dev_out[groups["dev"] == g], dev_labels[groups["dev"] == g])
+                                             for g in sorted(set(groups["dev"]))}
                 for name in outs:
                     outs[name].append(logits_of(model, split(taps, name)[0]))
                 last = curve[-1]
@@ -182,7 +201,7 @@ def main(argv=None) -> int:
                 group = {"lr": lr, "epochs": epochs, "seeds": seeds[g:g + args.ensemble], "side": side}
                 for name in outs:
                     mean = np.mean(outs[name][g:g + args.ensemble], axis=0)
-                    group[name] = float((mean.argmax(-1) == split(taps, name)[1]).mean())
+                    group[name] = metric_of(scored(args.task, int(taps["out_dim"])), mean, split(taps, name)[1])
                 ensembles.append(group)
                 print(f"lr {lr:g} epochs {epochs:2d} ensemble of seeds {group['seeds']}: holdout {group['holdout']:.3f}"
                       f" dev {group['dev']:.3f}", flush=True)
@@ -191,9 +210,47 @@ def main(argv=None) -> int:
                                                  for k, v in vars(args).items()}, "runs": results,
                                     "ensembles": ensembles}, indent=1))
     print(table(results))
+    if groups:
+        print(by_table(results, groups))
     if ensembles:
         print(ensemble_table(ensembles))
     return 0
+
+
+def column_values(work: Path, column: str, taps: dict) -> dict[str, np.ndarray]:
+    """Per split (train, dev): the `column` value of every row, read from the subset files in --work (the taps'
+    row order); a value spelled differently across splits (STS-B: main-forum / main-forums) is kept as is."""
+    import csv
+
+    out = {}
+    for name in ("train", "dev"):
+        with open(work / f"{name}.tsv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if not rows or column not in rows[0]:
+            raise SystemExit(f"--by {column}: no such column in {work / f'{name}.tsv'}")
+        values = np.array([r[column] for r in rows])
+        if len(values) != len(taps[f"{name}_labels"]):
+            raise SystemExit(f"--by {column}: {work / f'{name}.tsv'} has {len(values)} rows, the taps "
+                             f"{len(taps[f'{name}_labels'])}")
+        out[name] = values
+    return out
+
+
+def by_table(results: list[dict], groups: dict[str, np.ndarray]) -> str:
+    """Dev metric per column value, mean ± sd over seeds, per (lr, epochs); each value's row shares."""
+    values = sorted(set(groups["dev"]))
+    share = {name: {v: float(np.mean(groups[name] == v)) for v in set(groups[name])} for name in groups}
+    head = " | ".join(f"{v} (train {share['train'].get(v, 0):.0%}, dev {share['dev'][v]:.0%})" for v in values)
+    train_only = [f"{v} {share['train'][v]:.0%}" for v in sorted(share["train"]) if v not in share["dev"]]
+    lines = ([f"train rows whose value no dev row has: {', '.join(train_only)}"] if train_only else []) + [
+        f"| lr | declared epochs | {head} |", "|---|---|" + "---|" * len(values)]
+    by: dict = {}
+    for r in results:
+        by.setdefault((r["lr"], r["epochs"]), []).append(r["dev_by"])
+    for (lr, epochs), runs in sorted(by.items()):
+        cells = [np.array([run[v] for run in runs]) for v in values]
+        lines.append(f"| {lr:g} | {epochs} | " + " | ".join(f"{c.mean():.3f} ± {sd(c):.3f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def sd(values: np.ndarray) -> float:

@@ -90,6 +90,15 @@ def predict(model, taps: np.ndarray) -> np.ndarray:
         return model.logits_from_rows(inputs, torch.ones(len(taps), dtype=torch.long)).argmax(-1).numpy()
 
 
+def engine_id(folder: Path, a) -> str:
+    """What the cached taps depend on: the engine's graph (its checksum in the manifest) and the rows."""
+    import hashlib
+
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    key = json.dumps([files, a.train_rows, a.max_len], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", action="append", required=True, metavar="NAME=DIR",
@@ -100,7 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seeds", type=int, default=3, help="side networks (seeds 0..N-1), each applied to every engine")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", type=Path, default=None, help="folder for each engine's decoded taps (npz)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="folder for each engine's decoded taps (npz, keyed by the engine's graph checksum and the rows)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     engines = [tuple(e.split("=", 1)) for e in a.engine]
@@ -108,7 +118,7 @@ def main(argv=None) -> None:
     dev_x, dev_y = read_rows(SST2 / "dev.tsv", None)
     taps, seconds = {}, {}
     for name, folder in engines:
-        cached = a.cache / f"{name}.npz" if a.cache else None
+        cached = a.cache / f"{name}-{engine_id(Path(folder), a)}.npz" if a.cache else None
         if cached and cached.exists():
             z = np.load(cached)
             taps[name], seconds[name] = (z["train"], z["dev"]), float(z["seconds"])
