@@ -1,7 +1,7 @@
 """Reliability harness: a fault-injecting link, `trainer serve` as a real subprocess, and checks.
 
 Counts scale with MOBILLM_RELIABILITY_SCALE: `small` (default, CI: the whole folder in a few
-minutes on 2 cores) or `full` (what `bench/reliability.py` runs). With MOBILLM_RELIABILITY_REPORT
+minutes on 2 cores) or `full` (what `bench/ci/reliability.py` runs). With MOBILLM_RELIABILITY_REPORT
 set to a file, every test appends what it measured there as one JSON line.
 """
 
@@ -44,7 +44,7 @@ def profile() -> dict:
 
 @pytest.fixture
 def report(request):
-    """report(**measured): one JSON line per test in $MOBILLM_RELIABILITY_REPORT (bench/reliability.py)."""
+    """report(**measured): one JSON line per test in $MOBILLM_RELIABILITY_REPORT (bench/ci/reliability.py)."""
     def write(**values):
         line = json.dumps({"test": request.node.name, "scale": SCALE, **values})
         print(line)
