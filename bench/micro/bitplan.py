@@ -23,7 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 from mobillm.bench.paths import GLUE, TOKENIZER
-from mobillm.common.netsim import LinkProxy, free_port, wait_listening
+from mobillm.bench.server import TrainerServe
+from mobillm.common.netsim import LinkProxy
 
 SST2 = GLUE / "SST-2"
 RUNGS = "int4,nf4,fp8,int8,fp16"
@@ -108,16 +109,10 @@ def main() -> None:
             engine = tmp / "engine"
             export(engine, a.model, a.layers)
         bb = Backbone(engine, threads=a.threads)
-        port = free_port()
-        server = subprocess.Popen(["trainer", "serve", "--host", "127.0.0.1", "--port", str(port), "--runs",
-                                   str(tmp / "runs"), "--threads", "1", "--bitplan-every", "4",
-                                   "--queue", str(a.queue)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_listening(port, server, 60, what="trainer serve")
+        with TrainerServe(tmp / "runs", "--threads", "1", "--bitplan-every", "4", "--queue", a.queue) as server:
             for mbps in [float(m) for m in a.mbps.split(",")]:
                 for rule in ("utility", "paper"):
-                    proxy = LinkProxy(port, rate=mbps * 1e6 / 8)
+                    proxy = LinkProxy(server.port, rate=mbps * 1e6 / 8)
                     url = f"ws://127.0.0.1:{proxy.start()}/"
                     t0 = time.perf_counter()
                     try:
@@ -126,9 +121,6 @@ def main() -> None:
                         proxy.stop()
                     results.append((mbps, rule, r, time.perf_counter() - t0))
                     print(f"{mbps:g} Mbps {rule}: {r}", file=sys.stderr)
-        finally:
-            server.terminate()
-            server.wait(10)
     m = bb.manifest
     made = f"{a.model} random-init" if a.engine is None else \
         f"{a.engine} ({(m.export_options or {}).get('model', m.model_id)})"

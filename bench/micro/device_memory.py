@@ -25,11 +25,10 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from mobillm.common.netsim import free_port
 from mobillm.bench.paths import ROOT, TOKENIZER
+from mobillm.bench.server import TrainerServe
 from mobillm.common.procfs import rss_mb
 
 ALL_VARIANTS = ["edge", "ort", "torch-infer", "lora", "bitfit", "lst", "full"]
@@ -186,12 +185,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "rows.tsv"
         long_rows(data, a.batch * a.steps, a.seq)
-        port = free_port()
-        server = subprocess.Popen(["trainer", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                   "--runs", str(Path(tmp) / "runs")], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(3)
+        with TrainerServe(Path(tmp) / "runs") as server:
             for model in a.models.split(","):
                 from mobillm.export.gguf import is_gguf_name
                 from mobillm.common.manifest import Manifest
@@ -201,7 +195,7 @@ def main() -> int:
                 if is_gguf_name(model):  # the torch variants load the checkpoint the engines came from
                     pretrained = Manifest.load(ensure_engine(model, "fp32", a.engines), verify=False).model_id
                 common = {"batch": a.batch, "seq": a.seq, "steps": a.steps, "config": str(config), "data": str(data),
-                          "server": f"ws://127.0.0.1:{port}", "send": a.send, "pretrained": pretrained,
+                          "server": server.url, "send": a.send, "pretrained": pretrained,
                           "stats_out": str(Path(tmp) / "stats.json")}
                 row = {"model": model}
                 for weights in a.weights.split(","):
@@ -221,9 +215,6 @@ def main() -> int:
                         row[v] = measure(v, common, a.lora_cap, a.mem_limit_gb)
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
-        finally:
-            server.terminate()
-            server.wait(10)
     print_table(results)
     if a.json_out:
         a.json_out.write_text(json.dumps(results, indent=2))

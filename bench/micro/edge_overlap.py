@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from mobillm.bench.paths import GLUE, TOKENIZER
-from mobillm.common.netsim import free_port, wait_listening
+from mobillm.bench.server import TrainerServe
 
 SST2 = GLUE / "SST-2" / "train.tsv"
 
@@ -52,16 +52,11 @@ def main() -> None:
         data = SST2 if SST2.is_file() else write_sample(tmp / "train.tsv", a.rows)
         task = get_task("sst2")
         examples = load_examples(data, task, limit=a.rows)
-        port = free_port()
-        server = subprocess.Popen(["trainer", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                   "--runs", str(tmp / "runs"), "--threads", "1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_listening(port, server, 60, what="trainer serve")
+        with TrainerServe(tmp / "runs", "--threads", "1") as server:
             bb = Backbone(engine, threads=a.threads)
             rows = []
             for mode in ("pooled", "tokens"):
-                opts = TrainOptions(server=f"ws://127.0.0.1:{port}", batch_size=a.batch_size, max_len=a.max_len,
+                opts = TrainOptions(server=server.url, batch_size=a.batch_size, max_len=a.max_len,
                                     mode=mode, run=f"overlap-{mode}", progress=False)
                 trainer = StreamClient(bb, examples, task, opts)
                 t0 = time.perf_counter()
@@ -71,9 +66,6 @@ def main() -> None:
                 stats = trainer.run()
                 streaming = stats.stream_s  # until DONE left the device, not the server's final training
                 rows.append((mode, len(examples), standalone, streaming, stats.forward_s, stats.bytes_sent))
-        finally:
-            server.terminate()
-            server.wait(10)
     print(f"\nmodel {a.model}{f' ({a.layers} layers)' if a.layers else ''}, {len(examples)} rows, batch {a.batch_size}, "
           f"max_len {a.max_len}, device threads {a.threads}")
     print("| mode | standalone rows/s | streaming rows/s | ratio | forward s in stream | MB sent |")

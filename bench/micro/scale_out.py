@@ -24,10 +24,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import signal
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from mobillm.bench.micro.trainer import TAPS, make_bodies
+from mobillm.bench.server import TrainerServe, stop_all
 from mobillm.common import wire
-from mobillm.common.netsim import free_port, wait_listening
+from mobillm.common.netsim import free_port
 
 
 def load_average() -> str:
@@ -64,25 +62,23 @@ def device_process(url: str, names: list[str], samples: int, rows: int, bodies: 
         t.join()
 
 
-def start_world(size: int, runs: str, threads: int, tick_s: float) -> tuple[int, list[subprocess.Popen]]:
+def start_world(size: int, runs: str, threads: int, tick_s: float) -> tuple[int, list[TrainerServe]]:
     port, master = free_port(), free_port()
-    procs = []
+    ranks = []
     for rank in range(size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(master), OMP_NUM_THREADS=str(threads))
-        cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--federated", "--runs", runs, "--port",
-               str(port), "--threads", str(threads), "--checkpoint-every", str(10**9), "--bitplan-every", "0",
-               "--tick-s", str(tick_s)]
-        log = open(Path(runs) / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log))
-    for rank in range(size):
-        wait_listening(port + rank, procs[rank], timeout=300, what=f"rank {rank}")
-    return port, procs
+        ranks.append(TrainerServe(runs, "--federated", "--threads", threads, "--checkpoint-every", 10**9,
+                                  "--bitplan-every", "0", "--tick-s", tick_s, port=port, env=env,
+                                  log=Path(runs) / f"rank{rank}.log").launch())
+    for server in ranks:
+        server.wait_ready(timeout=300)
+    return port, ranks
 
 
 def bench_world(size: int, bodies: list[bytes], args) -> dict:
     with tempfile.TemporaryDirectory() as runs:
-        port, procs = start_world(size, runs, args.threads, args.tick_s)
+        port, ranks = start_world(size, runs, args.threads, args.tick_s)
         load_before = load_average()
         try:
             ctx = mp.get_context("spawn")
@@ -97,9 +93,7 @@ def bench_world(size: int, bodies: list[bytes], args) -> dict:
             for c in children:
                 c.join()
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            codes = [p.wait(120) for p in procs]
+            codes = stop_all(ranks, timeout=120)
         errors = [r for r in results if r[1]]
         if errors or any(codes):
             raise RuntimeError(f"{size} ranks: device errors {errors[:2]}, rank exit codes {codes}")

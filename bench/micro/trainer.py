@@ -97,26 +97,24 @@ def bench_case(mode: str, pooling: str, args, variant: str = "tensorboard", bodi
         config = ServerConfig(port=0, runs_dir=runs, device=args.device, threads=args.threads,
                               side=SideConfig(pooling=pooling), checkpoint_every=10**9, bitplan_every=100,
                               tensorboard=variant != "off")
-        server = TrainerServer(config)
-        server.start()
-        stop, scrapes = ctx.Event(), ctx.Queue()
-        scraper = ctx.Process(target=scraper_process, args=(server.port, stop, scrapes)) if variant == "scraped" \
-            else None
-        if scraper is not None:
-            scraper.start()
-        out = ctx.Queue()
-        child = ctx.Process(target=device_process, args=(server.url, mode, args.samples, args.rows, bodies, out))
-        child.start()
-        device = out.get(timeout=900)
-        child.join()
-        if scraper is not None:
-            stop.set()
-            scraper.join(30)
-        latencies = []
-        while not scrapes.empty():
-            latencies.append(scrapes.get())
-        serve_ms = serve_cost_ms(server) if variant == "scraped" else None
-        server.stop()
+        with TrainerServer(config) as server:
+            stop, scrapes = ctx.Event(), ctx.Queue()
+            scraper = ctx.Process(target=scraper_process, args=(server.port, stop, scrapes)) if variant == "scraped" \
+                else None
+            if scraper is not None:
+                scraper.start()
+            out = ctx.Queue()
+            child = ctx.Process(target=device_process, args=(server.url, mode, args.samples, args.rows, bodies, out))
+            child.start()
+            device = out.get(timeout=900)
+            child.join()
+            if scraper is not None:
+                stop.set()
+                scraper.join(30)
+            latencies = []
+            while not scrapes.empty():
+                latencies.append(scrapes.get())
+            serve_ms = serve_cost_ms(server) if variant == "scraped" else None
         if device["error"]:
             raise RuntimeError(f"device got {device['error']}")
         steps = [json.loads(line) for line in (Path(runs) / f"bench-{mode}" / "metrics.jsonl").read_text().splitlines()]

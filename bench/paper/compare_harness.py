@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mobillm.bench.paper.compare_config import Settings
 from mobillm.bench.paper.compare_report import brief
-from mobillm.common.netsim import free_port, wait_listening
+from mobillm.bench.server import TrainerServe
 from mobillm.common.procfs import peak_rss_mb
 
 WORKER = ["-m", "mobillm.bench.paper.compare_workers"]
@@ -108,41 +108,32 @@ class Harness:
         return self.finish(name, self.start(name, **fields), self.s.timeout_s)
 
 
-class TrainerProcess:
-    """`trainer serve` in its own process on 127.0.0.1 (a server's memory is not the device's)."""
+class TrainerProcess(TrainerServe):
+    """`trainer serve` in its own process on 127.0.0.1 (a server's memory is not the device's), under
+    the memory cap, launched at once: wait_ready before its first device."""
 
     def __init__(self, s: Settings, work: Path, name: str, cache: bool, checkpoint_every: int):
-        self.name, self.port = name, free_port()
-        self.runs = work / f"runs-{name}"
-        shutil.rmtree(self.runs, ignore_errors=True)  # a --reuse rerun: the server's runs start afresh
-        cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--host", "127.0.0.1", "--port", self.port,
-               "--runs", self.runs, "--threads", s.server_threads, "--checkpoint-every", checkpoint_every,
-               "--lr", s.lr_side, "--seed", s.seed, "--device", s.server_device] + (["--cache"] if cache else [])
+        args = ["--threads", s.server_threads, "--checkpoint-every", checkpoint_every, "--lr", s.lr_side,
+                "--seed", s.seed, "--device", s.server_device] + (["--cache"] if cache else [])
         if cache and s.cache_select and not s.cache_epochs:  # cached epochs chosen on held-out cached samples
-            cmd += ["--select-epochs", ",".join(map(str, s.cache_select))]
+            args += ["--select-epochs", ",".join(map(str, s.cache_select))]
             if s.cache_select_lrs:
-                cmd += ["--select-lrs", ",".join(f"{lr:g}" for lr in s.cache_select_lrs)]
+                args += ["--select-lrs", ",".join(f"{lr:g}" for lr in s.cache_select_lrs)]
             if s.cache_ensemble > 1:
-                cmd += ["--ensemble", s.cache_ensemble]
-        logf = open(work / "logs" / f"server-{name}.log", "w")
-        self.proc = subprocess.Popen(limited(cmd, s.mem_limit), stdout=logf, stderr=subprocess.STDOUT)
-        logf.close()
+                args += ["--ensemble", s.cache_ensemble]
+        super().__init__(work / f"runs-{name}", *args, log=work / "logs" / f"server-{name}.log",
+                         wrap=lambda cmd: limited(cmd, s.mem_limit))
+        self.name = name
+        shutil.rmtree(self.runs, ignore_errors=True)  # a --reuse rerun: the server's runs start afresh
+        self.launch()
         self.ready = False
 
-    def wait_ready(self) -> None:
-        """Block until the server listens (it fails fast if the process exits)."""
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Block until the server listens (it fails fast if the process exits); once."""
         if not self.ready:
-            wait_listening(int(self.port), self.proc, 120, what="trainer serve (see its log)")
+            super().wait_ready(timeout)
             self.ready = True
-
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
-
-    def stop(self) -> None:
-        """Stop the server process."""
-        stop_process(self.proc)
+        return 0.0
 
 
 class CheckpointWatcher(threading.Thread):

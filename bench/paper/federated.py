@@ -397,20 +397,16 @@ def main(argv=None) -> None:
     print(f"{source}: {len(pool)} rows over {args.devices} devices ({[d['rows'] for d in devices]}), "
           f"setup {time.time() - t_start:.0f}s", flush=True)
 
-    server = TrainerServer(ServerConfig(port=0, runs_dir=str(work / "runs"), threads=1, federated=True,
-                                        bitplan_every=0, side=SideConfig(bottleneck=args.bottleneck,
-                                                                         pooling=args.pooling),
-                                        fed=FedConfig(width=args.width, max_share=args.max_share)))
-    server.start()
-    try:
+    config = ServerConfig(port=0, runs_dir=str(work / "runs"), threads=1, federated=True, bitplan_every=0,
+                          side=SideConfig(bottleneck=args.bottleneck, pooling=args.pooling),
+                          fed=FedConfig(width=args.width, max_share=args.max_share))
+    with TrainerServer(config) as server:
         res = {"source": source, "majority": float(majority), "args": {k: str(v) for k, v in vars(args).items()},
                "devices": [{k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()} for d in devices]}
         res["fed"] = run_mobillm("fed", args, server, devices, devset, work)
         print(f"fed done at {time.time() - t_start:.0f}s", flush=True)
         res["alone"] = run_mobillm("alone", args, server, devices, devset, work)
         print(f"alone done at {time.time() - t_start:.0f}s", flush=True)
-    finally:
-        server.stop()
     res["fed_summary"] = json.loads((work / "runs" / f"fed-{TASK}" / "summary.json").read_text())
     res["fed_acc"] = score_onnx(engines, devices, dev_tsv, work / "fed", args.max_len)
     res["fed_final_acc"] = score_onnx(engines, devices, dev_tsv, work / "fed_final", args.max_len)
