@@ -82,7 +82,7 @@ class EditableWithBench(editable_wheel):
         dist = self.distribution
         if (ROOT / "bench").is_dir():
             dist.packages = [*(dist.packages or []), *(name for name in BENCH if name not in (dist.packages or []))]
-            # bench/<folder> follows from the mapping of mobillm.bench, as export/configs would from export
+            # bench/<folder> follows from the mapping of mobillm.bench
             dist.package_dir = {**(dist.package_dir or {}), "mobillm.bench": "bench"}
         super().finalize_options()
 
