@@ -6,6 +6,10 @@ into mobillm/kernels/lib, where mobillm.kernels.native finds them. It does nothi
 message, for editable installs (`pip install -e .`: the tests build into build/native
 instead), with MOBILLM_NATIVE=0, or without the sources, cmake or a compiler; a failed native
 build never fails the install. MOBILLM_NATIVE_CUDA=1 adds the CUDA libraries.
+
+An editable install (`pip install -e .`) also maps bench/ into the namespace as `mobillm.bench`
+(`python -m mobillm.bench.paper.compare ...`): the benchmarks read the checkout around them
+(../shared/data, docs/runs, engines/), so a wheel does not ship them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from pathlib import Path
 
 from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).resolve().parent
+# bench/ and its folders by purpose (tests/test_import_graph.py lists them too): editable installs only.
+BENCH = ["mobillm.bench", "mobillm.bench.paper", "mobillm.bench.micro", "mobillm.bench.ci"]
 
 
 def native_wanted() -> bool:
@@ -68,4 +75,16 @@ class BuildPyWithNative(build_py):
         print(f"mobillm: native kernels built: {', '.join(lib.name for lib in built)}")
 
 
-setup(distclass=NativeDistribution, cmdclass={"build_py": BuildPyWithNative})
+class EditableWithBench(editable_wheel):
+    """`pip install -e .`: pyproject's packages plus BENCH (mapped like the others, PEP 420 portions)."""
+
+    def finalize_options(self) -> None:
+        dist = self.distribution
+        if (ROOT / "bench").is_dir():
+            dist.packages = [*(dist.packages or []), *(name for name in BENCH if name not in (dist.packages or []))]
+            # bench/<folder> follows from the mapping of mobillm.bench
+            dist.package_dir = {**(dist.package_dir or {}), "mobillm.bench": "bench"}
+        super().finalize_options()
+
+
+setup(distclass=NativeDistribution, cmdclass={"build_py": BuildPyWithNative, "editable_wheel": EditableWithBench})

@@ -1,8 +1,8 @@
 """A simulated link: a TCP proxy on 127.0.0.1 that throttles or cuts the device's connection.
 
 For trying a deployment's behaviour on a slow or flaky link without the network itself:
-bench/compare.py runs one mobillm variant through a 60 Mbps uplink (the paper's Table VI),
-bench/federated.py gives each simulated device its own link speed in both directions, the
+bench/paper/compare.py runs one mobillm variant through a 60 Mbps uplink (the paper's Table VI),
+bench/paper/federated.py gives each simulated device its own link speed in both directions, the
 link-fault tests (tests/edge_runtime) cut connections mid-stream and change the rate to watch
 the bitwidth adapt, and the reliability tests' FaultProxy (tests/reliability/conftest.py)
 subclasses it to cut connections at random byte offsets. Torch-free, standard library only.

@@ -1,6 +1,6 @@
 """A simulated device: synthetic activations, quantized with the real codec, streamed over the real protocol.
 
-For the benchmarks that flood a trainer with devices (bench/trainer.py, bench/scale_out.py), the
+For the benchmarks that flood a trainer with devices (bench/micro/trainer.py, bench/micro/scale_out.py), the
 server's tests and trying a server without a phone. The protocol is the device's own
 (`protocol.DeviceSession`, which `edge-run`'s StreamClient uses too); this module adds only
 synthetic data and a blocking WebSocket, numpy and websockets only (no torch, no backbone).

@@ -133,7 +133,7 @@ GEMMA3 = Family(
     layer_masks=_gemma3_masks,
     # "rms", not "layer": a side network on 3,500 SST-2 train rows scored 0.842 on held-out train
     # rows with rms taps against 0.812 with layer taps (nf4, 3 epochs; docs/export.md). "channel"
-    # (rms, then per-channel standardization) over "rms": bench/tap_conditioning.py, docs/benchmarks.md.
+    # (rms, then per-channel standardization) over "rms": bench/micro/tap_conditioning.py, docs/benchmarks.md.
     tap_norm="channel",
     ort_fusions="bert",  # the generic fusions: RMSNorm, RMSNorm + residual, GELU-tanh
     input_norms=_input_layernorms,

@@ -1,7 +1,7 @@
 """Checking an implementation of the formats against the reference codec (kernels/codec.py).
 
 The native CPU kernel's tests (tests/kernels/test_native.py) and the GPU check
-(bench/gpu_check.py) feed the same kind of activations to their implementation and to
+(bench/ci/gpu_check.py) feed the same kind of activations to their implementation and to
 `codec.encode`, and compare bytes; these are the pieces they share.
 """
 

@@ -1,32 +1,34 @@
 """The import graph of the product folders: no circles, and every layer imports only downwards.
 
 Read with `ast`, nothing is imported: each folder is the `mobillm.<folder>` package that
-pyproject's package-dir maps it to, relative imports resolve against it, and bench/ scripts
-(which import their siblings as top-level names) are `bench.<name>`. Every import counts,
-also those inside functions and under `if TYPE_CHECKING:`.
+pyproject's package-dir maps it to (bench/ is `mobillm.bench`, mapped by setup.py's editable
+install only), and relative imports resolve against it. Every import counts, also those inside
+functions and under `if TYPE_CHECKING:`.
 
-Layers: kernels < common < export, edge_runtime, trainer. The device side (edge_runtime)
-never imports trainer, export or torch; the trainer never imports edge_runtime.
+Layers: kernels < common < export, edge_runtime, trainer < bench. The device side (edge_runtime)
+never imports trainer, export or torch; the trainer never imports edge_runtime; nothing imports bench.
 """
 
 import ast
 import functools
+import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "common", "export", "edge_runtime", "trainer")
+PACKAGES = ("kernels", "common", "export", "edge_runtime", "trainer", "bench")
 ALLOWED = {  # folder -> the mobillm folders it may import
     "kernels": {"kernels"},
     "common": {"common", "kernels"},
     "edge_runtime": {"edge_runtime", "common", "kernels"},
     "trainer": {"trainer", "common", "kernels"},
     "export": {"export", "edge_runtime", "common", "kernels"},  # verify opens the engine as the device would
+    "bench": {"bench", "trainer", "export", "edge_runtime", "common", "kernels"},
 }
 DEVICE_FORBIDDEN = ("torch", "transformers", "optimum", "peft")
 
 
 def product_modules() -> dict[str, Path]:
-    """Module name -> file, for the mapped folders and the bench scripts."""
+    """Module name -> file, for the mapped folders (bench/ included)."""
     modules = {}
     for folder in PACKAGES:
         for path in sorted((ROOT / folder).rglob("*.py")):
@@ -34,8 +36,6 @@ def product_modules() -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             modules[".".join(("mobillm",) + parts)] = path
-    for path in sorted((ROOT / "bench").glob("*.py")):
-        modules[f"bench.{path.stem}"] = path
     return modules
 
 
@@ -48,11 +48,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> tuple[set[str], set[st
     tree = ast.parse(path.read_text(), str(path))
     targets: set[str] = set()
     roots: set[str] = set()
-    bench_siblings = {m.split(".", 1)[1] for m in known if m.startswith("bench.")}
-
     def resolve(module: str) -> str | None:
-        if name.startswith("bench.") and module.split(".")[0] in bench_siblings:
-            module = f"bench.{module}"
         while module and module not in known:  # `import a.b.c`: the deepest module that is ours
             module = module.rpartition(".")[0]
         return module or None
@@ -136,11 +132,12 @@ def test_cycle_finder_finds_a_circle_and_ignores_a_chain():
 
 def test_the_graph_resolves_the_mobillm_mapping():
     graph, roots = import_graph()
-    # Absolute, relative, `from pkg import module` and bench's sibling imports all resolve.
+    # Absolute, relative and `from pkg import module` imports all resolve, bench's too.
     assert "mobillm.kernels.codec" in graph["mobillm.common.wire"]
     assert "mobillm.trainer.core" in graph["mobillm.trainer.policy"]
     assert "mobillm.kernels.codec" in graph["mobillm.kernels.onnx_codec"]
-    assert "bench.paper_bytes" in graph["bench.compare_report"]
+    assert "mobillm.bench.paper.paper_bytes" in graph["mobillm.bench.paper.compare_report"]
+    assert "mobillm.bench.paths" in graph["mobillm.bench.micro.device_memory"]
     assert "torch" in roots["mobillm.trainer.core"]
     assert sum(len(t) for t in graph.values()) > 200
 
@@ -162,3 +159,14 @@ def test_the_device_side_never_imports_torch():
     wrong = {m: sorted(roots[m] & set(DEVICE_FORBIDDEN)) for m in roots
              if m.startswith("mobillm.edge_runtime.") and roots[m] & set(DEVICE_FORBIDDEN)}
     assert wrong == {}
+
+
+def test_bench_imports_as_mobillm_bench_from_the_checkout():
+    """Every bench/ folder of modules is a package of setup.py's editable mapping, found in this checkout
+    (scripts run as `python -m mobillm.bench.<folder>.<name>`, never through sys.path)."""
+    folders = sorted(p.name for p in (ROOT / "bench").iterdir() if p.is_dir() and any(p.glob("*.py")))
+    assert folders == ["ci", "micro", "paper"]
+    for path in [ROOT / "bench" / "paths.py", *(min((ROOT / "bench" / f).glob("*.py")) for f in folders)]:
+        name = ".".join(("mobillm", *path.relative_to(ROOT).with_suffix("").parts))
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and Path(spec.origin) == path, name

@@ -61,6 +61,7 @@ def test_wheel_installs_and_imports_from_itself(tmp_path):
     assert CONFIG in names, f"{CONFIG} is not in the wheel; check [tool.setuptools.package-data]"
     assert "mobillm/trainer/status.html" in names, "the status page is not in the wheel; check package-data"
     assert not [n for n in names if n.startswith(("tests/", "bench/", "docs/"))], "the wheel ships non-package files"
+    assert not [n for n in names if n.startswith("mobillm/bench/")], "the benchmarks are for editable installs only"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "edge-run = mobillm.edge_runtime.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

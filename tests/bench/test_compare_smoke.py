@@ -1,4 +1,4 @@
-"""bench/compare.py end to end at a tiny size: every method runs in its own process and reports
+"""bench/paper/compare.py end to end at a tiny size: every method runs in its own process and reports
 finite numbers (memory, compute, bytes, dev metric), the table and the plot are written."""
 
 import json
@@ -27,7 +27,7 @@ def finite(v) -> bool:
 def test_every_method_reports_finite_numbers(tiny_engine_factory, tmp_path):
     tiny = {"num_hidden_layers": 2}  # and hidden 64 (mobillm.common.sample.TINY_OPT)
     engine, engine_int8 = tiny_engine_factory(overrides=tiny), tiny_engine_factory(overrides=tiny, weights="int8")
-    cmd = [sys.executable, str(REPO / "bench" / "compare.py"), "--engine", str(engine), "--engine-int8", str(engine_int8),
+    cmd = [sys.executable, "-m", "mobillm.bench.paper.compare", "--engine", str(engine), "--engine-int8", str(engine_int8),
            "--methods", ",".join(METHODS),
            "--train-rows", "64", "--dev-rows", "32", "--budget-minutes", "0.1", "--evals", "1",
            "--mobillm-epochs", "2", "--no-zero-eval", "--jobs", "2", "--work", str(tmp_path / "work"),

@@ -1,18 +1,17 @@
-"""bench/compare.py on a task with two dev splits (MNLI: dev_matched, dev_mismatched), on the GLUE-layout
+"""bench/paper/compare.py on a task with two dev splits (MNLI: dev_matched, dev_mismatched), on the GLUE-layout
 fixtures: the data holds both splits, every score is taken per split, and the report shows each."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mobillm.bench.paper.compare_config import Settings
+from mobillm.bench.paper.compare_data import prepare_data
+from mobillm.bench.paper.compare_report import markdown, summarize
+from mobillm.bench.paper.compare_workers import Data, dev_point
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))
-from compare_config import Settings  # noqa: E402
-from compare_data import prepare_data  # noqa: E402
-from compare_report import markdown, summarize  # noqa: E402
-from compare_workers import Data, dev_point  # noqa: E402
 
 MNLI = REPO / "tests" / "common" / "fixtures" / "glue" / "MNLI"
 
@@ -52,7 +51,7 @@ def test_mnli_comparison_data_and_report_keep_matched_and_mismatched_apart(tiny_
 
 
 def test_evaluate_worker_scores_matched_and_mismatched_on_the_device_path(tiny_engine, tmp_path):
-    from compare_workers import evaluate_worker
+    from mobillm.bench.paper.compare_workers import evaluate_worker
 
     from mobillm.common.manifest import Manifest, manifest_digest
     from mobillm.trainer.config import OptimConfig, RunConfig, SideConfig
@@ -77,8 +76,8 @@ def test_evaluate_worker_scores_matched_and_mismatched_on_the_device_path(tiny_e
 def test_a_run_whose_planned_batches_end_before_the_budget_is_scored_at_its_last_step(tiny_engine, tmp_path):
     """Tiny models on an idle machine can run every planned batch inside the budget: the run ends
     there, its last step is scored and counts as the budget's point (CI once saw lora with no point)."""
-    from compare_harness import Harness
-    from compare_workers import torch_worker
+    from mobillm.bench.paper.compare_harness import Harness
+    from mobillm.bench.paper.compare_workers import torch_worker
 
     s = Settings(task="qqp", data_dir=REPO / "tests" / "common" / "fixtures" / "glue" / "QQP",
                  train_rows=4, dev_rows=4, batch_size=2, budget_minutes=60.0, evals=1, no_zero_eval=True)
@@ -94,7 +93,7 @@ def test_a_run_whose_planned_batches_end_before_the_budget_is_scored_at_its_last
 def test_checkpoint_watcher_starts_afresh_in_a_rerun_work_folder(tmp_path):
     """--reuse reruns a mobillm method in the same work folder: the snapshots of the earlier run
     must not stop the watcher (os.link onto an existing c000 once killed its thread silently)."""
-    from compare_harness import CheckpointWatcher
+    from mobillm.bench.paper.compare_harness import CheckpointWatcher
 
     run_dir, snaps = tmp_path / "run", tmp_path / "snaps"
     run_dir.mkdir()

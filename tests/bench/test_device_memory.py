@@ -1,21 +1,11 @@
-"""bench/device_memory.py: a process past its RSS cap is killed and reported as "> cap" (a lower
+"""bench/micro/device_memory.py: a process past its RSS cap is killed and reported as "> cap" (a lower
 bound, and ratios against it upper bounds), never as a failure; rows are really `seq` tokens long."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from mobillm.bench.micro import device_memory as dm
+from mobillm.bench.paths import TOKENIZER
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("device_memory", REPO / "bench" / "device_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dm = load_bench()
 HOG = "import time; x = bytearray(400 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(30)"
 
 
@@ -40,7 +30,7 @@ def test_killed_reference_reads_as_bounds():
 def test_rows_reach_the_requested_length(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
 
-    opt = REPO.parent / "shared" / "data" / "tokenizer" / "opt"
+    opt = TOKENIZER
     dm.long_rows(tmp_path / "rows.tsv", 3, seq=256)
     lines = (tmp_path / "rows.tsv").read_text().splitlines()[1:]
     assert len(lines) == 3

@@ -1,7 +1,6 @@
-"""bench/device_speed.py: the variant table as data, rows the exporter cannot build kept as skipped
+"""bench/micro/device_speed.py: the variant table as data, rows the exporter cannot build kept as skipped
 with a reason, and (slow) a quick end-to-end run whose table and JSON hold every requested row."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,18 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mobillm.bench.micro import device_speed as ds
+
 REPO = Path(__file__).resolve().parents[2]
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("device_speed", REPO / "bench" / "device_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-ds = load_bench()
 
 
 def test_every_weight_quantizer_optimizer_combination_is_one_row():
@@ -87,7 +78,7 @@ def test_quick_run_reports_every_requested_row(tmp_path):
     pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
     rows = ["torch-eager", "default", "default-fp16taps", "int4", "int4-fp16taps", "fp32-std-noopt"]
     out = tmp_path / "speed.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "device_speed.py"), "--quick", "--engines",
+    proc = subprocess.run([sys.executable, "-m", "mobillm.bench.micro.device_speed", "--quick", "--engines",
                            str(tmp_path / "engines"), "--variants", ",".join(rows), "--json-out", str(out)],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,18 +1,13 @@
-"""bench/lst.py: Ladder Side-Tuning on tiny random-init OPT and Gemma 3 backbones: the side network's
+"""bench/paper/lst.py: Ladder Side-Tuning on tiny random-init OPT and Gemma 3 backbones: the side network's
 shapes, its pruned initialisation, only side parameters get gradients, and a toy task is learnt."""
-
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 transformers = pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from baselines import adapt  # noqa: E402
-from lst import LadderSideTuning, pruned_indices  # noqa: E402
-
+from mobillm.bench.paper.baselines import adapt  # noqa: E402 (torch first: skipped without it)
+from mobillm.bench.paper.lst import LadderSideTuning, pruned_indices  # noqa: E402
 from mobillm.common.sample import TINY_OPT  # noqa: E402
 
 TINY_GEMMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -1,18 +1,12 @@
-"""bench/paper_bytes.py: the paper's scheme reproduces its Table V (~400 MB per iteration for
+"""bench/paper/paper_bytes.py: the paper's scheme reproduces its Table V (~400 MB per iteration for
 OPT-1.3B), and the earlier 9-tap baseline and saving ratios of docs/benchmarks.md come out of it."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))  # bench/ scripts import each other by name, as when run from there
-
-import compare_config  # noqa: E402
-import compare_report  # noqa: E402
-import paper_bytes as pb  # noqa: E402
+from mobillm.bench.paper import compare_config, compare_report
+from mobillm.bench.paper import paper_bytes as pb
 
 
 def test_paper_scheme_reproduces_table_v():

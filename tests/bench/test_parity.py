@@ -1,4 +1,4 @@
-"""bench/parity.py and compare.py's fair protocol (issue 26, item 4): held-out train rows, early
+"""bench/paper/parity.py and compare.py's fair protocol (issue 26, item 4): held-out train rows, early
 stopping on them, --cache epochs sized to the budget, and the paired bootstrap over seeds."""
 
 import json
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mobillm.bench.paper.compare_config import Settings
+from mobillm.bench.paper.compare_curves import holdout_choice
+from mobillm.bench.paper.compare_methods import cached_step_s, on_grid, size_cache_epochs
+from mobillm.bench.paper.parity import paired_bootstrap
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))
-from compare_config import Settings  # noqa: E402
-from compare_curves import holdout_choice  # noqa: E402
-from compare_methods import cached_step_s, on_grid, size_cache_epochs  # noqa: E402
-from parity import paired_bootstrap  # noqa: E402
 
 
 def test_holdout_choice_is_the_holdout_argmax_and_t0_only_when_strictly_best():
@@ -58,7 +58,7 @@ def test_cache_epochs_fill_the_budget_from_forward_and_cached_step_rates(tmp_pat
 
 
 def test_holdout_rows_are_train_rows_disjoint_from_the_training_subset(tiny_engine, tmp_path):
-    from compare_data import prepare_data
+    from mobillm.bench.paper.compare_data import prepare_data
 
     data = prepare_data(Settings(train_rows=40, holdout_rows=24, dev_rows=16, seed=3, data_seed=0), tiny_engine,
                         (tmp_path / "a").mkdir() or tmp_path / "a")
@@ -80,7 +80,7 @@ def test_holdout_rows_are_train_rows_disjoint_from_the_training_subset(tiny_engi
 def test_parity_driver_end_to_end_on_a_tiny_model(tiny_engine_factory, tmp_path):
     engine = tiny_engine_factory(overrides={"num_hidden_layers": 2})
     out = tmp_path / "parity"
-    cmd = [sys.executable, str(REPO / "bench" / "parity.py"), "--seeds", "0,1", "--methods", "lora,mobillm-cache",
+    cmd = [sys.executable, "-m", "mobillm.bench.paper.parity", "--seeds", "0,1", "--methods", "lora,mobillm-cache",
            "--once", "mobillm-local", "--bootstrap", "500", "--out", str(out), "--",
            "--engine", str(engine), "--train-rows", "96", "--holdout-rows", "32", "--dev-rows", "32",
            "--budget-minutes", "0.1", "--evals", "2", "--threads", "1"]
@@ -118,7 +118,7 @@ def fake_row(method, correct, holdout_t=60.0, curve=((60.0, 0.8), (120.0, 0.9)))
 
 
 def test_aggregate_reports_seed_means_the_paired_difference_and_time_ratio_and_rebuilds_from_files(tmp_path):
-    from parity import aggregate, main
+    from mobillm.bench.paper.parity import aggregate, main
 
     rng = np.random.default_rng(0)
     truth = (rng.random(200) < 0.85).astype(int)

@@ -1,23 +1,12 @@
-"""bench/profile_engine.py: ORT's profiler summed by operator type on a tiny engine."""
+"""bench/micro/profile_engine.py: ORT's profiler summed by operator type on a tiny engine."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "profile_engine.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("profile_engine", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from mobillm.bench.micro import profile_engine
 
 
 def test_int4_time_is_attributed_to_matmulnbits(tiny_engine_factory):
-    r = _module().profile(tiny_engine_factory(weights="int4"), batch=2, seq=8, runs=2, threads=1)
+    r = profile_engine.profile(tiny_engine_factory(weights="int4"), batch=2, seq=8, runs=2, threads=1)
     assert r["weights"] == "int4" and r["weight_quant"]["accuracy_level"] == 4
     assert r["by_op_ms"]["MatMulNBits"] > 0 and abs(sum(r["by_op_share"].values()) - 1) < 1e-6
     assert len(r["wall_ms"]) == 2 and r["kernel_ms"] > 0

@@ -1,4 +1,4 @@
-"""The device side on aarch64, under qemu user-mode emulation (bench/aarch64/setup.sh builds it).
+"""The device side on aarch64, under qemu user-mode emulation (bench/ci/aarch64/setup.sh builds it).
 
 An engine exported here (x86-64) with one tap per format runs on an emulated aarch64 device
 (arm64 Python, the aarch64 onnxruntime/numpy wheels, the fused quantizer cross-compiled for
@@ -40,10 +40,10 @@ FORMATS = "int8,fp8,int4,nf4,fp16"
 QEMU_TIMEOUT = 240
 
 if shutil.which("qemu-aarch64-static") is None:
-    pytest.skip("qemu-aarch64-static is not installed (apt-get install qemu-user-static; bench/aarch64/setup.sh)",
+    pytest.skip("qemu-aarch64-static is not installed (apt-get install qemu-user-static; bench/ci/aarch64/setup.sh)",
                 allow_module_level=True)
 if not (AARCH64 / "edge-run").is_file():
-    pytest.skip(f"no aarch64 sysroot in {AARCH64}: run bench/aarch64/setup.sh", allow_module_level=True)
+    pytest.skip(f"no aarch64 sysroot in {AARCH64}: run bench/ci/aarch64/setup.sh", allow_module_level=True)
 torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)  # the x86 trainer server
 onnx = pytest.importorskip("onnx", exc_type=ModuleNotFoundError)
 
@@ -117,11 +117,11 @@ def current_device_copy():
     """The emulated device runs a copy of mobillm made by setup.sh: a stale copy is refreshed by
     rerunning it (cached downloads: seconds), never tested."""
     if stale_copies():
-        subprocess.run(["bash", str(ROOT / "bench" / "aarch64" / "setup.sh")], check=True, capture_output=True,
+        subprocess.run(["bash", str(ROOT / "bench" / "ci" / "aarch64" / "setup.sh")], check=True, capture_output=True,
                        timeout=600)
     if stale := stale_copies():
         pytest.fail(f"the emulated device's copy of mobillm is stale ({', '.join(stale[:3])}) after "
-                    f"bench/aarch64/setup.sh", pytrace=False)
+                    f"bench/ci/aarch64/setup.sh", pytrace=False)
 
 
 @pytest.fixture(scope="module")

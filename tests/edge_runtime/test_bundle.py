@@ -22,7 +22,7 @@ from mobillm.edge_runtime import cli  # noqa: E402
 from mobillm.edge_runtime.bundle import BundleModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-NODE_DIR = REPO / "bench" / "node"
+NODE_DIR = REPO / "bench" / "ci" / "node"
 TEXTS = ["a gripping, funny film", "the most boring two hours of my life", "ok",
          "  spaces around and\ta tab  ", "an utterly forgettable, if well-meaning, attempt at a long comedy"]
 
@@ -118,7 +118,7 @@ def test_bundle_runs_in_python_ort_without_the_project(last_bundle, tiny_engine,
 
 
 def node_modules() -> Path:
-    """bench/node's onnxruntime-node, installed from its lock file on first use. Node and npm are test
+    """bench/ci/node's onnxruntime-node, installed from its lock file on first use. Node and npm are test
     requirements (.ci/run): their absence fails this test, it does not skip it."""
     for tool in ("node", "npm"):
         assert shutil.which(tool), f"{tool} is not installed: the bundle's Node.js check cannot run (install Node 20+)"

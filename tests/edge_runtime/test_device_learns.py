@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 from helpers import write_rows
 
+from mobillm.bench.server import TrainerServe
 from mobillm.common import wire
-from mobillm.common.netsim import free_port, wait_listening
 from mobillm.common.tasks import get_task
 from mobillm.edge_runtime import cli
 from mobillm.edge_runtime.backbone import Backbone
@@ -39,22 +35,10 @@ def trainer_serve(tmp_path_factory):
     """A `trainer serve` process on a free port of 127.0.0.1 (one for this module, each test its own
     run); yields its ws:// URL; stopped with SIGTERM, which it must answer with exit status 0."""
     tmp_path = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mobillm.trainer.cli", "serve", "--host", "127.0.0.1",
-                             "--port", str(port), "--runs", str(tmp_path / "runs"), "--threads", "1",
-                             "--no-tensorboard", "--bitplan-every", "0"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_listening(port, proc, what="trainer serve")
-        yield f"ws://127.0.0.1:{port}"
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(60) == 0, (tmp_path / "server.log").read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)  # by PID: only the process this fixture started
-            proc.wait(30)
-        log.close()
+    with TrainerServe(tmp_path / "runs", "--threads", "1", "--no-tensorboard", "--bitplan-every", "0",
+                      log=tmp_path / "server.log") as server:
+        yield server.url
+        assert server.stop(60) == 0, (tmp_path / "server.log").read_text()[-2000:]
 
 
 def test_edge_run_train_learns_the_sample(tiny_engine, trainer_serve, tmp_path, capsys):

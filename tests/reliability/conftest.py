@@ -1,7 +1,7 @@
 """Reliability harness: a fault-injecting link, `trainer serve` as a real subprocess, and checks.
 
 Counts scale with MOBILLM_RELIABILITY_SCALE: `small` (default, CI: the whole folder in a few
-minutes on 2 cores) or `full` (what `bench/reliability.py` runs). With MOBILLM_RELIABILITY_REPORT
+minutes on 2 cores) or `full` (what `bench/ci/reliability.py` runs). With MOBILLM_RELIABILITY_REPORT
 set to a file, every test appends what it measured there as one JSON line.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 from helpers import started_each, write_rows
 
+from mobillm.bench.server import TrainerServe
 from mobillm.common.netsim import Connection, LinkProxy, free_port
 from mobillm.common.procfs import status_mb
 
@@ -44,7 +43,7 @@ def profile() -> dict:
 
 @pytest.fixture
 def report(request):
-    """report(**measured): one JSON line per test in $MOBILLM_RELIABILITY_REPORT (bench/reliability.py)."""
+    """report(**measured): one JSON line per test in $MOBILLM_RELIABILITY_REPORT (bench/ci/reliability.py)."""
     def write(**values):
         line = json.dumps({"test": request.node.name, "scale": SCALE, **values})
         print(line)
@@ -117,35 +116,20 @@ def fault_proxy():
 
 # ---- the server as a process ------------------------------------------------------------------
 
-class ServerProcess:
-    """`trainer serve` in a child process on a fixed port (so a restart is found at the same address)."""
+class ServerProcess(TrainerServe):
+    """`trainer serve` in a child process on a fixed port (so a restart is found at the same address),
+    ready when its log says so (a restart's old socket cannot answer for it)."""
 
     def __init__(self, runs: Path, port: int, args: list[str], log: Path):
-        self.runs, self.port, self.args, self.log_path = Path(runs), port, list(args), Path(log)
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
+        super().__init__(runs, "--threads", "1", *args, port=port, log=log,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
 
-    @property
-    def url(self) -> str:
-        scheme = "wss" if "--certfile" in self.args else "ws"
-        return f"{scheme}://127.0.0.1:{self.port}"
-
-    def start(self, *extra: str, timeout: float = 60.0) -> float:
-        """Start and wait until it listens; returns the seconds that took."""
-        self.launch(*extra)
-        return self.wait_ready(timeout)
-
-    def launch(self, *extra: str) -> None:
+    def launch(self, *extra: str) -> ServerProcess:
         """Start the process without waiting (see wait_ready)."""
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.starts += 1
         self._mark = self.log_text().count("trainer serving on")
-        cmd = [sys.executable, "-m", "mobillm.trainer.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--runs", str(self.runs), "--threads", "1", *self.args, *extra]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self._t0 = time.perf_counter()
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        super().launch(*extra)
+        return self
 
     def wait_ready(self, timeout: float = 60.0) -> float:
         """Wait until the launched server listens; returns the seconds since launch."""
@@ -156,6 +140,10 @@ class ServerProcess:
                 raise TimeoutError(f"trainer serve did not listen within {timeout:g} s:\n{self.log_text()[-3000:]}")
             time.sleep(0.02)
         return time.perf_counter() - self._t0
+
+    def start(self, *extra: str, timeout: float = 60.0) -> float:
+        """Start and wait until it listens; returns the seconds that took."""
+        return super().start(*extra, timeout=timeout)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""

@@ -8,7 +8,7 @@ that never trained.
 
 Counts: MOBILLM_RELIABILITY_SCALE=small (CI, under a minute) or full (the issue's goals: 1,000
 pre-auth connections, 100 oversized HELLOs, 50 maximal 60 MiB batches, 10,000 run names under a
-1 GiB budget; several minutes on 2 cores, run by `python bench/reliability.py -k hostile`, not in
+1 GiB budget; several minutes on 2 cores, run by `python -m mobillm.bench.ci.reliability -k hostile`, not in
 CI). docs/reliability.md has the figures.
 """
 

@@ -93,7 +93,7 @@ def test_three_backbones_train_one_shared_side_network(tiny_engine_factory, star
         assert meta["metrics"]["last_epoch_loss"] < 0.5, (name, meta["metrics"])
         families.add(meta["federated"]["family"])
     assert len(families) == 3
-    # The live snapshot a benchmark scores (bench/federated.py) is the model the device got back.
+    # The live snapshot a benchmark scores (bench/paper/federated.py) is the model the device got back.
     name = next(iter(trainers))
     snap = server.policy.snapshot("fed-sst2", name)
     assert snap is not None and not snap.training
