@@ -1,6 +1,6 @@
 """What ORT's dynamic int8 kernel costs each MatMul of a model: a torch simulation on calibration rows.
 
-    python bench/int8_activation_error.py gemma-3-270m --calibration FILE --rows 48 --alpha 0.5 \
+    python -m mobillm.bench.micro.int8_activation_error gemma-3-270m --calibration FILE --rows 48 --alpha 0.5 \
         --out docs/runs/int8_activation_error_gemma.json
 
 `quantize_dynamic` engines quantize every MatMul input per call and per tensor to uint8
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     for n, (e, act) in sorted(per.items(), key=lambda kv: -kv[1][0])[:15]:
         print(f"| {n} | {e:.4f} | {act:.4f} |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": "python bench/int8_activation_error.py " + " ".join(argv or sys.argv[1:]),
+    a.out.write_text(json.dumps({"command": "python -m mobillm.bench.micro.int8_activation_error " + " ".join(argv or sys.argv[1:]),
                                  "alpha": a.alpha, "rows": len(rows), "batch": a.batch,
                                  "error": {n: {"activations_and_weights": e, "activations_only": act}
                                            for n, (e, act) in per.items()}}, indent=1))
