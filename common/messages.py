@@ -73,7 +73,7 @@ class ProtocolError(BadInput):
 def _load(cls, meta, code: str, what: str):
     """A message `cls` from its meta by the rules on its fields; ProtocolError `code` otherwise."""
     try:
-        return schema.load(cls, meta, what)
+        return schema.load(cls, meta)
     except schema.SchemaError as exc:
         raise ProtocolError(code, f"{what} field {exc}") from None
 

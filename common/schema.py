@@ -24,6 +24,7 @@ version at a time before it is loaded. The edges turn `SchemaError` into their o
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Callable, Mapping
@@ -87,7 +88,10 @@ def has_type(value, tp) -> bool:
 
 
 def type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """An annotation as written: int, list[int], tuple[TapSpec, ...], str | None."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return re.sub(r"\b(?:\w+\.)+(?=\w)", "", str(tp)).replace("NoneType", "None")
 
 
 def _path(where: str, name: str) -> str:
@@ -127,7 +131,7 @@ def check(obj, where: str = "") -> None:
     is not of its declared type or breaks its rules; then `obj.cross_check()`, when it has one."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value, name = getattr(obj, f.name), _path(where, f.name)
+        value, name = getattr(obj, f.name), _path(where, key_of(f))
         if not has_type(value, hints[f.name]):
             raise SchemaError(f"{name} must be {type_name(hints[f.name])}, got {value!r:.60}")
         problem = _rule_error(rules_of(f), value)

@@ -350,8 +350,8 @@ def check_identity(cfg: RunConfig, hello: Hello) -> None:
     """A reconnecting device must repeat the HELLO the run was started with."""
     saved = {"task": cfg.task, "task_type": cfg.task_type, "num_labels": cfg.num_labels, "model_id": cfg.model_id,
              "manifest_sha256": cfg.manifest_sha256, "mode": cfg.mode, "taps": [t.to_meta() for t in cfg.taps],
-             "epochs": cfg.epochs,
-             "samples_per_epoch": cfg.samples_per_epoch, "device_id": cfg.device_id, "bits": cfg.bits}
+             "epochs": cfg.epochs, "samples_per_epoch": cfg.samples_per_epoch, "device_id": cfg.device_id,
+             "bits": cfg.bits}
     for key, value in hello.identity().items():
         if saved[key] != value:
             raise ProtocolError("run_mismatch", f"run {cfg.run!r} was started with {key}={saved[key]!r}, the HELLO "
