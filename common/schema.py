@@ -24,6 +24,7 @@ version at a time before it is loaded. The edges turn `SchemaError` into their o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -129,7 +130,7 @@ def _item_error(rules: dict, value) -> str | None:
 def check(obj, where: str = "") -> None:
     """SchemaError naming the first field of record `obj` (and of the records it holds) whose value
     is not of its declared type or breaks its rules; then `obj.cross_check()`, when it has one."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value, name = getattr(obj, f.name), _path(where, key_of(f))
         if not has_type(value, hints[f.name]):
@@ -145,6 +146,12 @@ def check(obj, where: str = "") -> None:
                     check(item, f"{name}[{i}]")
     if hasattr(obj, "cross_check"):
         obj.cross_check()
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    """The resolved annotations of record class `cls` (once per class: messages are read per frame)."""
+    return typing.get_type_hints(cls)
 
 
 def _record_type(tp) -> type | None:
@@ -173,7 +180,7 @@ def load(cls, data, where: str = ""):
     """A checked `cls` record from a JSON object (see the module docstring); SchemaError otherwise."""
     if not isinstance(data, dict):
         raise SchemaError(f"{where or cls.__name__} must be an object, got {data!r:.60}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         key = key_of(f)
