@@ -130,7 +130,7 @@ def _item_error(rules: dict, value) -> str | None:
 def check(obj, where: str = "") -> None:
     """SchemaError naming the first field of record `obj` (and of the records it holds) whose value
     is not of its declared type or breaks its rules; then `obj.cross_check()`, when it has one."""
-    hints = _hints(type(obj))
+    hints = _hints(obj.__class__)
     for f in dataclasses.fields(obj):
         value, name = getattr(obj, f.name), _path(where, key_of(f))
         if not has_type(value, hints[f.name]):
@@ -149,7 +149,7 @@ def check(obj, where: str = "") -> None:
 
 
 @functools.cache
-def _hints(cls) -> dict:
+def _hints(cls: type) -> dict:
     """The resolved annotations of record class `cls` (once per class: messages are read per frame)."""
     return typing.get_type_hints(cls)
 
