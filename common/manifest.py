@@ -5,18 +5,21 @@ Torch-free on purpose: the device reads it with the standard library alone.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mobillm.common import schema
 from mobillm.common.errors import BadInput
+from mobillm.common.schema import rule
+from mobillm.common.taps import TapSpec
 from mobillm.kernels import codec
+
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "TEXT_HYGIENE", "Manifest", "ManifestError", "TapSpec",
+           "manifest_digest", "sha256_file"]
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -31,71 +34,16 @@ class ManifestError(BadInput, ValueError):
 
 
 @dataclass
-class TapSpec:
-    """One tapped block output: hidden_states[layer] of the decoder, quantized in the graph."""
-
-    layer: int  # index into HF hidden_states (1..num_layers); the last is after final LN/project_out
-    hidden: int
-    fmt: str
-    block_size: int
-    codes_output: str
-    scales_output: str
-
-    def __post_init__(self):
-        check_field_types(self, "taps[]")
-        if self.hidden < 1 or self.block_size < codec.PER_TENSOR:
-            raise ManifestError(f"tap at layer {self.layer}: hidden {self.hidden} must be >= 1 and block_size "
-                                f"{self.block_size} >= 1, or 0 for one scale per tap tensor")
-
-    @property
-    def bytes_per_token(self) -> int:
-        return codec.bytes_per_row(self.fmt, self.hidden, self.block_size)
-
-
-def _has_type(value, tp) -> bool:
-    """isinstance for the annotations manifest fields use: int, str, bool, float, dict, None, unions, list[X]."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, arg) for arg in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_has_type(v, item) for v in value)
-    if origin is not None:
-        return isinstance(value, origin)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def check_field_types(obj, where: str = "") -> None:
-    """ManifestError naming the first field of dataclass `obj` whose value does not have its declared
-    type (a hand-edited manifest with "hidden": "lots" fails here, not deep inside the device)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if not _has_type(value, hints[f.name]):
-            name = f"{where}.{f.name}" if where else f.name
-            raise ManifestError(f"manifest field {name} must be {_type_name(hints[f.name])}, got {value!r:.60}")
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-@dataclass
 class Manifest:
     model_id: str
     family: str
     config: dict
-    num_layers: int
-    blocks: list[int]
-    taps: list[TapSpec]
-    head_hidden: int
-    max_length: int
+    num_layers: int = rule(min=1)
+    # Decoder layers between consecutive taps ("blocks" on disk; not the quantization block_size).
+    layer_groups: list[int] = rule(key="blocks", min=0)
+    taps: list[TapSpec] = rule()
+    head_hidden: int = rule(min=1)
+    max_length: int = rule(min=1)
     compute_dtype: str = "fp32"
     weights: str = "fp32"
     graph: str = "backbone.onnx"
@@ -178,29 +126,30 @@ class Manifest:
 
     @property
     def token_rules(self) -> dict:
-        if self.tokens:
-            return self.tokens
-        return {"bos_id": self.config.get("bos_token_id"), "bos_each_segment": True, "eos_id": None}
+        """{"bos_id", "bos_each_segment", "eos_id"}: how the device frames a row's ids."""
+        return self.tokens or _opt_token_rules(self.config)
 
     def __post_init__(self):
-        if not isinstance(self.taps, list) or not all(isinstance(t, (TapSpec, dict)) for t in self.taps):
-            raise ManifestError("manifest field taps must be a list of objects")
-        self.taps = [t if isinstance(t, TapSpec) else TapSpec(**t) for t in self.taps]
-        check_field_types(self)
-        self.validate()
+        try:
+            schema.check(self)  # the fields' types and rules, each tap's, then cross_check()
+        except schema.SchemaError as exc:
+            raise ManifestError(f"manifest field {exc}") from None
 
-    def validate(self) -> None:
+    def cross_check(self) -> None:
+        """The rules across fields (schema.check runs it after the fields' own)."""
         if self.format_version != MANIFEST_VERSION:
             raise ManifestError(f"manifest format version {self.format_version} is not supported "
                                 f"(this mobillm reads version {MANIFEST_VERSION}); re-export the engine")
-        if sum(self.blocks) != self.num_layers:
-            raise ManifestError(f"blocks {self.blocks} sum to {sum(self.blocks)}, not {self.num_layers} layers")
+        if sum(self.layer_groups) != self.num_layers:
+            raise ManifestError(f"blocks {self.layer_groups} sum to {sum(self.layer_groups)}, "
+                                f"not {self.num_layers} layers")
         if not self.taps:
             raise ManifestError("manifest lists no taps")
-        for tap in self.taps:
-            codec.check_format(tap.fmt)
+        for i, tap in enumerate(self.taps):
             if not 1 <= tap.layer <= self.num_layers:
                 raise ManifestError(f"tap layer {tap.layer} outside 1..{self.num_layers}")
+            if tap.codes_output is None or tap.scales_output is None:
+                raise ManifestError(f"taps[{i}] names no codes_output and scales_output; re-export the engine")
         if self.taps[-1].layer != self.num_layers:
             raise ManifestError("the final layer must be tapped (the head reads it)")
         if self.tap_switch is not None:
@@ -221,7 +170,7 @@ class Manifest:
         return sum(t.bytes_per_token for t in self.taps)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return schema.dump(self)
 
     def save(self, folder: Path | str) -> Path:
         """Record checksums of the engine files, then write manifest.json."""
@@ -236,6 +185,20 @@ class Manifest:
         return path
 
     @classmethod
+    def from_dict(cls, data) -> "Manifest":
+        """A manifest from its JSON data, of any format version this mobillm reads (READERS)."""
+        if not isinstance(data, dict):
+            raise ManifestError("not a manifest (a JSON object); re-export the engine")
+        try:
+            data = schema.migrate(data, "manifest", "format_version", READERS)
+        except schema.SchemaError as exc:
+            raise ManifestError(f"{exc}; re-export the engine") from None
+        try:
+            return schema.load(cls, data)
+        except schema.SchemaError as exc:
+            raise ManifestError(f"manifest field {exc}; re-export the engine") from None
+
+    @classmethod
     def load(cls, folder: Path | str, verify: bool = True) -> "Manifest":
         """Read an engine folder's manifest; with `verify`, check every file's sha256."""
         folder = Path(folder)
@@ -246,15 +209,8 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-        version = data.get("format_version")
-        if version != MANIFEST_VERSION:
-            raise ManifestError(f"{path}: manifest format version {version} is not supported "
-                                f"(this mobillm reads version {MANIFEST_VERSION}); re-export the engine")
-        known = {f.name for f in dataclasses.fields(cls)}
         try:
-            manifest = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise ManifestError(f"{path}: malformed manifest ({exc})") from None
+            manifest = cls.from_dict(data)
         except ManifestError as exc:
             raise ManifestError(f"{path}: {exc}") from None
         if verify:
@@ -270,6 +226,23 @@ class Manifest:
             if sha256_file(p) != digest:
                 raise ManifestError(f"{folder}: checksum mismatch for {rel}; the engine is corrupt or was "
                                     f"modified; copy it again from the export machine")
+
+
+def _opt_token_rules(config: dict) -> dict:
+    """The rule of engines made before `tokens` existed (all OPT): BOS = config["bos_token_id"]
+    before every segment, no EOS."""
+    return {"bos_id": config.get("bos_token_id"), "bos_each_segment": True, "eos_id": None}
+
+
+def _read_v1(data: dict) -> dict:
+    """A format-1 manifest as this code loads it: engines made before `tokens` existed get the rule
+    they were made with written out (schema.migrate; a format 2 would chain through this step)."""
+    if not data.get("tokens") and isinstance(data.get("config"), dict):
+        data["tokens"] = _opt_token_rules(data["config"])
+    return data
+
+
+READERS = {MANIFEST_VERSION: _read_v1}  # format version -> the step that brings it to this code's shape
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:

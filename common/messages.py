@@ -3,8 +3,9 @@
 `wire.py` frames bytes; this module says what the JSON meta of each message holds. Both sides
 build and read messages only through these dataclasses: the device builds `Hello` and reads
 `Welcome`, `Credit`, `BitPlan`, `ModelMeta` and `TrainingDone`; the server does the reverse.
-`from_meta` validates (unknown extra keys are ignored, for forward compatibility) and raises
-`ProtocolError` with a stable code; `to_meta` gives the dict `wire.encode_frame` serialises, in a
+`from_meta` validates through `schema.load`, by the rules declared on each message's fields
+(unknown extra keys are ignored, for forward compatibility), and raises `ProtocolError` with a
+stable code; `to_meta` gives the dict `wire.encode_frame` serialises, in a
 fixed key order (tests/common/test_golden_frames.py pins the bytes). `docs/protocol.md` is the prose.
 
 The side network's ONNX I/O contract (`side_input_names`, `SIDE_MASK`, `SIDE_OUTPUT`) lives here
@@ -16,8 +17,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mobillm.common import wire
+from mobillm.common import schema, wire
 from mobillm.common.errors import BadInput
+from mobillm.common.schema import rule
+from mobillm.common.taps import TapSpec
 from mobillm.kernels import codec
 
 # Run, device and task names name folders on the server: ASCII letters and digits, then also . _ -.
@@ -67,53 +70,30 @@ class ProtocolError(BadInput):
         self.code, self.message = code, message
 
 
-def _get(meta: dict, name: str, kind: type | tuple, code: str, what: str, default=...):
-    """meta[name] checked against `kind` (bool is never an int here: it is never a valid count)."""
-    if name not in meta and default is not ...:
-        return default
-    value = meta.get(name)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise ProtocolError(code, f"{what} field {name!r} must be a {names}, got {value!r}")
-    return value
+def _load(cls, meta, code: str, what: str):
+    """A message `cls` from its meta by the rules on its fields; ProtocolError `code` otherwise."""
+    try:
+        return schema.load(cls, meta)
+    except schema.SchemaError as exc:
+        raise ProtocolError(code, f"{what} field {exc}") from None
 
 
-def _count(meta: dict, name: str, code: str, what: str, default=...) -> int:
-    value = _get(meta, name, int, code, what, default)
-    if value < 0:
-        raise ProtocolError(code, f"{what} field {name!r} must be >= 0, got {value}")
-    return value
+def _name_rule(what: str):
+    """A field check: `what` must be a name (NAME_RULE)."""
+    return lambda value: None if is_name(value) else f"{value!r}: a {what} is {NAME_RULE}"
 
 
-@dataclass(frozen=True)
-class TapInfo:
-    """One tap as the HELLO declares it: backbone layer, width and engine quant format."""
+def _check_sha256(value: str) -> str | None:
+    return None if SHA256.fullmatch(value) else "must be 64 lowercase hex digits"
 
-    layer: int
-    hidden: int
-    fmt: str
-    block_size: int
 
-    def to_meta(self) -> dict:
-        return {"layer": self.layer, "hidden": self.hidden, "fmt": self.fmt, "block_size": self.block_size}
+def _check_model_id(value: str) -> str | None:
+    return None if is_model_id(value) else (f"{value[:80]!r} must be 1..{MAX_MODEL_ID} printable characters "
+                                            f"without leading or trailing spaces")
 
-    @classmethod
-    def from_meta(cls, meta, index: int = 0) -> "TapInfo":
-        if not isinstance(meta, dict):
-            raise ProtocolError("bad_hello", f"taps[{index}] must be an object")
-        values: dict = {k: meta.get(k) for k in ("layer", "hidden", "fmt", "block_size")}
-        ints = ("layer", "hidden", "block_size")
-        if not all(isinstance(values[k], int) and not isinstance(values[k], bool) for k in ints):
-            raise ProtocolError("bad_hello", f"taps[{index}] needs integer layer, hidden and block_size")
-        if values["fmt"] not in codec.FORMATS:
-            raise ProtocolError("bad_hello", f"taps[{index}].fmt must be one of {codec.FORMATS}, "
-                                             f"got {values['fmt']!r}")
-        if not 0 < values["hidden"] <= 65536 or not 0 <= values["block_size"] <= 65535 or values["layer"] < 0:
-            raise ProtocolError("bad_hello", f"taps[{index}]: hidden must be 1..65536, block_size 0..65535 (0: "
-                                             f"one scale per tensor), "
-                                             f"layer >= 0")
-        return cls(**values)
+
+def _check_taps(taps: tuple) -> str | None:
+    return None if 1 <= len(taps) <= MAX_TAPS else f"must list 1..{MAX_TAPS} taps, got {len(taps)}"
 
 
 def allowed_formats(engine_fmts: list[str], bits: str) -> list[str] | None:
@@ -130,20 +110,20 @@ def allowed_formats(engine_fmts: list[str], bits: str) -> list[str] | None:
 class Hello:
     """HELLO (device -> server): who the device is, what it sends, and for how long."""
 
-    manifest_sha256: str
-    model_id: str
-    task: str
-    task_type: str
-    num_labels: int
-    mode: str
-    taps: tuple[TapInfo, ...]
-    device_id: str
-    run: str | None  # the run name asked for; None: the server names it (see `run_name`)
-    epochs: int
-    samples_per_epoch: int
+    manifest_sha256: str = rule(check=_check_sha256)
+    model_id: str = rule(check=_check_model_id)
+    task: str = rule(check=_name_rule("task name"))
+    task_type: str = rule(choices=wire.LABEL_KINDS)
+    num_labels: int = rule()
+    mode: str = rule(choices=wire.MODES)
+    taps: tuple[TapSpec, ...] = rule(check=_check_taps)
+    device_id: str = rule(check=_name_rule("device id"))
+    run: str | None = rule(check=_name_rule("run name (it names a folder)"))  # None: the server names it (`run_name`)
+    epochs: int = rule(min=1, max=MAX_EPOCHS)
+    samples_per_epoch: int = rule(min=1, max=MAX_SAMPLES)
     token: str | None = None
     bits: str = "engine"
-    num_layers: int | None = None  # backbone depth (optional; federated runs align taps by layer / num_layers)
+    num_layers: int | None = rule(None, max=65536)  # backbone depth (optional; federated runs align taps by layer / num_layers)
 
     @property
     def out_dim(self) -> int:
@@ -181,67 +161,26 @@ class Hello:
         if meta.get("protocol") != wire.VERSION:
             raise ProtocolError("version", f"HELLO protocol {meta.get('protocol')!r} is not supported; "
                                            f"this server speaks protocol {wire.VERSION}")
+        # An empty run or bits means "not given", as None does.
+        return _load(cls, {**meta, "run": meta.get("run") or None, "bits": meta.get("bits") or "engine"},
+                     "bad_hello", "HELLO")
 
-        def field(name: str, kind: type):
-            return _get(meta, name, kind, "bad_hello", "HELLO")
-
-        sha = field("manifest_sha256", str)
-        if not SHA256.fullmatch(sha):
-            raise ProtocolError("bad_hello", "manifest_sha256 must be 64 lowercase hex digits")
-        task = field("task", str)
-        if not is_name(task):
-            raise ProtocolError("bad_hello", f"task {task!r}: a task name is {NAME_RULE}")
-        task_type = field("task_type", str)
-        if task_type not in wire.LABEL_KINDS:
-            raise ProtocolError("bad_hello", f"task_type must be one of {list(wire.LABEL_KINDS)}, got {task_type!r}")
-        num_labels = field("num_labels", int)
-        if task_type == "class" and not 2 <= num_labels <= 1 << 20:
-            raise ProtocolError("bad_hello", f"a classification task needs 2..{1 << 20} labels, got {num_labels}")
-        if task_type == "regression" and num_labels != 1:
-            raise ProtocolError("bad_hello", f"a regression task has num_labels 1, got {num_labels}")
-        mode = field("mode", str)
-        if mode not in wire.MODES:
-            raise ProtocolError("bad_hello", f"mode must be one of {list(wire.MODES)}, got {mode!r}")
-        raw_taps = field("taps", list)
-        if not 1 <= len(raw_taps) <= MAX_TAPS:
-            raise ProtocolError("bad_hello", f"taps must list 1..{MAX_TAPS} taps, got {len(raw_taps)}")
-        taps = tuple(TapInfo.from_meta(t, i) for i, t in enumerate(raw_taps))
-        device_id = field("device_id", str)
-        if not is_name(device_id):
-            raise ProtocolError("bad_hello", f"device_id {device_id!r}: a device id is {NAME_RULE}")
-        run = meta.get("run") or None
-        if run is not None and not is_name(run):
-            raise ProtocolError("bad_hello", f"run {run!r}: a run name is {NAME_RULE} (it names a folder)")
-        model_id = field("model_id", str)
-        if not is_model_id(model_id):
-            raise ProtocolError("bad_hello", f"model_id {model_id[:80]!r} must be 1..{MAX_MODEL_ID} printable "
-                                             f"characters without leading or trailing spaces")
-        epochs = field("epochs", int)
-        samples = field("samples_per_epoch", int)
-        if not 1 <= epochs <= MAX_EPOCHS or not 1 <= samples <= MAX_SAMPLES:
-            raise ProtocolError("bad_hello", f"epochs must be 1..{MAX_EPOCHS} and samples_per_epoch "
-                                             f"1..{MAX_SAMPLES}")
-        token = meta.get("token")
-        if token is not None and not isinstance(token, str):
-            raise ProtocolError("bad_hello", "token must be a string")
-        bits = meta.get("bits") or "engine"
-        if not isinstance(bits, str):
-            raise ProtocolError("bad_hello", "bits must be a string: engine, auto, a format, or one format per tap")
-        num_layers = meta.get("num_layers")
-        if num_layers is not None:
-            deepest = max(t.layer for t in taps)
-            if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not deepest <= num_layers <= 65536:
-                raise ProtocolError("bad_hello", f"num_layers must be an integer {deepest}..65536 (at least the "
-                                                 f"deepest tap layer), got {num_layers!r}")
-        hello = cls(sha, model_id, task, task_type, num_labels, mode, taps, device_id, run,
-                    epochs, samples, token, bits, num_layers)
+    def cross_check(self) -> None:
+        """The rules across fields (schema.check runs it after the fields' own)."""
+        if self.task_type == "class" and not 2 <= self.num_labels <= 1 << 20:
+            raise ProtocolError("bad_hello", f"a classification task needs 2..{1 << 20} labels, got {self.num_labels}")
+        if self.task_type == "regression" and self.num_labels != 1:
+            raise ProtocolError("bad_hello", f"a regression task has num_labels 1, got {self.num_labels}")
+        deepest = max(t.layer for t in self.taps)
+        if self.num_layers is not None and self.num_layers < deepest:
+            raise ProtocolError("bad_hello", f"num_layers must be an integer {deepest}..65536 (at least the "
+                                             f"deepest tap layer), got {self.num_layers!r}")
         try:
-            fmts = hello.formats()
+            fmts = self.formats()
         except ValueError as exc:
-            raise ProtocolError("bad_hello", f"bits {bits!r}: {exc}") from None
-        if fmts is not None and len(fmts) != len(taps):
-            raise ProtocolError("bad_hello", f"bits lists {len(fmts)} formats for {len(taps)} taps")
-        return hello
+            raise ProtocolError("bad_hello", f"bits {self.bits!r}: {exc}") from None
+        if fmts is not None and len(fmts) != len(self.taps):
+            raise ProtocolError("bad_hello", f"bits lists {len(fmts)} formats for {len(self.taps)} taps")
 
 
 @dataclass(frozen=True)
@@ -249,21 +188,12 @@ class FedWelcome:
     """WELCOME's federated extension: the backbone family the device joined and its shared slots."""
 
     family: str
-    slots: list[int]
-    n_slots: int
-    devices: int
+    slots: list[int] = rule(min=0)
+    n_slots: int = rule(min=0)
+    devices: int = rule(min=0)
 
     def to_meta(self) -> dict:
         return {"family": self.family, "slots": list(self.slots), "n_slots": self.n_slots, "devices": self.devices}
-
-    @classmethod
-    def from_meta(cls, meta) -> "FedWelcome":
-        if not isinstance(meta, dict):
-            raise ProtocolError("bad_welcome", "WELCOME field 'federated' must be an object")
-        return cls(_get(meta, "family", str, "bad_welcome", "WELCOME federated"),
-                   _get(meta, "slots", list, "bad_welcome", "WELCOME federated"),
-                   _count(meta, "n_slots", "bad_welcome", "WELCOME federated"),
-                   _count(meta, "devices", "bad_welcome", "WELCOME federated"))
 
 
 @dataclass(frozen=True)
@@ -272,11 +202,11 @@ class Welcome:
 
     session: str
     run: str
-    credits: int
-    samples_done: int  # the resume point: samples of the device's order already trained
-    cache: bool
-    stop_streaming: bool
-    total_samples: int
+    credits: int = rule(min=0)
+    samples_done: int = rule(min=0, key="resume.samples_done")  # the resume point: samples of the device's order already trained
+    cache: bool = False
+    stop_streaming: bool = False
+    total_samples: int = rule(0, min=0)
     federated: FedWelcome | None = None
     # A trainer of several ranks (docs/scale_out.md): the URL of the rank that owns this device;
     # the device closes and connects there. Sent only when set, so other WELCOMEs keep their bytes.
@@ -294,17 +224,7 @@ class Welcome:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Welcome":
-        resume = _get(meta, "resume", dict, "bad_welcome", "WELCOME")
-        fed = meta.get("federated")
-        return cls(_get(meta, "session", str, "bad_welcome", "WELCOME"),
-                   _get(meta, "run", str, "bad_welcome", "WELCOME"),
-                   _count(meta, "credits", "bad_welcome", "WELCOME"),
-                   _count(resume, "samples_done", "bad_welcome", "WELCOME resume"),
-                   _get(meta, "cache", bool, "bad_welcome", "WELCOME", False),
-                   _get(meta, "stop_streaming", bool, "bad_welcome", "WELCOME", False),
-                   _count(meta, "total_samples", "bad_welcome", "WELCOME", 0),
-                   None if fed is None else FedWelcome.from_meta(fed),
-                   _get(meta, "redirect", str, "bad_welcome", "WELCOME", None))
+        return _load(cls, meta, "bad_welcome", "WELCOME")
 
 
 @dataclass(frozen=True)
@@ -312,9 +232,9 @@ class Credit:
     """CREDIT (server -> device): `credits` more batches may be sent; batches up to `acked_seq` and
     the first `samples_done` samples are trained; `stop_streaming`: send no more batches, only DONE."""
 
-    credits: int
-    acked_seq: int
-    samples_done: int
+    credits: int = rule(min=0)
+    acked_seq: int = rule()
+    samples_done: int = rule(min=0)
     stop_streaming: bool = False
 
     def to_meta(self) -> dict:
@@ -325,10 +245,7 @@ class Credit:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Credit":
-        return cls(_count(meta, "credits", "bad_credit", "CREDIT"),
-                   _get(meta, "acked_seq", int, "bad_credit", "CREDIT"),
-                   _count(meta, "samples_done", "bad_credit", "CREDIT"),
-                   _get(meta, "stop_streaming", bool, "bad_credit", "CREDIT", False))
+        return _load(cls, meta, "bad_credit", "CREDIT")
 
 
 @dataclass(frozen=True)
@@ -336,17 +253,15 @@ class BitPlan:
     """BITPLAN (server -> device): per-tap importance (RMS gradient w.r.t. the dequantized tap) at `step`."""
 
     importance: list[float]
-    step: int
+    step: int = rule(min=0)
 
     def to_meta(self) -> dict:
         return {"importance": list(self.importance), "step": self.step}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "BitPlan":
-        importance = _get(meta, "importance", list, "bad_bitplan", "BITPLAN")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in importance):
-            raise ProtocolError("bad_bitplan", "BITPLAN importance must be a list of numbers")
-        return cls([float(v) for v in importance], _count(meta, "step", "bad_bitplan", "BITPLAN"))
+        plan = _load(cls, meta, "bad_bitplan", "BITPLAN")
+        return cls([float(v) for v in plan.importance], plan.step)
 
 
 @dataclass(frozen=True)
@@ -375,14 +290,14 @@ class ModelMeta:
     task_type: str
     num_labels: int
     run: str
-    taps: list[dict]
+    taps: list[TapSpec]
     metrics: dict
     federated: FedModel | None = None
 
     def to_meta(self) -> dict:
         meta = {"config": self.config, "inputs": side_input_names(self.n_taps), "output": SIDE_OUTPUT,
                 "task": self.task, "task_type": self.task_type, "num_labels": self.num_labels, "run": self.run,
-                "taps": self.taps}
+                "taps": [t.to_meta() for t in self.taps]}
         if self.federated is not None:
             meta["federated"] = self.federated.to_meta()
         meta["metrics"] = self.metrics
@@ -391,15 +306,28 @@ class ModelMeta:
     @classmethod
     def check(cls, meta: dict) -> dict:
         """Validate a received MODEL meta (the device keeps the dict as it came, unknown keys too)."""
-        config = _get(meta, "config", dict, "bad_model", "MODEL")
-        inputs = _get(meta, "inputs", list, "bad_model", "MODEL")
-        if inputs != side_input_names(len(inputs) - 1) or meta.get("output") != SIDE_OUTPUT:
-            raise ProtocolError("bad_model", f"MODEL inputs {inputs!r} / output {meta.get('output')!r} are not "
-                                             f"the side-network contract tap0..tapN, {SIDE_MASK} -> {SIDE_OUTPUT}")
-        if not isinstance(config.get("pooling", "last"), str):
-            raise ProtocolError("bad_model", "MODEL config.pooling must be a string")
-        _get(meta, "metrics", dict, "bad_model", "MODEL", {})
+        _load(_ModelContract, meta, "bad_model", "MODEL")
         return meta
+
+
+def _check_inputs(inputs: list) -> str | None:
+    if inputs != side_input_names(len(inputs) - 1):
+        return f"{inputs!r} are not the side-network contract tap0..tapN, {SIDE_MASK} -> {SIDE_OUTPUT}"
+    return None
+
+
+def _check_pooling(config: dict) -> str | None:
+    return None if isinstance(config.get("pooling", "last"), str) else "pooling must be a string"
+
+
+@dataclass(frozen=True)
+class _ModelContract:
+    """What a device checks of a MODEL meta before it feeds the graph."""
+
+    config: dict = rule(check=_check_pooling)
+    inputs: list[str] = rule(check=_check_inputs)
+    output: str = rule(choices=(SIDE_OUTPUT,))
+    metrics: dict = rule(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -416,15 +344,15 @@ class StreamDone:
 class TrainingDone:
     """DONE (server -> device), after MODEL: training finished."""
 
-    samples_trained: int
-    steps: int
+    samples_trained: int = rule(min=0)
+    steps: int = rule(min=0)
 
     def to_meta(self) -> dict:
         return {"samples_trained": self.samples_trained, "steps": self.steps}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "TrainingDone":
-        return cls(_count(meta, "samples_trained", "bad_done", "DONE"), _count(meta, "steps", "bad_done", "DONE"))
+        return _load(cls, meta, "bad_done", "DONE")
 
 
 # ERROR codes of the server's limits (docs/protocol.md lists every code). A device must not retry

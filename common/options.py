@@ -14,7 +14,8 @@ and the dataclass:
 
 Types come from the annotations: bool → a switch (`--x` when the default is False,
 `--x/--no-x` otherwise), `T | None` → T with a None default, `list[int]` → "8,4,4",
-`tuple[str, ...]` → "a,b". A field without a default is a required flag.
+`tuple[str, ...]` → "a,b". A field without a default is a required flag. The value rules
+(`choices`, `min`, `max`, `check`) are those of `common/schema.py`, checked by `schema.check`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+from mobillm.common import schema
 from mobillm.common.errors import BAD_INPUT, BadInput
 
 _META = "mobillm.option"
@@ -34,21 +36,22 @@ _META = "mobillm.option"
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
            choices: typing.Sequence | None = None, metavar: str | None = None,
-           parse: Callable[[str], Any] | None = None, cli: bool = True, default_factory: Any = dataclasses.MISSING):
+           parse: Callable[[str], Any] | None = None, cli: bool = True, default_factory: Any = dataclasses.MISSING,
+           min: float | None = None, max: float | None = None, check: Callable[[Any], str | None] | None = None):
     """A dataclass field that is also a command-line flag (`cli=False`: a field documented the same way
-    but set by code, not by a flag)."""
-    meta = {_META: {"help": help, "flag": flag, "choices": tuple(choices) if choices else None,
-                    "metavar": metavar, "parse": parse, "cli": cli}}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+    but set by code, not by a flag). `choices`, `min`, `max` and `check` are its `schema.rule`s:
+    `schema.check` enforces them on the instance, argparse shows (and checks) the choices."""
+    meta = {_META: {"help": help, "flag": flag, "metavar": metavar, "parse": parse, "cli": cli}}
+    return schema.rule(default, choices=choices, min=min, max=max, check=check, default_factory=default_factory,
+                       metadata=meta)
 
 
 def option_fields(cls) -> list[tuple[dataclasses.Field, dict, Any]]:
-    """(field, option metadata, resolved type) for every `option(...)` field of `cls` that is a flag."""
+    """(field, option metadata with its choices, resolved type) for every `option(...)` field of `cls`
+    that is a flag."""
     hints = typing.get_type_hints(cls)
-    return [(f, f.metadata[_META], hints[f.name]) for f in dataclasses.fields(cls)
-            if _META in f.metadata and f.metadata[_META]["cli"]]
+    return [(f, {**f.metadata[_META], "choices": schema.rules_of(f)["choices"]}, hints[f.name])
+            for f in dataclasses.fields(cls) if _META in f.metadata and f.metadata[_META]["cli"]]
 
 
 class Parser(argparse.ArgumentParser):

@@ -110,7 +110,7 @@ class Backbone:
             self.tokenizer = EngineTokenizer(self.folder / self.manifest.tokenizer_dir, self.manifest.token_rules)
         except TokenizerFilesMissing as exc:
             raise ManifestError(str(exc)) from None
-        self._outputs = [name for t in self.manifest.taps for name in (t.codes_output, t.scales_output)]
+        self._outputs = [name for t in self.manifest.taps for name in t.graph_outputs]
 
     def _switch_outputs(self, formats: list[str]) -> list[str]:
         """Per tap, the format-switch outputs that hold `formats[k]`: (codes, scales), or (fp16, fp16)."""

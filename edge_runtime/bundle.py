@@ -132,7 +132,7 @@ def build_bundle(engine: Path | str, side: Path | str, out: Path | str, task: Ta
         inits.append(onnx.numpy_helper.from_array(value, name))
     fixed = {manifest.row_input, *manifest.switch_feed()}
     for k, spec in enumerate(manifest.taps):
-        codes, scales = spec.codes_output, spec.scales_output
+        codes, scales = spec.graph_outputs
         if not manifest.row_input:  # older engines quantize every token: keep the rows after the fact
             codes = b.op("Gather", [b.op("Reshape", [codes, b.const([-1, _code_width(spec)])]), rows], f"tap{k}_codes",
                          axis=0)

@@ -15,8 +15,9 @@ from typing import Callable
 import numpy as np
 from websockets.sync.client import connect
 
-from mobillm.common import wire
-from mobillm.common.messages import Hello, TapInfo
+from mobillm.common import schema, wire
+from mobillm.common.messages import Hello
+from mobillm.common.taps import TapSpec
 from mobillm.kernels import codec
 
 from .protocol import (Credited, DeviceSession, Finished, ModelReceived, Phase, Planned, Redirected, Refused,
@@ -31,7 +32,7 @@ class SyntheticTask:
 
     Sample k is a pure function of (seed, k); the device's order for epoch e is a seeded permutation."""
 
-    taps: list[dict]  # [{"layer", "hidden", "fmt", "block_size"}]
+    taps: list[TapSpec]  # or their HELLO dicts {"layer", "hidden", "fmt", "block_size"}, loaded here
     n_samples: int = 256
     task_type: str = "class"
     num_labels: int = 2
@@ -41,9 +42,10 @@ class SyntheticTask:
     seed: int = 0
 
     def __post_init__(self):
+        self.taps = [t if isinstance(t, TapSpec) else schema.load(TapSpec, t, "taps[]") for t in self.taps]
         rng = np.random.default_rng([self.seed, 1 << 20])
         classes = 1 if self.task_type == "regression" else self.num_labels
-        self.directions = [rng.standard_normal((classes, t["hidden"])).astype(np.float32) for t in self.taps]
+        self.directions = [rng.standard_normal((classes, t.hidden)).astype(np.float32) for t in self.taps]
 
     def label(self, k: int):
         rng = np.random.default_rng([self.seed, k, 1])
@@ -58,7 +60,7 @@ class SyntheticTask:
         label = self.label(k)
         out = []
         for tap, dirs in zip(self.taps, self.directions):
-            x = rng.standard_normal((length, tap["hidden"])).astype(np.float32)
+            x = rng.standard_normal((length, tap.hidden)).astype(np.float32)
             x[-1] += self.signal * (label * dirs[0] if self.task_type == "regression" else dirs[label])
             out.append(x)
         return out
@@ -78,8 +80,8 @@ class SyntheticTask:
         lengths = np.array([len(s[0]) for s in samples], np.uint32)
         taps = []
         for i, tap in enumerate(self.taps):
-            enc = codec.encode(np.concatenate([s[i] for s in samples]), tap["fmt"], tap["block_size"])
-            taps.append(wire.TapPayload(tap["fmt"], tap["block_size"], tap["hidden"], enc.codes, enc.scales, i))
+            enc = codec.encode(np.concatenate([s[i] for s in samples]), tap.fmt, tap.block_size)
+            taps.append(wire.TapPayload(tap.fmt, tap.block_size, tap.hidden, enc.codes, enc.scales, i))
         labels = np.array([self.label(int(k)) for k in ids],
                           np.float32 if self.task_type == "regression" else np.int64)
         return wire.Batch(seq, np.asarray(ids, np.uint64), labels, lengths, taps, mode)
@@ -122,7 +124,7 @@ class SimDevice:
         """The HELLO meta this device sends."""
         return Hello(SHA, "synthetic", self.task, self.data.task_type,
                      1 if self.data.task_type == "regression" else self.data.num_labels, self.mode,
-                     tuple(TapInfo(**t) for t in self.data.taps), self.device_id, self.run_name, self.epochs,
+                     tuple(self.data.taps), self.device_id, self.run_name, self.epochs,
                      self.data.n_samples, self.token, self.bits or "engine", self.num_layers).to_meta()
 
     def run(self, stop_after_batches: int | None = None, send_done: bool = True,

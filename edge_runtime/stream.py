@@ -32,7 +32,7 @@ import websockets
 from mobillm.common import wire
 from mobillm.common.errors import BadInput, MobillmError
 from mobillm.common.manifest import manifest_digest
-from mobillm.common.messages import NAME_RULE, Hello, TapInfo, is_name
+from mobillm.common.messages import NAME_RULE, Hello, is_name
 from mobillm.common.options import option
 from mobillm.common.procfs import peak_rss_mb
 from mobillm.common.tasks import Task
@@ -224,9 +224,8 @@ class StreamClient:
     def hello(self) -> dict:
         """The HELLO meta: this engine, task and run. `num_layers` lets federated servers align taps by depth."""
         m = self.bb.manifest
-        taps = tuple(TapInfo(t.layer, t.hidden, t.fmt, t.block_size) for t in m.taps)
         return Hello(manifest_digest(self.bb.folder), m.model_id, self.task.name, self.task.kind,
-                     self.task.num_labels, self.mode, taps, self.opts.device_id, self.opts.run,
+                     self.task.num_labels, self.mode, tuple(m.taps), self.opts.device_id, self.opts.run,
                      self.opts.epochs, len(self.examples), self.opts.token, self.opts.bits, m.num_layers).to_meta()
 
     def _batch_frame(self, b: int) -> bytes:

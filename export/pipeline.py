@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobillm.common.manifest import Manifest
+from mobillm.common.manifest import Manifest, TapSpec
 from mobillm.common.tokenize import EngineTokenizer
 from mobillm.kernels import onnx_codec
 
@@ -175,10 +175,9 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
         family=family.name,
         config=json.loads(config.to_json_string(use_diff=False)),
         num_layers=family.num_layers(config),
-        blocks=opts.blocks,
-        taps=[{"layer": s_layer, "hidden": s["hidden"], "fmt": s["fmt"], "block_size": opts.block_size,
-               "codes_output": s["codes"], "scales_output": s["scales"]}
-              for s_layer, s in zip(opts.tap_layers, specs)],
+        layer_groups=opts.blocks,
+        taps=[TapSpec(layer, s["hidden"], s["fmt"], opts.block_size, codes_output=s["codes"], scales_output=s["scales"])
+              for layer, s in zip(opts.tap_layers, specs)],
         head_hidden=widths[-1],
         max_length=family.max_length(config),
         compute_dtype=opts.dtype,
@@ -385,7 +384,7 @@ def summary(folder: Path, manifest: Manifest) -> str:
     for rel, size in sizes.items():
         lines.append(f"  {rel:<40} {_human(size):>10}")
     lines.append(f"  total {_human(sum(sizes.values())):>45}")
-    lines.append(f"blocks {comma_list(manifest.blocks)}")
+    lines.append(f"blocks {comma_list(manifest.layer_groups)}")
     lines.append("tap  layer  width  format  block  bytes/token  outputs")
     for i, t in enumerate(manifest.taps):
         lines.append(f"{i:>3}  {t.layer:>5}  {t.hidden:>5}  {t.fmt:>6}  {t.block_size:>5}  {t.bytes_per_token:>11}  "

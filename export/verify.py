@@ -160,7 +160,7 @@ def run_graph(folder: Path, manifest: Manifest, ids: np.ndarray, mask: np.ndarra
 
     engine = open_session(folder, manifest, ort.SessionOptions(), ["CPUExecutionProvider"],
                           "auto" if manifest.custom_op_library else quantizer)
-    names = [n for t in manifest.taps for n in (t.codes_output, t.scales_output)]
+    names = [n for t in manifest.taps for n in t.graph_outputs]
     feeds = {"input_ids": ids, "attention_mask": mask}
     if manifest.row_input:
         feeds[manifest.row_input] = np.flatnonzero(tap_positions(manifest, mask)).astype(np.int64)

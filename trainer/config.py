@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mobillm.common import schema
 from mobillm.common.errors import BadInput
 from mobillm.common.options import option
+from mobillm.common.taps import TapSpec
 
 ACTIVATIONS = ("relu", "gelu")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
@@ -41,6 +43,40 @@ class RunFolderError(BadInput, FileNotFoundError):
     """A run folder lacks a file the command needs (config, checkpoint, metrics); the message says which."""
 
 
+def checked(config) -> None:
+    """ConfigError naming the first value of `config` (or of the configs it holds) that breaks the
+    rules declared on its field (schema.check), or a `cross_check` rule across its fields."""
+    try:
+        schema.check(config)
+    except schema.SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be > 0, got {value}"
+
+
+def _interval(text: str, test):
+    """A field check: `test(value)` must hold; otherwise the value must be in `text`, e.g. "(0, 1]"."""
+    return lambda value: None if test(value) else f"must be in {text}, got {value}"
+
+
+def _all_positive(values: list) -> str | None:
+    return None if all(v > 0 for v in values) else f"must all be > 0, got {values}"
+
+
+def _all_at_least_1(values: list) -> str | None:
+    return None if all(v >= 1 for v in values) else f"must all be >= 1, got {values}"
+
+
+def _torch_device(device: str) -> str | None:
+    return None if device == "cpu" or device.startswith("cuda") else f"must be cpu, cuda or cuda:N, got {device!r}"
+
+
+def _ws_url(url: str) -> str | None:
+    return None if url.startswith(("ws://", "wss://")) else f"must be a ws:// or wss:// URL template (--rank-url), got {url!r}"
+
+
 @dataclass
 class SideConfig:
     """The side network's architecture (MobiLLM Eq. 5). `tap_widths`/`out_dim` come from the HELLO."""
@@ -48,21 +84,21 @@ class SideConfig:
     tap_widths: list[int] = option(help="width of each tap, from the HELLO", default_factory=list, cli=False)
     out_dim: int = option(0, "head outputs, from the HELLO", cli=False)
     # Taps of another width than the side network's get a Linear projection.
-    side_width: int | None = option(None, "side network width (default: the first tap's); with --federated, the "
+    side_width: int | None = option(None, min=1, help="side network width (default: the first tap's); with --federated, the "
                                           "shared width")
-    bottleneck: int = option(64, "adapter bottleneck r")
+    bottleneck: int = option(64, "adapter bottleneck r", min=1)
     activation: str = option("relu", "adapter activation", choices=ACTIVATIONS)
     pooling: str = option("last", "head input: last real token, or masked mean (needs mode tokens)", choices=POOLINGS)
-    init_std: float = option(0.02, "W_down ~ N(0, init_std)", cli=False)
+    init_std: float = option(0.02, "W_down ~ N(0, init_std)", cli=False, min=0)
     up_init_std: float = option(1e-4, "W_up ~ N(0, up_init_std): each adapter starts close to the identity residual",
-                                cli=False)
+                                cli=False, min=0)
     ln_eps: float = option(1e-5, "LayerNorm epsilon", cli=False)
     adapter_per_tap: bool = option(False, "give tap 1 its own adapter too (Eq. 5 from s_0 = 0): M taps -> M adapters "
                                           "(default: s_1 = b_1, M-1 adapters)")
     input_norm: str = option("none", "channel: the side network standardizes every tap channel by its mean and spread "
                                      "over the first --stats-rows training rows, then frozen (kept in the checkpoint "
                                      "and in the exported ONNX); none: taps as they arrive", choices=INPUT_NORMS)
-    stats_rows: int = option(1024, "--input-norm channel: training rows the statistics are measured on")
+    stats_rows: int = option(1024, "--input-norm channel: training rows the statistics are measured on", min=1)
 
     def to_meta(self) -> dict:
         """This config as the MODEL meta carries it; `adapter_per_tap` only when set, so frames of
@@ -74,22 +110,6 @@ class SideConfig:
             del meta["input_norm"], meta["stats_rows"]
         return meta
 
-    def validate(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.input_norm not in INPUT_NORMS:
-            raise ConfigError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
-        if self.stats_rows < 1:
-            raise ConfigError(f"stats_rows must be >= 1, got {self.stats_rows}")
-        if self.bottleneck < 1:
-            raise ConfigError(f"bottleneck must be >= 1, got {self.bottleneck}")
-        if self.side_width is not None and self.side_width < 1:
-            raise ConfigError(f"side_width must be >= 1, got {self.side_width}")
-        if self.init_std < 0 or self.up_init_std < 0:
-            raise ConfigError("init stds must be >= 0")
-
     def for_taps(self, tap_widths: list[int], out_dim: int) -> "SideConfig":
         """This template completed for one run's taps; the side width is resolved here."""
         return dataclasses.replace(self, tap_widths=list(tap_widths), out_dim=out_dim,
@@ -100,14 +120,16 @@ class SideConfig:
 class OptimConfig:
     """AdamW with linear warm-up and linear decay to zero over the declared samples."""
 
-    lr: float = option(1e-3, "peak AdamW learning rate")
+    lr: float = option(1e-3, "peak AdamW learning rate", check=_positive)
     weight_decay: float = option(0.01, "AdamW weight decay")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", cli=False)
     eps: float = option(1e-8, "AdamW epsilon", cli=False)
-    warmup_ratio: float = option(0.06, "warm-up share of all samples (epochs * samples per epoch)")
-    grad_clip: float = option(1.0, "max global gradient norm (0: off)")
+    warmup_ratio: float = option(0.06, "warm-up share of all samples (epochs * samples per epoch)",
+                                 check=_interval("[0, 1)", lambda r: 0 <= r < 1))
+    grad_clip: float = option(1.0, "max global gradient norm (0: off)", min=0)
     seed: int = option(0, "initialisation and cached-epoch order seed")
-    cache_batch_size: int | None = option(None, "rows per step in cached epochs (default: the device's batch size)")
+    cache_batch_size: int | None = option(None, "rows per step in cached epochs (default: the device's batch size)",
+                                          min=1)
     precision: str = option("fp32", "training precision: fp32; fp16 (autocast + loss scaling, CUDA only: on a CPU "
                                     "server it falls back to fp32 with one line); bf16 (autocast)", choices=PRECISIONS)
     # --cache runs: the cached epochs (and peak lr) chosen on held-out cached samples (trainer/select.py)
@@ -115,34 +137,19 @@ class OptimConfig:
                                            "epoch is cached, each is trained on the cached samples but "
                                            "--select-share and scored on those; the run then trains the best on "
                                            "every cached sample (default: off, the device's --epochs)",
-                                      default_factory=list)
+                                      default_factory=list, check=_all_at_least_1)
     select_lrs: list[float] = option(help="candidate peak learning rates for --select-epochs, e.g. 5e-4,1e-3 "
-                                          "(default: --lr alone)", default_factory=list)
-    select_share: float = option(0.1, "share of the cached samples --select-epochs holds out to score candidates")
+                                          "(default: --lr alone)", default_factory=list, check=_all_positive)
+    select_share: float = option(0.1, "share of the cached samples --select-epochs holds out to score candidates",
+                                 check=_interval("(0, 1)", lambda r: 0 < r < 1))
     ensemble: int = option(1, "with --select-epochs: side networks trained with the chosen schedule on every "
-                              "cached sample, each from its own seed; the returned ONNX averages their logits")
+                              "cached sample, each from its own seed; the returned ONNX averages their logits",
+                           min=1, max=16)
 
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.cache_batch_size is not None and self.cache_batch_size < 1:
-            raise ConfigError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}")
-        if any(e < 1 for e in self.select_epochs):
-            raise ConfigError(f"select_epochs must all be >= 1, got {self.select_epochs}")
-        if any(not lr > 0 for lr in self.select_lrs):
-            raise ConfigError(f"select_lrs must all be > 0, got {self.select_lrs}")
+    def cross_check(self) -> None:
+        """The rules across fields (schema.check runs it after the fields' own)."""
         if self.select_lrs and not self.select_epochs:
             raise ConfigError("select_lrs needs select_epochs (the candidates are epochs x learning rates)")
-        if not 0 < self.select_share < 1:
-            raise ConfigError(f"select_share must be in (0, 1), got {self.select_share}")
-        if not 1 <= self.ensemble <= 16:
-            raise ConfigError(f"ensemble must be in 1..16, got {self.ensemble}")
         if self.ensemble > 1 and not self.select_epochs:
             raise ConfigError("ensemble needs select_epochs (its members train with the chosen schedule)")
 
@@ -161,7 +168,7 @@ class RunConfig:
     mode: str  # "tokens" | "pooled"
     epochs: int
     samples_per_epoch: int
-    taps: list[dict]  # [{"layer", "hidden", "fmt", "block_size"}], as in the HELLO
+    taps: list[TapSpec]  # as in the HELLO
     cache: bool
     side: SideConfig
     optim: OptimConfig
@@ -172,14 +179,14 @@ class RunConfig:
         return self.epochs * self.samples_per_epoch
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return schema.dump(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        data = dict(data)
-        optim = dict(data.pop("optim"))
-        optim["betas"] = tuple(optim["betas"])
-        return cls(side=SideConfig(**data.pop("side")), optim=OptimConfig(**optim), **data)
+        try:
+            return schema.load(cls, data)
+        except schema.SchemaError as exc:
+            raise ConfigError(f"run config: {exc}") from None
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / "config.json"
@@ -202,24 +209,14 @@ class FedConfig:
     `width`; `max_share` caps any one device's share of the last `share_window` trained samples."""
 
     slots: int = option(4, "slots of the shared network; taps map to them by relative depth "
-                           "(slot k sits at relative depth k / slots)", flag="fed-slots")
+                           "(slot k sits at relative depth k / slots)", flag="fed-slots", min=1, max=256)
     # Set by --side-width when --federated: the same width D for every backbone.
-    width: int = option(256, "shared side width", cli=False)
+    width: int = option(256, "shared side width", cli=False, min=1)
     max_share: float = option(1.0, "most of a sliding window of trained samples one device may "
-                                   "contribute (1: no cap)")
-    share_window: int = option(512, "samples in the window --max-share is measured over")
+                                   "contribute (1: no cap)", check=_interval("(0, 1]", lambda r: 0 < r <= 1))
+    share_window: int = option(512, "samples in the window --max-share is measured over", min=1)
     warmup_samples: int = option(256, "lr warm-up in samples, then lr * sqrt(warmup / samples)",
-                                 flag="fed-warmup")
-
-    def validate(self) -> None:
-        if not 1 <= self.slots <= 256:
-            raise ConfigError(f"fed slots must be 1..256, got {self.slots}")
-        if self.width < 1:
-            raise ConfigError(f"fed width must be >= 1, got {self.width}")
-        if not 0 < self.max_share <= 1:
-            raise ConfigError(f"max_share must be in (0, 1], got {self.max_share}")
-        if self.share_window < 1 or self.warmup_samples < 0:
-            raise ConfigError("share_window must be >= 1 and warmup_samples >= 0")
+                                 flag="fed-warmup", min=0)
 
 
 @dataclass
@@ -228,19 +225,11 @@ class WorldConfig:
     torchrun's RANK / WORLD_SIZE / LOCAL_RANK; rank R listens on --port + R."""
 
     rank_url: str | None = option(None, "URL a device is redirected to for the rank that owns it; {rank} and "
-                                        "{port} are filled in (default: ws[s]://HOST:{port}/)")
+                                        "{port} are filled in (default: ws[s]://HOST:{port}/)", check=_ws_url)
     tick_s: float = option(0.05, "federated runs: seconds an idle rank waits for a batch before joining the "
-                                 "world's next step with none")
+                                 "world's next step with none", check=_interval("(0, 10]", lambda t: 0 < t <= 10))
     timeout_s: float = option(120.0, "seconds a collective may wait for the other ranks before this rank "
-                                     "gives the world up", flag="world-timeout")
-
-    def validate(self) -> None:
-        if not 0 < self.tick_s <= 10:
-            raise ConfigError(f"tick_s must be in (0, 10], got {self.tick_s}")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"world timeout must be > 0, got {self.timeout_s}")
-        if self.rank_url is not None and not self.rank_url.startswith(("ws://", "wss://")):
-            raise ConfigError(f"--rank-url {self.rank_url!r}: a ws:// or wss:// URL template")
+                                     "gives the world up", flag="world-timeout", check=_positive)
 
 
 @dataclass
@@ -252,16 +241,16 @@ class ServerConfig:
     runs_dir: str = option("runs", "folder holding one sub-folder per run", flag="runs")
     cache: bool = option(False, "cache the first epoch's quantized taps on disk and train later epochs from it "
                                 "(the device streams one epoch)")
-    device: str = option("cpu", "torch device for decoding and training: cpu, cuda, cuda:N")
+    device: str = option("cpu", "torch device for decoding and training: cpu, cuda, cuda:N", check=_torch_device)
     resume: bool = option(False, "continue runs that have a checkpoint in --runs")
     token: str | None = option(None, "when set, every HELLO must carry it (trainer serve reads it from --token-file)",
                                cli=False)
-    queue_size: int = option(8, "batches queued per run (= device credits)", flag="queue")
-    checkpoint_every: int = option(200, "optimizer steps between checkpoints (and one at the end)")
-    bitplan_every: int = option(100, "steps between BITPLAN messages (0: off)")
+    queue_size: int = option(8, "batches queued per run (= device credits)", flag="queue", min=1)
+    checkpoint_every: int = option(200, "optimizer steps between checkpoints (and one at the end)", min=1)
+    bitplan_every: int = option(100, "steps between BITPLAN messages (0: off)", min=0)
     # Larger WebSocket messages close the connection (1009).
     max_frame: int = option(64 * 1024 * 1024, "largest accepted message, bytes (after the HELLO)", metavar="SIZE",
-                            parse=size)
+                            parse=size, min=1024)
     max_rows: int = option(4096, "largest accepted batch, rows")
     max_tokens: int = option(1 << 20, "largest accepted batch, tokens (tokens mode)")
     hello_timeout_s: float = option(30.0, "seconds a new connection has to send its HELLO", cli=False)
@@ -273,24 +262,25 @@ class ServerConfig:
                                             "its batches received, queued and decoded; one batch may use "
                                             "(this - 2 x --max-frame) / (--queue + 1)", metavar="SIZE", parse=size)
     hello_max_bytes: int = option(64 << 10, "largest message before the HELLO is authenticated, bytes (at most "
-                                            "--max-frame)")
-    max_unauthenticated: int = option(64, "connections that have not yet sent an authenticated HELLO, in all")
-    max_unauthenticated_per_address: int = option(8, "... of them from one address", flag="max-unauth-per-address")
+                                            "--max-frame)", min=1024)
+    max_unauthenticated: int = option(64, "connections that have not yet sent an authenticated HELLO, in all", min=1)
+    max_unauthenticated_per_address: int = option(8, "... of them from one address", flag="max-unauth-per-address",
+                                                  min=1)
     auth_backoff_s: float = option(1.0, "after 3 wrong tokens an address is banned this long, doubling per "
                                         "further failure", cli=False)
     auth_ban_s: float = option(300.0, "longest ban after wrong tokens", cli=False)
     idle_timeout_s: float = option(300.0, "seconds a run may sit with no device before it is checkpointed and "
                                           "released (restored on its next HELLO), and a connected device that "
-                                          "holds credits may send nothing", flag="idle-timeout")
-    max_runs_per_client: int = option(8, "runs one device id may hold open at once")
+                                          "holds credits may send nothing", flag="idle-timeout", check=_positive)
+    max_runs_per_client: int = option(8, "runs one device id may hold open at once", min=1)
     max_run_folders: int = option(10000, "run folders under --runs at most: a HELLO that would start another "
-                                         "new run gets ERROR too_many_runs (archive finished runs, or raise it)")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice; 1 on small shared CPUs)")
+                                         "new run gets ERROR too_many_runs (archive finished runs, or raise it)", min=1)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice; 1 on small shared CPUs)", min=1)
     certfile: str | None = option(None, "PEM certificate (chain): serve wss:// (TLS 1.2+); devices verify it with "
                                         "--ca (default: plain ws://)")
     keyfile: str | None = option(None, "PEM private key for --certfile (default: inside --certfile)")
     metrics_port: int | None = option(None, "also serve Prometheus /metrics alone on this port, without the "
-                                             "token (default: only on --port, where the token applies)")
+                                             "token (default: only on --port, where the token applies)", min=0, max=65535)
     tensorboard: bool = option(True, "write TensorBoard event files to each run folder (needs tensorboard)")
     side: SideConfig = field(default_factory=SideConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -304,24 +294,13 @@ class ServerConfig:
         """Most bytes one batch may cost (budget.batch_cost): a session's share after the WebSocket buffers."""
         return (self.session_memory - 2 * self.max_frame) // (self.queue_size + 1)
 
-    def _validate_limits(self) -> None:
-        if self.batch_limit() < 1 << 20:
-            raise ConfigError(f"session_memory must be at least 2 x max_frame + (queue + 1) x 1 MiB = "
-                              f"{(2 * self.max_frame + (self.queue_size + 1) * (1 << 20)) >> 20} MiB, got "
-                              f"{self.session_memory >> 20} MiB")
-        if self.memory_budget is not None and self.memory_budget < self.session_memory:
-            raise ConfigError(f"memory_budget ({self.memory_budget >> 20} MiB) must hold at least one session "
-                              f"(session_memory {self.session_memory >> 20} MiB)")
-        if self.hello_max_bytes < 1024:
-            raise ConfigError(f"hello_max_bytes must be >= 1024, got {self.hello_max_bytes}")
-        for name in ("max_unauthenticated", "max_unauthenticated_per_address", "max_runs_per_client",
-                     "max_run_folders"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.idle_timeout_s > 0:
-            raise ConfigError(f"idle_timeout must be > 0 seconds, got {self.idle_timeout_s}")
-
     def validate(self) -> None:
+        """ConfigError for the first value out of its rules (declared on the fields, here and in the
+        side, optim, fed and world configs), then for the rules across fields (`cross_check`)."""
+        checked(self)
+
+    def cross_check(self) -> None:
+        """The rules across fields (schema.check runs it after the fields' own)."""
         if self.federated and self.cache:
             raise ConfigError("--federated and --cache do not combine: federated devices stream every epoch")
         if self.optim.select_epochs and not self.cache:
@@ -329,23 +308,15 @@ class ServerConfig:
         if self.federated and self.side.input_norm != "none":
             raise ConfigError("--input-norm channel is for single-device runs: the federated network aligns each "
                               "backbone's taps with its own projection (docs/federated.md)")
-        if self.federated:
-            self.fed.validate()
-        if self.queue_size < 1:
-            raise ConfigError(f"queue_size must be >= 1, got {self.queue_size}")
-        if self.checkpoint_every < 1:
-            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.bitplan_every < 0:
-            raise ConfigError(f"bitplan_every must be >= 0, got {self.bitplan_every}")
-        if self.max_frame < 1024:
-            raise ConfigError(f"max_frame must be >= 1024 bytes, got {self.max_frame}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if self.metrics_port is not None and importlib.util.find_spec("prometheus_client") is None:
             raise ConfigError("--metrics-port needs prometheus_client: pip install 'mobillm[observability]'")
-        self._validate_limits()
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.batch_limit() < 1 << 20:
+            raise ConfigError(f"session_memory must be at least 2 x max_frame + (queue + 1) x 1 MiB = "
+                              f"{(2 * self.max_frame + (self.queue_size + 1) * (1 << 20)) >> 20} MiB, got "
+                              f"{self.session_memory >> 20} MiB")
+        if self.memory_budget is not None and self.memory_budget < self.session_memory:
+            raise ConfigError(f"memory_budget ({self.memory_budget >> 20} MiB) must hold at least one session "
+                              f"(session_memory {self.session_memory >> 20} MiB)")
         if self.keyfile is not None and self.certfile is None:
             raise ConfigError("keyfile needs certfile: give both --certfile and --keyfile to serve wss://")
         for name in ("certfile", "keyfile"):
@@ -354,11 +325,6 @@ class ServerConfig:
                 raise ConfigError(f"{name} {path} does not exist")
         if self.certfile is not None:
             tls_context(self.certfile, self.keyfile)  # a bad PEM is refused here, not once the server starts
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        self.side.validate()
-        self.optim.validate()
-        self.world.validate()
 
 
 def tls_context(certfile: str, keyfile: str | None):

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from mobillm.common import tasks
-from mobillm.common.messages import BitPlan, TapInfo
+from mobillm.common.messages import BitPlan
+from mobillm.common.taps import TapSpec
 
 from .config import atomic_write
 from .data import Rows, decode_rows
@@ -94,7 +95,7 @@ class MixedPrecision:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def step_loss(model: SideNetwork, rows: Rows, taps: list[TapInfo], task_type: str, device: torch.device,
+def step_loss(model: SideNetwork, rows: Rows, taps: list[TapSpec], task_type: str, device: torch.device,
               input_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(loss, logits, dequantized tap rows) for one batch of rows; the tap rows keep grads if asked."""
     inputs = decode_rows(rows, taps, device)
@@ -117,7 +118,7 @@ class Step:
     inputs: list[torch.Tensor]  # dequantized taps; they carry grads when asked for
 
 
-def train_step(model: SideNetwork, optimizer: torch.optim.Optimizer, rows: Rows, taps: list[TapInfo],
+def train_step(model: SideNetwork, optimizer: torch.optim.Optimizer, rows: Rows, taps: list[TapSpec],
                task_type: str, device: torch.device, lr_of: Callable[[dict], float], grad_clip: float,
                input_grads: bool = False, amp: MixedPrecision | None = None) -> Step:
     """Decode, loss, backward, clip, AdamW step. `lr_of(group)` sets each param group's learning rate;

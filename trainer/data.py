@@ -16,7 +16,7 @@ import torch
 from mobillm.common import wire
 from mobillm.kernels import codec, torch_codec
 
-from mobillm.common.messages import TapInfo
+from mobillm.common.taps import TapSpec
 
 from .protocol import last_token_rows
 
@@ -55,7 +55,7 @@ def rows_for_model(batch: wire.Batch, pooling: str) -> Rows:
 DECODE_CHUNK = 1 << 20  # tap values dequantized at once: bounds the decoder's int64/fp32 temporaries (~40 MB)
 
 
-def decode_rows(rows: Rows, taps: list[TapInfo], device: torch.device) -> list[torch.Tensor]:
+def decode_rows(rows: Rows, taps: list[TapSpec], device: torch.device) -> list[torch.Tensor]:
     """fp32 [rows, hidden] per tap, dequantized on `device` (codes travel there still packed).
 
     Each tap is decoded a few rows at a time into its preallocated output, so the peak is the
@@ -86,7 +86,7 @@ class TapCache:
     Each tap's rows must arrive in one format (the tap's `fmt`): fixed-width records.
     """
 
-    def __init__(self, folder: Path, taps: list[TapInfo], label_dtype: np.dtype, state: dict | None = None):
+    def __init__(self, folder: Path, taps: list[TapSpec], label_dtype: np.dtype, state: dict | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.taps = taps

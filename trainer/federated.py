@@ -180,7 +180,7 @@ class Federated:
         write_checkpoint(folder, {"config": asdict(view.cfg), "slots": self.fed.slots, "family": family.to_dict(),
                                   "state": view.state_dict(), "step": step}, ALIGNED)
         meta = ModelMeta(view.cfg.to_meta(), len(dev.taps), self.task["task"], self.task["task_type"],
-                         self.task["num_labels"], self.name, [t.to_meta() for t in dev.taps],
+                         self.task["num_labels"], self.name, list(dev.taps),
                          dict(self._device_summary(dev, run), onnx_max_abs_diff=diff, steps=step,
                               shared_samples_trained=run.samples_trained),
                          FedModel(dev.family, family.slots(self.fed.slots), self.fed.slots, family.num_layers,

@@ -29,6 +29,7 @@ from typing import Protocol
 from mobillm.common import wire
 from mobillm.common.messages import (NAME_RULE, RUN_EXISTS, TOO_MANY_RUNS, FedWelcome, Hello, ProtocolError,
                                      TrainingDone, is_name)
+from mobillm.common.taps import TapSpec
 
 from . import budget as mem
 from .config import RunConfig, ServerConfig
@@ -337,7 +338,7 @@ class SingleDevicePolicy(RunTable):
                 run=name, task=hello.task, task_type=hello.task_type, num_labels=hello.num_labels,
                 model_id=hello.model_id, manifest_sha256=hello.manifest_sha256, device_id=hello.device_id,
                 mode=hello.mode, epochs=hello.epochs, samples_per_epoch=hello.samples_per_epoch,
-                taps=[t.to_meta() for t in hello.taps], cache=cfg.cache, bits=hello.bits,
+                taps=[TapSpec(**t.to_meta()) for t in hello.taps], cache=cfg.cache, bits=hello.bits,
                 side=run_side_config(cfg, hello), optim=cfg.optim)
             folder.mkdir(parents=True, exist_ok=True)
             run_cfg.save(folder)
@@ -348,8 +349,9 @@ class SingleDevicePolicy(RunTable):
 def check_identity(cfg: RunConfig, hello: Hello) -> None:
     """A reconnecting device must repeat the HELLO the run was started with."""
     saved = {"task": cfg.task, "task_type": cfg.task_type, "num_labels": cfg.num_labels, "model_id": cfg.model_id,
-             "manifest_sha256": cfg.manifest_sha256, "mode": cfg.mode, "taps": cfg.taps, "epochs": cfg.epochs,
-             "samples_per_epoch": cfg.samples_per_epoch, "device_id": cfg.device_id, "bits": cfg.bits}
+             "manifest_sha256": cfg.manifest_sha256, "mode": cfg.mode, "taps": [t.to_meta() for t in cfg.taps],
+             "epochs": cfg.epochs, "samples_per_epoch": cfg.samples_per_epoch, "device_id": cfg.device_id,
+             "bits": cfg.bits}
     for key, value in hello.identity().items():
         if saved[key] != value:
             raise ProtocolError("run_mismatch", f"run {cfg.run!r} was started with {key}={saved[key]!r}, the HELLO "

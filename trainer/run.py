@@ -16,6 +16,7 @@ Phases: stream -> [select ->] cache (`--cache` only) -> export -> finished; any 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from mobillm.common import wire
-from mobillm.common.messages import BitPlan, ModelMeta, TapInfo, allowed_formats
+from mobillm.common.messages import BitPlan, ModelMeta, allowed_formats
 
 from .config import RunConfig, atomic_write
 from .core import MODEL_FILE, SUMMARY, MixedPrecision, WarmupLinear, append_record, last_epoch_scores, make_optimizer, open_metrics, \
@@ -47,7 +48,7 @@ class SingleDevice:
     def __init__(self, cfg: RunConfig, folder: Path, device: str, bitplan_every: int, checkpoint: dict | None = None):
         self.cfg, self.folder = cfg, Path(folder)
         self.device = torch.device(device)
-        self.taps = [TapInfo(**t) for t in cfg.taps]
+        self.taps = list(cfg.taps)
         self.model = build_side_network(cfg.side, cfg.optim.seed).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.amp = MixedPrecision(cfg.optim.precision, self.device)
@@ -66,7 +67,7 @@ class SingleDevice:
         self.cache = None
         if cfg.cache:  # the cache keeps each tap in the one format the device sends it in
             fmts = allowed_formats([t.fmt for t in self.taps], cfg.bits)
-            cached = [TapInfo(t.layer, t.hidden, f, t.block_size) for t, f in zip(self.taps, fmts)]
+            cached = [dataclasses.replace(t, fmt=f) for t, f in zip(self.taps, fmts)]
             label_dtype = wire.LABEL_DTYPES[wire.LABEL_KINDS[cfg.task_type]]
             self.cache = TapCache(self.folder / "cache", cached, label_dtype, checkpoint and checkpoint.get("cache"))
         self._order_epoch, self._order = 0, None

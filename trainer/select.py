@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mobillm.common import tasks
-from mobillm.common.messages import TapInfo
+from mobillm.common.taps import TapSpec
 
 from .config import RunConfig
 from .core import MixedPrecision, WarmupLinear, make_optimizer, scored_task, train_step
@@ -62,7 +62,7 @@ def held_out_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def fit_candidate(cfg: RunConfig, cache: TapCache, entries: np.ndarray, epochs: int, lr: float, batch: int,
-                  taps: list[TapInfo], device: torch.device, amp: MixedPrecision,
+                  taps: list[TapSpec], device: torch.device, amp: MixedPrecision,
                   seed: int | None = None) -> torch.nn.Module:
     """A fresh side network trained on `entries` of the cache for `epochs` at peak `lr`, as the run trains
     (initialised and ordered by `seed`, default the run's)."""
@@ -83,7 +83,7 @@ def fit_candidate(cfg: RunConfig, cache: TapCache, entries: np.ndarray, epochs: 
     return model
 
 
-def train_members(cfg: RunConfig, cache: TapCache, choice: Choice, batch: int, taps: list[TapInfo],
+def train_members(cfg: RunConfig, cache: TapCache, choice: Choice, batch: int, taps: list[TapSpec],
                   device: torch.device, amp: MixedPrecision) -> list[torch.nn.Module]:
     """Members 1..ensemble-1 of an `--ensemble` run: the chosen schedule on every cached sample, each
     from its own seed (`member_seed`); member 0 is the run's own network, trained step by step."""
@@ -99,7 +99,7 @@ def train_members(cfg: RunConfig, cache: TapCache, choice: Choice, batch: int, t
 
 
 @torch.no_grad()
-def predict_rows(model: torch.nn.Module, rows: Rows, taps: list[TapInfo], device: torch.device) -> np.ndarray:
+def predict_rows(model: torch.nn.Module, rows: Rows, taps: list[TapSpec], device: torch.device) -> np.ndarray:
     model.eval()
     inputs = decode_rows(rows, taps, device)
     out = model.logits_from_rows(inputs, torch.from_numpy(rows.lengths).to(device)).float().cpu().numpy()
@@ -117,7 +117,7 @@ def selectable(cfg: RunConfig, cached: int) -> bool:
     return False
 
 
-def select_schedule(cfg: RunConfig, cache: TapCache, taps: list[TapInfo], batch: int, device: torch.device,
+def select_schedule(cfg: RunConfig, cache: TapCache, taps: list[TapSpec], batch: int, device: torch.device,
                     amp: MixedPrecision) -> Choice:
     """The candidate (epochs, lr) with the best held-out metric (`selectable` said there are enough samples)."""
     o = cfg.optim

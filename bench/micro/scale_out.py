@@ -119,12 +119,13 @@ def decode_ms_per_sample(bodies: list[bytes], rows: int, repeats: int = 20) -> f
     """Dequantizing one batch's taps with the server's torch codec (best of `repeats`), per sample."""
     import torch
 
-    from mobillm.common.messages import TapInfo
+    from mobillm.common import schema
+    from mobillm.common.taps import TapSpec
     from mobillm.trainer.data import decode_rows, rows_for_model
 
     torch.set_num_threads(1)
     batch = wire.Batch.from_body(bodies[0])
-    taps = [TapInfo(**t) for t in TAPS]
+    taps = [schema.load(TapSpec, t) for t in TAPS]
     data = rows_for_model(batch, "last")
     best = float("inf")
     for _ in range(repeats):

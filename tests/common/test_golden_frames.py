@@ -17,6 +17,7 @@ import pytest
 from mobillm.common import messages, wire
 from mobillm.common.messages import (BitPlan, Credit, ErrorReport, FedModel, FedWelcome, ModelMeta, StreamDone,
                                      TrainingDone, Welcome)
+from mobillm.common.taps import TapSpec
 from mobillm.common.tasks import Task
 from mobillm.edge_runtime.stream import StreamClient, TrainOptions, send_mode
 from mobillm.kernels import codec
@@ -31,7 +32,7 @@ def device_hello(tmp_path, **opts) -> bytes:
     """HELLO exactly as `edge-run train` builds it (a stub backbone: the HELLO reads only its manifest)."""
     (tmp_path / "manifest.json").write_text('{"golden": true}\n')
     manifest = SimpleNamespace(model_id="facebook/opt-125m", num_layers=4, summary_row=False,
-                               taps=[SimpleNamespace(**t) for t in TAPS])
+                               taps=[TapSpec(**t) for t in TAPS])
     client = object.__new__(StreamClient)
     client.bb = SimpleNamespace(manifest=manifest, folder=tmp_path)
     client.task = Task("sst2", "class", 2, ("sentence",), "label", "accuracy")
@@ -68,13 +69,13 @@ def bitplan() -> bytes:
 
 def model_meta() -> bytes:
     side = SideConfig(tap_widths=[64, 64], out_dim=2, side_width=64)
-    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "golden", TAPS, {"samples_trained": 192, "steps": 12})
+    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "golden", [TapSpec(**t) for t in TAPS], {"samples_trained": 192, "steps": 12})
     return messages.frame(meta, b"onnx-bytes")
 
 
 def model_meta_federated() -> bytes:
     side = SideConfig(tap_widths=[], out_dim=2, side_width=128)
-    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "fed-sst2", TAPS,
+    meta = ModelMeta(side.to_meta(), 2, "sst2", "class", 2, "fed-sst2", [TapSpec(**t) for t in TAPS],
                      {"samples_trained": 96, "onnx_max_abs_diff": 0.0, "steps": 30, "shared_samples_trained": 192},
                      FedModel("ab12cd34", [1, 3], 4, 4, 30))
     return messages.frame(meta, b"onnx-bytes")

@@ -22,7 +22,8 @@ def test_per_tensor_block_size_loads(tiny_engine, tmp_path):
     assert manifest.taps[0].bytes_per_token == codec.bytes_per_row(manifest.taps[0].fmt, manifest.taps[0].hidden, 0)
 
 
-@pytest.mark.parametrize("tap0, says", [({"block_size": -1}, "block_size -1"), ({"hidden": 0}, "hidden 0")])
+@pytest.mark.parametrize("tap0, says", [({"block_size": -1}, "block_size must be in 0..65535, got -1"),
+                                              ({"hidden": 0}, "hidden must be in 1..65536, got 0")])
 def test_bad_sizes_refused(tiny_engine, tmp_path, tap0, says):
     with pytest.raises(ManifestError, match=says):
         Manifest.load(edited(tiny_engine, tmp_path, **tap0), verify=False)

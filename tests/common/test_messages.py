@@ -3,11 +3,12 @@
 import pytest
 
 from mobillm.common import messages, wire
-from mobillm.common.messages import (BitPlan, Credit, Hello, ModelMeta, ProtocolError, TapInfo, Welcome,
+from mobillm.common.taps import TapSpec
+from mobillm.common.messages import (BitPlan, Credit, Hello, ModelMeta, ProtocolError, Welcome,
                                      side_input_names)
 
 HELLO = Hello("ab" * 32, "facebook/opt-125m", "sst2", "class", 2, "tokens",
-              (TapInfo(2, 64, "nf4", 32), TapInfo(4, 64, "int8", 32)), "phone", None, 2, 96)
+              (TapSpec(2, 64, "nf4", 32), TapSpec(4, 64, "int8", 32)), "phone", None, 2, 96)
 
 
 def test_hello_round_trip_and_default_run_name():

@@ -79,7 +79,7 @@ def test_legacy_engine_carrying_another_architectures_library_is_a_clear_exit_2(
     copy = fake_library(engine)
     data = json.loads((engine / "manifest.json").read_text())
     data.update(custom_op_library=copy.name, fused_graph=None, custom_op=None, files={})
-    Manifest(**{k: v for k, v in data.items() if k != "files"}).save(engine)
+    Manifest.from_dict({k: v for k, v in data.items() if k != "files"}).save(engine)
     monkeypatch.setattr(native, "search_dirs", lambda: [tmp_path / "nothing"])
     with pytest.raises(QuantizerUnavailable, match=f"engine's own copy cannot run here \\({copy} is built for {OTHER}"):
         Backbone(engine)

@@ -48,7 +48,7 @@ def test_fp4_per_tensor_engine_trains(tiny_engine_factory, tmp_path, server):
     stats = train(engine, tmp_path, server, "fp4-tensor", "--send", "tokens")
     assert stats["samples_sent"] == 32
     cfg = RunConfig.load(tmp_path / "runs" / "fp4-tensor")
-    assert {(t["fmt"], t["block_size"]) for t in cfg.taps} == {("fp4", 0)}
+    assert {(t.fmt, t.block_size) for t in cfg.taps} == {("fp4", 0)}
 
 
 def test_edge_run_bits_fp4(tiny_engine, tmp_path, server):
@@ -56,4 +56,4 @@ def test_edge_run_bits_fp4(tiny_engine, tmp_path, server):
     assert stats["samples_sent"] == 32
     # The server held every BATCH to the HELLO's bits (trainer/protocol.check_batch): all fp4.
     cfg = RunConfig.load(tmp_path / "runs" / "bits-fp4")
-    assert cfg.bits == "fp4" and allowed_formats([t["fmt"] for t in cfg.taps], cfg.bits) == ["fp4"] * len(cfg.taps)
+    assert cfg.bits == "fp4" and allowed_formats([t.fmt for t in cfg.taps], cfg.bits) == ["fp4"] * len(cfg.taps)

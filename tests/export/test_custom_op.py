@@ -103,7 +103,7 @@ def test_engine_from_main_with_a_copied_library_still_loads(tiny_engine_factory,
     shutil.copy2(op_library, engine / op_library.name)
     data = json.loads((engine / "manifest.json").read_text())
     data.update(custom_op_library=op_library.name, fused_graph=None, custom_op=None, files={})
-    Manifest(**{k: v for k, v in data.items() if k != "files"}).save(engine)
+    Manifest.from_dict({k: v for k, v in data.items() if k != "files"}).save(engine)
     with caplog.at_level(logging.WARNING, logger="mobillm.edge"):
         bb = Backbone(engine)
     assert bb.engine_session.op_library == op_library  # the device's own, not the engine's copy

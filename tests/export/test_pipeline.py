@@ -63,7 +63,7 @@ def test_every_quant_format_runs_in_ort_and_verifies(tiny_engine_factory):
 def test_manifest_describes_the_graph(tiny_engine):
     manifest = Manifest.load(tiny_engine)  # checks every sha256
     assert manifest.family == "opt" and manifest.num_layers == 4
-    assert manifest.blocks == [1, 1, 1, 1] and manifest.tap_layers == [1, 2, 3, 4]
+    assert manifest.layer_groups == [1, 1, 1, 1] and manifest.tap_layers == [1, 2, 3, 4]
     assert manifest.source == "random-init" and manifest.seed == 0
     assert manifest.max_length == 256 and manifest.pad_token_id == 1
     assert manifest.config["hidden_size"] == 64 and manifest.overrides["hidden_size"] == 64
@@ -115,7 +115,7 @@ def test_opt350m_style_post_ln_and_projection_widths(tiny_engine_factory):
         "do_layer_norm_before": False, "word_embed_proj_dim": 32, "num_hidden_layers": 6})
     manifest = Manifest.load(engine)
     assert manifest.config["do_layer_norm_before"] is False
-    assert manifest.blocks == [2, 1, 1, 1, 1]
+    assert manifest.layer_groups == [2, 1, 1, 1, 1]
     assert [t.hidden for t in manifest.taps] == [64, 64, 64, 64, 32]
     assert manifest.head_hidden == 32
     assert run(engine)["tap4_codes"].shape == (2, 6, 32)
@@ -127,7 +127,7 @@ def test_opt350m_style_post_ln_and_projection_widths(tiny_engine_factory):
 def test_per_tap_quant_list_and_explicit_taps(tiny_engine_factory):
     engine = tiny_engine_factory("int8,fp16", taps=[2], block_size=32)
     manifest = Manifest.load(engine)
-    assert manifest.tap_layers == [2, 4] and manifest.blocks == [2, 2]
+    assert manifest.tap_layers == [2, 4] and manifest.layer_groups == [2, 2]
     assert [t.fmt for t in manifest.taps] == ["int8", "fp16"]
     outputs = run(engine)
     assert outputs["tap0_codes"].dtype == np.uint8 and outputs["tap0_scales"].shape[-1] == 2

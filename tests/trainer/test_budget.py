@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from mobillm.common import wire
-from mobillm.common.messages import TapInfo
+from mobillm.common.taps import TapSpec
 from mobillm.common.procfs import rss_mb
 from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer import budget as mem
@@ -68,7 +68,7 @@ def test_sizes_parse_and_bad_ones_exit_2():
 
 def test_run_cost_is_sized_without_allocating():
     """Finding 2: a HELLO with 2^20 labels on 768-wide taps asks for a >3 GB head; sizing it allocates nothing."""
-    taps = (TapInfo(3, 768, "nf4", 32), TapInfo(6, 768, "nf4", 32))
+    taps = (TapSpec(3, 768, "nf4", 32), TapSpec(6, 768, "nf4", 32))
     hello = type("H", (), {"taps": taps, "out_dim": 1 << 20})()
     mem.run_cost(SideConfig(), type("H", (), {"taps": taps[:1], "out_dim": 2})())  # imports done
     before, t0 = rss_mb(), time.perf_counter()
@@ -117,7 +117,7 @@ def test_gate_backs_off_wrong_tokens_and_caps_waiting_connections():
 
 def test_decode_in_chunks_is_exact(monkeypatch):
     rng = np.random.default_rng(0)
-    taps = [TapInfo(0, 48, "nf4", 16), TapInfo(1, 40, "int8", 8)]
+    taps = [TapSpec(0, 48, "nf4", 16), TapSpec(1, 40, "int8", 8)]
     codes = [rng.integers(0, 255, (37, 24), dtype=np.uint8), rng.integers(0, 255, (37, 40), dtype=np.uint8)]
     scales = [rng.random((37, 3)).astype(np.float16), rng.random((37, 5)).astype(np.float16)]
     rows = data.Rows(np.arange(37, dtype=np.uint64), np.zeros(37, np.int64), np.ones(37, np.int64), codes, scales,

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mobillm.common.messages import TapInfo
+from mobillm.common.taps import TapSpec
 from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer import cli
 from mobillm.trainer.config import RunConfig, SideConfig
@@ -54,7 +54,7 @@ def test_received_onnx_matches_torch_and_training(start_server, taps, pooling):
         assert got.shape == (n, 3)
         with torch.no_grad():
             graph = model(*(torch.from_numpy(feeds[k]) for k in meta["inputs"])).numpy()
-            _, trained, _ = step_loss(model, rows_for_model(batch, pooling), [TapInfo(**t) for t in taps], "class",
+            _, trained, _ = step_loss(model, rows_for_model(batch, pooling), [TapSpec(**t) for t in taps], "class",
                                       torch.device("cpu"))
         assert np.abs(got - graph).max() < 1e-4
         assert np.abs(got - trained.numpy()).max() < 1e-4

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mobillm.common import wire
-from mobillm.common.messages import TapInfo
+from mobillm.common.taps import TapSpec
 from mobillm.edge_runtime.simulate import SyntheticTask
 from mobillm.trainer.config import SideConfig
 from mobillm.trainer.core import step_loss
@@ -56,7 +56,7 @@ def test_tokens_and_pooled_modes_give_same_loss_and_grads(taps, task_type):
     tokens = over_the_wire(data.batch(0, ids, "tokens"))
     pooled = over_the_wire(data.batch(0, ids, "pooled"))
     assert tokens.n_tokens > pooled.n_tokens == len(ids)
-    info = [TapInfo(**t) for t in taps]
+    info = [TapSpec(**t) for t in taps]
     results = []
     for batch in (tokens, pooled):
         model = model_for(taps, out_dim=1 if task_type == "regression" else 3)

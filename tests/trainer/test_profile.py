@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mobillm.common.messages import TapInfo
+from mobillm.common.taps import TapSpec
 from mobillm.common.profiles import PROFILES, parse_with_profile
 from mobillm.edge_runtime import cli as edge_cli
 from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
@@ -69,7 +69,7 @@ def test_precision_resolution():
 
 def batch_rows(taps, n=8):
     data = SyntheticTask(taps, n_samples=n, num_labels=2)
-    return rows_for_model(data.batch(0, np.arange(n), "tokens"), "last"), [TapInfo(**t) for t in taps]
+    return rows_for_model(data.batch(0, np.arange(n), "tokens"), "last"), [TapSpec(**t) for t in taps]
 
 
 def one_step(taps, amp, seed=0):

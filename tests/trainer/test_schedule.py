@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from mobillm.common.messages import Hello
+from mobillm.common.taps import TapSpec
 from mobillm.edge_runtime.simulate import SimDevice, SyntheticTask
 from mobillm.trainer.config import FedConfig, OptimConfig, RunConfig, ServerConfig, SideConfig
 from mobillm.trainer.core import load_checkpoint
@@ -33,7 +34,8 @@ class Recorder:
 def single_run(folder, taps, *, epochs: int, cache: bool, checkpoint=None) -> TrainingRun:
     cfg = RunConfig(run="r", task="synth", task_type="class", num_labels=2, model_id="synthetic",
                     manifest_sha256="0" * 64, device_id="phone", mode="tokens", epochs=epochs, samples_per_epoch=32,
-                    taps=taps, cache=cache, side=SideConfig(bottleneck=8).for_taps([t["hidden"] for t in taps], 2),
+                    taps=[TapSpec(**t) for t in taps], cache=cache,
+                    side=SideConfig(bottleneck=8).for_taps([t["hidden"] for t in taps], 2),
                     optim=OptimConfig())
     folder.mkdir(exist_ok=True)
     cfg.save(folder)
