@@ -186,10 +186,19 @@ def weight_users(graph, inits):
     return found
 
 
-def use_ms_domain(model) -> None:
-    """Import the com.microsoft operator set (MatMulNBits, GatherBlockQuantized) if the model does not yet."""
+def swap_in(model, replace: dict, removed: set, new_inits: list) -> None:
+    """In place: each node whose first output names a key of `replace` becomes that node, the `removed`
+    initializers go, `new_inits` come, and the com.microsoft operator set (MatMulNBits,
+    GatherBlockQuantized) is imported."""
     from onnx import helper
 
+    graph = model.graph
+    nodes = [replace.get(n.output[0], n) if n.output else n for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    keep = [i for i in graph.initializer if i.name not in removed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
@@ -279,13 +288,7 @@ def apply(model, gguf_file: Path, widen: bool = True, progress: bool = True) -> 
     if not held:
         raise ExportError(f"{gguf_file}: no weight of the traced graph equals a GGUF tensor; --weights gguf needs "
                           f"the engine traced from this GGUF's own conversion")
-    nodes = [nodes_to_replace.get(n.output[0], n) if n.output else n for n in graph.node]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    keep = [i for i in graph.initializer if i.name not in removed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep + new_inits)
-    use_ms_domain(model)
+    swap_in(model, nodes_to_replace, removed, new_inits)
     unmatched = sorted(n for n in candidates if n not in removed and arrays[n].size >= 4096)
     by_type: dict[str, dict] = {}
     for rec in held.values():

@@ -182,7 +182,7 @@ def quantize_tables(model, bits: int, block: int, exclude: list[str]) -> dict:
     stays fp32. In place; returns {"quantized": [...], "kept_fp32": [...]} for the manifest."""
     from onnx import numpy_helper
 
-    from .gguf_weights import Blocks, block_initializers, block_node, use_ms_domain, weight_users
+    from .gguf_weights import Blocks, block_initializers, block_node, swap_in, weight_users
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -204,13 +204,7 @@ def quantize_tables(model, bits: int, block: int, exclude: list[str]) -> dict:
         removed.add(name)
         record["quantized"].append(name)
     if replace:
-        nodes = [replace.get(n.output[0], n) if n.output else n for n in graph.node]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        keep = [i for i in graph.initializer if i.name not in removed]
-        del graph.initializer[:]
-        graph.initializer.extend(keep + new_inits)
-        use_ms_domain(model)
+        swap_in(model, replace, removed, new_inits)
     return record
 
 
