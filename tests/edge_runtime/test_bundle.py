@@ -69,8 +69,8 @@ def test_bundle_logits_equal_predict(tiny_engine, tmp_path, pooling, mode, ensem
 def test_bundle_equals_predict_on_other_engines(tiny_engine_factory, tmp_path, variant):
     engine = tiny_engine_factory(**variant)
     side = write_side(engine, tmp_path / "side.onnx", "last")
-    # One text per batch: int8 weights quantize activations per tensor (ORT dynamic quantization), so
-    # padding changes every row a little, in predict and in the bundle alike.
+    # One text per batch: int8 weights' dynamic kernel quantizes activations per tensor, so padding would
+    # change every row a little, in predict and in the bundle alike (one text a batch works for every kernel).
     want = predict_logits(engine, side, tmp_path, batch_size=1)
     model = BundleModel(make_bundle(engine, side, tmp_path / "bundle"))
     got = np.concatenate([model.logits([model.tokenize((t,))]) for t in TEXTS])
