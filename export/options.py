@@ -85,8 +85,8 @@ class ExportOptions:
                                "as fp32 (its exact dequantized values), named on stderr; --no-widen exits 2 naming "
                                "the tensor and type instead")
     int8_kernel: str = option("blocks", "--weights int8: blocks = MatMulNBits 8-bit, one weight scale per 32 inputs, "
-                                        "activations quantized to int8 per row and block of 32 (an outlier channel "
-                                        "coarsens only its own block: fp32 accuracy on Gemma 3); dynamic = "
+                                        "fp32 activations (no activation grid for an outlier channel to coarsen: "
+                                        "fp32 accuracy on Gemma 3); dynamic = "
                                         "quantize_dynamic, activations uint8 per tensor (the fastest kernel, but one "
                                         "outlier sets every value's step: costs accuracy where activations carry "
                                         "outliers; docs/export.md)", choices=INT8_KERNELS)

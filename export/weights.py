@@ -26,8 +26,11 @@ from .graph import EXTERNAL_DATA_NAME, GRAPH_NAME
 INT8_PER_CHANNEL = True
 INT4_BLOCK_SIZE = 32  # MatMulNBits block along the input dimension
 INT8_BLOCK_SIZE = 32  # --int8-kernel blocks: MatMulNBits / GatherBlockQuantized, 8 bits
-# MatMulNBits compute: 4 = activations quantized to int8 per block, integer dot products (VNNI where the CPU has it).
-NBITS_ACCURACY_LEVEL = 4
+# MatMulNBits compute (int8 blocks and int4): 0 = fp32 on the dequantized weights. ORT 1.32's CPU kernel takes
+# level 4's int8 path (activations int8 per block) only on pre-packed weights, which edge-run turns off and a
+# bundle's runtime leaves on: level 4 made an engine's numbers depend on that session option (6-7 % of the tap
+# codes moved; tests/export/test_int8_kernels.py), for 1.1 x the speed on Gemma (docs/benchmarks.md).
+NBITS_ACCURACY_LEVEL = 0
 QUANTIZED = ("int8", "int4")
 
 
@@ -144,7 +147,7 @@ def quantize_weights(src: Path, dst: Path, weights: str, exclude: list[str], int
     """ORT weight-only quantization of MatMul weights and the embedding Gathers.
 
     int8, kernel "blocks": `MatMulNBitsQuantizer` at 8 bits (MatMulNBits, symmetric blocks of INT8_BLOCK_SIZE
-    inputs, accuracy_level 4: activations int8 per row and block, integer dot products), the embedding as
+    inputs, fp32 compute: NBITS_ACCURACY_LEVEL), the embedding as
     GatherBlockQuantized 8-bit blocks (ORT's quantizer does Gather at 4 bits only: `quantize_tables`);
     int8, kernel "dynamic": `quantize_dynamic` (int8 weights, one scale per output channel; activations
     quantized per call and per tensor by DynamicQuantizeLinear);

@@ -66,6 +66,7 @@ VARIANTS = [
     Variant("gguf-prepack", ("--weights", "gguf"), {"prepack": True}),
     Variant("int8-nosmooth", ("--weights", "int8", "--smooth-alpha", "0")),  # int8 without outlier migration
     Variant("int8-dynamic", ("--weights", "int8", "--int8-kernel", "dynamic")),  # quantize_dynamic, per-tensor activations
+    Variant("int8-prepack", ("--weights", "int8", *QUANTIZERS["std"]), {"prepack": True}),  # int8-std, pre-packed
     Variant("int4-fp16taps", ("--weights", "int4", *FP16_TAPS)),
     # every weight format x tap quantizer x ORT transformer optimizer (the exporter's default, on, off)
     *(Variant(f"{w}-{q}-{o}".rstrip("-"), ("--weights", w, *QUANTIZERS[q], *OPTIMIZED.get(o, ())))

@@ -80,6 +80,25 @@ def test_each_kernel_writes_its_operators_records_itself_and_verifies(tiny_engin
     assert report.ok, report.table()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_matmulnbits_engines_give_the_same_taps_with_and_without_weight_prepacking(tiny_engine_factory, fmt):
+    """edge-run turns ORT's pre-packing off, a bundle's runtime leaves it on: the engine must not care (at
+    accuracy_level 4 ORT's kernel computes in int8 on pre-packed weights only, and 6-7 % of the codes moved)."""
+    from mobillm.edge_runtime.backbone import Backbone
+
+    engine = tiny_engine_factory(weights=fmt)
+    nodes = onnx.load(str(engine / "backbone.onnx"), load_external_data=False).graph.node
+    levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)  # absent: the default, 0
+              for n in nodes if n.op_type == "MatMulNBits"}
+    assert levels == {weights.NBITS_ACCURACY_LEVEL} == {0}
+    rows = [np.array([2, 17, 99, 45, 300, 8], np.int64), np.array([2, 7, 8], np.int64)]
+    off, _ = Backbone(engine, threads=1, prepack=False).forward(rows)
+    on, _ = Backbone(engine, threads=1, prepack=True).forward(rows)
+    for a, b in zip(off, on):
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scales, b.scales)
+
+
 def test_an_int8_engine_from_before_the_option_reexports_as_dynamic():
     old = {"model": "opt-125m", "out": "engine", "weights": "int8"}  # export_options as manifests stored them
     assert ExportOptions.from_dict(old).int8_kernel == "dynamic"
