@@ -51,21 +51,20 @@ def main(argv=None) -> int:
 
     spec = json.loads((a.work / "evaluate.spec.json").read_text())["task"] if (a.work / "evaluate.spec.json").is_file() \
         else json.loads(next(a.work.glob("*.spec.json")).read_text())["task"]
-    task = tasks.Task(spec["name"], spec["kind"], spec["num_labels"], (), "", spec["metric"])
+    metric = tasks.METRICS[spec["metric"]]  # the predictions are saved as classes / values, as the metrics take them
     labels = np.load(a.work / "data.npz")["dev_labels"]
-    with open(a.work / "dev.tsv", newline="", encoding="utf-8") as f:
+    with open(a.work / "dev.tsv", newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows or a.column not in rows[0]:
         raise SystemExit(f"--column {a.column}: not a column of {a.work / 'dev.tsv'}")
     values = np.array([r[a.column] for r in rows])[: len(labels)]
     groups = sorted(set(values))
-    result: dict = {"work": str(a.work), "column": a.column, "metric": task.metric,
+    result: dict = {"work": str(a.work), "column": a.column, "metric": spec["metric"],
                     "rows": {g: int(np.sum(values == g)) for g in groups}, "methods": {}}
     for method, preds in sorted(last_predictions(a.work).items()):
-        out = np.asarray(preds, dtype=np.float64)
-        out = out.reshape(-1, 1) if task.kind == "regression" else np.eye(spec["out_dim"])[out.astype(int)]
-        score = {"all": float(tasks.score(task, out, labels)[task.metric])}
-        score.update({g: float(tasks.score(task, out[values == g], labels[values == g])[task.metric]) for g in groups})
+        pred = np.asarray(preds, dtype=np.float64 if spec["kind"] == "regression" else np.int64)
+        score = {"all": float(metric(pred, labels))}
+        score.update({g: float(metric(pred[values == g], labels[values == g])) for g in groups})
         result["methods"][method] = score
     print(f"| method | all ({len(labels)}) | " + " | ".join(f"{g} ({result['rows'][g]})" for g in groups) + " |")
     print("|---|---|" + "---|" * len(groups))

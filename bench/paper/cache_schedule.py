@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     seeds = [int(x) for x in args.seeds.split(",")]
     if args.ensemble < 1 or len(seeds) % args.ensemble:
         raise SystemExit(f"--ensemble {args.ensemble}: --seeds must hold a multiple of it ({len(seeds)} given)")
+    task = scored(args.task, int(taps["out_dim"]))
     results, ensembles = [], []
     for lr in [float(x) for x in args.lrs.split(",")]:
         for epochs in [int(x) for x in args.epochs.split(",")]:
@@ -181,13 +182,12 @@ def main(argv=None) -> int:
             for seed in seeds:
                 curve, model = train(taps, epochs, lr, seed, args.batch_size, side, args.task)
                 results.append({"lr": lr, "epochs": epochs, "seed": seed, "side": side, "curve": curve})
-                if groups:
-                    task = scored(args.task, int(taps["out_dim"]))
-                    dev_out, dev_labels = logits_of(model, split(taps, "dev")[0]), split(taps, "dev")[1]
-                    results[-1]["dev_by"] = {g: metric_of(task, dev_out[groups["dev"] == g], dev_labels[groups["dev"] == g])
-                                             for g in sorted(set(groups["dev"]))}
                 for name in outs:
                     outs[name].append(logits_of(model, split(taps, name)[0]))
+                if groups:
+                    dev_out, dev_labels, dev_groups = outs["dev"][-1], split(taps, "dev")[1], groups["dev"]
+                    results[-1]["dev_by"] = {g: metric_of(task, dev_out[dev_groups == g], dev_labels[dev_groups == g])
+                                             for g in sorted(set(dev_groups))}
                 last = curve[-1]
                 best = max(curve, key=lambda c: (c["holdout"], c["epoch"]))
                 print(f"lr {lr:g} epochs {epochs:2d} seed {seed}: end holdout {last['holdout']:.3f} dev {last['dev']:.3f}"
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
                 group = {"lr": lr, "epochs": epochs, "seeds": seeds[g:g + args.ensemble], "side": side}
                 for name in outs:
                     mean = np.mean(outs[name][g:g + args.ensemble], axis=0)
-                    group[name] = metric_of(scored(args.task, int(taps["out_dim"])), mean, split(taps, name)[1])
+                    group[name] = metric_of(task, mean, split(taps, name)[1])
                 ensembles.append(group)
                 print(f"lr {lr:g} epochs {epochs:2d} ensemble of seeds {group['seeds']}: holdout {group['holdout']:.3f}"
                       f" dev {group['dev']:.3f}", flush=True)
@@ -220,7 +220,7 @@ def column_values(work: Path, column: str, taps: dict) -> dict[str, np.ndarray]:
 
     out = {}
     for name in ("train", "dev"):
-        with open(work / f"{name}.tsv", newline="", encoding="utf-8") as f:
+        with open(work / f"{name}.tsv", newline="", encoding="utf-8-sig") as f:  # MRPC starts with a BOM
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
         if not rows or column not in rows[0]:
             raise SystemExit(f"--by {column}: no such column in {work / f'{name}.tsv'}")
