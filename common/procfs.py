@@ -29,3 +29,24 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 def rss_mb(pid: int | str = "self") -> float:
     """Current resident set size (VmRSS) in MiB."""
     return status_mb("VmRSS", pid)
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the kernel (glibc `malloc_trim(0)`); False where there is no glibc.
+
+    Loading a large tokenizer.json (Gemma 3's: 33 MB, 262k tokens) parses through ~250 MiB of short-lived
+    allocations that glibc keeps mapped afterwards; trimming before the engine loads keeps that transient
+    out of the device's steady RSS (docs/benchmarks.md, "Device memory: the tokenizer's transient")."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return False
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from mobillm.common.manifest import Manifest, ManifestError, TapSpec
 from mobillm.common.options import option
+from mobillm.common.procfs import trim_heap
 from mobillm.common.tokenize import EngineTokenizer, TokenizerFilesMissing
 from mobillm.kernels import codec
 
@@ -39,13 +40,16 @@ class EngineOptions:
     threads: int | None = option(None, "ORT intra-op threads (default: all cores)")
     prepack: bool = option(False, "let ORT keep pre-packed copies of the weights: up to ~10 percent faster on some "
                                   "CPUs, ~30 percent more peak memory (memory is the device's scarcest resource)")
+    mem_pattern: bool = option(False, "let ORT plan one arena block per input shape from the second call on: no "
+                                      "speed gain measured here, ~150 MiB more peak memory on Gemma 3 270M")
     quantizer: str = option("auto", "tap quantizer: fused (the engine's com.mobillm graph with this device's op "
                                     "library), standard (standard ONNX ops, runs anywhere), auto = fused where it "
                                     "loads, else standard with a one-line notice", choices=QUANTIZERS)
 
     def open(self) -> Backbone:
         """The engine's ORT session with these options."""
-        return Backbone(self.engine, self.provider, self.threads, prepack=self.prepack, quantizer=self.quantizer)
+        return Backbone(self.engine, self.provider, self.threads, prepack=self.prepack, quantizer=self.quantizer,
+                        mem_pattern=self.mem_pattern)
 
 
 @dataclass
@@ -88,28 +92,37 @@ class Backbone:
     """ORT session over an engine folder; `forward` returns the quantized taps of a batch."""
 
     def __init__(self, engine: Path | str, provider: str = "cpu", threads: int | None = None, verify: bool = True,
-                 prepack: bool = False, quantizer: str = "auto", op_library: Path | str | None = None):
+                 prepack: bool = False, quantizer: str = "auto", op_library: Path | str | None = None,
+                 mem_pattern: bool = False):
         """`quantizer` and `op_library`: which graph runs, see edge_runtime/session.py.
         `prepack=False` (the default) turns off ORT's weight pre-packing: on CPU it keeps a
         second, re-laid-out copy of every MatMul weight, ~30 % of the session's peak memory
-        (docs/benchmarks.md, "ORT weight pre-packing"), for a speed gain we measured at 0-10 %."""
+        (docs/benchmarks.md, "ORT weight pre-packing"), for a speed gain we measured at 0-10 %.
+        `mem_pattern=False` (the default) turns off ORT's memory pattern: from a shape's second call it
+        allocates that shape's whole plan as one block, which raised the peak by ~150 MiB on Gemma for no
+        speed we could measure ("Device memory: ORT's memory pattern").
+        The tokenizer loads first and the C heap is trimmed after it: its parse is the process's largest
+        transient (~250 MiB for Gemma's), which would otherwise stay resident under the session."""
         self.folder = Path(engine)
         if not self.folder.is_dir():
             raise ManifestError(f"{self.folder}: engine folder not found; run export-backbone first and copy its --out here")
         self.manifest = Manifest.load(self.folder, verify=verify)
         self.provider = provider
+        try:
+            self.tokenizer = EngineTokenizer(self.folder / self.manifest.tokenizer_dir, self.manifest.token_rules)
+        except TokenizerFilesMissing as exc:
+            raise ManifestError(str(exc)) from None
+        trim_heap()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_mem_pattern = mem_pattern
         self.engine_session = open_session(self.folder, self.manifest, opts, choose_providers(provider, self.folder),
                                            quantizer, op_library)
         self.session = self.engine_session.session
-        try:
-            self.tokenizer = EngineTokenizer(self.folder / self.manifest.tokenizer_dir, self.manifest.token_rules)
-        except TokenizerFilesMissing as exc:
-            raise ManifestError(str(exc)) from None
+        trim_heap()
         self._outputs = [name for t in self.manifest.taps for name in t.graph_outputs]
 
     def _switch_outputs(self, formats: list[str]) -> list[str]:

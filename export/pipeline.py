@@ -32,8 +32,8 @@ from mobillm.kernels import onnx_codec
 from . import calibrate as calibration
 from . import families, optimize, weights
 from . import trt as trt_plan
-from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, choose_exporter, codec_node_names, io_specs,
-                    SWITCH_INPUT, tap_specs, tap_switch, trace_to_onnx)
+from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, SWITCH_INPUT, choose_exporter, codec_node_names,
+                    io_specs, move_weights_out, tap_specs, tap_switch, trace_to_onnx)
 from .options import ExportError, ExportOptions, comma_list
 from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
                      load_tokenizer, prepare_source, release_weights, resolve_source,
@@ -258,6 +258,7 @@ def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _
         del onnx_model
     shutil.rmtree(raw, ignore_errors=True)
     gc.collect()
+    external = move_weights_out(folder)  # every engine, whatever its size: ORT maps the file
     return inputs, outputs, external, weight_quant, fusions
 
 
@@ -322,10 +323,8 @@ def _write_fused_graph(folder: Path, specs: list[dict]) -> str:
     weights held inside the graph file move out to it first. No op library is needed to export."""
     import onnx
 
+    move_weights_out(folder)
     model = onnx.load(str(folder / GRAPH_NAME), load_external_data=False)
-    if not (folder / EXTERNAL_DATA_NAME).exists():
-        onnx.save_model(model, str(folder / GRAPH_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
     onnx_codec.fuse_quantizers(model, specs)
     onnx.save_model(model, str(folder / FUSED_GRAPH_NAME))
     return FUSED_GRAPH_NAME

@@ -2,7 +2,7 @@
 
 The codec nodes (named tap{i}_codes/..., see export/graph.py) are never touched, so the taps
 stay bit-exact with kernels/codec.py whatever the weights. Each writer leaves the graph as
-`backbone.onnx` (+ `backbone.onnx.data` past 2 GiB) in the engine folder and returns the
+`backbone.onnx` in the engine folder and returns the
 external-data file name or None. The pipeline calls them in one stage (`pipeline._write_graph`),
 which owns the in-memory graph so it can drop it before ORT's quantizer loads its own copy.
 """
