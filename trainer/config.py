@@ -145,6 +145,10 @@ class OptimConfig:
     ensemble: int = option(1, "with --select-epochs: side networks trained with the chosen schedule on every "
                               "cached sample, each from its own seed; the returned ONNX averages their logits",
                            min=1, max=16)
+    replay: int = option(0, "with --cache: while the device's next batch has not arrived, train up to this many "
+                            "batches drawn from the samples cached so far (at the streamed schedule's current lr, "
+                            "which they do not advance), so the network learns faster than the device streams; "
+                            "a streamed batch always goes first (default 0: off)", min=0, max=64)
 
     def cross_check(self) -> None:
         """The rules across fields (schema.check runs it after the fields' own)."""
@@ -305,6 +309,8 @@ class ServerConfig:
             raise ConfigError("--federated and --cache do not combine: federated devices stream every epoch")
         if self.optim.select_epochs and not self.cache:
             raise ConfigError("--select-epochs needs --cache: the candidates train on the cached first epoch")
+        if self.optim.replay and not self.cache:
+            raise ConfigError("--replay needs --cache: it draws its batches from the samples cached so far")
         if self.federated and self.side.input_norm != "none":
             raise ConfigError("--input-norm channel is for single-device runs: the federated network aligns each "
                               "backbone's taps with its own projection (docs/federated.md)")

@@ -11,6 +11,13 @@ candidate schedules are scored on held-out cached samples (`select.py`), and a f
 is trained on every cached sample with the best one; its schedule (`WarmupLinear` over its own
 epochs, from the sample it starts at) replaces the device's.
 
+With `--cache --replay R`, while the stream is on and the device's next batch has not arrived, the
+server trains up to R batches drawn (seeded) from the samples cached so far, at the streamed
+schedule's current learning rate: the server's idle time turns into training, so the streamed
+network reaches a given accuracy sooner. Replayed samples do not advance the schedule, the epochs
+or the cached-epoch order (the schedule's position is `samples_trained - replayed`), and with
+`--select-epochs` the run's result is still the fresh network trained after the selection.
+
 Phases: stream -> [select ->] cache (`--cache` only) -> export -> finished; any exception fails the run.
 """
 
@@ -64,6 +71,9 @@ class SingleDevice:
         self.end_samples = cfg.total_samples  # the run's last epoch ends here
         self.selection: dict | None = None
         self.ensemble: list = []  # --ensemble: members 1.. (member 0 is self.model), trained at the selection
+        self.replayed = 0  # --replay: samples trained from the cache during the stream (off the schedule)
+        self.replay_steps = 0
+        self._replays_in_gap = 0  # replayed batches since the last streamed one
         self.cache = None
         if cfg.cache:  # the cache keeps each tap in the one format the device sends it in
             fmts = allowed_formats([t.fmt for t in self.taps], cfg.bits)
@@ -99,12 +109,28 @@ class SingleDevice:
     def pick(self, members: list[Member]) -> Member | None:
         return self.member if self.phase == "stream" and self.member.queue else None
 
+    def position(self, run: TrainingRun) -> int:
+        """Where the run is in its schedule: samples trained, less those replayed (`--replay`)."""
+        return run.samples_trained - self.replayed
+
     def idle_work(self, run: TrainingRun) -> Work | object | None:
         if self.phase == "stream":
             if not self.member.done:
+                if self._can_replay():
+                    return Work(source="replay")
                 return None  # the device streams on
             self._end_stream()  # DONE, and every batch before it trained
         return Work(source=self.phase) if self.phase in ("select", "cache") else END
+
+    def _can_replay(self) -> bool:
+        """--replay: another cached batch may train while the device's next one is on its way."""
+        return (self.cfg.optim.replay > 0 and self.cache is not None and self.first_batch_rows > 0
+                and len(self.cache) >= self.first_batch_rows and self._replays_in_gap < self.cfg.optim.replay)
+
+    def _replay_rows(self):
+        """A seeded draw of one batch from the samples cached so far."""
+        rng = np.random.default_rng([self.cfg.optim.seed, 0x2E91A7, self.replay_steps])
+        return self.cache.gather(np.sort(rng.choice(len(self.cache), self.first_batch_rows, replace=False)))
 
     def _end_stream(self) -> None:
         """The stream is over (DONE, or with --cache a whole epoch trained): cached epochs, or export."""
@@ -136,9 +162,9 @@ class SingleDevice:
         self.amp = MixedPrecision(self.cfg.optim.precision, self.device)
         n = len(self.cache)
         self.peak_lr = choice.lr
-        self.end_samples = run.samples_trained + choice.epochs * n
+        self.end_samples = self.position(run) + choice.epochs * n
         self.schedule = WarmupLinear(round(self.cfg.optim.warmup_ratio * choice.epochs * n), choice.epochs * n,
-                                     start=run.samples_trained)
+                                     start=self.position(run))
         self.cache_epoch, self.cache_pos, self.last_cache_epoch = 1, 0, 1 + choice.epochs
         self._last_epoch = {"loss_sum": 0.0, "rows": 0, "outputs": [], "labels": []}
         self.phase = "cache"
@@ -161,13 +187,16 @@ class SingleDevice:
                 self.first_batch_rows = len(rows)
             if self.cache is not None:
                 self.cache.append(rows)
+            self._replays_in_gap = 0
+        elif work.source == "replay":
+            rows = self._replay_rows()
         else:
             if work.source == "select":  # the selection runs first; this step is the chosen schedule's first
                 self._select(run)
                 work.source = "cache"
             rows = self._cached_rows()
         want_importance = self.bitplan_every > 0
-        lr = self.peak_lr * self.schedule.factor(run.samples_trained)
+        lr = self.peak_lr * self.schedule.factor(self.position(run))
         step = train_step(self.model, self.optimizer, rows, self.taps, self.cfg.task_type, self.device, lambda _: lr,
                           self.cfg.optim.grad_clip, want_importance, self.amp)
         if want_importance:
@@ -179,8 +208,14 @@ class SingleDevice:
 
     def aggregate(self, work: Work, fit: Fit, run: TrainingRun) -> dict:
         cfg, rows, n = self.cfg, fit.rows, len(fit.rows)
+        if work.source == "replay":
+            self.replayed += n
+            self.replay_steps += 1
+            self._replays_in_gap += 1
+            append_record(self._trained_ids, {"step": run.step, "replay": True, "ids": rows.sample_ids.tolist()})
+            return {"epoch": self.position(run) / cfg.samples_per_epoch, "source": work.source}
         epoch_len = len(self.cache) if self.selection else cfg.samples_per_epoch
-        if run.samples_trained > self.end_samples - epoch_len:
+        if self.position(run) > self.end_samples - epoch_len:
             self._last_epoch["loss_sum"] += fit.step.loss * n
             self._last_epoch["rows"] += n
             self._last_epoch["outputs"].append(fit.step.logits.detach().float().cpu().numpy())
@@ -195,10 +230,10 @@ class SingleDevice:
             self._end_stream()
         # Which samples this step trained; `first` is their position in the run's order (all epochs back
         # to back), so row i belongs to epoch (first + i) // samples_per_epoch. See read_trained_ids.
-        append_record(self._trained_ids, {"step": run.step, "first": run.samples_trained - n,
+        append_record(self._trained_ids, {"step": run.step, "first": self.position(run) - n,
                                           "ids": rows.sample_ids.tolist()})
         now = time.perf_counter()
-        fields = {"epoch": run.samples_trained / cfg.samples_per_epoch, "source": work.source,
+        fields = {"epoch": self.position(run) / cfg.samples_per_epoch, "source": work.source,
                   "samples_per_s": n / max(now - self._last_step_end, 1e-9)}
         self._last_step_end = now
         return fields
@@ -243,6 +278,8 @@ class SingleDevice:
             summary.update(last_epoch_scores(self.cfg.task, self.cfg.task_type, self.cfg.num_labels, outputs, labels))
         if self.selection is not None:
             summary["selection"] = self.selection
+        if self.replayed:
+            summary["replayed"] = {"samples": self.replayed, "steps": self.replay_steps}
         return summary
 
     # ---- checkpoints ----
@@ -253,7 +290,9 @@ class SingleDevice:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "progress": dict(progress, stream_trained=self.member.trained, cache_epoch=self.cache_epoch,
-                             cache_pos=self.cache_pos, first_batch_rows=self.first_batch_rows, phase=self.phase),
+                             cache_pos=self.cache_pos, first_batch_rows=self.first_batch_rows, phase=self.phase,
+                             replayed=self.replayed, replay_steps=self.replay_steps,
+                             replays_in_gap=self._replays_in_gap),
             "rng": {"torch": torch.get_rng_state()},
             "cache": self.cache.state() if self.cache is not None else None,
             "summary": self.summary,
@@ -286,6 +325,8 @@ class SingleDevice:
         self.cache_epoch, self.cache_pos = p["cache_epoch"], p["cache_pos"]
         self.first_batch_rows = p["first_batch_rows"]
         self.phase = p["phase"]
+        self.replayed, self.replay_steps = int(p.get("replayed", 0)), int(p.get("replay_steps", 0))
+        self._replays_in_gap = int(p.get("replays_in_gap", 0))
         self.summary = state.get("summary") or {}
         if state.get("selection"):
             sel = state["selection"]
@@ -308,7 +349,8 @@ def read_trained_ids(folder: Path | str, device: str | None = None) -> dict[int,
 
     It holds exactly the steps the run's model has seen: a resumed run cuts the steps after its
     checkpoint before training them again. A sample trained exactly once per epoch appears once
-    in each epoch's list. A federated run of several ranks (docs/scale_out.md) logs per rank
+    in each epoch's list; batches replayed during the stream (`--replay`, marked `replay`) belong to
+    no epoch and are left out. A federated run of several ranks (docs/scale_out.md) logs per rank
     (trained_ids.rank<R>.jsonl): the ranks are merged in step order, for one `device`."""
     folder = Path(folder)
     ranks = sorted(folder.glob("trained_ids.rank*.jsonl"))
@@ -323,6 +365,8 @@ def read_trained_ids(folder: Path | str, device: str | None = None) -> dict[int,
         records = _records(folder / TRAINED_IDS)
     out: dict[int, list[int]] = {}
     for record in records:
+        if record.get("replay"):
+            continue
         for i, sid in enumerate(record["ids"]):
             out.setdefault((record["first"] + i) // per_epoch, []).append(sid)
     return out

@@ -144,6 +144,9 @@ class Settings:
                                                 "--select-lrs; default: --lr-side alone)", default_factory=list)
     cache_ensemble: int = option(1, "with --cache-select: side networks the --cache server trains with its choice "
                                     "(trainer serve --ensemble); the returned ONNX averages their logits")
+    cache_replay: int = option(0, "the --cache server trains up to this many batches from its cache in each gap "
+                                  "between two streamed batches (trainer serve --replay): the streamed network "
+                                  "learns faster; with --cache-select the returned network is unchanged")
     max_epochs: int = option(50, "cap on the sized mobillm epochs")
     threads: int | None = option(None, "torch/ORT threads in the method processes")
     jobs: int = option(1, "on-device methods run this many at a time; above 1 the timings are not comparable "

@@ -121,6 +121,8 @@ class TrainerProcess(TrainerServe):
                 args += ["--select-lrs", ",".join(f"{lr:g}" for lr in s.cache_select_lrs)]
             if s.cache_ensemble > 1:
                 args += ["--ensemble", s.cache_ensemble]
+        if cache and s.cache_replay:
+            args += ["--replay", s.cache_replay]
         super().__init__(work / f"runs-{name}", *args, log=work / "logs" / f"server-{name}.log",
                          wrap=lambda cmd: limited(cmd, s.mem_limit))
         self.name = name

@@ -203,8 +203,11 @@ def size_cache_epochs(s: Settings, train_rows: int, cached_s: float | None) -> t
         lrs = f" x lr {','.join(f'{lr:g}' for lr in s.cache_select_lrs)}" if s.cache_select_lrs else ""
         ensemble = f", then trains {s.cache_ensemble} side networks with it (logits averaged)" \
             if s.cache_ensemble > 1 else ""
+        replay = f"; during the stream it replays up to {s.cache_replay} cached batches per gap" \
+            if s.cache_replay else ""
         return 2, (f"declared 2 (the streamed epoch's schedule); the server chooses the cached epochs among "
-                   f"{','.join(map(str, s.cache_select))}{lrs} on 10 % of the cached samples held out{ensemble}")
+                   f"{','.join(map(str, s.cache_select))}{lrs} on 10 % of the cached samples held out{ensemble}"
+                   f"{replay}")
     first = train_rows * s.forward_s_per_row if s.forward_s_per_row else None
     epoch_s = math.ceil(train_rows / s.batch_size) * cached_s if cached_s else None
     if first is None or not epoch_s:

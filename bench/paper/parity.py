@@ -60,6 +60,15 @@ def first_at(curve: list, target: float) -> float | None:
     return next((t for t, m in curve if m >= target), None)
 
 
+def last_below(curve: list, target: float) -> float | None:
+    """The last evaluation before `first_at` (0 when the first one is already at the target): the
+    method crossed the target after it, so (last_below, first_at] brackets its true time."""
+    first = first_at(curve, target)
+    if first is None:
+        return None
+    return max((t for t, m in curve if t < first), default=0.0)
+
+
 def lr_text(lrs: list[float]) -> str:
     """One lr, or each seed's when they differ (a --cache-select run chooses its own)."""
     return f"{lrs[0]:g}" if len(set(lrs)) == 1 else "/".join(f"{lr:g}" for lr in lrs)
@@ -105,7 +114,16 @@ def aggregate(runs: list[dict], reference: str = "lora", versus: str = "mobillm-
         t_vs = [first_at(r["dev_curve"], target) for r in per[versus]]
         ratio = (float(np.mean(t_vs)) / float(np.mean(t_ref)) if None not in t_ref + t_vs and np.mean(t_ref) > 0
                  else None)
-        timing = {"target": target, "reference_s": t_ref, "versus_s": t_vs, "ratio": ratio}
+        # Evaluations are points on a grid: each time is bracketed by (last evaluation below, first at or
+        # above], so the ratio lies between these bounds (the one above is the figure to hold to the goal)
+        lo_ref = [last_below(r["dev_curve"], target) for r in ref_rows]
+        lo_vs = [last_below(r["dev_curve"], target) for r in per[versus]]
+        bounds = None
+        if ratio is not None and None not in lo_ref + lo_vs:
+            upper = float(np.mean(t_vs)) / float(np.mean(lo_ref)) if np.mean(lo_ref) > 0 else None
+            bounds = [float(np.mean(lo_vs)) / float(np.mean(t_ref)), upper]
+        timing = {"target": target, "reference_s": t_ref, "versus_s": t_vs, "ratio": ratio,
+                  "reference_last_below_s": lo_ref, "versus_last_below_s": lo_vs, "ratio_bounds": bounds}
     metric = next((run["summary"].get("metric") for run in runs if run["summary"].get("metric")), "accuracy")
     goals = []
     if versus in methods and reference in methods:
@@ -157,6 +175,12 @@ def markdown(agg: dict) -> str:
         lines += ["", f"Time to 0.95 × {ref}'s best dev {metric} ({t['target']:.3f}): {ref} {fmt(t['reference_s'])} s, "
                       f"{agg['versus']} {fmt(t['versus_s'])} s -> ratio "
                       f"**{'—' if t['ratio'] is None else format(t['ratio'], '.2f')}**."]
+        b = t.get("ratio_bounds")
+        if b:
+            lines[-1] += (f" Each time lies after the method's last evaluation below the target ({ref} "
+                          f"{fmt(t['reference_last_below_s'])} s, {agg['versus']} {fmt(t['versus_last_below_s'])} s), "
+                          f"so the true ratio is between {b[0]:.2f} and "
+                          f"{'unbounded' if b[1] is None else format(b[1], '.2f')}.")
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     for g in agg["goals"]:
         v = g["value"]

@@ -140,6 +140,10 @@ def test_aggregate_reports_seed_means_the_paired_difference_and_time_ratio_and_r
     assert d["lo"] <= d["mean"] <= d["hi"] < 0.0  # (seeded: most of the flips turn a correct answer wrong)
     # target 0.95 x 0.9 = 0.855: LoRA at 60 s, mobillm-cache at 90 s -> 1.5
     assert agg["timing"]["ratio"] == pytest.approx(1.5)
+    # each time is bracketed by the last evaluation below the target: LoRA (0, 60], mobillm-cache (30, 90],
+    # so the true ratio lies in [30 / 60, 90 / 0) = [0.5, unbounded)
+    assert agg["timing"]["reference_last_below_s"] == [0.0] * 3 and agg["timing"]["versus_last_below_s"] == [30.0] * 3
+    assert agg["timing"]["ratio_bounds"] == [pytest.approx(0.5), None]
     assert [g["met"] for g in agg["goals"]][2] is False
     # --aggregate-only reads the runs in OUT and gives the same statistics
     assert main(["--seeds", "0,1,2", "--once", "", "--bootstrap", "2000", "--out", str(tmp_path), "--aggregate-only"]) == 0
