@@ -34,9 +34,9 @@ def rss_mb(pid: int | str = "self") -> float:
 def trim_heap() -> bool:
     """Hand the C heap's free pages back to the kernel (glibc `malloc_trim(0)`); False where there is no glibc.
 
-    Loading a large tokenizer.json (Gemma 3's: 33 MB, 262k tokens) parses through ~250 MiB of short-lived
-    allocations that glibc keeps mapped afterwards; trimming before the engine loads keeps that transient
-    out of the device's steady RSS (docs/benchmarks.md, "Device memory: the tokenizer's transient")."""
+    Loading a large tokenizer.json (Gemma 3's: 33 MB, 262k tokens) leaves ~190 MiB of freed
+    allocations that glibc keeps mapped afterwards; trimming before the engine loads keeps them out of
+    the device's RSS (docs/benchmarks.md, "Device memory: what loading costs")."""
     import ctypes
     import ctypes.util
 

@@ -41,7 +41,7 @@ class EngineOptions:
     prepack: bool = option(False, "let ORT keep pre-packed copies of the weights: up to ~10 percent faster on some "
                                   "CPUs, ~30 percent more peak memory (memory is the device's scarcest resource)")
     mem_pattern: bool = option(False, "let ORT plan one arena block per input shape from the second call on: no "
-                                      "speed gain measured here, ~150 MiB more peak memory on Gemma 3 270M")
+                                      "speed gain measured here, ~160 MiB more peak memory on Gemma 3 270M")
     quantizer: str = option("auto", "tap quantizer: fused (the engine's com.mobillm graph with this device's op "
                                     "library), standard (standard ONNX ops, runs anywhere), auto = fused where it "
                                     "loads, else standard with a one-line notice", choices=QUANTIZERS)
@@ -99,10 +99,10 @@ class Backbone:
         second, re-laid-out copy of every MatMul weight, ~30 % of the session's peak memory
         (docs/benchmarks.md, "ORT weight pre-packing"), for a speed gain we measured at 0-10 %.
         `mem_pattern=False` (the default) turns off ORT's memory pattern: from a shape's second call it
-        allocates that shape's whole plan as one block, which raised the peak by ~150 MiB on Gemma for no
-        speed we could measure ("Device memory: ORT's memory pattern").
+        allocates that shape's whole plan as one block, which raised the peak by ~160 MiB on Gemma for no
+        speed we could measure (docs/benchmarks.md, "Device memory: what loading costs").
         The tokenizer loads first and the C heap is trimmed after it: its parse is the process's largest
-        transient (~250 MiB for Gemma's), which would otherwise stay resident under the session."""
+        transient (Gemma's leaves ~190 MiB of freed pages mapped), which would otherwise stay under the session."""
         self.folder = Path(engine)
         if not self.folder.is_dir():
             raise ManifestError(f"{self.folder}: engine folder not found; run export-backbone first and copy its --out here")

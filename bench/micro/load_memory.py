@@ -6,6 +6,9 @@
 Each row is a fresh process that opens the engine one way, runs `--steps` batches of random ids, and
 reports its RSS after loading, its peak RSS (VmHWM) at load and at the end, and its seconds per batch:
 
+- `tokenizer alone`: only the engine's tokenizer: RSS after loading it, its peak, and the RSS once
+  the C heap is trimmed (the "peak" column), no session, no batches.
+
 - `before`: how `Backbone` opened an engine until this change: the session first (weights parsed out
   of the graph file), then the tokenizer, ORT's memory pattern on.
 - `tokenizer first`: the tokenizer loads first and the C heap is trimmed after it (its JSON parse is
@@ -36,6 +39,15 @@ import numpy as np
 args = json.loads(sys.argv[1])
 from mobillm.common.procfs import peak_rss_mb, rss_mb, trim_heap
 folder = args["engine"]
+if args["variant"] == "tokenizer alone":
+    from mobillm.common.manifest import Manifest
+    from mobillm.common.tokenize import EngineTokenizer
+    m = Manifest.load(folder, verify=False)
+    tok = EngineTokenizer(f"{folder}/{m.tokenizer_dir}", m.token_rules)
+    loaded, peak_load = rss_mb(), peak_rss_mb()
+    trim_heap()
+    print(json.dumps({"loaded_mb": loaded, "peak_load_mb": peak_load, "peak_mb": rss_mb(), "s_per_batch": 0.0}))
+    sys.exit(0)
 if args["variant"] == "+ weights mapped":
     from mobillm.edge_runtime.backbone import Backbone
     bb = Backbone(folder, threads=args["threads"], verify=False)
@@ -76,7 +88,7 @@ print(json.dumps({"loaded_mb": loaded, "peak_load_mb": peak_load, "peak_mb": pea
                   "s_per_batch": min(times)}))
 '''
 
-VARIANTS = ["before", "tokenizer first", "+ no mem pattern", "+ weights mapped"]
+VARIANTS = ["tokenizer alone", "before", "tokenizer first", "+ no mem pattern", "+ weights mapped"]
 
 
 def mapped_copy(engine: Path, tmp: Path) -> Path:
@@ -124,7 +136,8 @@ def main(argv=None) -> int:
         load_after = f.read().split()[:3]
     print(f"batch {a.batch} x {a.seq} random ids, {a.steps} forwards, {a.threads} threads, pre-packing off; load "
           f"average {' '.join(load_before)} -> {' '.join(load_after)}\n")
-    print("| engine | variant | RSS after load (MiB) | peak at load (MiB) | peak (MiB) | s / batch |\n|---|---|---|---|---|---|")
+    print("| engine | variant | RSS after load (MiB) | peak at load (MiB) | peak (MiB; tokenizer alone: RSS after "
+          "the heap trim) | s / batch |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['engine']} | {r['variant']} | failed: {r['error']} | | | |")
