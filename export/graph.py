@@ -124,8 +124,8 @@ def move_weights_out(folder: Path) -> str:
 
     Every engine keeps its weights there, whatever their size: ONNX Runtime maps an external-data
     file into memory instead of parsing the weights out of the protobuf, so loading adds no second
-    copy (Gemma 3 270M int8: peak RSS at load 640 -> 412 MiB) and a row of the embedding table is
-    paged in only when a token uses it (docs/benchmarks.md, "Device memory: weights mapped")."""
+    copy (Gemma 3 270M int8: peak RSS at load 641 -> 412 MiB) and a row of the embedding table is
+    paged in only when a token uses it (docs/benchmarks.md, "Device memory: what loading costs")."""
     import onnx
 
     if not (folder / EXTERNAL_DATA_NAME).exists():

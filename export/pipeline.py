@@ -32,8 +32,8 @@ from mobillm.kernels import onnx_codec
 from . import calibrate as calibration
 from . import families, optimize, weights
 from . import trt as trt_plan
-from .graph import (EXTERNAL_DATA_NAME, GRAPH_NAME, ROW_INPUT, SWITCH_INPUT, choose_exporter, codec_node_names,
-                    io_specs, move_weights_out, tap_specs, tap_switch, trace_to_onnx)
+from .graph import (GRAPH_NAME, ROW_INPUT, SWITCH_INPUT, choose_exporter, codec_node_names, io_specs,
+                    move_weights_out, tap_specs, tap_switch, trace_to_onnx)
 from .options import ExportError, ExportOptions, comma_list
 from .source import (TOKENIZER_DIR, Source, apply_overrides, build_model, install_tokenizer, load_config,
                      load_tokenizer, prepare_source, release_weights, resolve_source,
@@ -163,7 +163,7 @@ def _export_into(folder: Path, plan: Plan, step: _Stages) -> Manifest:
     fused = None
     if opts.quant_op == "custom":
         step(f"writing {FUSED_GRAPH_NAME} (com.mobillm quantizers, weights shared with {GRAPH_NAME})")
-        fused, external = _write_fused_graph(folder, specs), EXTERNAL_DATA_NAME
+        fused = _write_fused_graph(folder, specs)
     tensorrt = None
     if opts.trt:
         step(f"building the TensorRT plan {trt_plan.PLAN_NAME} (ONNX parser, fp16 builder)")
@@ -241,9 +241,9 @@ def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _
     step(f"writing {GRAPH_NAME} (weights {opts.weights})")
     weight_quant = {}
     if weights.streamed_as_exported(onnx_model, raw, opts.dtype, opts.weights):
-        external = weights.keep_streamed(onnx_model, raw, folder)
+        weights.keep_streamed(onnx_model, raw, folder)
     elif opts.weights == "gguf":
-        weight_quant, external = weights.write_gguf(onnx_model, raw, folder, plan.source.gguf.file, opts.widen,
+        weight_quant, _ = weights.write_gguf(onnx_model, raw, folder, plan.source.gguf.file, opts.widen,
                                                     opts.progress)
         del onnx_model
     elif opts.weights in weights.QUANTIZED:
@@ -252,14 +252,15 @@ def _write_graph(folder: Path, raw: Path, plan: Plan, specs: list[dict], step: _
         del onnx_model  # here, in its owner's frame: ORT's quantizer loads its own copy next
         shutil.rmtree(raw)
         gc.collect()
-        weight_quant, external = weights.quantize_staged(stage, folder, opts.weights, exclude, opts.int8_kernel)
+        weight_quant, _ = weights.quantize_staged(stage, folder, opts.weights, exclude, opts.int8_kernel)
     else:
-        external = weights.write_float(onnx_model, raw, folder, opts.dtype, opts.weights)
+        weights.write_float(onnx_model, raw, folder, opts.dtype, opts.weights)
         del onnx_model
     shutil.rmtree(raw, ignore_errors=True)
     gc.collect()
-    external = move_weights_out(folder)  # every engine, whatever its size: ORT maps the file
-    return inputs, outputs, external, weight_quant, fusions
+    # Every engine, whatever its size, ends with its weights in EXTERNAL_DATA_NAME (ORT maps the file);
+    # the writers leave them there already past 2 GiB.
+    return inputs, outputs, move_weights_out(folder), weight_quant, fusions
 
 
 def _counts(fused: dict) -> str:
@@ -319,11 +320,10 @@ FUSED_GRAPH_NAME = "backbone.fused.onnx"
 
 def _write_fused_graph(folder: Path, specs: list[dict]) -> str:
     """Write FUSED_GRAPH_NAME: the finished graph (weights already in their format) with each tap's
-    standard-op quantizer replaced by one com.mobillm node. Both graphs read one weights file, so
-    weights held inside the graph file move out to it first. No op library is needed to export."""
+    standard-op quantizer replaced by one com.mobillm node. Both graphs read the one weights file
+    `_write_graph` left beside the graph. No op library is needed to export."""
     import onnx
 
-    move_weights_out(folder)
     model = onnx.load(str(folder / GRAPH_NAME), load_external_data=False)
     onnx_codec.fuse_quantizers(model, specs)
     onnx.save_model(model, str(folder / FUSED_GRAPH_NAME))
